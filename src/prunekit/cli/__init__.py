@@ -1,0 +1,1 @@
+"""Command-line interface. Each module here declares one or more sub-commands with ``@command``."""

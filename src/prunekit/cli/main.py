@@ -1,0 +1,81 @@
+"""``prunekit`` entry point: parse, validate the config, call one function, turn errors into one clean message."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+import traceback
+
+from prunekit.cli.args import COMMANDS, add_config_arguments, resolve_config
+from prunekit.errors import PrunekitError
+
+log = logging.getLogger("prunekit")
+
+
+def _discover() -> None:
+    import prunekit.cli as pkg
+
+    for m in pkgutil.iter_modules(pkg.__path__):
+        if m.name not in ("main", "args", "__main__"):
+            importlib.import_module(f"prunekit.cli.{m.name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from prunekit import __version__
+
+    _discover()
+    parser = argparse.ArgumentParser(
+        prog="prunekit",
+        description="Prune trained PyTorch networks end to end: measure, prune, recover, prove, export.",
+    )
+    parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS.names():
+        cmd = COMMANDS.get(name)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter)
+        p.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file (flags override it)")
+        p.add_argument("--debug", action="store_true", help="show full tracebacks")
+        add_config_arguments(p, cmd.config, cmd.positional)
+    return parser
+
+
+def setup_logging(verbose: bool = True) -> None:
+    root = logging.getLogger("prunekit")
+    if not any(getattr(h, "_prunekit_console", False) for h in root.handlers):
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        h._prunekit_console = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    root.propagate = False
+    logging.captureWarnings(True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if not ns.command:
+        parser.print_help()
+        return 2
+    cmd = COMMANDS.get(ns.command)
+    setup_logging()
+    try:
+        cfg = resolve_config(cmd.config, ns)
+        rc = cmd.run(cfg)
+        return int(rc or 0)
+    except PrunekitError as e:
+        if ns.debug:
+            traceback.print_exc()
+        print(f"prunekit {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"prunekit {ns.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Typed configs, validated once, with a YAML round trip.
+
+Every sub-command has one config class (a pydantic model). The CLI is generated from the fields
+(``prunekit.cli.args``): a field ``batch_size`` is the flag ``--batch-size`` and the YAML key ``batch_size``;
+its ``description`` is the flag's help. Values come, in order of precedence, from the command line,
+``--config FILE.yaml``, then the field default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from prunekit.errors import ConfigError, closest
+
+
+class Config(BaseModel):
+    """Base of all configs: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              populate_by_name=True)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The YAML keys (a field's alias when it has one, e.g. ``from`` for ``from_dir``)."""
+        return [f.alias or n for n, f in cls.model_fields.items()]
+
+    @classmethod
+    def build(cls, values: dict[str, Any], source: str = "config") -> "Config":
+        """Validate ``values`` and turn any problem into one ``ConfigError`` naming the key and the fix."""
+        valid = cls.keys()
+        unknown = [k for k in values if k not in valid and k not in cls.model_fields]
+        if unknown:
+            k = unknown[0]
+            near = closest(k, valid)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{source}: unknown key {k!r}{hint} Valid keys: {', '.join(valid)}")
+        try:
+            return cls.model_validate(values)
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, source, values)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def format_validation_error(e: ValidationError, source: str, values: dict[str, Any]) -> str:
+    lines = []
+    for err in e.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = loc[0] if loc else "?"
+        where = f"{flag_name(key)} ({key})" if source == "command line" else f"{key!r}"
+        value = values.get(key, err.get("input"))
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        lines.append(f"{source}: {where} = {value!r} is invalid: {msg}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or bad YAML is a ``ConfigError`` naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {str(p)!r} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {str(p)!r} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data

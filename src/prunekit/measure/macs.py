@@ -1,0 +1,64 @@
+"""MACs, FLOPs and parameter counts from a maintained counter (``torch.utils.flop_counter``).
+
+MACs count multiply-accumulates of the dense ops (convolutions, matmuls, attention); FLOPs = 2 * MACs for those.
+Element-wise ops (BN, activations, adds) are not counted, as in the papers' tables.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` with a tensor, a tuple/list of positional tensors, or a dict of keyword tensors."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def batch_size_of(inputs: Any) -> int:
+    if isinstance(inputs, dict):
+        inputs = next(iter(inputs.values()))
+    elif isinstance(inputs, (tuple, list)):
+        inputs = inputs[0]
+    return int(inputs.shape[0])
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, example_inputs: Any, per_sample: bool = True) -> int:
+    """FLOPs of one forward pass (per sample by default)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as fc:
+            call_model(model, example_inputs)
+    finally:
+        model.train(was_training)
+    flops = int(fc.get_total_flops())
+    return flops // batch_size_of(example_inputs) if per_sample else flops
+
+
+def count_macs(model: nn.Module, example_inputs: Any, per_sample: bool = True) -> int:
+    """Multiply-accumulates of one forward pass (per sample by default).
+
+    Example:
+        >>> count_macs(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224))  # ~4.1e9
+    """
+    return count_flops(model, example_inputs, per_sample) // 2
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    seen: set[int] = set()
+    n = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n

@@ -1,0 +1,60 @@
+"""Model registry: built-in models (``register_model``), plus ``tv:<name>``, ``timm:<name>`` and ``hf:<name-or-path>``.
+
+Example:
+    >>> model = prunekit.create_model("resnet20", in_channels=1, num_classes=10)
+    >>> prunekit.list_models()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from prunekit.registry import Registry
+
+MODELS: Registry = Registry("model")
+register_model = MODELS.register
+
+# prefixes handled by prunekit.models.external: "tv:", "timm:", "hf:"
+PREFIXES = ("tv:", "timm:", "hf:")
+
+
+def list_models() -> list[str]:
+    """Names of the built-in models (``tv:``, ``timm:`` and ``hf:`` names are open-ended)."""
+    return MODELS.names()
+
+
+def create_model(name: str, *, in_channels: int = 3, num_classes: int = 10, pretrained: bool = False,
+                 weights: str | None = None, **kwargs: Any) -> nn.Module:
+    """Build a model by name and attach its rebuild spec (``model.prunekit_spec``).
+
+    Args:
+        name: a built-in name (``list_models()``) or ``tv:<name>``, ``timm:<name>``, ``hf:<name-or-path>``.
+        in_channels: input image channels (built-in and adapted external vision models).
+        num_classes: classifier outputs.
+        pretrained: load the source's pretrained weights (downloads where the source needs it).
+        weights: a local weights file (safetensors, or a state dict read with ``torch.load(weights_only=True)``).
+    """
+    from prunekit.models import external
+    from prunekit.runs import ModelSpec
+
+    all_kwargs = dict(in_channels=in_channels, num_classes=num_classes, **kwargs)
+    if name.startswith(PREFIXES):
+        model = external.create_external(name, pretrained=pretrained, **all_kwargs)
+    else:
+        if pretrained:
+            from prunekit.errors import ConfigError
+
+            raise ConfigError(f"--pretrained: built-in model {name!r} has no pretrained weights; use --weights PATH")
+        model = MODELS.get(name)(**all_kwargs)
+    if weights:
+        from prunekit.models.weights import load_weights
+
+        load_weights(model, weights)
+    # the spec never stores `pretrained`/`weights`: a rebuilt model gets its weights from the run directory
+    model.prunekit_spec = ModelSpec(name=name, kwargs=all_kwargs, input=external.input_spec(name, model, all_kwargs))
+    return model
+
+
+from prunekit.models import builtin  # noqa: E402,F401  (registers the built-in models)

@@ -29,7 +29,7 @@ class Config(BaseModel):
         return [f.alias or n for n, f in cls.model_fields.items()]
 
     @classmethod
-    def build(cls, values: dict[str, Any], source: str = "config") -> "Config":
+    def build(cls, values: dict[str, Any], source: str = "config") -> Config:
         """Validate ``values`` and turn any problem into one ``ConfigError`` naming the key and the fix."""
         valid = cls.keys()
         unknown = [k for k in values if k not in valid and k not in cls.model_fields]

@@ -137,7 +137,7 @@ class ModelSpec:
                 "modified": self.modified, **({"extra": self.extra} if self.extra else {})}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         if d.get("format") != SPEC_FORMAT or "name" not in d:
             raise RunDirError(f"model.json has an unknown format (format={d.get('format')!r}, expected {SPEC_FORMAT})")
         return cls(name=d["name"], kwargs=d.get("kwargs", {}), input=d.get("input", {}),
@@ -294,4 +294,52 @@ def check_run_dir(run_dir: str | Path) -> Path:
     missing = sorted(f for f in RUN_FILES if not (p / f).is_file())
     if missing:
         raise RunDirError(f"{str(run_dir)!r} is not a finished run directory: missing {', '.join(missing)}")
+    return p
+
+
+class run_log:  # noqa: N801  (a context manager used like a function)
+    """Tee everything the ``prunekit`` logger says during a stage into ``run_dir/log.txt`` (appended on resume)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOG
+
+    def __enter__(self) -> run_log:
+        import logging
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(self.path, mode="a")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger = logging.getLogger("prunekit")
+        logger.addHandler(self.handler)
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            self._old_level = logger.level
+            logger.setLevel(logging.INFO)
+        else:
+            self._old_level = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import logging
+
+        logger = logging.getLogger("prunekit")
+        logger.removeHandler(self.handler)
+        self.handler.close()
+        if self._old_level is not None:
+            logger.setLevel(self._old_level)
+
+
+def prepare_out_dir(out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
+    """Create a stage's output folder; refuse to clobber a finished run unless ``overwrite`` (nothing is lost)."""
+    import shutil
+
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise RunDirError(f"--out {str(p)!r} exists and is not a directory")
+    if p.is_dir() and any(p.iterdir()):
+        if overwrite:
+            shutil.rmtree(p)
+        elif not resume:
+            raise RunDirError(f"--out {str(p)!r} already holds a run; pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another --out")
+    p.mkdir(parents=True, exist_ok=True)
     return p

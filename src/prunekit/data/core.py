@@ -1,0 +1,182 @@
+"""Dataset registry, the tensor-backed image dataset, loaders and the ``DataArgs`` config mixin."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch.utils.data import DataLoader, Dataset
+
+from prunekit.config import Config
+from prunekit.registry import Registry
+
+Split = Literal["train", "calib", "val"]
+SPLITS = ("train", "calib", "val")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    info: DatasetInfo
+    build: Callable[..., Dataset]  # build(split, data_dir, image_size, download) -> Dataset
+
+
+DATASETS: Registry[DatasetEntry] = Registry("dataset")
+
+
+def register_dataset(info: DatasetInfo):
+    """Register ``build(split, data_dir, image_size, download) -> Dataset`` under ``info.name``."""
+
+    def deco(fn: Callable[..., Dataset]) -> Callable[..., Dataset]:
+        DATASETS.register(info.name)(DatasetEntry(info, fn))
+        return fn
+
+    return deco
+
+
+def list_datasets() -> list[str]:
+    return DATASETS.names()
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    return DATASETS.get(name).info
+
+
+def get_dataset(name: str, split: str = "train", data_dir: str | Path | None = None, image_size: int | None = None,
+                download: bool = False, limit: int | None = None, seed: int = 0) -> Dataset:
+    """A dataset split; ``limit`` keeps a fixed random subset of that many samples (seeded)."""
+    from prunekit.errors import ConfigError
+
+    entry = DATASETS.get(name)
+    if split not in SPLITS:
+        raise ConfigError(f"split {split!r} is not valid; choose from {', '.join(SPLITS)}")
+    ds = entry.build(split=split, data_dir=Path(data_dir) if data_dir else None,
+                     image_size=image_size or entry.info.image_size, download=download)
+    if limit is not None and limit < len(ds):
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(ds), generator=g)[:limit].tolist()
+        ds = torch.utils.data.Subset(ds, idx)
+    return ds
+
+
+class TensorImageDataset(Dataset):
+    """Images held as one tensor, normalised and augmented on the fly with torch ops (no PIL, deterministic
+    under ``torch.manual_seed``).
+
+    Args:
+        images: uint8 [N, H, W] / [N, H, W, C] / [N, C, H, W], or float in [0, 1] [N, C, H, W].
+        labels: int64 [N].
+        augment: ``None``, ``"crop"`` (pad + random crop) or ``"crop+flip"`` (also horizontal flip).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                 image_size: int | None = None, augment: str | None = None, pad: int = 2,
+                 channels_last_input: bool = False):
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        if images.dim() == 3:
+            images = images.unsqueeze(1)  # (N, 1, H, W)
+        elif channels_last_input:
+            images = images.permute(0, 3, 1, 2)
+        if image_size and images.shape[-1] != image_size:
+            images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True,
+                                   align_corners=False).clamp_(0, 1)
+        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.images = ((images - m) / s).contiguous()  # (N, C, H, W), normalised once
+        self.labels = labels.long()
+        self.augment = augment
+        self.pad = pad
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i]
+        if self.augment:
+            p = self.pad
+            h, w = x.shape[-2:]
+            x = F.pad(x, (p, p, p, p))  # zero = the mean after normalisation
+            dy, dx = torch.randint(0, 2 * p + 1, (2,)).tolist()
+            x = x[:, dy:dy + h, dx:dx + w]
+            if "flip" in self.augment and torch.rand(()) < 0.5:
+                x = x.flip(-1)
+        return x, self.labels[i]
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+                workers: int = 0, distributed: bool = False) -> DataLoader:
+    """A DataLoader whose order is a function of ``seed`` (and of the epoch: call ``loader.set_epoch(e)``)."""
+    sampler = None
+    if distributed:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    elif shuffle:
+        sampler = _EpochSampler(len(dataset), seed)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
+                        persistent_workers=workers > 0)
+    return loader
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """Random order seeded by (seed, epoch): a resumed run sees the same batches as an uninterrupted one."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+
+
+class DataArgs(Config):
+    """Options shared by every stage that reads data. ``None`` means: as in the source run, else the default."""
+
+    dataset: str | None = Field(None, description="dataset name (default: the source run's, else 'digits')")
+    data_dir: Path | None = Field(None, description="where the dataset's files are (CIFAR, ImageNet, ...)")
+    image_size: int | None = Field(None, gt=0, description="resize images to this size (default: the dataset's)")
+    batch_size: int = Field(64, gt=0, description="batch size")
+    download: bool = Field(False, description="download the dataset when it is not found locally")
+    workers: int = Field(0, ge=0, description="data-loading worker processes")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str | None) -> str | None:
+        if v is not None:
+            DATASETS.get(v)  # raises with the valid names
+        return v
+
+
+def data_settings(cfg: Any, source_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Dataset name, data_dir and image_size for a stage: its own flags, else the source run's, else defaults."""
+    src = source_config or {}
+    name = getattr(cfg, "dataset", None) or src.get("dataset") or "digits"
+    data_dir = getattr(cfg, "data_dir", None) or src.get("data_dir")
+    size = getattr(cfg, "image_size", None) or src.get("image_size") or dataset_info(name).image_size
+    return {"dataset": name, "data_dir": data_dir, "image_size": int(size)}

@@ -1,0 +1,1 @@
+"""Stages that read and write run directories, and recipes that chain them."""

@@ -1,0 +1,179 @@
+"""Recipes: one YAML file that chains stages over run directories, resumable.
+
+A recipe::
+
+    out: runs/digits-vbp           # where the stages' run directories go (``--out`` overrides)
+    data: {dataset: digits, batch_size: 64}   # defaults for every stage that reads data
+    seed: 0
+    device: cpu
+    stages:                        # run in this order; each one's --from is the previous one's output
+      baseline: {model: resnet20, epochs: 15, lr: 0.1}   # a train stage, or {from: DIR} to start from a run
+      prune: {criterion: variance, target_macs: 0.5}
+      finetune: {epochs: 5, kd: true}
+
+Each stage writes ``OUT/<n>-<stage>/``; the resolved recipe is saved as ``OUT/recipe.yaml``. ``--resume`` skips
+finished stages and resumes a training stage from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, field_validator
+
+from prunekit import runs
+from prunekit._io import atomic_write_text
+from prunekit.config import Config, read_yaml
+from prunekit.errors import ConfigError, unknown_name_message
+from prunekit.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage:
+    name: str
+    config: type[Config]
+    run: Callable[[Any], dict[str, Any]]
+    takes_from: bool = True  # reads the previous stage's output
+    writes_run: bool = True  # produces a run directory the next stage can read
+    trains: bool = False  # has epochs and a resumable checkpoint
+
+
+STAGES: Registry[Stage] = Registry("stage")
+DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"
+
+
+def register_stage(name: str, config: type[Config], run: Callable[[Any], dict[str, Any]], **kw: Any) -> None:
+    STAGES.register(name)(Stage(name, config, run, **kw))
+
+
+class Recipe(Config):
+    """A whole pipeline (see the module docstring)."""
+
+    name: str | None = Field(None, description="a name for the recipe")
+    description: str | None = Field(None, description="what the recipe reproduces")
+    out: Path = Field(Path("runs/recipe"), description="output directory (one run directory per stage inside)")
+    seed: int = Field(0, description="random seed given to every stage")
+    device: str = Field("cpu", description="device given to every stage")
+    data: dict[str, Any] = Field(default_factory=dict, description="data options shared by every stage")
+    stages: dict[str, dict[str, Any]] = Field(description="stage name -> options, run in order")
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if not v:
+            raise ValueError("a recipe needs at least one stage")
+        for name, opts in v.items():
+            if name not in STAGES:
+                raise ValueError(unknown_name_message("stage", name, STAGES.names()))
+            if opts is not None and not isinstance(opts, dict):
+                raise ValueError(f"stages.{name} must be a mapping of options, got {type(opts).__name__}")
+        return {k: dict(o or {}) for k, o in v.items()}
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    data = read_yaml(path)
+    for k, v in (overrides or {}).items():
+        set_dotted(data, k, v)
+    recipe = Recipe.build(data, source=str(path))
+    stage_configs(recipe)  # validate every stage's options now, before anything runs
+    return recipe
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    """``set_dotted(recipe, "stages.prune.ratio", 0.3)``."""
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+        if not isinstance(cur, dict):
+            raise ConfigError(f"{key}: {p!r} is not a mapping in the recipe")
+    cur[parts[-1]] = value
+
+
+def stage_dirs(recipe: Recipe) -> dict[str, Path]:
+    return {name: Path(recipe.out) / f"{i}-{name}" for i, name in enumerate(recipe.stages, 1)}
+
+
+def stage_configs(recipe: Recipe) -> dict[str, Config]:
+    """Each stage's validated config, with ``from``/``out``/seed/device/data filled in by the pipeline."""
+    dirs = stage_dirs(recipe)
+    prev: Path | None = None
+    out: dict[str, Config] = {}
+    for name, opts in recipe.stages.items():
+        st = STAGES.get(name)
+        keys = st.config.keys()
+        values: dict[str, Any] = {}
+        for k in ("seed", "device"):
+            if k in keys:
+                values[k] = getattr(recipe, k)
+        for k, v in recipe.data.items():
+            if k in keys:
+                values[k] = v
+        if "out" in keys:
+            values["out"] = str(dirs[name])
+        if st.takes_from and "from" in keys and prev is not None:
+            values["from"] = str(prev)
+        values.update(opts)
+        if "from" in keys and "from" not in values:
+            raise ConfigError(f"stages.{name}: needs a 'from' run directory (it is the first stage)")
+        try:
+            out[name] = st.config.build(values, source=f"stages.{name}")
+        except ConfigError as e:
+            raise ConfigError(str(e).replace(f"stages.{name}: ", f"recipe stages.{name}: ")) from None
+        if st.writes_run:
+            prev = Path(values["from"]) if name == "baseline" and "from" in opts else dirs[name]
+    return out
+
+
+def is_finished(run_dir: Path) -> bool:
+    return all((run_dir / f).is_file() for f in runs.RUN_FILES) and not (run_dir / runs.CKPT).exists()
+
+
+def run_recipe(recipe: Recipe, resume: bool = False) -> dict[str, dict[str, Any]]:
+    """Run every stage in order; returns each stage's metrics. Finished stages are skipped with ``resume``."""
+    out = Path(recipe.out)
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        raise ConfigError(f"--out {str(out)!r} already holds runs; pass --resume to continue, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    cfgs = stage_configs(recipe)
+    dirs = stage_dirs(recipe)
+    results: dict[str, dict[str, Any]] = {}
+    for i, (name, cfg) in enumerate(cfgs.items(), 1):
+        st = STAGES.get(name)
+        d = dirs[name]
+        if name == "baseline" and "from" in recipe.stages[name]:
+            results[name] = runs.read_metrics(runs.check_run_dir(recipe.stages[name]["from"]))
+            log.info("[%d/%d] %s: using existing run %s", i, len(cfgs), name, recipe.stages[name]["from"])
+            continue
+        if resume and st.writes_run and is_finished(d):
+            log.info("[%d/%d] %s: already finished in %s, skipped", i, len(cfgs), name, d)
+            results[name] = runs.read_metrics(d)
+            continue
+        partial = d.is_dir() and any(d.iterdir())
+        if partial:
+            if st.trains and (d / runs.CKPT).is_file():
+                cfg = cfg.model_copy(update={"resume": True})
+            else:  # an interrupted non-training stage simply runs again
+                cfg = cfg.model_copy(update={"overwrite": True}) if "overwrite" in type(cfg).model_fields else cfg
+        log.info("[%d/%d] %s -> %s", i, len(cfgs), name, d)
+        results[name] = st.run(cfg)
+    return results
+
+
+def _register_builtin_stages() -> None:
+    from prunekit.pipeline import stages as s
+
+    register_stage("baseline", s.TrainConfig, s.train, takes_from=False, trains=True)
+    register_stage("finetune", s.FinetuneConfig, s.finetune, trains=True)
+    register_stage("eval", s.EvalConfig, s.evaluate_run, writes_run=False)
+
+
+_register_builtin_stages()

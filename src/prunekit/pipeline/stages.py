@@ -1,0 +1,211 @@
+"""The train / finetune / eval stages: each reads ``--from DIR`` (except train) and writes one run directory.
+
+Each stage is a plain function of its config, so the CLI, the demo and recipes call the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from prunekit import runs
+from prunekit.data import DataArgs, dataset_info, get_dataset, make_loader
+from prunekit.data.core import data_settings
+from prunekit.errors import ConfigError
+from prunekit.measure import count_macs, count_params
+from prunekit.models import create_model
+from prunekit.train import TrainSettings, evaluate, finish_run, fit, is_main_process
+from prunekit.train.kd import make_kd_loss
+from prunekit.train.settings import check_device
+
+log = logging.getLogger(__name__)
+
+
+class StageOut(DataArgs):
+    out: Path = Field(Path("runs/latest"), description="output run directory")
+    overwrite: bool = Field(False, description="replace --out if it already holds a run")
+
+
+class TrainConfig(StageOut, TrainSettings):
+    """``prunekit train``: train a model from the registry on a dataset."""
+
+    model: str = Field("resnet20", description="model name: built-in (see `prunekit models`), tv:NAME, timm:NAME, "
+                                                "hf:NAME_OR_PATH")
+    weights: Path | None = Field(None, description="initialise from a local weights file (safetensors or state dict)")
+    pretrained: bool = Field(False, description="start from the source's pretrained weights (tv:, timm:, hf:)")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments")
+    resume: bool = Field(False, description="continue an interrupted run in --out from its last checkpoint")
+    out: Path = Field(Path("runs/train"), description="output run directory")
+
+
+class FinetuneConfig(StageOut, TrainSettings):
+    """``prunekit finetune``: recover a pruned model's accuracy."""
+
+    from_dir: Path = Field(alias="from", description="run directory of the model to fine-tune")
+    resume: bool = Field(False, description="continue an interrupted run in --out from its last checkpoint")
+    kd: bool = Field(False, description="distil from a teacher (default: the unpruned run that --from descends from)")
+    teacher: Path | None = Field(None, description="run directory of the teacher for --kd")
+    alpha: float = Field(0.7, ge=0, le=1, description="KD: weight of the hard-label cross-entropy")
+    temperature: float = Field(2.0, gt=0, description="KD: softmax temperature")
+    epochs: int = Field(5, ge=0, description="fine-tuning epochs")
+    lr: float = Field(0.01, gt=0, description="peak learning rate")
+    out: Path = Field(Path("runs/finetune"), description="output run directory")
+
+
+class EvalConfig(DataArgs):
+    """``prunekit eval``: top-1/top-5, loss, MACs and params of a run directory's model."""
+
+    from_dir: Path = Field(alias="from", description="run directory to evaluate")
+    out: Path | None = Field(None, description="also write the results as a run directory here")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
+    max_batches: int | None = Field(None, gt=0, description="evaluate on at most this many batches")
+
+
+# ------------------------------------------------------------------------------------------------ shared pieces
+def loaders(data: dict[str, Any], batch_size: int, seed: int = 0, workers: int = 0, download: bool = False,
+            splits: tuple[str, ...] = ("train", "val")) -> dict[str, torch.utils.data.DataLoader]:
+    out = {}
+    for split in splits:
+        ds = get_dataset(data["dataset"], split, data_dir=data["data_dir"], image_size=data["image_size"],
+                         download=download)
+        out[split] = make_loader(ds, batch_size, shuffle=split == "train", seed=seed, drop_last=False,
+                                 workers=workers)
+    return out
+
+
+def model_metrics(model: torch.nn.Module, spec: runs.ModelSpec, device: str = "cpu") -> dict[str, int]:
+    inputs = runs.example_inputs(spec, 1, device)
+    return {"macs": count_macs(model, inputs), "params": count_params(model)}
+
+
+def write_run(out: Path, model: torch.nn.Module, cfg: Any, metrics: dict[str, Any],
+              spec: runs.ModelSpec | None = None) -> None:
+    """The four data files of a run directory (log.txt is written all along by ``runs.run_log``)."""
+    if not is_main_process():
+        return
+    model_cpu = model.to("cpu")
+    runs.save_model(out, model_cpu, spec)
+    runs.write_config(out, cfg)
+    runs.write_metrics(out, metrics)
+
+
+def _fmt(m: dict[str, Any]) -> str:
+    return (f"top1 {m['top1']:.2f}%  top5 {m['top5']:.2f}%  val_loss {m['val_loss']:.4f}  "
+            f"MACs {m['macs'] / 1e6:.2f} M  params {m['params'] / 1e3:.1f} K")
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.dataset`` and write a run directory. Returns its metrics."""
+    out = runs.prepare_out_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    data = data_settings(cfg)
+    info = dataset_info(data["dataset"])
+    with runs.run_log(out):
+        torch.manual_seed(cfg.seed)
+        num_classes = info.num_classes or len(get_dataset(data["dataset"], "val", data["data_dir"]).classes)
+        model = create_model(cfg.model, in_channels=info.in_channels, num_classes=num_classes,
+                             pretrained=cfg.pretrained, weights=str(cfg.weights) if cfg.weights else None,
+                             **cfg.model_kwargs)
+        spec = model.prunekit_spec
+        if spec.input.get("kind", "image") == "image":
+            spec.input = {"kind": "image", "shape": [1, info.in_channels, data["image_size"], data["image_size"]]}
+        log.info("train: %s on %s (%d px), %d epochs, %s lr %g, out %s", cfg.model, data["dataset"],
+                 data["image_size"], cfg.epochs, cfg.optimizer, cfg.lr, out)
+        ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download)
+        t0 = time.perf_counter()
+        best = fit(model, ld["train"], ld["val"], cfg, run_dir=out, resume=cfg.resume)
+        metrics = {**evaluate(model, ld["val"], cfg.device), **model_metrics(model, spec, cfg.device),
+                   "best_epoch": best.get("epoch"), "train_seconds": round(time.perf_counter() - t0, 2),
+                   "stage": "train", **data}
+        log.info("train: done: %s", _fmt(metrics))
+        write_run(out, model, {**cfg.to_dict(), **data}, metrics, spec)
+    finish_run(out)
+    return metrics
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune the model of ``cfg.from_dir`` and write a run directory. Returns its metrics."""
+    runs.check_run_dir(cfg.from_dir)
+    if Path(cfg.out).resolve() == Path(cfg.from_dir).resolve():
+        raise ConfigError(f"--out {str(cfg.out)!r} is the same folder as --from; choose another --out")
+    out = runs.prepare_out_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    data = data_settings(cfg, runs.read_config(cfg.from_dir))
+    with runs.run_log(out):
+        torch.manual_seed(cfg.seed)
+        model = runs.load_model(cfg.from_dir, cfg.device)
+        spec = model.prunekit_spec
+        before = runs.read_metrics(cfg.from_dir)
+        log.info("finetune: %s from %s (top1 %.2f%%), %d epochs, %s lr %g", spec.name, cfg.from_dir,
+                 before.get("top1", float("nan")), cfg.epochs, cfg.optimizer, cfg.lr)
+        loss_fn, teacher_dir = None, None
+        if cfg.kd:
+            teacher_dir = resolve_teacher(cfg.from_dir, cfg.teacher)
+            teacher = runs.load_model(teacher_dir, cfg.device)
+            loss_fn = make_kd_loss(teacher, cfg.alpha, cfg.temperature, cfg.label_smoothing)
+            log.info("finetune: distilling from %s (alpha %.2f, T %.1f)", teacher_dir, cfg.alpha, cfg.temperature)
+        elif cfg.teacher is not None:
+            raise ConfigError("--teacher is given but --kd is not; add --kd to distil, or drop --teacher")
+        ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download)
+        t0 = time.perf_counter()
+        best = fit(model, ld["train"], ld["val"], cfg, run_dir=out, resume=cfg.resume, phase="finetune",
+                   loss_fn=loss_fn)
+        metrics = {**evaluate(model, ld["val"], cfg.device), **model_metrics(model, spec, cfg.device),
+                   "best_epoch": best.get("epoch"), "train_seconds": round(time.perf_counter() - t0, 2),
+                   "stage": "finetune", "from": str(cfg.from_dir),
+                   **({"teacher": str(teacher_dir)} if teacher_dir else {}), **data}
+        log.info("finetune: done: %s", _fmt(metrics))
+        write_run(out, model, {**cfg.to_dict(), **data}, metrics, spec)
+    finish_run(out)
+    return metrics
+
+
+def resolve_teacher(from_dir: Path, teacher: Path | None) -> Path:
+    """The teacher for KD: ``--teacher``, else the nearest unpruned ancestor of ``from_dir`` (followed through the
+    ``from`` key of each run's metrics.json). No loadable teacher is an error, never a silent plain fine-tune."""
+    if teacher is not None:
+        try:
+            return runs.check_run_dir(teacher)
+        except Exception as e:
+            raise ConfigError(f"--teacher {str(teacher)!r}: {e}") from None
+    cur, seen = Path(from_dir), set()
+    while cur not in seen:
+        seen.add(cur)
+        m = runs.read_metrics(cur)
+        if m.get("stage") == "train":
+            if cur == Path(from_dir):
+                break
+            return cur
+        if not m.get("from"):
+            break
+        cur = Path(m["from"])
+        if not (cur / runs.SPEC).is_file():
+            break
+    raise ConfigError(f"--kd: no teacher found for {str(from_dir)!r} (no unpruned ancestor run directory is "
+                      "reachable); pass --teacher DIR")
+
+
+def evaluate_run(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate a run directory's model; with ``cfg.out`` also write the results as a run directory."""
+    check_device(cfg.device)
+    runs.check_run_dir(cfg.from_dir)
+    data = data_settings(cfg, runs.read_config(cfg.from_dir))
+    model = runs.load_model(cfg.from_dir, cfg.device)
+    spec = model.prunekit_spec
+    ld = loaders(data, cfg.batch_size, splits=("val",), workers=cfg.workers, download=cfg.download)
+    metrics = {**evaluate(model, ld["val"], cfg.device, cfg.max_batches), **model_metrics(model, spec, cfg.device),
+               "stage": "eval", "from": str(cfg.from_dir), **data}
+    if cfg.out is not None:
+        out = runs.prepare_out_dir(cfg.out)
+        with runs.run_log(out):
+            log.info("eval: %s: %s", cfg.from_dir, _fmt(metrics))
+        for f in (runs.WEIGHTS, runs.SPEC):
+            shutil.copy2(Path(cfg.from_dir) / f, out / f)
+        runs.write_config(out, {**cfg.to_dict(), **data})
+        runs.write_metrics(out, metrics)
+    return metrics

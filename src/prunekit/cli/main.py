@@ -35,8 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS.names():
         cmd = COMMANDS.get(name)
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         p.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file (flags override it)")
         p.add_argument("--debug", action="store_true", help="show full tracebacks")
         add_config_arguments(p, cmd.config, cmd.positional)
@@ -65,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         cfg = resolve_config(cmd.config, ns)
+        from prunekit.train.distributed import init_from_env
+
+        init_from_env(str(getattr(cfg, "device", "cpu")))  # torchrun: WORLD_SIZE > 1
         rc = cmd.run(cfg)
         return int(rc or 0)
     except PrunekitError as e:

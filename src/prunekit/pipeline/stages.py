@@ -21,6 +21,7 @@ from prunekit.errors import ConfigError
 from prunekit.measure import count_macs, count_params
 from prunekit.models import create_model
 from prunekit.train import TrainSettings, evaluate, finish_run, fit, is_main_process
+from prunekit.train.distributed import is_distributed
 from prunekit.train.kd import make_kd_loss
 from prunekit.train.settings import check_device
 
@@ -74,8 +75,9 @@ def loaders(data: dict[str, Any], batch_size: int, seed: int = 0, workers: int =
     for split in splits:
         ds = get_dataset(data["dataset"], split, data_dir=data["data_dir"], image_size=data["image_size"],
                          download=download)
+        # under torchrun only the training set is split across ranks; every rank validates on the full set
         out[split] = make_loader(ds, batch_size, shuffle=split == "train", seed=seed, drop_last=False,
-                                 workers=workers)
+                                 workers=workers, distributed=is_distributed() and split == "train")
     return out
 
 

@@ -22,6 +22,7 @@ from prunekit import runs
 from prunekit._io import atomic_write, atomic_write_text
 from prunekit.data.core import set_loader_epoch
 from prunekit.measure.macs import call_model
+from prunekit.train.distributed import is_distributed, rank
 from prunekit.train.settings import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -51,16 +52,13 @@ def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
 
 
 def is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
+    return rank() == 0
 
 
 def _all_reduce_sum(values: list[float], device: torch.device | str) -> list[float]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-    return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -84,8 +82,10 @@ def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
 # ------------------------------------------------------------------------------------------------ evaluate
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
-             max_batches: int | None = None) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (percent) and mean cross-entropy over ``loader`` (all-reduced under torchrun).
+             max_batches: int | None = None, reduce: bool = False) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) and mean cross-entropy over ``loader``.
+
+    ``reduce=True`` sums the counts over torchrun ranks (for a loader split across ranks).
 
     Example:
         >>> evaluate(model, val_loader)  # {'top1': 97.5, 'top5': 100.0, 'val_loss': 0.08, 'samples': 360}
@@ -107,7 +107,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "c
         correct5 += hit.any(dim=1).sum().item()
         n += y.shape[0]
     model.train(was_training)
-    correct1, correct5, loss_sum, n = _all_reduce_sum([correct1, correct5, loss_sum, n], device)
+    if reduce and is_distributed():
+        correct1, correct5, loss_sum, n = _all_reduce_sum([correct1, correct5, loss_sum, n], device)
     if n == 0:
         return {"top1": float("nan"), "top5": float("nan"), "val_loss": float("nan"), "samples": 0}
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "val_loss": loss_sum / n, "samples": int(n)}
@@ -158,6 +159,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     s: TrainSettings, epoch: int, loss_fn: LossFn, callbacks: Sequence[Any] = (),
                     scaler: Any = None, step0: int = 0, ema: nn.Module | None = None, phase: str = "train") -> float:
     model.train()
+    base = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # for callbacks / EMA
     device = s.device
     use_amp = scaler is not None
     total = len(loader)  # type: ignore[arg-type]
@@ -181,16 +183,16 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                 loss.backward()
             if s.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-            _call(callbacks, "on_before_optimizer_step", model, step0 + i)
+            _call(callbacks, "on_before_optimizer_step", base, step0 + i)
             if use_amp:
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 optimizer.step()
             scheduler.step()
-            _call(callbacks, "on_after_optimizer_step", model, step0 + i)
+            _call(callbacks, "on_after_optimizer_step", base, step0 + i)
             if ema is not None:
-                _update_ema(ema, model, s.ema or 0.999)
+                _update_ema(ema, base, s.ema or 0.999)
             bs = y.shape[0]
             loss_sum += loss.item() * bs
             seen += bs
@@ -230,6 +232,9 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable, settings
     device = torch.device(s.device)
     model.to(device)
     loss_fn = loss_fn or default_loss(s)
+    net = model
+    if is_distributed():  # torchrun: gradients averaged across ranks; `model` stays the plain module
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     optimizer = make_optimizer(model, s)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -265,7 +270,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable, settings
         torch.manual_seed(s.seed * 1000 + epoch)  # augmentation / dropout randomness: a function of (seed, epoch)
         set_loader_epoch(train_loader, epoch)  # type: ignore[arg-type]
         lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, s, epoch, loss_fn, callbacks, scaler,
+        train_loss = train_one_epoch(net, train_loader, optimizer, scheduler, s, epoch, loss_fn, callbacks, scaler,
                                      step0=epoch * steps_per_epoch, ema=ema, phase=phase)
         eval_model = ema if ema is not None else model
         m = evaluate(eval_model, val_loader, device)

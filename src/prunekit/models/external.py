@@ -1,0 +1,228 @@
+"""Models from other libraries: ``tv:<name>`` (torchvision), ``timm:<name>`` and ``hf:<name-or-path>`` (transformers).
+
+Each is built so that ``create_model(name, **spec.kwargs, pretrained=False)`` rebuilds the same architecture offline
+(the run directory supplies the weights): heads and first convolutions are adapted the same way with or without
+pretrained weights.
+
+Example:
+    >>> prunekit.create_model("tv:resnet50", num_classes=100, pretrained=True)   # downloads the weights
+    >>> prunekit.create_model("timm:test_vit", in_channels=1, num_classes=10)
+    >>> prunekit.create_model("hf:/path/to/minilm", task="feature-extraction", pretrained=True)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.errors import ConfigError, DataNotFoundError, closest
+
+log = logging.getLogger(__name__)
+
+TV_DEFAULT_SIZE = 224
+_NETWORK_MODULES = ("urllib", "http", "requests", "urllib3", "httpx", "httpcore", "huggingface_hub", "socket")
+
+
+def create_external(name: str, *, pretrained: bool | str = False, in_channels: int = 3, num_classes: int = 10,
+                    **kwargs: Any) -> nn.Module:
+    """Build a ``tv:``, ``timm:`` or ``hf:`` model (called by ``prunekit.create_model``)."""
+    prefix, _, ref = name.partition(":")
+    if not ref:
+        raise ConfigError(f"model {name!r}: nothing after {prefix + ':'!r}; e.g. tv:resnet50, timm:resnet18, "
+                          f"hf:google/vit-base-patch16-224")
+    if prefix == "tv":
+        return create_torchvision(ref, pretrained=pretrained, in_channels=in_channels, num_classes=num_classes,
+                                  **kwargs)
+    if prefix == "timm":
+        return create_timm(ref, pretrained=bool(pretrained), in_channels=in_channels, num_classes=num_classes,
+                           **kwargs)
+    if prefix == "hf":
+        from prunekit.models.hf import create_hf
+
+        return create_hf(ref, pretrained=bool(pretrained), in_channels=in_channels, num_classes=num_classes, **kwargs)
+    raise ConfigError(f"model {name!r}: unknown prefix {prefix!r}; valid prefixes: tv:, timm:, hf:")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def is_network_error(e: BaseException) -> bool:
+    """True when ``e`` (or its cause) looks like a failed download (no network, host unreachable, not cached)."""
+    seen = 0
+    while e is not None and seen < 8:
+        root = type(e).__module__.split(".")[0]
+        if isinstance(e, (OSError, ConnectionError, TimeoutError)) or root in _NETWORK_MODULES:
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
+def offline_error(name: str, e: BaseException) -> DataNotFoundError:
+    return DataNotFoundError(
+        f"--pretrained: could not fetch the pretrained weights of {name!r} ({type(e).__name__}: {e}). "
+        f"Downloading them needs the network (or a cached copy); offline, pass a local file with --weights PATH")
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def adapt_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Adapt an RGB conv weight ``(O, 3, kh, kw)`` to ``in_channels`` (timm's rule: sum for 1 channel, else tile
+    the RGB filters and rescale by ``3 / in_channels`` so the activation scale is kept)."""
+    w = weight.detach()
+    old = w.shape[1]
+    if in_channels == 1:
+        return w.sum(dim=1, keepdim=True)
+    reps = -(-in_channels // old)  # ceil
+    return w.repeat(1, reps, 1, 1)[:, :in_channels] * (old / in_channels)
+
+
+def adapt_first_conv(model: nn.Module, in_channels: int, rgb: int = 3) -> str:
+    """Replace the first ``nn.Conv2d`` that reads ``rgb`` channels by one reading ``in_channels`` (weights adapted).
+
+    Returns the replaced module's name; raises ``ConfigError`` when the model has no such convolution.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and m.in_channels == rgb and m.groups == 1:
+            new = nn.Conv2d(in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, 1,
+                            m.bias is not None, m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
+            if m.weight.device.type != "meta":
+                with torch.no_grad():
+                    new.weight.copy_(adapt_channels(m.weight, in_channels))
+                    if m.bias is not None:
+                        new.bias.copy_(m.bias)
+            set_submodule(model, name, new)
+            return name
+    raise ConfigError(f"--in-channels {in_channels}: this model has no {rgb}-channel nn.Conv2d to adapt; "
+                      f"use in_channels={rgb}")
+
+
+# ----------------------------------------------------------------------------------------------- torchvision
+def torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def create_torchvision(ref: str, *, pretrained: bool | str = False, in_channels: int = 3, num_classes: int = 10,
+                       **kwargs: Any) -> nn.Module:
+    """A torchvision classification model; ``pretrained=True`` loads ``weights="DEFAULT"`` (a str names weights)."""
+    import torchvision
+
+    names = torchvision_names()
+    if ref not in names:
+        near = closest(ref, names)
+        hint = f"; did you mean {', '.join(repr('tv:' + n) for n in near)}?" if near else ""
+        raise ConfigError(f"unknown torchvision model 'tv:{ref}'{hint} Valid: tv:<name> for a name in "
+                          f"torchvision.models.list_models(module=torchvision.models): {', '.join(names)}")
+    get_model = torchvision.models.get_model
+    try:
+        if not pretrained:
+            model = get_model(ref, weights=None, num_classes=num_classes, **kwargs)
+        else:
+            weights = "DEFAULT" if pretrained is True else str(pretrained)
+            try:
+                model = get_model(ref, weights=weights, **kwargs)
+            except Exception as e:
+                if is_network_error(e):
+                    raise offline_error(f"tv:{ref}", e) from None
+                raise
+            _replace_heads(model, lambda: get_model(ref, weights=None, num_classes=num_classes, **kwargs))
+    except TypeError as e:
+        raise ConfigError(f"model 'tv:{ref}': bad constructor argument ({e})") from None
+    if in_channels != 3:
+        adapt_first_conv(model, in_channels)
+        if getattr(model, "transform_input", False):  # googlenet/inception normalise 3 RGB channels by hand
+            model.transform_input = False
+    return model
+
+
+def _replace_heads(model: nn.Module, build_reference) -> None:
+    """Swap the pretrained classifier(s) for fresh ones shaped like a model built with the wanted ``num_classes``.
+
+    Comparing with a reference built on the meta device finds the head generically (``fc``, ``classifier.1``,
+    ``heads.head``, squeezenet's conv, ...), and guarantees the result has exactly the rebuilt model's structure.
+    """
+    with torch.device("meta"):
+        ref = build_reference()
+    ref_modules = dict(ref.named_modules())
+    for name, m in list(model.named_modules()):
+        r = ref_modules.get(name)
+        if (isinstance(m, (nn.Linear, nn.Conv2d)) and type(r) is type(m)
+                and r.weight.shape != m.weight.shape):
+            new = r.to_empty(device=m.weight.device)
+            new.reset_parameters()
+            set_submodule(model, name, new)
+            log.info("replaced the pretrained head %s: %s -> %s", name, tuple(m.weight.shape), tuple(new.weight.shape))
+
+
+# ----------------------------------------------------------------------------------------------- timm
+def create_timm(ref: str, *, pretrained: bool = False, in_channels: int = 3, num_classes: int = 10,
+                **kwargs: Any) -> nn.Module:
+    """``timm.create_model(ref, pretrained=..., num_classes=..., in_chans=...)``."""
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError("timm: models need the timm package: pip install 'prunekit[vision]'") from None
+    if not timm.is_model(ref):
+        names = timm.list_models()
+        near = closest(ref, names, n=5)
+        hint = f"; did you mean {', '.join(repr('timm:' + n) for n in near)}?" if near else ""
+        raise ConfigError(f"unknown timm model 'timm:{ref}'{hint} (timm.list_models() lists all {len(names)})")
+    try:
+        return timm.create_model(ref, pretrained=pretrained, num_classes=num_classes, in_chans=in_channels, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model 'timm:{ref}': bad constructor argument ({e})") from None
+    except Exception as e:
+        if pretrained and is_network_error(e):
+            raise offline_error(f"timm:{ref}", e) from None
+        raise
+
+
+# ----------------------------------------------------------------------------------------------- input specs
+def input_spec(name: str, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The example-input spec of a freshly built model: ``{"kind": "image", "shape": [1, C, H, W]}`` or
+    ``{"kind": "text", "seq_len": L, "vocab_size": V}``.
+
+    Side effect (the one place ``create_model`` hands us its kwargs): build arguments that a model resolved itself
+    and that an offline rebuild needs (``hf:``: ``task`` and ``hf_config``) are added to ``kwargs``.
+    """
+    kwargs.update(getattr(model, "_prunekit_kwargs", {}))
+    c = int(kwargs.get("in_channels", 3))
+    if name.startswith("hf:"):
+        from prunekit.models.hf import hf_input_spec
+
+        return hf_input_spec(model)
+    if name.startswith("timm:"):
+        size = kwargs.get("img_size") or (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+        h, w = _hw(size)
+    elif name.startswith("tv:"):
+        h, w = _hw(getattr(model, "image_size", None) or _tv_crop_size(name[3:]))
+    else:
+        from prunekit.models.builtin import DEFAULT_IMAGE_SIZE
+
+        h = w = DEFAULT_IMAGE_SIZE
+    return {"kind": "image", "shape": [1, c, h, w]}
+
+
+def _hw(size: Any) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    size = list(size)[-2:]
+    return (int(size[0]), int(size[0])) if len(size) == 1 else (int(size[0]), int(size[1]))
+
+
+def _tv_crop_size(ref: str) -> int:
+    """The crop size of torchvision's default weights (299 for inception_v3, 224 for most); no download."""
+    try:
+        from torchvision.models import get_model_weights
+
+        crop = get_model_weights(ref).DEFAULT.transforms().crop_size
+        return int(crop[0])
+    except Exception:  # models without registered weights
+        return TV_DEFAULT_SIZE

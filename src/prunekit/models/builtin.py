@@ -1,4 +1,4 @@
-"""Built-in models for small images (CIFAR-style): ResNet-20/32/56/110, ResNet-18, VGG-11/16/19-BN, MobileNetV2, SmallCNN.
+"""Built-in CIFAR-style models: ResNet-20/32/56/110, ResNet-18, VGG-11/16/19-BN, MobileNetV2, SmallCNN.
 
 timm style: one small entry function per variant, all built by one shared builder per family. Every model takes
 ``in_channels`` and ``num_classes`` and runs on 16x16 to 32x32 (and larger) inputs with 1 or 3 channels.
@@ -30,7 +30,15 @@ from prunekit.models import register_model
 DEFAULT_IMAGE_SIZE = 32  # input_spec of built-ins: [1, C, 32, 32] (training stages overwrite it with the dataset's)
 
 
-def _check_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+def check_io(name: str, in_channels: Any, num_classes: Any) -> None:
+    """``ConfigError`` unless ``in_channels`` and ``num_classes`` are positive integers."""
+    for flag, v in (("--in-channels", in_channels), ("--num-classes", num_classes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{flag}: must be a positive integer for model {name!r}, got {v!r}")
+
+
+def _check_kwargs(name: str, kwargs: dict[str, Any], in_channels: Any = 3, num_classes: Any = 10) -> None:
+    check_io(name, in_channels, num_classes)
     if kwargs:
         raise ConfigError(f"model {name!r} does not take {', '.join(sorted(kwargs))}; "
                           f"built-in models take in_channels, num_classes (and width for smallcnn)")
@@ -101,8 +109,8 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
-def _cifar_resnet(depth: int, in_channels: int, num_classes: int, **kwargs: Any) -> ResNet:
-    _check_kwargs(f"resnet{depth}", kwargs)
+def _cifar_resnet(depth: int, in_channels: int, num_classes: int, kwargs: dict[str, Any]) -> ResNet:
+    _check_kwargs(f"resnet{depth}", kwargs, in_channels, num_classes)
     n = (depth - 2) // 6  # 6n + 2 layers: 3 stages of n blocks of 2 convs
     return ResNet([n, n, n], [16, 32, 64], in_channels, num_classes)
 
@@ -110,31 +118,31 @@ def _cifar_resnet(depth: int, in_channels: int, num_classes: int, **kwargs: Any)
 @register_model("resnet20", family="resnet")
 def resnet20(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> ResNet:
     """CIFAR ResNet-20 (0.27 M params)."""
-    return _cifar_resnet(20, in_channels, num_classes, **kwargs)
+    return _cifar_resnet(20, in_channels, num_classes, kwargs)
 
 
 @register_model("resnet32", family="resnet")
 def resnet32(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> ResNet:
     """CIFAR ResNet-32 (0.46 M params)."""
-    return _cifar_resnet(32, in_channels, num_classes, **kwargs)
+    return _cifar_resnet(32, in_channels, num_classes, kwargs)
 
 
 @register_model("resnet56", family="resnet")
 def resnet56(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> ResNet:
     """CIFAR ResNet-56 (0.85 M params)."""
-    return _cifar_resnet(56, in_channels, num_classes, **kwargs)
+    return _cifar_resnet(56, in_channels, num_classes, kwargs)
 
 
 @register_model("resnet110", family="resnet")
 def resnet110(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> ResNet:
     """CIFAR ResNet-110 (1.7 M params)."""
-    return _cifar_resnet(110, in_channels, num_classes, **kwargs)
+    return _cifar_resnet(110, in_channels, num_classes, kwargs)
 
 
 @register_model("resnet18", family="resnet")
 def resnet18(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> ResNet:
     """ResNet-18 with a 3x3 stride-1 stem and no max-pool (the usual CIFAR variant, 11 M params)."""
-    _check_kwargs("resnet18", kwargs)
+    _check_kwargs("resnet18", kwargs, in_channels, num_classes)
     return ResNet([2, 2, 2, 2], [64, 128, 256, 512], in_channels, num_classes)
 
 
@@ -161,8 +169,9 @@ class VGG(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
             else:
-                layers += [nn.Conv2d(c, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
-                c = int(v)
+                c_out = int(v)
+                layers += [nn.Conv2d(c, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+                c = c_out
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c, num_classes)
@@ -173,27 +182,27 @@ class VGG(nn.Module):
         return self.classifier(x)
 
 
-def _vgg(depth: int, in_channels: int, num_classes: int, **kwargs: Any) -> VGG:
-    _check_kwargs(f"vgg{depth}", kwargs)
+def _vgg(depth: int, in_channels: int, num_classes: int, kwargs: dict[str, Any]) -> VGG:
+    _check_kwargs(f"vgg{depth}", kwargs, in_channels, num_classes)
     return VGG(_VGG_CFGS[depth], in_channels, num_classes)
 
 
 @register_model("vgg11", family="vgg")
 def vgg11(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> VGG:
     """VGG-11 with BatchNorm, CIFAR style (9.2 M params)."""
-    return _vgg(11, in_channels, num_classes, **kwargs)
+    return _vgg(11, in_channels, num_classes, kwargs)
 
 
 @register_model("vgg16", family="vgg")
 def vgg16(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> VGG:
     """VGG-16 with BatchNorm, CIFAR style (14.7 M params)."""
-    return _vgg(16, in_channels, num_classes, **kwargs)
+    return _vgg(16, in_channels, num_classes, kwargs)
 
 
 @register_model("vgg19", family="vgg")
 def vgg19(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> VGG:
     """VGG-19 with BatchNorm, CIFAR style (20 M params)."""
-    return _vgg(19, in_channels, num_classes, **kwargs)
+    return _vgg(19, in_channels, num_classes, kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- MobileNetV2
@@ -253,7 +262,7 @@ class MobileNetV2(nn.Module):
 @register_model("mobilenetv2", family="mobilenet")
 def mobilenetv2(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> MobileNetV2:
     """MobileNetV2, CIFAR variant (stride-1 stem, 2.2 M params)."""
-    _check_kwargs("mobilenetv2", kwargs)
+    _check_kwargs("mobilenetv2", kwargs, in_channels, num_classes)
     return MobileNetV2(in_channels, num_classes)
 
 
@@ -282,7 +291,7 @@ class SmallCNN(nn.Module):
 @register_model("smallcnn", family="smallcnn")
 def smallcnn(in_channels: int = 3, num_classes: int = 10, width: int = 32, **kwargs: Any) -> SmallCNN:
     """A small CNN (about 65 K params at width 32) for quick tests and the digits default."""
-    _check_kwargs("smallcnn", kwargs)
+    _check_kwargs("smallcnn", kwargs, in_channels, num_classes)
     if not isinstance(width, int) or width < 1:
         raise ConfigError(f"model 'smallcnn': width must be a positive integer, got {width!r}")
     return SmallCNN(in_channels, num_classes, width)

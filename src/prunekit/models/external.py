@@ -23,12 +23,16 @@ from prunekit.errors import ConfigError, DataNotFoundError, closest
 log = logging.getLogger(__name__)
 
 TV_DEFAULT_SIZE = 224
+_AUX_HEAD_MODELS = ("googlenet", "inception_v3")
 _NETWORK_MODULES = ("urllib", "http", "requests", "urllib3", "httpx", "httpcore", "huggingface_hub", "socket")
 
 
 def create_external(name: str, *, pretrained: bool | str = False, in_channels: int = 3, num_classes: int = 10,
                     **kwargs: Any) -> nn.Module:
     """Build a ``tv:``, ``timm:`` or ``hf:`` model (called by ``prunekit.create_model``)."""
+    from prunekit.models.builtin import check_io
+
+    check_io(name, in_channels, num_classes)
     prefix, _, ref = name.partition(":")
     if not ref:
         raise ConfigError(f"model {name!r}: nothing after {prefix + ':'!r}; e.g. tv:resnet50, timm:resnet18, "
@@ -121,6 +125,8 @@ def create_torchvision(ref: str, *, pretrained: bool | str = False, in_channels:
         raise ConfigError(f"unknown torchvision model 'tv:{ref}'{hint} Valid: tv:<name> for a name in "
                           f"torchvision.models.list_models(module=torchvision.models): {', '.join(names)}")
     get_model = torchvision.models.get_model
+    if ref in _AUX_HEAD_MODELS:  # a tensor from forward in train mode too, not a namedtuple with aux logits
+        kwargs.setdefault("aux_logits", False)
     try:
         if not pretrained:
             model = get_model(ref, weights=None, num_classes=num_classes, **kwargs)
@@ -188,11 +194,7 @@ def create_timm(ref: str, *, pretrained: bool = False, in_channels: int = 3, num
 def input_spec(name: str, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The example-input spec of a freshly built model: ``{"kind": "image", "shape": [1, C, H, W]}`` or
     ``{"kind": "text", "seq_len": L, "vocab_size": V}``.
-
-    Side effect (the one place ``create_model`` hands us its kwargs): build arguments that a model resolved itself
-    and that an offline rebuild needs (``hf:``: ``task`` and ``hf_config``) are added to ``kwargs``.
     """
-    kwargs.update(getattr(model, "_prunekit_kwargs", {}))
     c = int(kwargs.get("in_channels", 3))
     if name.startswith("hf:"):
         from prunekit.models.hf import hf_input_spec

@@ -94,6 +94,9 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     if strip or add:
         log.info("--weights %s: mapping key prefix %r -> %r", path, strip, add)
         sd = {add + k[len(strip):] if k.startswith(strip) else k: v for k, v in sd.items()}
+    # old checkpoints may hold buffers the model keeps out of its state dict (e.g. BERT's position_ids): skip them
+    transient = {k for k, _ in model.named_buffers() if k not in target}
+    sd = {k: v for k, v in sd.items() if k not in transient}
     unexpected = sorted(k for k in sd if k not in target)
     # a missing key is fine when it is another name of a tensor the file does hold (tied weights)
     loaded_ids = {id(target[k]) for k in sd if k in target}

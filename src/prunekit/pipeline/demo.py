@@ -1,0 +1,88 @@
+"""``prunekit demo``: the embedded recipe end to end, then baseline vs pruned side by side (``comparison.json``)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import Field
+
+from prunekit import runs
+from prunekit._io import atomic_write_json
+from prunekit.config import Config
+from prunekit.errors import ConfigError
+from prunekit.pipeline.recipe import DEMO_RECIPE, load_recipe, run_recipe, stage_dirs
+
+log = logging.getLogger(__name__)
+
+
+class DemoConfig(Config):
+    """``prunekit demo``: train -> prune -> fine-tune -> compare on the embedded default (digits)."""
+
+    out: Path = Field(Path("runs/demo"), description="output directory (replaced on each run unless --resume)")
+    resume: bool = Field(False, description="continue an interrupted demo")
+    model: str | None = Field(None, description="model (default: the recipe's resnet20)")
+    criterion: str | None = Field(None, description="pruning criterion (default: the recipe's variance)")
+    target_macs: float | None = Field(None, gt=0, lt=1, description="fraction of MACs to keep (default 0.5)")
+    epochs: int | None = Field(None, ge=0, description="baseline epochs (default 12)")
+    finetune_epochs: int | None = Field(None, ge=0, description="fine-tuning epochs (default 6)")
+    latency_runs: int = Field(30, gt=0, description="timed runs per model for the latency comparison")
+    seed: int = Field(0, description="random seed")
+
+
+def _overrides(cfg: DemoConfig) -> dict[str, Any]:
+    o: dict[str, Any] = {"out": str(cfg.out), "seed": cfg.seed}
+    for key, value in (("stages.baseline.model", cfg.model), ("stages.prune.criterion", cfg.criterion),
+                       ("stages.prune.target_macs", cfg.target_macs), ("stages.baseline.epochs", cfg.epochs),
+                       ("stages.finetune.epochs", cfg.finetune_epochs)):
+        if value is not None:
+            o[key] = value
+    return o
+
+
+def _clear_previous_demo(out: Path) -> None:
+    if not out.exists():
+        return
+    recipe = out / "recipe.yaml"
+    is_demo = recipe.is_file() and (yaml.safe_load(recipe.read_text()) or {}).get("name") == "demo"
+    if not is_demo and any(out.iterdir()):
+        raise ConfigError(f"--out {str(out)!r} exists and is not a demo output folder; choose another --out")
+    shutil.rmtree(out)
+
+
+def compare(baseline_dir: Path, pruned_dir: Path, latency_runs: int = 30) -> dict[str, Any]:
+    """Baseline vs pruned: metrics from the run directories, latency timed alternately in this process."""
+    from prunekit.measure.latency import compare_latency
+
+    base, pruned = runs.read_metrics(baseline_dir), runs.read_metrics(pruned_dir)
+    mb, mp = runs.load_model(baseline_dir), runs.load_model(pruned_dir)
+    x = runs.example_inputs(mb.prunekit_spec, 1)
+    lat = compare_latency({"baseline": mb, "pruned": mp}, x, runs=latency_runs)
+    base = {**base, "latency_ms": lat["baseline"]["median_ms"]}
+    pruned = {**pruned, "latency_ms": lat["pruned"]["median_ms"]}
+    return {
+        "macs_reduction": 1 - pruned["macs"] / base["macs"],
+        "params_reduction": 1 - pruned["params"] / base["params"],
+        "top1_drop": base["top1"] - pruned["top1"],
+        "latency_reduction": 1 - pruned["latency_ms"] / base["latency_ms"],
+        "latency": {"backend": "torch", "batch_size": 1, "threads": torch.get_num_threads(),
+                    "runs": latency_runs, **{k: v for k, v in lat.items()}},
+        "baseline": {"run_dir": str(baseline_dir), **base},
+        "pruned": {"run_dir": str(pruned_dir), **pruned},
+    }
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Run the embedded demo recipe and write ``OUT/comparison.json``. Returns the comparison."""
+    if not cfg.resume:
+        _clear_previous_demo(Path(cfg.out))
+    recipe = load_recipe(DEMO_RECIPE, _overrides(cfg))
+    run_recipe(recipe, resume=cfg.resume)
+    dirs = stage_dirs(recipe)
+    result = compare(dirs["baseline"], dirs[list(recipe.stages)[-1]], cfg.latency_runs)
+    atomic_write_json(Path(cfg.out) / "comparison.json", result)
+    return result

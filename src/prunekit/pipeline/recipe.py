@@ -173,6 +173,9 @@ def _register_builtin_stages() -> None:
 
     register_stage("baseline", s.TrainConfig, s.train, takes_from=False, trains=True)
     register_stage("finetune", s.FinetuneConfig, s.finetune, trains=True)
+    from prunekit.pipeline.pat import PATConfig, pat
+
+    register_stage("pat", PATConfig, pat, trains=True)
     register_stage("eval", s.EvalConfig, s.evaluate_run, writes_run=False)
 
 

@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 
 from prunekit import runs
+from prunekit.config import Config
 from prunekit.data import DataArgs, dataset_info, get_dataset, make_loader
 from prunekit.data.core import data_settings
 from prunekit.errors import ConfigError
@@ -45,15 +46,18 @@ class TrainConfig(StageOut, TrainSettings):
     out: Path = Field(Path("runs/train"), description="output run directory")
 
 
-class FinetuneConfig(StageOut, TrainSettings):
-    """``prunekit finetune``: recover a pruned model's accuracy."""
-
-    from_dir: Path = Field(alias="from", description="run directory of the model to fine-tune")
-    resume: bool = Field(False, description="continue an interrupted run in --out from its last checkpoint")
+class KDArgs(Config):
     kd: bool = Field(False, description="distil from a teacher (default: the unpruned run that --from descends from)")
     teacher: Path | None = Field(None, description="run directory of the teacher for --kd")
     alpha: float = Field(0.7, ge=0, le=1, description="KD: weight of the hard-label cross-entropy")
     temperature: float = Field(2.0, gt=0, description="KD: softmax temperature")
+
+
+class FinetuneConfig(StageOut, KDArgs, TrainSettings):
+    """``prunekit finetune``: recover a pruned model's accuracy."""
+
+    from_dir: Path = Field(alias="from", description="run directory of the model to fine-tune")
+    resume: bool = Field(False, description="continue an interrupted run in --out from its last checkpoint")
     epochs: int = Field(5, ge=0, description="fine-tuning epochs")
     lr: float = Field(0.01, gt=0, description="peak learning rate")
     out: Path = Field(Path("runs/finetune"), description="output run directory")
@@ -145,14 +149,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         before = runs.read_metrics(cfg.from_dir)
         log.info("finetune: %s from %s (top1 %.2f%%), %d epochs, %s lr %g", spec.name, cfg.from_dir,
                  before.get("top1", float("nan")), cfg.epochs, cfg.optimizer, cfg.lr)
-        loss_fn, teacher_dir = None, None
-        if cfg.kd:
-            teacher_dir = resolve_teacher(cfg.from_dir, cfg.teacher)
-            teacher = runs.load_model(teacher_dir, cfg.device)
-            loss_fn = make_kd_loss(teacher, cfg.alpha, cfg.temperature, cfg.label_smoothing)
-            log.info("finetune: distilling from %s (alpha %.2f, T %.1f)", teacher_dir, cfg.alpha, cfg.temperature)
-        elif cfg.teacher is not None:
-            raise ConfigError("--teacher is given but --kd is not; add --kd to distil, or drop --teacher")
+        loss_fn, teacher_dir = kd_setup(cfg, "finetune")
         ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download)
         t0 = time.perf_counter()
         best = fit(model, ld["train"], ld["val"], cfg, run_dir=out, resume=cfg.resume, phase="finetune",
@@ -167,27 +164,36 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     return metrics
 
 
+def kd_setup(cfg: Any, stage: str) -> tuple[Any, Path | None]:
+    """(loss_fn, teacher_dir) for a stage with ``KDArgs``; (None, None) without ``--kd``."""
+    if not cfg.kd:
+        if cfg.teacher is not None:
+            raise ConfigError("--teacher is given but --kd is not; add --kd to distil, or drop --teacher")
+        return None, None
+    teacher_dir = resolve_teacher(cfg.from_dir, cfg.teacher)
+    teacher = runs.load_model(teacher_dir, cfg.device)
+    log.info("%s: distilling from %s (alpha %.2f, T %.1f)", stage, teacher_dir, cfg.alpha, cfg.temperature)
+    return make_kd_loss(teacher, cfg.alpha, cfg.temperature, cfg.label_smoothing), teacher_dir
+
+
 def resolve_teacher(from_dir: Path, teacher: Path | None) -> Path:
-    """The teacher for KD: ``--teacher``, else the nearest unpruned ancestor of ``from_dir`` (followed through the
-    ``from`` key of each run's metrics.json). No loadable teacher is an error, never a silent plain fine-tune."""
+    """The teacher for KD: ``--teacher``, else the nearest unpruned run among ``from_dir`` and its ancestors (followed
+    through the ``from`` key of each run's metrics.json). No loadable teacher is an error, never a silent plain
+    fine-tune."""
     if teacher is not None:
         try:
             return runs.check_run_dir(teacher)
         except Exception as e:
             raise ConfigError(f"--teacher {str(teacher)!r}: {e}") from None
     cur, seen = Path(from_dir), set()
-    while cur not in seen:
+    while cur not in seen and (cur / runs.SPEC).is_file():
         seen.add(cur)
         m = runs.read_metrics(cur)
-        if m.get("stage") == "train":
-            if cur == Path(from_dir):
-                break
+        if m.get("stage") == "train":  # the nearest unpruned ancestor (or --from itself, e.g. for PAT)
             return cur
         if not m.get("from"):
             break
         cur = Path(m["from"])
-        if not (cur / runs.SPEC).is_file():
-            break
     raise ConfigError(f"--kd: no teacher found for {str(from_dir)!r} (no unpruned ancestor run directory is "
                       "reachable); pass --teacher DIR")
 

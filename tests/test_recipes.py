@@ -1,0 +1,61 @@
+"""Every recipe in configs/ and the embedded demo recipe loads and validates (without training); recipe errors name
+the stage and the key; a recipe runs end to end and resumes without redoing finished stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prunekit import runs
+from prunekit.errors import ConfigError
+from prunekit.pipeline.recipe import DEMO_RECIPE, load_recipe, run_recipe, stage_configs
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def test_configs_folder_has_the_seed_recipes():
+    names = {p.stem for p in CONFIGS}
+    assert {"deit_tiny_vbp", "convnext_tiny_vbp", "vit_base_vbp", "deit_tiny_pat", "deit_tiny_3phase",
+            "resnet50_imagenet_vbp", "mobilenetv2_imagenet_vbp", "resnet18_cifar10"} <= names
+
+
+@pytest.mark.parametrize("path", [*CONFIGS, DEMO_RECIPE], ids=lambda p: p.stem)
+def test_recipe_validates(path):
+    recipe = load_recipe(path)
+    cfgs = stage_configs(recipe)
+    assert list(cfgs) == list(recipe.stages)
+    first = next(iter(cfgs.values()))
+    assert "from" not in type(first).keys() or first.from_dir is not None
+
+
+def test_unknown_stage_key_names_stage_and_suggests(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("stages:\n  baseline: {model: smallcnn, epocs: 1}\n")
+    with pytest.raises(ConfigError, match=r"stages.baseline.*unknown key 'epocs'; did you mean 'epochs'"):
+        load_recipe(p)
+
+
+def test_unknown_stage_lists_valid_stages(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("stages:\n  baseline: {model: smallcnn}\n  prnue: {}\n")
+    with pytest.raises(ConfigError, match=r"unknown stage 'prnue'; did you mean 'prune'"):
+        load_recipe(p)
+
+
+def test_recipe_runs_and_resume_skips_finished_stages(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(f"out: {tmp_path / 'out'}\nstages:\n  baseline: {{model: smallcnn, epochs: 1, lr: 0.05}}\n"
+                 "  prune: {criterion: l1, ratio: 0.4}\n  finetune: {epochs: 1, lr: 0.01}\n")
+    recipe = load_recipe(p)
+    res = run_recipe(recipe)
+    base, ft = tmp_path / "out" / "1-baseline", tmp_path / "out" / "3-finetune"
+    assert runs.RUN_FILES <= {f.name for f in base.iterdir()} and (tmp_path / "out" / "recipe.yaml").is_file()
+    assert res["finetune"]["macs"] < res["baseline"]["macs"]
+    assert runs.read_metrics(ft)["from"] == str(tmp_path / "out" / "2-prune")
+    stamp = (base / runs.WEIGHTS).stat().st_mtime_ns
+    with pytest.raises(ConfigError, match="--resume"):
+        run_recipe(recipe)
+    res2 = run_recipe(recipe, resume=True)
+    assert (base / runs.WEIGHTS).stat().st_mtime_ns == stamp  # not redone
+    assert res2["finetune"]["top1"] == pytest.approx(res["finetune"]["top1"])

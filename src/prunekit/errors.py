@@ -36,8 +36,8 @@ def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
 
 
 def unknown_name_message(kind: str, name: str, choices: Iterable[str]) -> str:
-    """'unknown model 'resnt20'; did you mean 'resnet20'? Valid: ...' ."""
+    """"unknown model 'resnt20'; did you mean 'resnet20'? Valid model names: ..."."""
     choices = sorted(choices)
     near = closest(name, choices)
     hint = f"; did you mean {', '.join(repr(c) for c in near)}?" if near else ""
-    return f"unknown {kind} {name!r}{hint} Valid {kind}s: {', '.join(choices)}"
+    return f"unknown {kind} {name!r}{hint} Valid {kind} names: {', '.join(choices)}"

@@ -173,7 +173,10 @@ def _register_builtin_stages() -> None:
 
     register_stage("baseline", s.TrainConfig, s.train, takes_from=False, trains=True)
     register_stage("finetune", s.FinetuneConfig, s.finetune, trains=True)
+    from prunekit.cli.prune import PruneConfig, prune_run
     from prunekit.pipeline.pat import PATConfig, pat
+
+    register_stage("prune", PruneConfig, prune_run)
 
     register_stage("pat", PATConfig, pat, trains=True)
     register_stage("eval", s.EvalConfig, s.evaluate_run, writes_run=False)

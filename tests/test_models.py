@@ -266,7 +266,7 @@ def test_weights_errors(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- bad names, kwargs
 @pytest.mark.parametrize("name, words", [
-    ("resnt20", r"unknown model 'resnt20'; did you mean 'resnet20'.*Valid models: .*smallcnn"),
+    ("resnt20", r"unknown model 'resnt20'; did you mean 'resnet20'.*Valid model names: .*smallcnn"),
     ("tv:resnet5O", r"unknown torchvision model 'tv:resnet5O'; did you mean 'tv:resnet50'"),
     ("timm:no_such_net_xyz", r"unknown timm model 'timm:no_such_net_xyz'.*timm.list_models"),
     ("hf:", r"nothing after 'hf:'"),

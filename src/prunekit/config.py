@@ -58,12 +58,15 @@ def format_validation_error(e: ValidationError, source: str, values: dict[str, A
     lines = []
     for err in e.errors():
         loc = [str(p) for p in err["loc"]]
-        key = loc[0] if loc else "?"
-        where = f"{flag_name(key)} ({key})" if source == "command line" else f"{key!r}"
-        value = values.get(key, err.get("input"))
         msg = err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
+        if not loc:  # a model-level validator: the message names the fields itself
+            lines.append(f"{source}: {msg}")
+            continue
+        key = loc[0]
+        where = f"{flag_name(key)} ({key})" if source == "command line" else f"{key!r}"
+        value = values.get(key, err.get("input"))
         lines.append(f"{source}: {where} = {value!r} is invalid: {msg}")
     return "\n".join(lines)
 

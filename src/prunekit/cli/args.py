@@ -75,7 +75,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Config], pos
         tp = _unwrap(field.annotation)
         origin = typing.get_origin(tp)
         help_ = field.description or ""
-        if not field.is_required() and field.default not in (None, "", [], {}):
+        if not field.is_required() and field.default_factory is None and field.default not in (None, "", [], {}):
             help_ += f" (default: {field.default if not isinstance(field.default, Path) else str(field.default)})"
         kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=help_)
         if name in positional:
@@ -91,6 +91,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Config], pos
             kw["metavar"] = "{" + ",".join(kw["choices"]) + "}"
         elif origin is list:
             kw["type"] = _split_list
+            kw["action"] = "extend"  # --grid a=1,2 --grid b=3 accumulates
             kw["metavar"] = "A,B,..."
         elif origin is dict:
             kw["type"] = _split_dict

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from pydantic import Field
 
@@ -61,16 +60,15 @@ def compare(baseline_dir: Path, pruned_dir: Path, latency_runs: int = 30) -> dic
     base, pruned = runs.read_metrics(baseline_dir), runs.read_metrics(pruned_dir)
     mb, mp = runs.load_model(baseline_dir), runs.load_model(pruned_dir)
     x = runs.example_inputs(mb.prunekit_spec, 1)
-    lat = compare_latency({"baseline": mb, "pruned": mp}, x, runs=latency_runs)
-    base = {**base, "latency_ms": lat["baseline"]["median_ms"]}
-    pruned = {**pruned, "latency_ms": lat["pruned"]["median_ms"]}
+    lat = compare_latency({"baseline": mb, "pruned": mp}, x, backend="eager", runs=latency_runs, threads=2)
+    base = {**base, "latency_ms": lat["baseline"].median_ms}
+    pruned = {**pruned, "latency_ms": lat["pruned"].median_ms}
     return {
         "macs_reduction": 1 - pruned["macs"] / base["macs"],
         "params_reduction": 1 - pruned["params"] / base["params"],
         "top1_drop": base["top1"] - pruned["top1"],
         "latency_reduction": 1 - pruned["latency_ms"] / base["latency_ms"],
-        "latency": {"backend": "torch", "batch_size": 1, "threads": torch.get_num_threads(),
-                    "runs": latency_runs, **{k: v for k, v in lat.items()}},
+        "latency": {k: v.to_dict(with_times=False) for k, v in lat.items()},
         "baseline": {"run_dir": str(baseline_dir), **base},
         "pruned": {"run_dir": str(pruned_dir), **pruned},
     }

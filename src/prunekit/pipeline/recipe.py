@@ -108,6 +108,12 @@ def stage_configs(recipe: Recipe) -> dict[str, Config]:
     out: dict[str, Config] = {}
     for name, opts in recipe.stages.items():
         st = STAGES.get(name)
+        if name == "baseline" and "from" in opts:  # start from an existing run: nothing to build or run
+            if set(opts) != {"from"}:
+                raise ConfigError(f"recipe stages.baseline: with 'from', no other option is allowed "
+                                  f"(got {', '.join(sorted(set(opts) - {'from'}))})")
+            prev = Path(opts["from"])
+            continue
         keys = st.config.keys()
         values: dict[str, Any] = {}
         for k in ("seed", "device"):
@@ -128,7 +134,7 @@ def stage_configs(recipe: Recipe) -> dict[str, Config]:
         except ConfigError as e:
             raise ConfigError(str(e).replace(f"stages.{name}: ", f"recipe stages.{name}: ")) from None
         if st.writes_run:
-            prev = Path(values["from"]) if name == "baseline" and "from" in opts else dirs[name]
+            prev = dirs[name]
     return out
 
 
@@ -146,15 +152,16 @@ def run_recipe(recipe: Recipe, resume: bool = False) -> dict[str, dict[str, Any]
     cfgs = stage_configs(recipe)
     dirs = stage_dirs(recipe)
     results: dict[str, dict[str, Any]] = {}
-    for i, (name, cfg) in enumerate(cfgs.items(), 1):
+    for i, name in enumerate(recipe.stages, 1):
         st = STAGES.get(name)
         d = dirs[name]
-        if name == "baseline" and "from" in recipe.stages[name]:
+        if name not in cfgs:  # baseline: {from: DIR}
             results[name] = runs.read_metrics(runs.check_run_dir(recipe.stages[name]["from"]))
-            log.info("[%d/%d] %s: using existing run %s", i, len(cfgs), name, recipe.stages[name]["from"])
+            log.info("[%d/%d] %s: using existing run %s", i, len(recipe.stages), name, recipe.stages[name]["from"])
             continue
+        cfg = cfgs[name]
         if resume and st.writes_run and is_finished(d):
-            log.info("[%d/%d] %s: already finished in %s, skipped", i, len(cfgs), name, d)
+            log.info("[%d/%d] %s: already finished in %s, skipped", i, len(recipe.stages), name, d)
             results[name] = runs.read_metrics(d)
             continue
         partial = d.is_dir() and any(d.iterdir())
@@ -163,7 +170,7 @@ def run_recipe(recipe: Recipe, resume: bool = False) -> dict[str, dict[str, Any]
                 cfg = cfg.model_copy(update={"resume": True})
             else:  # an interrupted non-training stage simply runs again
                 cfg = cfg.model_copy(update={"overwrite": True}) if "overwrite" in type(cfg).model_fields else cfg
-        log.info("[%d/%d] %s -> %s", i, len(cfgs), name, d)
+        log.info("[%d/%d] %s -> %s", i, len(recipe.stages), name, d)
         results[name] = st.run(cfg)
     return results
 
@@ -177,6 +184,9 @@ def _register_builtin_stages() -> None:
     from prunekit.pipeline.pat import PATConfig, pat
 
     register_stage("prune", PruneConfig, prune_run)
+    from prunekit.pipeline.sparse_stage import SparseConfig, sparse
+
+    register_stage("sparse", SparseConfig, sparse, trains=True)
 
     register_stage("pat", PATConfig, pat, trains=True)
     register_stage("eval", s.EvalConfig, s.evaluate_run, writes_run=False)

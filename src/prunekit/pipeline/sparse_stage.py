@@ -1,0 +1,61 @@
+"""The ``sparse`` recipe stage: sparse pre-training of a run's model before structured pruning."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from prunekit import runs
+from prunekit.data.core import data_settings
+from prunekit.pipeline.stages import StageOut, loaders, model_metrics, write_run
+from prunekit.pruning.sparse_train import SparseSettings, make_sparse_training
+from prunekit.train import TrainSettings, evaluate, finish_run, fit
+from prunekit.train.loop import default_loss
+
+log = logging.getLogger(__name__)
+_GMP = {"sparsity": "sparsity", "gmp_start": "start", "gmp_end": "end", "gmp_every": "every", "scope": "scope",
+        "max_ratio": "max_ratio", "round_to": "round_to"}
+
+
+class SparseConfig(StageOut, TrainSettings, SparseSettings):
+    """``sparse`` recipe stage: train with a sparsity regulariser so that pruning removes less that matters."""
+
+    from_dir: Path = Field(alias="from", description="run directory of the model to train")
+    epochs: int = Field(5, ge=0, description="sparse pre-training epochs")
+    lr: float = Field(0.01, gt=0, description="peak learning rate")
+    resume: bool = Field(False, description="continue an interrupted run in --out from its last checkpoint")
+    out: Path = Field(Path("runs/sparse"), description="output run directory")
+
+
+def sparse(cfg: SparseConfig) -> dict[str, Any]:
+    """Sparse pre-training from ``cfg.from_dir``; writes a run directory and returns its metrics."""
+    runs.check_run_dir(cfg.from_dir)
+    out = runs.prepare_out_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    data = data_settings(cfg, runs.read_config(cfg.from_dir))
+    with runs.run_log(out):
+        torch.manual_seed(cfg.seed)
+        model = runs.load_model(cfg.from_dir, cfg.device)
+        spec = model.prunekit_spec
+        ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download)
+        options: dict[str, Any] = {k: getattr(cfg, k) for k in ("preset", "only", "ignore")}
+        if cfg.method == "gmp":
+            options.update({v: getattr(cfg, k) for k, v in _GMP.items() if getattr(cfg, k) is not None})
+        st = make_sparse_training(model, cfg.method, cfg.lam, runs.example_inputs(spec, 2, cfg.device),
+                                  total_steps=cfg.epochs * len(ld["train"]), base_loss=default_loss(cfg), **options)
+        log.info("sparse: %s (lam %s) on %s for %d epochs", cfg.method, cfg.lam, cfg.from_dir, cfg.epochs)
+        t0 = time.perf_counter()
+        loss_fn, callbacks = st
+        best = fit(model, ld["train"], ld["val"], cfg, run_dir=out, resume=cfg.resume, phase="sparse",
+                   loss_fn=loss_fn, callbacks=callbacks)
+        extra = st.finalize()
+        metrics = {**evaluate(model, ld["val"], cfg.device), **model_metrics(model, spec, cfg.device), **extra,
+                   "best_epoch": best.get("epoch"), "train_seconds": round(time.perf_counter() - t0, 2),
+                   "stage": "sparse", "method": cfg.method, "from": str(cfg.from_dir), **data}
+        write_run(out, model, {**cfg.to_dict(), **data}, metrics, spec)
+    finish_run(out)
+    return metrics

@@ -1,0 +1,228 @@
+"""The structured pruning engine: score the channels of every group once, select, compensate, remove.
+
+Lifecycle (torch.optim-like): trace the graph -> plan the units -> calibrate the criterion (and collect
+statistics) -> score -> select (a ratio, or a ratio searched for ``target_macs``) -> for each group: compensate
+its consumers, then ``group.prune()``.
+
+Example:
+    >>> report = prunekit.prune(model, torch.randn(1, 3, 32, 32), criterion="l1", ratio=0.5)
+    >>> report.macs_kept
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.errors import ConfigError, PruningError
+from prunekit.measure import count_params
+from prunekit.pruning.structured.criteria import get_criterion
+from prunekit.pruning.structured.criteria.base import CalibContext, Criterion
+from prunekit.pruning.structured.graph import PruningGraph, Unit
+from prunekit.pruning.structured.heads import sync_attributes
+from prunekit.pruning.structured.plan import plan_units, unit_overrides
+from prunekit.pruning.structured.report import GroupRecord, PruneReport
+from prunekit.pruning.structured.search import count_macs_meta, search_ratio
+from prunekit.pruning.structured.selection import Selection, select
+from prunekit.pruning.structured.settings import PruneSettings
+
+log = logging.getLogger(__name__)
+
+
+def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: float | None = None, *,
+          target_macs: float | None = None, scope: str = "global", calib_data: Iterable | None = None,
+          compensate: str = "none", preset: str | None = None, ignore: Iterable[str] = (),
+          only: Iterable[str] = (), ratio_overrides: dict[str, float] | None = None, round_to: int | None = None,
+          max_ratio: float = 0.9, heads: bool = False, normalize: str = "mean", calib_batches: int = 50,
+          seed: int = 0, loss_fn: Callable | None = None, device: str | torch.device | None = None) -> PruneReport:
+    """Prune ``model`` in place (structured: whole channels, optionally whole attention heads).
+
+    Args:
+        model: any ``nn.Module`` that torch-pruning can trace.
+        example_inputs: a tensor, tuple or dict of tensors the model accepts (also used to count MACs).
+        criterion: channel scoring rule (``prunekit.pruning.list_criteria()``).
+        ratio: fraction of channels to remove (default 0.5); exclusive with ``target_macs``.
+        target_macs: fraction of MACs to keep; the global ratio is searched on copies (within 1%).
+        scope: ``"global"`` (one threshold over all groups) or ``"local"`` (same ratio per group).
+        calib_data: iterable of batches (tensors, (x, y) pairs or dicts) for data-driven criteria/compensation.
+        compensate: ``"none"``, ``"mean"`` or ``"lstsq"`` bias compensation of consumers.
+        preset: ``"mlp-only"`` (transformer MLPs) or ``"interior"`` (CNN block-internal channels).
+        ignore, only: module-name regexes (a parent's name covers its children).
+        ratio_overrides: ``{regex: ratio}`` per-layer ratios.
+        round_to: kept channels rounded to a multiple of this.
+        max_ratio: no group loses more than this fraction of its channels (never all of them).
+        heads: remove whole attention heads (timm / HF BERT-style attention), ranked within each attention
+            layer at that layer's ratio; without it attention projections keep all their channels.
+        normalize: per-layer score normalisation for global ranking (``"mean"``, ``"max"``, ``"none"``).
+        calib_batches: batches of ``calib_data`` used.
+        seed: seed of the ``random`` criterion.
+        loss_fn: ``loss_fn(outputs, labels)`` for gradient criteria (default cross-entropy).
+        device: where calibration runs (default: the model's device).
+
+    Returns:
+        A ``PruneReport``: channels per layer before/after, groups pruned, MACs and params before/after, ...
+
+    Example:
+        >>> report = prune(model, torch.randn(1, 3, 32, 32), criterion="l1", ratio=0.4, preset="interior")
+    """
+    settings = PruneSettings.build(dict(
+        criterion=criterion, ratio=ratio, target_macs=target_macs, scope=scope, compensate=compensate, preset=preset,
+        ignore=list(ignore), only=list(only), ratio_overrides=dict(ratio_overrides or {}), round_to=round_to,
+        max_ratio=max_ratio, heads=heads, normalize=normalize, calib_batches=calib_batches, seed=seed),
+        source="prune()")
+    return prune_with_settings(model, example_inputs, settings, calib_data=calib_data, loss_fn=loss_fn, device=device)
+
+
+def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSettings, *,
+                        calib_data: Iterable | None = None, loss_fn: Callable | None = None,
+                        device: str | torch.device | None = None) -> PruneReport:
+    """``prune`` with a validated ``PruneSettings`` (what the CLI calls)."""
+    t0 = time.perf_counter()
+    s = settings
+    crit = get_criterion(s.criterion, **({"seed": s.seed} if s.criterion == "random" else {}))
+    _check_data(crit, s, calib_data)
+    device = device or _device_of(model)
+    report = PruneReport(criterion=s.criterion, scope=s.scope, ratio=s.global_ratio, target_macs=s.target_macs,
+                         preset=s.preset, heads=s.heads)
+    graph = PruningGraph(model, example_inputs)
+    report.macs_before, report.params_before = count_macs_meta(graph, example_inputs), count_params(model)
+    units = plan_units(graph, s)
+    overrides = unit_overrides(units, s, graph)
+    ctx = CalibContext(model=model, example_inputs=example_inputs, calib_data=calib_data,
+                       max_batches=s.calib_batches, device=device, loss_fn=loss_fn,
+                       targets=sorted({n for u in units for n in u.layers}))
+    if crit.needs_stats or s.compensate != "none":
+        ctx.stats = _collect_stats(model, calib_data, ctx, graph, covariance=s.compensate == "lstsq")
+    crit.calibrate(ctx)
+    scores = score_units(crit, units, normalize=s.normalize if s.scope == "global" and not crit.normalized else "none")
+    units = _drop_broken(graph, units, scores, s, overrides, example_inputs)
+
+    if s.target_macs is not None:
+        report.ratio, scores, report.search = search_ratio(graph, example_inputs, units, scores, s, overrides,
+                                                           report.macs_before)
+    sel = select(units, scores, report.ratio, s.scope, overrides, s.max_ratio, s.round_to)
+    if sel.shortfall and s.target_macs is None:
+        pooled = sum(u.size for u in units if u.name not in overrides and u.attention is None)
+        raise PruningError(f"ratio {report.ratio} cannot be reached with max_ratio {s.max_ratio}: every group hits "
+                           f"its cap with {sel.shortfall} of the {pooled} pooled channels still to remove; lower the "
+                           "ratio or raise max_ratio")
+    if sel.capped:
+        log.warning("%d of %d groups held at max_ratio=%s (they would have lost more): %s", len(sel.capped),
+                    len(units), s.max_ratio, ", ".join(sel.capped[:8]) + (" ..." if len(sel.capped) > 8 else ""))
+    report.capped = list(sel.capped)
+    compensator = _compensator(model, s.compensate, ctx.stats) if s.compensate != "none" else None
+    before = _out_channels(graph)
+    report.groups, report.compensation = apply_selection(graph, units, sel, compensator)
+    report.layers = {n: [b, a] for n, a in _out_channels(graph).items() if (b := before[n]) != a}
+    if not report.groups:
+        raise PruningError(f"nothing was pruned at ratio {report.ratio}: every group rounds back to its full size "
+                           "(lower round_to or raise the ratio)")
+    report.macs_after, report.params_after = count_macs_meta(graph, example_inputs), count_params(model)
+    report.seconds = time.perf_counter() - t0
+    log.info(report.summary())
+    return report
+
+
+def _drop_broken(graph: PruningGraph, units: list[Unit], scores: dict[str, torch.Tensor], s: PruneSettings,
+                 overrides: dict[str, float], example_inputs: Any) -> list[Unit]:
+    """Leave out (loudly) the groups whose pruning breaks the forward pass, checked on a meta copy."""
+    from prunekit.pruning.structured.verify import broken_units
+
+    trial = select(units, scores, s.global_ratio if s.target_macs is None else 0.5, s.scope, overrides,
+                   s.max_ratio, s.round_to)
+    bad = broken_units(graph, units, trial, example_inputs)
+    if not bad:
+        return units
+    kept = [u for u in units if u.name not in bad]
+    log.warning("%d groups left unpruned: torch-pruning cannot map their channels consistently (pruning them breaks "
+                "the forward pass): %s", len(bad), ", ".join(bad[:8]) + (" ..." if len(bad) > 8 else ""))
+    if not kept:
+        raise PruningError(f"every prunable group of {type(graph.model).__name__} breaks the forward pass when "
+                           "pruned (torch-pruning cannot map its channels); nothing can be pruned")
+    return kept
+
+
+def score_units(crit: Criterion, units: list[Unit], normalize: str = "none") -> dict[str, torch.Tensor]:
+    """Unit name -> per-element scores (channels, or heads), optionally normalised per unit."""
+    out = {}
+    for u in units:
+        s = u.element_scores(crit(u.group))
+        if normalize != "none":
+            d = s.mean() if normalize == "mean" else s.abs().max()
+            s = s / d if d > 0 else s
+        out[u.name] = s
+    return out
+
+
+def apply_selection(graph: PruningGraph, units: list[Unit], sel: Selection,
+                    compensator: Any = None) -> tuple[list[GroupRecord], list[dict[str, Any]]]:
+    """Remove the selected elements from ``graph.model`` (the graph may be a copy of the units' graph)."""
+    records, compensation = [], []
+    attention = {a.name: a for a in graph.attention}
+    for u in units:
+        elements = sel.removed.get(u.name)
+        if not elements:
+            continue
+        idxs = u.channel_indices(elements)
+        group = graph.pruning_group(u, idxs)
+        if not graph.DG.check_pruning_group(group):
+            raise PruningError(f"removing {len(idxs)} channels of {u.name!r} would empty a layer of its group")
+        if compensator is not None:
+            compensation.extend(compensator.apply(group, idxs))
+        group.prune()
+        rec = GroupRecord(u.name, list(u.layers), list(u.consumers), u.channels, u.channels - len(idxs), list(idxs))
+        if u.attention is not None:
+            att = attention[u.attention.name]
+            rec.heads_before, rec.heads_after = att.num_heads, att.num_heads - len(elements)
+            att.set_heads(rec.heads_after)
+        records.append(rec)
+    sync_attributes(graph.model)
+    return records, compensation
+
+
+def _out_channels(graph: PruningGraph) -> dict[str, int]:
+    out = {}
+    for name in graph.layers:
+        m = graph.modules[name]
+        out[name] = m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+    return out
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _check_data(crit: Criterion, s: PruneSettings, calib_data: Iterable | None) -> None:
+    if calib_data is not None:
+        return
+    if crit.needs_data or crit.needs_stats:
+        what = "labelled batches ((inputs, labels) pairs)" if crit.needs_labels else "batches"
+        raise ConfigError(f"criterion {s.criterion!r} needs calibration data: pass calib_data= an iterable of {what}")
+    if s.compensate != "none":
+        raise ConfigError(f"compensate={s.compensate!r} needs calibration data (calib_data=...) to measure the "
+                          "pruned channels' statistics; use compensate='none' without data")
+
+
+def _collect_stats(model: nn.Module, calib_data: Iterable | None, ctx: CalibContext, graph: PruningGraph,
+                   covariance: bool) -> dict:
+    try:
+        from prunekit.pruning.structured.stats import collect_stats
+    except ImportError as e:
+        raise PruningError(f"channel statistics need prunekit.pruning.structured.stats, which is missing: {e}") from e
+    return collect_stats(model, calib_data, ctx.targets, max_batches=ctx.max_batches, device=ctx.device,
+                         covariance=covariance, graph=graph)
+
+
+def _compensator(model: nn.Module, mode: str, stats: dict) -> Any:
+    try:
+        from prunekit.pruning.structured.compensation import Compensator
+    except ImportError as e:
+        raise PruningError(f"compensate={mode!r} needs prunekit.pruning.structured.compensation, which is "
+                           f"missing: {e}") from e
+    return Compensator(model, mode, stats)

@@ -1,0 +1,263 @@
+"""The model as torch-pruning sees it: its dependency graph, named layers, and the prunable units (groups).
+
+A *unit* is one torch-pruning group (coupled layers whose channels go together) that the engine may shrink:
+its channels are scored once, then a selection decides how many of its elements (channels, or whole attention
+heads) to remove.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from prunekit.errors import ConfigError, PruningError, closest
+from prunekit.pruning.structured.heads import Attention, find_attention
+
+# layers whose output channels root a group (torch-pruning's default minus LSTM)
+ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
+
+@dataclass(eq=False)
+class Unit:
+    """One prunable group, named after its root layer."""
+
+    name: str
+    module: nn.Module
+    channels: int  # output channels of the root layer
+    layers: list[str]  # conv/linear layers whose output channels this group removes
+    consumers: list[str]  # conv/linear layers whose input channels this group removes
+    ch_groups: int = 1  # channels form ch_groups equal blocks pruned alike (grouped convs, GroupNorm)
+    multiple_of: int = 1  # kept channels must be a multiple of this (nn.MultiheadAttention's num_heads)
+    attention: Attention | None = None  # set: whole heads are the elements
+    group: Any = field(default=None, repr=False)  # the full torch-pruning group (all channels), for scoring
+
+    @property
+    def size(self) -> int:
+        """Number of selectable elements: heads, or channels per channel block."""
+        return self.attention.num_heads if self.attention else self.channels // self.ch_groups
+
+    def element_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per-channel scores -> per-element scores (mean over channel blocks, or over a head's dims)."""
+        if self.attention is not None:
+            heads, hd = self.attention.num_heads, self.attention.head_dim
+            return scores.view(-1, heads, hd).mean(dim=(0, 2))  # (S, H, hd) -> (H,)
+        if self.ch_groups > 1:
+            return scores.view(self.ch_groups, -1).mean(dim=0)  # (G, C/G) -> (C/G,)
+        return scores
+
+    def channel_indices(self, elements: Iterable[int]) -> list[int]:
+        """Element indices -> root channel indices to remove."""
+        elements = sorted(int(e) for e in elements)
+        if self.attention is not None:
+            heads, hd = self.attention.num_heads, self.attention.head_dim
+            blocks = self.channels // (heads * hd)  # 3 for a fused qkv, 1 for a single projection
+            return [s * heads * hd + h * hd + d for s in range(blocks) for h in elements for d in range(hd)]
+        gs = self.size
+        return [e + g * gs for g in range(self.ch_groups) for e in elements]
+
+# architectures torch-pruning 1.6 cannot trace, with the reason (checked before tracing, by class name)
+UNSUPPORTED: dict[str, str] = {
+    "ShuffleNetV2": "its channel shuffle (view -> transpose -> view over the channel dim) breaks torch-pruning "
+                    "1.6's reshape index mapping (ZeroDivisionError while tracing)",
+}
+
+
+class PruningGraph:
+    """torch-pruning's ``DependencyGraph`` of ``model`` plus names, outputs, stems and attention modules.
+
+    The model is traced in eval mode (so BatchNorm running statistics are untouched) and its mode restored.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any):
+        self.model = model
+        why = UNSUPPORTED.get(type(model).__name__)
+        if why:
+            raise PruningError(f"{type(model).__name__} cannot be pruned structurally: {why}")
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.enable_grad():  # torch-pruning traces through autograd
+                self.DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        except PruningError:
+            raise
+        except Exception as e:  # tracing failures come in every type
+            raise PruningError(f"torch-pruning could not trace {type(model).__name__}: {type(e).__name__}: {e}") from e
+        finally:
+            model.train(was_training)
+        self.modules: dict[str, nn.Module] = dict(model.named_modules())
+        self.attention: list[Attention] = find_attention(model)
+        self.layers: list[str] = [n for n, m in self.modules.items()
+                                  if isinstance(m, ROOT_TYPES) and m in self.DG.module2node]
+
+    def name(self, module: Any) -> str | None:
+        return self.DG._module2name.get(module) if isinstance(module, nn.Module) else None
+
+    def output_modules(self) -> list[nn.Module]:
+        """Modules whose output is a model output (terminal graph nodes): their output channels stay."""
+        return [n.module for n in self.DG.module2node.values() if not n.outputs and isinstance(n.module, nn.Module)]
+
+    def stem_layers(self) -> set[str]:
+        """Conv/linear layers that read the model input directly."""
+        return {name for name in self.layers if not self.DG.module2node[self.modules[name]].inputs}
+
+    def projections(self) -> dict[str, Attention]:
+        """Head-carrying projection layer name -> its attention module."""
+        return {p: a for a in self.attention for p in a.projections}
+
+    def groups(self, ignored: Iterable[str] = ()) -> list[Any]:
+        """All torch-pruning groups whose root is a conv/linear layer, skipping ``ignored`` layers as roots and
+        every group that would prune the output channels of a model output."""
+        ignored_modules = [self.modules[n] for n in ignored] + self.output_modules()
+        try:
+            return list(self.DG.get_all_groups(ignored_layers=ignored_modules, root_module_types=ROOT_TYPES))
+        except Exception as e:
+            raise PruningError(f"torch-pruning could not group the layers of {type(self.model).__name__}: "
+                               f"{type(e).__name__}: {e}") from e
+
+    def members(self, group: Any) -> tuple[list[str], list[str]]:
+        """(conv/linear layers pruned on the output side, those pruned on the input side) of a group."""
+        outs, ins = [], []
+        for dep, _ in group:
+            m = dep.target.module
+            if isinstance(m, ROOT_TYPES):
+                name = self.name(m)
+                side = outs if self.DG.is_out_channel_pruning_fn(dep.handler) else ins
+                if name is not None and name not in side:
+                    side.append(name)
+        return outs, ins
+
+    def make_unit(self, group: Any, heads: dict[str, Attention]) -> Unit:
+        root = group[0].dep.target.module
+        outs, ins = self.members(group)
+        ch_groups, multiple = 1, 1
+        for dep, _ in group:
+            m = dep.target.module
+            if not isinstance(m, nn.Module):
+                continue
+            if isinstance(m, nn.MultiheadAttention):
+                multiple = math.lcm(multiple, m.num_heads)
+            if isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.out_channels:
+                continue  # depthwise: pruned channel by channel
+            pruner = self.DG.get_pruner_of_module(m)
+            if pruner is None:
+                continue
+            out_side = self.DG.is_out_channel_pruning_fn(dep.handler)
+            g = pruner.get_out_channel_groups(m) if out_side else pruner.get_in_channel_groups(m)
+            ch_groups = max(ch_groups, int(g or 1))
+        attn = None
+        for name in outs:
+            if name in heads:
+                attn = heads[name]
+        return Unit(name=self.name(root), module=root, channels=len(group[0].idxs), layers=outs, consumers=ins,
+                    ch_groups=ch_groups, multiple_of=multiple, attention=attn, group=group)
+
+    def pruning_group(self, unit: Unit, channels: list[int]) -> Any:
+        """The group that removes ``channels`` of ``unit``'s root layer (built now, on the current model)."""
+        module = self.modules[unit.name]
+        pruner = self.DG.get_pruner_of_module(module)
+        return self.DG.get_pruning_group(module, pruner.prune_out_channels, channels)
+
+# ----------------------------------------------------------------------------------------------- regexes
+def compile_patterns(patterns: Iterable[str], option: str) -> list[re.Pattern]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise ConfigError(f"{option}: {p!r} is not a valid regular expression: {e}") from None
+    return out
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+def matches(name: str, pattern: re.Pattern) -> bool:
+    """``pattern`` fully matches the module name or the name of one of its parents (``layer1`` covers
+    ``layer1.0.conv1``)."""
+    return any(pattern.fullmatch(a) for a in _ancestors(name))
+
+def match_layers(names: Iterable[str], patterns: Iterable[str], option: str, all_names: Iterable[str]) -> set[str]:
+    """Names matched by any of ``patterns``; a pattern that matches no module at all is a ``ConfigError``."""
+    names, all_names = list(names), list(all_names)
+    hit: set[str] = set()
+    for pat in compile_patterns(patterns, option):
+        mine = {n for n in names if matches(n, pat)}
+        if not mine and not any(matches(n, pat) for n in all_names if n):
+            raise ConfigError(no_match_message(option, pat.pattern, all_names))
+        hit |= mine
+    return hit
+
+def no_match_message(option: str, pattern: str, names: list[str]) -> str:
+    searched = [n for n in names if n and re.search(pattern, n)] if _valid(pattern) else []
+    near = searched[:5] or closest(pattern, [n for n in names if n], n=5)
+    hint = f"; near candidates: {', '.join(near)}" if near else ""
+    return (f"{option}: regex {pattern!r} matches no module name (it must match a whole name, e.g. "
+            f"'layer1\\..*' or 'layer1'){hint}")
+
+def _valid(p: str) -> bool:
+    try:
+        re.compile(p)
+        return True
+    except re.error:
+        return False
+
+def first_override(name: str, overrides: dict[str, float], compiled: dict[str, re.Pattern]) -> float | None:
+    for key, value in overrides.items():
+        if matches(name, compiled[key]):
+            return value
+    return None
+
+
+
+def copy_graph(graph: PruningGraph, meta: bool = False) -> PruningGraph:
+    """A deep copy of the model together with its dependency graph (no re-tracing).
+
+    The autograd nodes recorded while tracing and torch-pruning's pruner objects are shared, not copied (pruning
+    functions are compared by identity); modules and graph nodes are copied in one pass, so the copied graph
+    points at the copied modules. With ``meta=True`` every parameter and buffer is copied to the meta device
+    (shapes only, no memory): enough to prune the copy and count its MACs or check its output shapes.
+    """
+    import copy
+
+    dg = graph.DG
+    shared: list[Any] = [n.grad_fn for n in dg.module2node.values() if n.grad_fn is not None]
+    shared += [dg.ops, *dg.REGISTERED_PRUNERS.values(), *dg.CUSTOMIZED_PRUNERS.values()]
+    shared += [v for v in vars(tp.pruner.function).values() if isinstance(v, tp.pruner.function.BasePruningFunc)]
+    shared += [f for n in dg.module2node.values() for d in n.dependencies for f in (d.trigger, d.handler)]
+    memo: dict[int, Any] = {id(x): x for x in shared if x is not None}
+    if meta:
+        for p in graph.model.parameters():
+            memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+        for b in graph.model.buffers():
+            memo[id(b)] = b.detach().to("meta")
+    model = copy.deepcopy(graph.model, memo)
+    # graph nodes link to each other in long chains: register an empty copy of every node first, so copying one
+    # node's links finds its neighbours in the memo instead of recursing along the whole graph
+    nodes = list(dg.module2node.values())
+    blanks = [object.__new__(type(n)) for n in nodes]
+    memo.update((id(n), b) for n, b in zip(nodes, blanks))
+    for n, b in zip(nodes, blanks):
+        b.__dict__.update(copy.deepcopy(n.__dict__, memo))
+    dg = copy.deepcopy(dg, memo)
+    g = PruningGraph.__new__(PruningGraph)
+    g.model, g.DG = model, dg
+    g.modules = dict(model.named_modules())
+    g.attention = find_attention(model)
+    g.layers = list(graph.layers)
+    return g
+
+
+def strip_batchnorm(model: nn.Module) -> nn.Module:
+    """Replace every BatchNorm by ``nn.Identity`` (in place). For meta copies only: BatchNorm keeps shapes and costs
+    no MACs, but on the meta device it runs a slow Python decomposition."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and name:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
+    return model

@@ -1,0 +1,73 @@
+"""From settings to units: which layers are targets (presets, only/ignore regexes, heads) and their groups."""
+
+from __future__ import annotations
+
+import logging
+
+from prunekit.errors import PruningError
+from prunekit.pruning.structured.graph import PruningGraph, Unit, compile_patterns, first_override, match_layers
+from prunekit.pruning.structured.presets import PRESETS
+from prunekit.pruning.structured.settings import PruneSettings
+
+log = logging.getLogger(__name__)
+
+
+def plan_units(graph: PruningGraph, s: PruneSettings) -> list[Unit]:
+    """The units (groups) that ``s`` allows to prune: every conv/linear group minus the classifier/outputs,
+    attention internals (unless ``heads``), what the preset excludes, what ``only`` does not name and what
+    ``ignore`` names."""
+    all_names = list(graph.modules)
+    projections = graph.projections()
+    head_units: dict[str, object] = {}
+    skip = set(projections)  # attention internals: never pruned channel by channel
+    if s.heads:
+        supported = [a for a in graph.attention if a.supports_head_pruning() is None]
+        refused = [a for a in graph.attention if a.supports_head_pruning() is not None]
+        if refused:
+            raise PruningError(f"heads=True: attention {refused[0].name!r} cannot lose heads: "
+                               f"{refused[0].supports_head_pruning()}")
+        if not supported:
+            raise PruningError(f"heads=True but {type(graph.model).__name__} has no multi-head attention module "
+                               "of a known layout (timm qkv, HF query/key/value)")
+        head_units = {p: a for a in supported for p in a.projections}
+        skip -= set(head_units)
+
+    groups = graph.groups(ignored=sorted(skip))
+    candidates = {n for n in graph.layers if n not in skip}
+    if s.preset:
+        candidates &= PRESETS.get(s.preset)(graph, groups) | set(head_units)
+    if s.only:
+        candidates &= match_layers(graph.layers, s.only, "only", all_names)
+    if s.ignore:
+        candidates -= match_layers(graph.layers, s.ignore, "ignore", all_names)
+
+    units = []
+    for group in groups:
+        outs, _ = graph.members(group)
+        if outs and set(outs) <= candidates:
+            units.append(graph.make_unit(group, head_units))
+    if not units:
+        raise PruningError(f"nothing to prune in {type(graph.model).__name__}: no group of coupled layers is left "
+                           f"after the preset/only/ignore choices (preset={s.preset!r}, only={s.only}, "
+                           f"ignore={s.ignore}); the classifier's outputs are never pruned")
+    log.debug("%d prunable groups: %s", len(units), ", ".join(u.name for u in units))
+    return units
+
+
+def unit_overrides(units: list[Unit], s: PruneSettings, graph: PruningGraph) -> dict[str, float]:
+    """Unit name -> its own ratio, from ``ratio_overrides`` (first matching regex wins; a group matches when any
+    of its layers does). A regex that matches no module is an error."""
+    if not s.ratio_overrides:
+        return {}
+    names = list(graph.modules)
+    compiled = dict(zip(s.ratio_overrides, compile_patterns(s.ratio_overrides, "ratio_overrides")))
+    for key in s.ratio_overrides:
+        match_layers(names, [key], "ratio_overrides", names)  # raises naming near candidates
+    out = {}
+    for u in units:
+        for layer in u.layers:
+            r = first_override(layer, s.ratio_overrides, compiled)
+            if r is not None:
+                out[u.name] = r
+                break
+    return out

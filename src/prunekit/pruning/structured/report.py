@@ -1,0 +1,81 @@
+"""``PruneReport``: what a pruning call did, as data (JSON-ready) and as a few log lines."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class GroupRecord:
+    name: str  # root layer of the group
+    layers: list[str]  # conv/linear layers that lost output channels
+    consumers: list[str]  # conv/linear layers that lost input channels
+    before: int  # root channels before
+    after: int  # root channels after
+    removed: list[int] = field(default_factory=list)  # root channel indices removed (before pruning)
+    heads_before: int | None = None
+    heads_after: int | None = None
+
+
+@dataclass
+class PruneReport:
+    """Returned by ``prunekit.prune``.
+
+    Attributes:
+        criterion, scope, ratio: what was asked (``ratio`` is the global ratio used, searched when
+            ``target_macs`` was given).
+        layers: conv/linear layer name -> ``[out_channels_before, out_channels_after]`` for every changed layer.
+        groups: one record per pruned group.
+        macs_before, macs_after, params_before, params_after: per-sample MACs and parameter counts.
+        compensation: one dict per compensated consumer layer (empty without compensation).
+        capped: groups held at ``max_ratio``.
+        search: ``[(ratio, macs_kept_fraction), ...]`` tried by the ``target_macs`` search.
+    """
+
+    criterion: str
+    scope: str
+    ratio: float
+    target_macs: float | None = None
+    preset: str | None = None
+    heads: bool = False
+    layers: dict[str, list[int]] = field(default_factory=dict)
+    groups: list[GroupRecord] = field(default_factory=list)
+    macs_before: int = 0
+    macs_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    compensation: list[dict[str, Any]] = field(default_factory=list)
+    capped: list[str] = field(default_factory=list)
+    search: list[tuple[float, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def groups_pruned(self) -> int:
+        return len(self.groups)
+
+    @property
+    def macs_kept(self) -> float:
+        return self.macs_after / self.macs_before if self.macs_before else 1.0
+
+    @property
+    def params_kept(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(groups_pruned=self.groups_pruned, macs_kept=self.macs_kept, params_kept=self.params_kept)
+        return d
+
+    def summary(self) -> str:
+        lines = [f"pruned {self.groups_pruned} groups with {self.criterion} ({self.scope}, ratio {self.ratio:.4f}"
+                 + (f", target_macs {self.target_macs}" if self.target_macs is not None else "") + ")",
+                 f"MACs {self.macs_before / 1e6:.2f}M -> {self.macs_after / 1e6:.2f}M ({self.macs_kept:.1%} kept), "
+                 f"params {self.params_before / 1e3:.1f}K -> {self.params_after / 1e3:.1f}K "
+                 f"({self.params_kept:.1%} kept)"]
+        if self.capped:
+            lines.append(f"{len(self.capped)} groups held at max_ratio: {', '.join(self.capped[:6])}"
+                         + (" ..." if len(self.capped) > 6 else ""))
+        if self.compensation:
+            lines.append(f"bias compensation applied to {len(self.compensation)} consumer layers")
+        return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""``PruneSettings``: every option of structured pruning, validated once (also the base of the CLI's config)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from prunekit.config import Config
+from prunekit.errors import ConfigError
+
+
+class PruneSettings(Config):
+    """Options of ``prunekit.prune`` (and of ``prunekit prune``)."""
+
+    criterion: str = Field("l1", description="channel scoring rule: l1, l2, bn_scale, lamp, fpgm, random, taylor "
+                           "(labelled data), variance, variance_weighted (data); see prunekit.pruning.list_criteria()")
+    ratio: float | None = Field(None, gt=0, lt=1, description="fraction of channels removed (default 0.5)")
+    target_macs: float | None = Field(None, gt=0, lt=1, description="fraction of MACs to keep; the global ratio "
+                                      "is searched until the pruned model is within 1 percent of it (replaces --ratio)")
+    scope: Literal["global", "local"] = Field("global", description="global: one threshold over all layers; "
+                                              "local: the same ratio in every layer")
+    normalize: Literal["mean", "max", "none"] = Field("mean", description="per-layer score normalisation "
+                                                      "before global ranking")
+    compensate: Literal["none", "mean", "lstsq"] = Field("none", description="bias compensation of the layers "
+                                                         "consuming pruned channels (needs calibration data)")
+    preset: str | None = Field(None, description="which layers to prune: mlp-only (transformer MLPs) or interior "
+                               "(CNN block-internal channels)")
+    ignore: list[str] = Field(default_factory=list, description="regexes of module names never pruned")
+    only: list[str] = Field(default_factory=list, description="regexes of module names: prune only these")
+    ratio_overrides: dict[str, float] = Field(default_factory=dict, description="per-layer ratios by module-name "
+                                              "regex, e.g. 'layer1\\..*=0.3'")
+    round_to: int | None = Field(None, ge=1, description="round kept channels to a multiple of this")
+    max_ratio: float = Field(0.9, gt=0, le=1, description="no layer loses more than this fraction of its channels")
+    heads: bool = Field(False, description="remove whole attention heads (timm and HF BERT-style attention)")
+    calib_batches: int = Field(50, ge=1, description="calibration batches (data-driven criteria, statistics, "
+                               "BN recalibration)")
+    seed: int = Field(0, description="seed of the random criterion")
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, v: str) -> str:
+        from prunekit.pruning.structured.criteria import CRITERIA
+
+        CRITERIA.get(v)
+        return v
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str | None) -> str | None:
+        from prunekit.pruning.structured.presets import PRESETS
+
+        if v is not None:
+            PRESETS.get(v)
+        return v
+
+    @field_validator("ignore", "only")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for p in v:
+            _compile(p)
+        return v
+
+    @field_validator("ratio_overrides")
+    @classmethod
+    def _overrides(cls, v: dict[str, float]) -> dict[str, float]:
+        for p, r in v.items():
+            _compile(p)
+            if not 0 < r < 1:
+                raise ValueError(f"ratio {r} for {p!r} must be in (0, 1)")
+        return v
+
+    @classmethod
+    def build(cls, values: dict[str, Any], source: str = "config") -> PruneSettings:
+        cfg = super().build(values, source)
+        if cfg.ratio is not None and cfg.target_macs is not None:
+            raise ConfigError(f"{source}: can't provide both `ratio` ({cfg.ratio}) and `target_macs` "
+                              f"({cfg.target_macs}). Choose one.")
+        return cfg
+
+    @property
+    def global_ratio(self) -> float:
+        return 0.5 if self.ratio is None else self.ratio
+
+
+def _compile(p: str) -> None:
+    try:
+        re.compile(p)
+    except re.error as e:
+        raise ValueError(f"{p!r} is not a valid regular expression: {e}") from None

@@ -1,0 +1,186 @@
+"""Unstructured-pruning methods: what is scored (``score``) and what shape the mask takes (``structure``).
+
+=================  ================================================  =============  ==================
+method             score                                             structure      needs
+=================  ================================================  =============  ==================
+``l1``             ``|w|``, each layer to the sparsity               element        weights
+``global``         ``|w|``, one threshold across the layers          element        weights
+``taylor``         ``sum_b |w * dL_b/dw|`` over calibration batches  element        labelled batches
+``movement``       ``-sum_t w * dL_t/dw`` over training steps        element        a training phase
+``random``         uniform noise (seeded): the baseline              element        nothing
+``nm``             ``|w|``; keep N of every M along the input dim    N:M            weights
+``kernel``         L1 norm of each whole kernel ``W[o, i]``          kernel         weights
+``intra-kernel``   ``|w|``; k positions per kernel, shared patterns  pattern        weights
+=================  ================================================  =============  ==================
+
+A method is one small class; register a new one with ``@register_method("name")``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit.errors import PruningError
+from prunekit.measure.macs import call_model
+from prunekit.pruning.structured.criteria.base import split_batch, to_device
+from prunekit.registry import Registry
+
+METHODS: Registry[type[Method]] = Registry("sparsify method")
+STRUCTURES = ("element", "nm", "kernel", "pattern")
+
+
+def register_method(name: str, **meta: Any):
+    """Register a ``Method`` subclass under ``name`` (also set as its ``name``)."""
+    inner = METHODS.register(name, **meta)
+
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        return inner(cls)
+
+    return deco
+
+
+def list_methods() -> list[str]:
+    return METHODS.names()
+
+
+def get_method(name: str) -> type[Method]:
+    return METHODS.get(name)
+
+
+class Method:
+    """A scoring rule plus a mask structure. ``score`` returns one score per weight (higher = more important)."""
+
+    name: ClassVar[str] = ""
+    structure: ClassVar[str] = "element"  # element | nm | kernel | pattern
+    scope: ClassVar[str] = "layer"  # default scope of element methods: layer | global
+    needs: ClassVar[str] = "weights"  # weights | calibration | training
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def score(self, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        return {n: m.weight.detach().abs() for n, m in layers.items()}
+
+
+@register_method("l1", help="magnitude |w|, each layer pruned to the sparsity")
+class L1(Method):
+    pass
+
+
+@register_method("global", help="magnitude |w|, one threshold across all selected layers")
+class GlobalMagnitude(Method):
+    scope = "global"
+
+
+@register_method("random", help="random scores (seeded): the baseline every method must beat")
+class Random(Method):
+    """Fixed random scores per layer, drawn once, so iterative steps prune nested sets."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__(seed)
+        self._scores: dict[str, torch.Tensor] = {}
+
+    def score(self, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed)
+        for n, m in layers.items():  # drawn in a fixed layer order: reproducible for a given seed
+            if n not in self._scores or self._scores[n].shape != m.weight.shape:
+                self._scores[n] = torch.rand(m.weight.shape, generator=g)
+        return {n: self._scores[n].to(m.weight.device) for n, m in layers.items()}
+
+
+@register_method("taylor", help="first-order Taylor |w * grad| accumulated over calibration batches")
+class Taylor(Method):
+    """``sum_b |w * dL_b/dw|`` over labelled calibration batches, recomputed at every pruning step (model in eval
+    mode: BatchNorm running statistics, no dropout)."""
+
+    needs = "calibration"
+
+    def __init__(self, seed: int = 0):
+        super().__init__(seed)
+        self.batches = 0
+
+    def calibrate(self, model: nn.Module, layers: dict[str, nn.Module], data: Iterable, max_batches: int,
+                  loss_fn: Callable[..., torch.Tensor] | None = None,
+                  device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        loss_fn = loss_fn or F.cross_entropy
+        params = [m.weight for m in layers.values()]
+        saved = [p.grad for p in params]
+        acc = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in layers.items()}
+        was_training = model.training
+        model.eval()
+        self.batches = 0
+        try:
+            for batch in data:
+                if self.batches >= max_batches:
+                    break
+                x, y = split_batch(batch)
+                if y is None:
+                    raise PruningError("method 'taylor' needs labelled calibration batches ((inputs, labels) pairs or "
+                                       "dicts with 'labels'); got batches without labels")
+                x, y = to_device(x, device), y.to(device)
+                for p in params:
+                    p.grad = None
+                with torch.enable_grad():
+                    loss_fn(call_model(model, x), y).backward()
+                for n, m in layers.items():
+                    if m.weight.grad is not None:
+                        acc[n] += (m.weight.detach() * m.weight.grad).abs().float()
+                self.batches += 1
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+            model.train(was_training)
+        if self.batches == 0:
+            raise PruningError("method 'taylor' got no calibration batches; pass calib_data (labelled batches)")
+        return acc
+
+
+@register_method("movement", help="movement -w * grad accumulated during training (needs a training phase)")
+class Movement(Method):
+    """Movement pruning (Sanh et al. 2020): ``S -= w * dL/dw`` after every backward pass of the training phase, so
+    weights moving towards zero score low. Used with the gradual schedule."""
+
+    needs = "training"
+
+    def __init__(self, seed: int = 0):
+        super().__init__(seed)
+        self.scores: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    @torch.no_grad()
+    def accumulate(self, layers: dict[str, nn.Module]) -> None:
+        for n, m in layers.items():
+            g = m.weight.grad
+            if g is None:
+                continue
+            if n not in self.scores:
+                self.scores[n] = torch.zeros_like(m.weight, dtype=torch.float32)
+            self.scores[n] -= (m.weight.detach() * g).float()
+        self.steps += 1
+
+    def score(self, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        if self.steps == 0:
+            raise PruningError("method 'movement' has no scores yet: they accumulate during training, so it needs a "
+                               "training phase before it can prune (use the gradual schedule with epochs >= 1)")
+        return {n: self.scores.get(n, torch.zeros_like(m.weight, dtype=torch.float32)) for n, m in layers.items()}
+
+
+@register_method("nm", help="N:M semi-structured: keep the N largest of every M weights along the input dimension")
+class NM(Method):
+    structure = "nm"
+
+
+@register_method("kernel", help="remove whole kernels W[o, i] of convolutions by their L1 norm")
+class Kernel(Method):
+    structure = "kernel"
+
+
+@register_method("intra-kernel", help="pattern pruning: k positions of every kernel, from a few patterns per layer")
+class IntraKernel(Method):
+    structure = "pattern"

@@ -1,0 +1,267 @@
+"""VBP bias compensation: consumers' mean outputs are kept (Linear exactly, convs at interior positions, BN fold
+exact), concat/flatten index maps, lstsq refits, deepcopy, and the errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+from prunekit.errors import ConfigError, PruningError
+from prunekit.pruning import prune
+from prunekit.pruning.structured.compensation import Compensator
+from prunekit.pruning.structured.stats import collect_stats
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int = 6, h: int = 12, o: int = 4):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, h), nn.Linear(h, o)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class ConvPair(nn.Module):
+    """conv1 -> ReLU -> conv2 (3x3, zero padding) [-> BN]."""
+
+    def __init__(self, bias: bool = True, bn: bool = False, k2: int = 3, k1: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, k1, padding=k1 // 2)
+        self.conv2 = nn.Conv2d(8, 5, k2, padding=k2 // 2, bias=bias)
+        self.bn = nn.BatchNorm2d(5) if bn else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv2(F.relu(self.conv1(x) + 0.3)))
+
+
+def _mean_out(model: nn.Module, batches: list, key: str | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        outs = [model(**b) if isinstance(b, dict) else model(b) for b in batches]
+    if key == "tokens":  # mean over the real tokens only
+        rows = [o[b["attention_mask"].bool()] for o, b in zip(outs, batches)]
+        return torch.cat(rows).double().mean(0)
+    return torch.cat([o.double() for o in outs]).mean(0)
+
+
+def _pruned(model: nn.Module, x, batches, compensate: str, **kw):
+    m = copy.deepcopy(model).eval()
+    report = prune(m, x, "variance", ratio=0.5, calib_data=batches, compensate=compensate, **kw)
+    return m, report
+
+
+def test_linear_consumer_mean_output_unchanged():
+    model = MLP().eval()
+    batches = [torch.randn(16, 6) + 0.5 for _ in range(3)]
+    dense = _mean_out(model, batches)
+    comp, report = _pruned(model, batches[0], batches, "mean")
+    plain, _ = _pruned(model, batches[0], batches, "none")
+    assert comp.fc1.out_features == 6 and report.compensation[0]["name"] == "fc2"
+    assert report.compensation[0]["into"] == "bias" and report.compensation[0]["channels"] == 6
+    torch.testing.assert_close(_mean_out(comp, batches), dense, rtol=0, atol=1e-5)
+    assert (_mean_out(plain, batches) - dense).abs().max() > 1e-2  # without compensation it moves
+
+
+def test_token_mean_unchanged_with_padding_mask():
+    model = MLP().eval()
+    batches = []
+    for t in (5, 7):
+        mask = (torch.arange(t) < torch.randint(2, t + 1, (4, 1))).long()
+        x = torch.randn(4, t, 6)
+        x[mask == 0] = 50.0  # padded positions carry junk
+        batches.append({"x": x, "attention_mask": mask})
+    dense = _mean_out(model, batches, "tokens")
+    comp, _ = _pruned(model, batches[0], batches, "mean")
+    torch.testing.assert_close(_mean_out(comp, batches, "tokens"), dense, rtol=0, atol=1e-5)
+
+
+def test_conv_consumer_mean_unchanged_at_interior_positions():
+    # spatially constant images and a 1x1 conv1: conv2's input is stationary, so at every interior position the
+    # kernel summed over space times the channel mean is exactly the dense mean; zero padding breaks the borders
+    model = ConvPair(k1=1).eval()
+    batches = [torch.randn(16, 3, 1, 1).expand(16, 3, 6, 6) for _ in range(3)]
+    dense = _mean_out(model, batches)  # (C, H, W): mean over samples per position
+    comp, report = _pruned(model, batches[0], batches, "mean")
+    got = _mean_out(comp, batches)
+    inner = (slice(None), slice(1, -1), slice(1, -1))
+    torch.testing.assert_close(got[inner], dense[inner], rtol=0, atol=1e-5)
+    assert (got - dense)[:, 0, :].abs().max() > 1e-3  # borders differ (documented)
+    assert report.compensation[0]["into"] == "bias"
+
+
+def test_bn_fold_is_the_exact_equivalent_of_a_bias():
+    torch.manual_seed(1)
+    with_bn = ConvPair(bias=False, bn=True).eval()
+    with_bn.bn.running_mean.uniform_(-1, 1)
+    with_bn.bn.running_var.uniform_(0.5, 2)
+    with_bias = ConvPair(bias=True, bn=True).eval()
+    with_bias.load_state_dict({**with_bn.state_dict(), "conv2.bias": torch.zeros(5)})
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    a, ra = _pruned(with_bn, batches[0], batches, "mean")
+    b, rb = _pruned(with_bias, batches[0], batches, "mean")
+    assert ra.compensation[0]["into"] == "bn.running_mean" and a.conv2.bias is None
+    assert rb.compensation[0]["into"] == "bias"
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-5)
+
+
+def test_concat_consumer_uses_each_dependency_offset():
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fa, self.fb, self.fc = nn.Linear(6, 5), nn.Linear(6, 4), nn.Linear(9, 3)
+
+        def forward(self, x):
+            return self.fc(torch.cat([F.relu(self.fa(x) + 0.5), F.relu(self.fb(x) + 0.5)], dim=-1))
+
+    model = Cat().eval()
+    batches = [torch.randn(32, 6) for _ in range(2)]
+    dense = _mean_out(model, batches)
+    comp, report = _pruned(model, batches[0], batches, "mean", scope="local")
+    assert comp.fc.in_features < 9 and {r["name"] for r in report.compensation} == {"fc"}
+    torch.testing.assert_close(_mean_out(comp, batches), dense, rtol=0, atol=1e-5)
+
+
+def test_flatten_consumer_gets_every_position_of_a_channel():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6 * 4 * 4, 3)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.conv(x)).flatten(1))
+
+    model = Flat().eval()
+    batches = [torch.randn(8, 3, 4, 4) for _ in range(2)]
+    dense = _mean_out(model, batches)
+    comp, report = _pruned(model, batches[0], batches, "mean")
+    assert comp.fc.in_features == 3 * 16 and report.compensation[0]["channels"] == 3 * 16
+    torch.testing.assert_close(_mean_out(comp, batches), dense, rtol=0, atol=1e-5)
+
+
+def _correlated_batches(n: int, d: int = 8, rank: int = 3, seed: int = 0) -> list[torch.Tensor]:
+    mix = torch.randn(rank, d, generator=torch.Generator().manual_seed(0))  # one distribution for every call
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(64, rank, generator=g) @ mix + 0.1 * torch.randn(64, d, generator=g) for _ in range(n)]
+
+
+def test_lstsq_beats_mean_on_correlated_features_and_keeps_the_mean():
+    torch.manual_seed(0)
+    model = MLP(d=8, h=24, o=6).eval()
+    calib, held_out = _correlated_batches(4, seed=1), _correlated_batches(2, seed=2)
+    with torch.no_grad():
+        ref = torch.cat([model(x) for x in held_out])
+    err = {}
+    for mode in ("mean", "lstsq"):
+        m, report = _pruned(model, calib[0], calib, mode)
+        with torch.no_grad():
+            err[mode] = (torch.cat([m(x) for x in held_out]) - ref).square().mean().item()
+        assert report.compensation[0]["mode"] == mode
+        torch.testing.assert_close(_mean_out(m, calib), _mean_out(model, calib), rtol=0, atol=1e-5)
+    assert err["lstsq"] < 0.25 * err["mean"], err
+
+
+def _prune_direct(model: nn.Module, layer: nn.Module, idxs: list[int], comp: Compensator, x: torch.Tensor) -> list:
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    pruner = dg.get_pruner_of_module(layer)
+    group = dg.get_pruning_group(layer, pruner.prune_out_channels, idxs)
+    records = comp.apply(group, idxs)
+    group.prune()
+    return records
+
+
+def test_lstsq_is_exact_when_removed_channels_are_combinations_of_kept_ones():
+    class Linear2(nn.Module):  # no activation: the 8 hidden channels span a 3-dim space
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(3, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x))
+
+    model = Linear2().eval().double()
+    batches = [torch.randn(50, 3, dtype=torch.float64) for _ in range(2)]
+    stats = collect_stats(model, batches, ["fc1"], covariance=True)
+    x = torch.randn(7, 3, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+    records = _prune_direct(model, model.fc1, [0, 2, 5, 7], Compensator(model, "lstsq", stats, ridge=1e-10), x)
+    assert records[0]["mode"] == "lstsq" and records[0]["weight_change"] > 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_lstsq_on_1x1_conv_and_mean_fallback_for_kxk():
+    for k2, mode in ((1, "lstsq"), (3, "mean")):
+        model = ConvPair(k2=k2).eval()
+        batches = [torch.randn(4, 3, 6, 6) for _ in range(2)]
+        _, report = _pruned(model, batches[0], batches, "lstsq")
+        assert report.compensation[0]["mode"] == mode
+
+
+def test_compensating_a_deep_copy_with_the_originals_stats():
+    model = MLP().eval()
+    batches = [torch.randn(16, 6) for _ in range(2)]
+    stats = collect_stats(model, batches, ["fc1"])
+    before = copy.deepcopy(model.state_dict())
+    twin, again = copy.deepcopy(model), copy.deepcopy(model)
+    _prune_direct(twin, twin.fc1, [1, 3, 4], Compensator(twin, "mean", stats), batches[0])
+    _prune_direct(again, again.fc1, [1, 3, 4], Compensator(again, "mean", collect_stats(again, batches, ["fc1"])),
+                  batches[0])
+    torch.testing.assert_close(twin.fc2.bias, again.fc2.bias, rtol=0, atol=0)
+    for k, v in model.state_dict().items():  # the original is untouched
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_compensation_errors_name_the_layer():
+    model = MLP().eval()
+    batches = [torch.randn(16, 6)]
+    with pytest.raises(ConfigError, match="compensate='median'.*none, mean, lstsq"):
+        Compensator(model, "median", {})
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        prune(copy.deepcopy(model), batches[0], "l1", ratio=0.5, compensate="mean")
+    no_inputs = collect_stats(model, batches, ["fc1"], inputs=False, points={"fc1": "fc1"})
+    with pytest.raises(PruningError, match="'fc1'.*fc2 \\(no statistics of its input\\)"):
+        _prune_direct(model, model.fc1, [0], Compensator(model, "mean", no_inputs), batches[0])
+    wide = MLP(h=16).eval()
+    wrong = collect_stats(wide, batches, ["fc1"])
+    with pytest.raises(PruningError, match="input of 'fc2' describe 16 channels.*12 input channels"):
+        _prune_direct(model, model.fc1, [0], Compensator(model, "mean", wrong), batches[0])
+
+    class NoConsumer(nn.Module):  # fc1's channels only meet an element-wise scale and a sum
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.scale = nn.Linear(6, 5), nn.Parameter(torch.ones(5))
+
+        def forward(self, x):
+            return (F.relu(self.fc1(x)) * self.scale).sum(-1, keepdim=True)
+
+    lone = NoConsumer().eval()
+    lone_stats = collect_stats(lone, batches, ["fc1"])
+    with pytest.raises(PruningError, match="from 'fc1' can be compensated \\(no conv/linear consumer\\)"):
+        _prune_direct(lone, lone.fc1, [0], Compensator(lone, "mean", lone_stats), batches[0])
+
+
+def test_auto_ridge_is_cross_validated_and_generalises_with_scarce_data():
+    torch.manual_seed(0)
+    model = MLP(d=8, h=24, o=6).eval()
+    calib = [x[:12] for x in _correlated_batches(3, seed=3)]  # 36 samples for 24 features
+    held_out = _correlated_batches(2, seed=4)
+    stats = collect_stats(model, calib, ["fc1"], covariance=True)
+    assert stats.inputs["fc2"].halves is not None and stats.inputs["fc2"].halves[0].count == 24
+    with torch.no_grad():
+        ref = torch.cat([model(x) for x in held_out])
+    err, ridges = {}, {}
+    idxs = stats["fc1"].var.argsort()[:12].tolist()
+    for ridge in ("auto", 1e-6):
+        m = copy.deepcopy(model)
+        rec = _prune_direct(m, m.fc1, idxs, Compensator(m, "lstsq", stats, ridge=ridge), calib[0])
+        ridges[ridge] = rec[0]["ridge"]
+        with torch.no_grad():
+            err[ridge] = (torch.cat([m(x) for x in held_out]) - ref).square().mean().item()
+    assert ridges["auto"] > 1e-4 and err["auto"] < err[1e-6], (ridges, err)

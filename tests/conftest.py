@@ -1,4 +1,4 @@
-"""Shared fixtures: fixed seeds, single-threaded torch (the suite runs on 2 cores), a trained tiny run dir."""
+"""Shared fixtures: fixed seeds, offline Hugging Face, no progress bars, a trained tiny run dir."""
 
 from __future__ import annotations
 

@@ -15,20 +15,19 @@ from prunekit import runs
 from prunekit.errors import PruningError
 from prunekit.pruning import prune
 
-# fast and structurally different: residual, depthwise + SE, channel shuffle, fire (concat), inception (concat)
-TV_SUBSET = ["resnet18", "mobilenet_v3_small", "squeezenet1_1", "mnasnet0_5", "efficientnet_b0", "regnet_x_400mf",
-             "googlenet"]
+# fast and structurally different: residual, depthwise + squeeze-excitation, fire modules (concat), grouped convs
+TV_SUBSET = ["resnet18", "mobilenet_v3_small", "squeezenet1_1", "regnet_x_400mf"]
 
 
 @pytest.mark.parametrize("name", TV_SUBSET)
 def test_torchvision_model_prunes_at_half_ratio_with_defaults(name):
     pytest.importorskip("torchvision")
     model = prunekit.create_model(f"tv:{name}", num_classes=7).eval()
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     report = prune(model, x, ratio=0.5)
     assert report.groups_pruned > 0 and report.macs_after < 0.7 * report.macs_before
     with torch.no_grad():
-        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
 
 def test_unsupported_architecture_raises_a_clear_error():
@@ -60,8 +59,10 @@ def test_roundtrip_registry_model(tmp_path):
 
 def test_roundtrip_torchvision_model(tmp_path):
     pytest.importorskip("torchvision")
-    model = prunekit.create_model("tv:mobilenet_v3_small", num_classes=10)
-    _roundtrip(model.eval(), torch.randn(2, 3, 64, 64), tmp_path, ratio=0.4, round_to=4)
+    model = prunekit.create_model("tv:squeezenet1_1", num_classes=10)
+    loaded = _roundtrip(model.eval(), torch.randn(2, 3, 32, 32), tmp_path, ratio=0.4, round_to=4)
+    assert all(m.out_channels % 4 == 0 for m in loaded.modules() if isinstance(m, torch.nn.Conv2d)
+               and m.out_channels != 10)
 
 
 def test_roundtrip_hf_bert_with_heads(tmp_path):
@@ -77,7 +78,7 @@ def test_roundtrip_hf_bert_with_heads(tmp_path):
 
 def test_roundtrip_timm_vit_with_heads_in_a_fresh_process(tmp_path):
     pytest.importorskip("timm")
-    model = prunekit.create_model("timm:vit_tiny_patch16_224", num_classes=5, img_size=32, patch_size=8, depth=2)
+    model = prunekit.create_model("timm:vit_tiny_patch16_224", num_classes=5, img_size=32, patch_size=8, depth=1)
     x = torch.randn(2, 3, 32, 32)
     _roundtrip(model.eval(), x, tmp_path / "run", ratio=0.5, heads=True)
     from safetensors.torch import save_file

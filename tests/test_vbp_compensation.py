@@ -144,10 +144,11 @@ def test_flatten_consumer_gets_every_position_of_a_channel():
     torch.testing.assert_close(_mean_out(comp, batches), dense, rtol=0, atol=1e-5)
 
 
-def _correlated_batches(n: int, d: int = 8, rank: int = 3, seed: int = 0) -> list[torch.Tensor]:
+def _correlated_batches(n: int, d: int = 8, rank: int = 3, seed: int = 0, rows: int = 64,
+                        noise: float = 0.1) -> list[torch.Tensor]:
     mix = torch.randn(rank, d, generator=torch.Generator().manual_seed(0))  # one distribution for every call
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(64, rank, generator=g) @ mix + 0.1 * torch.randn(64, d, generator=g) for _ in range(n)]
+    return [torch.randn(rows, rank, generator=g) @ mix + noise * torch.randn(rows, d, generator=g) for _ in range(n)]
 
 
 def test_lstsq_beats_mean_on_correlated_features_and_keeps_the_mean():
@@ -250,10 +251,10 @@ def test_compensation_errors_name_the_layer():
 def test_auto_ridge_is_cross_validated_and_generalises_with_scarce_data():
     torch.manual_seed(0)
     model = MLP(d=8, h=24, o=6).eval()
-    calib = [x[:12] for x in _correlated_batches(3, seed=3)]  # 36 samples for 24 features
-    held_out = _correlated_batches(2, seed=4)
+    calib = _correlated_batches(3, seed=3, rows=10, noise=1.0)  # 30 noisy samples for 24 features
+    held_out = _correlated_batches(2, seed=4, noise=1.0)
     stats = collect_stats(model, calib, ["fc1"], covariance=True)
-    assert stats.inputs["fc2"].halves is not None and stats.inputs["fc2"].halves[0].count == 24
+    assert stats.inputs["fc2"].halves is not None and stats.inputs["fc2"].halves[0].count == 20
     with torch.no_grad():
         ref = torch.cat([model(x) for x in held_out])
     err, ridges = {}, {}
@@ -264,4 +265,4 @@ def test_auto_ridge_is_cross_validated_and_generalises_with_scarce_data():
         ridges[ridge] = rec[0]["ridge"]
         with torch.no_grad():
             err[ridge] = (torch.cat([m(x) for x in held_out]) - ref).square().mean().item()
-    assert ridges["auto"] > 1e-4 and err["auto"] < err[1e-6], (ridges, err)
+    assert ridges["auto"] >= 0.05 and err["auto"] < 0.8 * err[1e-6], (ridges, err)

@@ -9,7 +9,6 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml

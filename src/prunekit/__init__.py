@@ -2,12 +2,25 @@
 
 __version__ = "0.1.0"
 
-from prunekit.errors import ConfigError, DataNotFoundError, PruningError, PrunekitError, RunDirError  # noqa: E402
+from prunekit.errors import ConfigError, DataNotFoundError, PrunekitError, PruningError, RunDirError  # noqa: E402
 from prunekit.measure import count_macs, count_params  # noqa: E402
 from prunekit.models import create_model, list_models, register_model  # noqa: E402
 from prunekit.runs import load_model, save_model  # noqa: E402
 
-__all__ = [
+_LAZY = {"prune": "prunekit.pruning.structured", "PruneReport": "prunekit.pruning.structured",
+         "fit": "prunekit.train", "evaluate": "prunekit.train", "TrainSettings": "prunekit.train"}
+
+
+def __getattr__(name: str):
+    """``prunekit.prune`` and friends, imported on first use (torch-pruning is slow to import)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
+
+
+__all__ = ["prune", "PruneReport", "fit", "evaluate", "TrainSettings",
     "ConfigError", "DataNotFoundError", "PruningError", "PrunekitError", "RunDirError",
     "count_macs", "count_params", "create_model", "list_models", "register_model", "load_model", "save_model",
 ]

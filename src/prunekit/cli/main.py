@@ -42,12 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at the time of the record (it may be replaced, e.g. by pytest)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(verbose: bool = True) -> None:
     root = logging.getLogger("prunekit")
-    if not any(getattr(h, "_prunekit_console", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stdout)
+    if not any(isinstance(h, _ConsoleHandler) for h in root.handlers):
+        h = _ConsoleHandler()
         h.setFormatter(logging.Formatter("%(message)s"))
-        h._prunekit_console = True  # type: ignore[attr-defined]
         root.addHandler(h)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     root.propagate = False

@@ -12,6 +12,12 @@ Usage::
 
     .venv/bin/python benchmarks/latency_rounding.py                    # both models, ~10 min on 2 idle cores
     .venv/bin/python benchmarks/latency_rounding.py --models resnet56 --batches 1 --json out.json
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/latency_rounding.py     # on a busy, shared machine
+
+On a busy machine, OpenMP threads that spin-wait for a descheduled peer make 2-thread torch runs up to 10x slower
+(measured here: ResNet-50 batch 1, 2 threads, load 9 on 2 cores: 7.9 s per call spinning, 0.65 s passive), and the
+slowdown is per layer, not per MAC, so it hides the pruning gain; ``OMP_WAIT_POLICY=PASSIVE`` (which also turns off
+ONNX Runtime's spinning, see ``prunekit.export.onnx.ort_session``) avoids it.
 """
 
 from __future__ import annotations
@@ -153,7 +159,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     print(f"# torch {torch.__version__}, {args.threads} threads, recommended_round_to(onnxruntime) = "
           f"{recommended_round_to('onnxruntime')}, eager = {recommended_round_to('eager')}; load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}")
     print(HEADER, flush=True)
     pruner = pick_pruner(args.pruner)
     print(f"# pruner: {pruner} (L2, per-layer ratio)", flush=True)

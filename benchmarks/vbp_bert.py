@@ -4,7 +4,8 @@ Each layer's ``intermediate.dense -> output.dense`` hidden units are pruned (``p
 0.7 / 0.5 / 0.3 of them. The score is the mean cosine similarity between the pruned and the dense model's
 mean-pooled sentence embeddings on held-out sentences (calibration on the other half of the 200 sentences below).
 Rows: torch-pruning's plain L2 magnitude (MetaPruner, the baseline of shared/MEASURED.md), then prunekit criteria
-with and without compensation.
+with and without compensation (``lstsq`` with its cross-validated ridge; ``variance_conditional`` chooses the units
+that ``lstsq`` can rebuild from the kept ones).
 
     python benchmarks/vbp_bert.py                      # about 5-10 minutes on 2 cores
     python benchmarks/vbp_bert.py --keeps 0.5 --scope global
@@ -287,6 +288,7 @@ METHODS = [  # (label, criterion, compensate)
     ("variance + mean", "variance", "mean"),
     ("variance + lstsq", "variance", "lstsq"),
     ("variance_weighted + lstsq", "variance_weighted", "lstsq"),
+    ("variance_conditional + lstsq", "variance_conditional", "lstsq"),
 ]
 
 
@@ -322,7 +324,7 @@ def main() -> None:
     t0 = time.perf_counter()
     rows.append(("torch-pruning L2 (baseline)", [cosine(tp_l2(copy.deepcopy(dense), example, k)) for k in keeps],
                  time.perf_counter() - t0))
-    print(f"{rows[-1][0]:<30}" + "".join(f"{v:>8.4f}" for v in rows[-1][1]), flush=True)
+    print(f"{rows[-1][0]:<36}" + "".join(f"{v:>8.4f}" for v in rows[-1][1]), flush=True)
     for i in (int(s) for s in a.methods.split(",")):
         label, crit, comp = METHODS[i]
         t0, vals = time.perf_counter(), []
@@ -332,13 +334,13 @@ def main() -> None:
                   compensate=comp)
             vals.append(cosine(model))
         rows.append((f"{label} ({a.scope})", vals, time.perf_counter() - t0))
-        print(f"{rows[-1][0]:<30}" + "".join(f"{v:>8.4f}" for v in vals), flush=True)
+        print(f"{rows[-1][0]:<36}" + "".join(f"{v:>8.4f}" for v in vals), flush=True)
 
     print(f"\nMiniLM-L6 FFN pruning, no fine-tuning: mean cosine to the dense embedding on {len(SENTENCES[1::2])} "
           f"held-out sentences (calibration: the other {len(SENTENCES[0::2])})")
-    print(f"{'keep':<30}" + "".join(f"{k:>8.2f}" for k in keeps) + f"{'seconds':>9}")
+    print(f"{'keep':<36}" + "".join(f"{k:>8.2f}" for k in keeps) + f"{'seconds':>9}")
     for label, vals, sec in rows:
-        print(f"{label:<30}" + "".join(f"{v:>8.4f}" for v in vals) + f"{sec:>9.1f}")
+        print(f"{label:<36}" + "".join(f"{v:>8.4f}" for v in vals) + f"{sec:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -243,3 +244,14 @@ def test_recalibrate_bn_estimates_statistics_and_restores_momentum_and_modes():
     means = torch.stack([model[0](b).mean((0, 2, 3)) for b in batches[:2]]).mean(0).detach()
     torch.testing.assert_close(bn.running_mean, means, rtol=1e-5, atol=1e-6)
     assert bn.num_batches_tracked.item() == 2 and feats.shape[1] == 4
+
+
+def test_deadline_turns_a_runaway_block_into_a_pruning_error():
+    from prunekit.pruning.structured.graph import deadline
+
+    t = time.perf_counter()
+    with pytest.raises(PruningError, match="grouping took too long"):
+        with deadline(1, "grouping took too long"):
+            while True:
+                pass
+    assert time.perf_counter() - t < 5

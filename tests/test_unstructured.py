@@ -393,3 +393,18 @@ def test_taylor_without_data_and_mismatched_masks_are_errors():
     with pytest.raises(PruningError, match="does not fit the weight"):
         set_mask(model.fc1, torch.ones(3, 3, dtype=torch.bool), "fc1")
     assert "l1" in list_methods() and len(list_methods()) == 8
+
+
+def test_2to4_kernel_eligibility_is_checked_per_layer():
+    from prunekit.pruning.unstructured.semi_structured import _eligible
+
+    cutlass = torch.sparse.SparseSemiStructuredTensorCUTLASS
+    lin = nn.Linear(64, 64)
+    assert "not 2:4" in _eligible(lin, torch.float16, cutlass)
+    sparsify_one = nn.Sequential(nn.Linear(8, 64), lin, nn.Linear(64, 2))
+    sparsify(sparsify_one, "nm", example_inputs=torch.randn(1, 8))
+    assert _eligible(lin, torch.float16, cutlass) is None
+    small = nn.Linear(8, 48)
+    set_mask(small, nm_mask(small.weight.abs(), 2, 4))
+    assert "not a multiple" in _eligible(small, torch.float16, cutlass)
+    assert "not a linear layer" in _eligible(nn.Conv2d(4, 4, 3), torch.float16, cutlass)

@@ -219,6 +219,7 @@ def test_compensating_a_deep_copy_with_the_originals_stats():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:Unwrapped parameters detected")
 def test_compensation_errors_name_the_layer():
     model = MLP().eval()
     batches = [torch.randn(16, 6)]

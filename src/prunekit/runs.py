@@ -16,6 +16,7 @@ Nothing here is pickled: a pruned model is rebuilt in a fresh process from ``mod
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,9 @@ WEIGHTS, SPEC, CONFIG, METRICS, LOG, HISTORY, CKPT = (
 RUN_FILES = frozenset({WEIGHTS, SPEC, CONFIG, METRICS, LOG})
 # spec.extra[key] -> fn(model, value), run by load_model after the weights are in (e.g. re-attach sparsity masks)
 LOAD_HOOKS: dict[str, Any] = {}
+# spec.extra[key] -> the module that registers its hook, imported on demand so that a bare ``load_model`` in a fresh
+# process re-attaches what the run dir recorded (e.g. sparsity masks) without the caller importing anything else
+HOOK_PROVIDERS: dict[str, str] = {"sparsity": "prunekit.pruning.unstructured.masks"}
 
 
 def register_load_hook(key: str):
@@ -51,6 +55,8 @@ def register_load_hook(key: str):
         return fn
 
     return deco
+
+
 # scalar attribute types worth recording (num_heads, out_channels, normalized_shape, ...)
 _SCALARS = (bool, int, float, str)
 
@@ -228,6 +234,8 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Mo
         raise RunDirError(f"{w} does not match model.json: missing {sorted(missing)[:5]}, "
                           f"unexpected {sorted(unexpected)[:5]}")
     for key, value in spec.extra.items():
+        if key not in LOAD_HOOKS and key in HOOK_PROVIDERS:
+            importlib.import_module(HOOK_PROVIDERS[key])
         if key in LOAD_HOOKS:
             LOAD_HOOKS[key](model, value)
     model.to(device)

@@ -36,7 +36,7 @@ class SensitivityConfig(DataArgs):
     ratios: list[float] = Field(list(DEFAULT_RATIOS), description="fractions of each group's channels removed")
     out: Path | None = Field(None, description="output folder (default: FROM/sensitivity)")
     val_samples: int = Field(512, gt=0, description="size of the fixed random validation subset evaluated")
-    calib_batches: int = Field(8, ge=1, description="calibration batches (data-driven criteria, BN recalibration)")
+    calib_batches: int = Field(4, ge=1, description="calibration batches (data-driven criteria, BN recalibration)")
     recalibrate_bn: bool = Field(True, description="re-estimate BatchNorm statistics after pruning each group (as "
                                                    "prunekit prune does by default)")
     preset: str | None = Field(None, description="test only the groups of this preset (mlp-only, interior)")

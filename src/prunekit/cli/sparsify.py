@@ -132,8 +132,8 @@ def sparsify_run(cfg: SparsifyConfig) -> dict[str, Any]:
                      m["top1"])
 
         def train(callbacks: list[Any], run_dir: Path, phase: str) -> None:
-            fit(callbacks[0].model, ld["train"], ld["val"], cfg, run_dir=run_dir, resume=cfg.resume, callbacks=callbacks,
-                phase=phase)
+            fit(callbacks[0].model, ld["train"], ld["val"], cfg, run_dir=run_dir, resume=cfg.resume,
+                callbacks=callbacks, phase=phase)
 
         sp = Sparsifier(model, _settings(cfg), x, calib_data=calib, device=device)
         if cfg.schedule == "oneshot":
@@ -143,7 +143,6 @@ def sparsify_run(cfg: SparsifyConfig) -> dict[str, Any]:
                 train([sp], out, "sparsify-finetune")
         elif cfg.schedule == "iterative":
             sp = _iterative(cfg, sp, out, pruned, train)
-            model = sp.model
         else:
             sched = GradualSchedule(sp, cfg.epochs * len(ld["train"]), cfg.target(), cfg.initial_sparsity, 0.0,
                                     cfg.gradual_end, cfg.prune_every)
@@ -151,6 +150,7 @@ def sparsify_run(cfg: SparsifyConfig) -> dict[str, Any]:
             train([sp, sched], out, "sparsify-gradual")
             sched.finish()
         seconds = time.perf_counter() - t0
+        model, spec = sp.model, sp.model.prunekit_spec  # a resumed iterative run reloaded the model
         report = sp.report(x)
         if cfg.structure == "nm" and cfg.measure_latency:
             report.latency = measure_2to4_latency(model, runs.example_inputs(spec, cfg.batch_size, device)) \

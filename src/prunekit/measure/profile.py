@@ -102,6 +102,25 @@ def verdict(macs_reduction: float, latency_reduction: float, backend: str, batch
 
 
 # ----------------------------------------------------------------------------------------------- model level
+def machine_state() -> dict[str, Any]:
+    """CPU, core count, load average and OpenMP wait policy, with a loud warning when the machine is busy."""
+    import os
+
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    policy = os.environ.get("OMP_WAIT_POLICY", "")
+    state = {"cpu": platform.processor() or platform.machine(), "cores": cores, "load_average_1min": load,
+             "omp_wait_policy": policy or None, "torch": torch.__version__}
+    if load is not None and load > 0.75 * cores:
+        log.warning("the machine is busy (load average %.1f on %d cores): absolute latencies are unreliable and "
+                    "multi-threaded runs suffer most%s; the baseline/pruned ratios hold better since they are "
+                    "timed alternately", load, cores,
+                    "" if policy.upper() == "PASSIVE" else " (OpenMP threads spin-wait for descheduled peers: start "
+                    "the process with OMP_WAIT_POLICY=PASSIVE, or rerun when the machine is idle)")
+    return state
+
+
+
 def _reduction(before: float, after: float) -> float | None:
     return 1 - after / before if before else None
 
@@ -132,7 +151,7 @@ def profile_models(baseline: nn.Module, pruned: nn.Module, example_inputs: Any,
         "rounds": rounds, "baseline": fig_b, "pruned": fig_p,
         **{f"{k}_reduction": _reduction(fig_b[k], fig_p[k]) for k in ("params", "macs", "flops")},
         "latency_reduction": {}, "latency_efficiency": {}, "backends": {},
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "machine": machine_state(),
     }
     macs_red = out["macs_reduction"] or 0.0
     for name in backends:

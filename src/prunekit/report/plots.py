@@ -122,24 +122,29 @@ def plot_sparsity(records: Sequence[RunRecord], path: str | Path) -> Path | None
 
 # ------------------------------------------------------------------------------------------- curves
 def curve_segments(records: Sequence[RunRecord]) -> list[tuple[str, list[float], list[dict[str, Any]]]]:
-    """``(label, x, rows)`` per distinct history: each run's epochs, shifted past the epochs of its ancestors'
-    histories so that a fine-tuning curve continues its baseline's training curve. Rows without ``epoch`` (PAT's
-    pruning steps) are left out."""
+    """``(label, x, rows)`` per distinct history: each run's epochs numbered 1..n, shifted past the epochs of its
+    ancestors' histories so that a fine-tuning curve continues its baseline's training curve. Rows without
+    ``epoch`` (PAT's pruning steps) are left out."""
     by_dir = {r.dir: r for r in records}
     out, seen = [], set()
     for r in records:
         if r.dir in seen:
             continue
         seen.add(r.dir)
-        rows = [h for h in r.history if isinstance(h.get("epoch"), (int, float))]
+        rows = _epoch_rows(r.history)
         if not rows:
             continue
         offset = 0.0
         for anc in r.lineage[1:]:
-            hist = by_dir[anc].history if anc in by_dir else _history(anc)
-            offset += max((h["epoch"] for h in hist if isinstance(h.get("epoch"), (int, float))), default=0)
-        out.append((r.label, [offset + h["epoch"] for h in rows], rows))
+            offset += len(_epoch_rows(by_dir[anc].history if anc in by_dir else _history(anc)))
+        out.append((r.label, [offset + i for i in range(1, len(rows) + 1)], rows))
     return out
+
+
+def _epoch_rows(history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-epoch rows of a history, in order (PAT restarts its epoch count at every step: rows are counted, not
+    read from ``epoch``)."""
+    return [h for h in history if isinstance(h.get("epoch"), (int, float))]
 
 
 def _history(d: Path) -> list[dict[str, Any]]:
@@ -199,7 +204,7 @@ def plot_latency(records: Sequence[RunRecord], path: str | Path) -> Path | None:
         for _, label, x, y in mine:
             ax.annotate(label, (100 * x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     hi = max(5.0, *(100 * max(p[2], p[3]) for p in pts)) * 1.1
-    lo = min(0.0, *(100 * p[3] for p in pts)) * 1.1
+    lo = min(0.0, *(100 * p[3] for p in pts)) * 1.1 - 3
     ax.plot([0, hi], [0, hi], color="#888888", ls="--", lw=1, label="latency cut = MACs cut")
     ax.set_xlim(0, hi)
     ax.set_ylim(lo, hi)

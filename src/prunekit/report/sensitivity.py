@@ -41,6 +41,16 @@ from torch import nn
 
 from prunekit._io import atomic_write_json, atomic_write_text
 from prunekit.errors import ConfigError, PruningError, RunDirError
+from prunekit.measure import count_macs
+from prunekit.pruning.structured.bn import batchnorms
+from prunekit.pruning.structured.bn import recalibrate_bn as recal
+from prunekit.pruning.structured.criteria import get_criterion
+from prunekit.pruning.structured.criteria.base import CalibContext, to_device
+from prunekit.pruning.structured.engine import apply_selection, score_units
+from prunekit.pruning.structured.graph import PruningGraph, Unit, copy_graph
+from prunekit.pruning.structured.plan import plan_units
+from prunekit.pruning.structured.selection import keep_count, select
+from prunekit.pruning.structured.settings import PruneSettings
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +121,6 @@ def layer_sensitivity(model: nn.Module, example_inputs: Any, val_data: Iterable,
             ``calib_data``.
         PruningError: the model cannot be traced, or no group is prunable.
     """
-    from prunekit.measure import count_macs
-    from prunekit.pruning.structured.bn import batchnorms
-    from prunekit.pruning.structured.bn import recalibrate_bn as recal
-    from prunekit.pruning.structured.criteria import get_criterion
-    from prunekit.pruning.structured.criteria.base import CalibContext, to_device
-    from prunekit.pruning.structured.engine import apply_selection, score_units
-    from prunekit.pruning.structured.graph import PruningGraph, copy_graph
-    from prunekit.pruning.structured.plan import plan_units
-    from prunekit.pruning.structured.selection import keep_count, select
-    from prunekit.pruning.structured.settings import PruneSettings
-
     ratios = check_ratios(ratios)
     s = PruneSettings.build(dict(criterion=criterion, scope="local", preset=preset, ignore=list(ignore),
                                  only=list(only), calib_batches=calib_batches, seed=seed), source="sensitivity")
@@ -157,45 +156,60 @@ def layer_sensitivity(model: nn.Module, example_inputs: Any, val_data: Iterable,
     log.info("sensitivity: %d groups x %d ratios, %s, baseline top1 %.2f%% on %d samples", len(units), len(ratios),
              criterion, base["top1"], base["samples"])
     groups = []
-    for k, u in enumerate(units, start=1):
-        results = []
-        for r in ratios:
-            row: dict[str, Any] = {"ratio": r, "kept": keep_count(u.size, r)}
-            sel = select([u], {u.name: scores[u.name]}, r, "local", None, max_ratio=1.0)
-            if not sel.count():
-                row["error"] = f"ratio {r:g} removes no element of {u.size} (rounds back to full size)"
-                results.append(row)
-                continue
-            try:
-                g = copy_graph(graph)
-                apply_selection(g, [u], sel)
-                pruned = g.model
-                if recalibrate_bn and batchnorms(pruned):
-                    recal(pruned, calib_data, calib_batches, device)
-                row["macs_kept"] = count_macs(pruned, to_device(example_inputs, device)) / macs0
-                row.update(_evaluate(pruned, val, device))
-            except (PruningError, RuntimeError) as e:  # a group whose pruning breaks the forward pass
-                row["error"] = f"{type(e).__name__}: {e}"
-                results.append(row)
-                continue
-            row["drop"] = base["top1"] - row["top1"]
-            row.pop("samples", None)
-            results.append(row)
-        drops = [x["drop"] for x in results if "drop" in x]
-        grp = {"name": u.name, "layers": list(u.layers), "regex": group_regex(u.layers), "channels": u.channels,
-               "results": results, "mean_drop": sum(drops) / len(drops) if drops else None}
-        groups.append(grp)
-        line = (f"sensitivity {k}/{len(units)} {u.name} ({u.channels} ch): drop "
-                + " ".join(f"{x['ratio']:g}:{x['drop']:.1f}" if "drop" in x else f"{x['ratio']:g}:err"
-                           for x in results))
-        log.info(line)
-        if progress:
-            progress(line)
+    bn_log = logging.getLogger("prunekit.pruning.structured.bn")  # one "recalibrated" line per copy is noise here
+    bn_level = bn_log.level
+    bn_log.setLevel(max(bn_level, logging.WARNING))
+    try:
+        for k, u in enumerate(units, start=1):
+            groups.append(_group(u, k, len(units), ratios, scores, graph, base, macs0, example_inputs, val,
+                                 calib_data, calib_batches, recalibrate_bn, device, progress))
+    finally:
+        bn_log.setLevel(bn_level)
     groups.sort(key=lambda grp: -math.inf if grp["mean_drop"] is None else -grp["mean_drop"])
     return {"format": FORMAT, "criterion": criterion, "ratios": ratios, "recalibrate_bn": recalibrate_bn,
             "calib_batches": calib_batches if calib_data is not None else 0, "baseline": base,
             "samples": base["samples"], "macs": macs0, "groups": groups,
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _group(u: Unit, k: int, n: int, ratios: list[float], scores: dict[str, torch.Tensor], graph: PruningGraph,
+           base: dict[str, float], macs0: int, example_inputs: Any, val: list, calib_data: Iterable | None,
+           calib_batches: int, recalibrate_bn: bool, device: str | torch.device,
+           progress: Callable[[str], None] | None) -> dict[str, Any]:
+    """One group at every ratio, each on a fresh copy of the traced graph."""
+    results = []
+    for r in ratios:
+        row: dict[str, Any] = {"ratio": r, "kept": keep_count(u.size, r)}
+        sel = select([u], {u.name: scores[u.name]}, r, "local", None, max_ratio=1.0)
+        if not sel.count():
+            row["error"] = f"ratio {r:g} removes no element of {u.size} (rounds back to full size)"
+            results.append(row)
+            continue
+        try:
+            g = copy_graph(graph)
+            apply_selection(g, [u], sel)
+            pruned = g.model
+            if recalibrate_bn and batchnorms(pruned):
+                recal(pruned, calib_data, calib_batches, device)
+            row["macs_kept"] = count_macs(pruned, to_device(example_inputs, device)) / macs0
+            row.update(_evaluate(pruned, val, device))
+        except (PruningError, RuntimeError) as e:  # a group whose pruning breaks the forward pass
+            row["error"] = f"{type(e).__name__}: {e}"
+            results.append(row)
+            continue
+        row["drop"] = base["top1"] - row["top1"]
+        row.pop("samples", None)
+        results.append(row)
+    drops = [x["drop"] for x in results if "drop" in x]
+    grp = {"name": u.name, "layers": list(u.layers), "regex": group_regex(u.layers), "channels": u.channels,
+           "results": results, "mean_drop": sum(drops) / len(drops) if drops else None}
+    line = (f"sensitivity {k}/{n} {u.name} ({u.channels} ch): drop "
+            + " ".join(f"{x['ratio']:g}:{x['drop']:.1f}" if "drop" in x else f"{x['ratio']:g}:err"
+                       for x in results))
+    log.info(line)
+    if progress:
+        progress(line)
+    return grp
 
 
 # ----------------------------------------------------------------------------------------------- reading

@@ -7,6 +7,10 @@ embedding); its output channels are its first dimension.
 
 from __future__ import annotations
 
+import functools
+import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +36,28 @@ def _is_layer(name: str, shape: list[int]) -> bool:
     return name.endswith("weight") and len(shape) >= 2
 
 
+def _natural(name: str) -> list:
+    """``features.10`` after ``features.3``: digit runs compare as numbers."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+@functools.lru_cache(maxsize=32)
+def _module_order(spec_json: str) -> dict[str, int]:
+    spec = runs.ModelSpec.from_dict(json.loads(spec_json))
+    ref = runs.build_reference(spec)
+    return {} if ref is None else {n: i for i, (n, _) in enumerate(ref.named_modules())}
+
+
+def in_model_order(run_dir: str | Path, names: Iterable[str]) -> list[str]:
+    """``names`` (module paths) in the order the model defines its modules (its registry model built on the meta
+    device); names it does not know, and every name when it cannot be built, follow in natural order."""
+    try:
+        order = _module_order(json.dumps(runs.read_spec(run_dir).to_dict(), sort_keys=True))
+    except Exception:  # an unreadable spec or a model that cannot be built: natural order is still readable
+        order = {}
+    return sorted(names, key=lambda n: (order.get(n, len(order)), _natural(n)))
+
+
 def weight_shapes(run_dir: str | Path) -> dict[str, list[int]]:
     """Tensor name -> shape of every tensor in the run's weights file (header only, nothing loaded)."""
     with _open(run_dir) as f:
@@ -45,8 +71,8 @@ def layer_channels(run_dir: str | Path) -> dict[str, int]:
         >>> layer_channels("runs/pruned")["layer1.0.conv1"]
         10
     """
-    return {k[: -len(".weight")] if k.endswith(".weight") else k: s[0]
-            for k, s in weight_shapes(run_dir).items() if _is_layer(k, s)}
+    ch = {k[: -len(".weight")]: s[0] for k, s in weight_shapes(run_dir).items() if _is_layer(k, s)}
+    return {n: ch[n] for n in in_model_order(run_dir, ch)}
 
 
 def reference_channels(run_dir: str | Path) -> dict[str, int]:
@@ -58,7 +84,7 @@ def reference_channels(run_dir: str | Path) -> dict[str, int]:
     if ref is None:
         return {}
     return {n[: -len(".weight")]: int(p.shape[0]) for n, p in ref.named_parameters()
-            if _is_layer(n, list(p.shape))}
+            if _is_layer(n, list(p.shape))}  # named_parameters is already in model order
 
 
 @dataclass
@@ -102,4 +128,4 @@ def scan_weights(run_dir: str | Path, max_values: int = 200_000, seed: int = 0) 
     if flat.numel() > max_values:
         g = torch.Generator().manual_seed(seed)
         flat = flat[torch.randperm(flat.numel(), generator=g)[:max_values]]
-    return WeightScan(sparsity, zeros, total, flat)
+    return WeightScan({n: sparsity[n] for n in in_model_order(run_dir, sparsity)}, zeros, total, flat)

@@ -108,9 +108,6 @@ class Compensator:
             elif len(alive) != channels_in(c.module) or max(c.idxs) >= len(alive):
                 raise PruningError(f"{c.name!r} has {channels_in(c.module)} input channels but the compensator "
                                    f"tracked {len(alive)}: prune every group through the same Compensator")
-            if isinstance(c.module, nn.modules.conv._ConvNd) and c.module.transposed:
-                skipped.append(f"{c.name} (transposed conv)")
-                continue
             records.append(self._compensate(c, st, alive, group._DG))
             removed = set(c.idxs)
             self._alive[c.name] = [o for i, o in enumerate(alive) if i not in removed]

@@ -1,5 +1,6 @@
 """The model as torch-pruning sees it: its dependency graph, named layers, and the prunable units (groups).
 
+
 A *unit* is one torch-pruning group (coupled layers whose channels go together) that the engine may shrink:
 its channels are scored once, then a selection decides how many of its elements (channels, or whole attention
 heads) to remove.
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +26,7 @@ from prunekit.pruning.structured.heads import Attention, find_attention
 
 # layers whose output channels root a group (torch-pruning's default minus LSTM)
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
+
 
 @dataclass(eq=False)
 class Unit:
@@ -60,6 +65,30 @@ class Unit:
             return [s * heads * hd + h * hd + d for s in range(blocks) for h in elements for d in range(hd)]
         gs = self.size
         return [e + g * gs for g in range(self.ch_groups) for e in elements]
+
+
+GROUPING_TIMEOUT_S = 900  # torch-pruning's group search can loop forever on a few graphs
+
+
+@contextmanager
+def deadline(seconds: int, message: str) -> Iterator[None]:
+    """Raise ``PruningError(message)`` if the block runs longer than ``seconds`` (main thread on Unix only;
+    elsewhere the block simply runs)."""
+    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _expired(signum: int, frame: Any) -> None:
+        raise PruningError(message)
+
+    previous = signal.signal(signal.SIGALRM, _expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
 
 # architectures torch-pruning 1.6 cannot trace, with the reason (checked before tracing, by class name)
 UNSUPPORTED: dict[str, str] = {
@@ -115,7 +144,13 @@ class PruningGraph:
         every group that would prune the output channels of a model output."""
         ignored_modules = [self.modules[n] for n in ignored] + self.output_modules()
         try:
-            return list(self.DG.get_all_groups(ignored_layers=ignored_modules, root_module_types=ROOT_TYPES))
+            with deadline(GROUPING_TIMEOUT_S, f"torch-pruning did not finish grouping the layers of "
+                          f"{type(self.model).__name__} within {GROUPING_TIMEOUT_S} s (torch-pruning 1.6 loops on "
+                          "some graphs, e.g. rotary attention or ReXNet's partial residuals); exclude the layers "
+                          "with ignore=[...]"):
+                return list(self.DG.get_all_groups(ignored_layers=ignored_modules, root_module_types=ROOT_TYPES))
+        except PruningError:
+            raise
         except Exception as e:
             raise PruningError(f"torch-pruning could not group the layers of {type(self.model).__name__}: "
                                f"{type(e).__name__}: {e}") from e
@@ -163,6 +198,7 @@ class PruningGraph:
         pruner = self.DG.get_pruner_of_module(module)
         return self.DG.get_pruning_group(module, pruner.prune_out_channels, channels)
 
+
 # ----------------------------------------------------------------------------------------------- regexes
 def compile_patterns(patterns: Iterable[str], option: str) -> list[re.Pattern]:
     out = []
@@ -173,14 +209,17 @@ def compile_patterns(patterns: Iterable[str], option: str) -> list[re.Pattern]:
             raise ConfigError(f"{option}: {p!r} is not a valid regular expression: {e}") from None
     return out
 
+
 def _ancestors(name: str) -> list[str]:
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
 
 def matches(name: str, pattern: re.Pattern) -> bool:
     """``pattern`` fully matches the module name or the name of one of its parents (``layer1`` covers
     ``layer1.0.conv1``)."""
     return any(pattern.fullmatch(a) for a in _ancestors(name))
+
 
 def match_layers(names: Iterable[str], patterns: Iterable[str], option: str, all_names: Iterable[str]) -> set[str]:
     """Names matched by any of ``patterns``; a pattern that matches no module at all is a ``ConfigError``."""
@@ -193,12 +232,14 @@ def match_layers(names: Iterable[str], patterns: Iterable[str], option: str, all
         hit |= mine
     return hit
 
+
 def no_match_message(option: str, pattern: str, names: list[str]) -> str:
     searched = [n for n in names if n and re.search(pattern, n)] if _valid(pattern) else []
     near = searched[:5] or closest(pattern, [n for n in names if n], n=5)
     hint = f"; near candidates: {', '.join(near)}" if near else ""
     return (f"{option}: regex {pattern!r} matches no module name (it must match a whole name, e.g. "
             f"'layer1\\..*' or 'layer1'){hint}")
+
 
 def _valid(p: str) -> bool:
     try:
@@ -207,12 +248,12 @@ def _valid(p: str) -> bool:
     except re.error:
         return False
 
+
 def first_override(name: str, overrides: dict[str, float], compiled: dict[str, re.Pattern]) -> float | None:
     for key, value in overrides.items():
         if matches(name, compiled[key]):
             return value
     return None
-
 
 
 def copy_graph(graph: PruningGraph, meta: bool = False) -> PruningGraph:

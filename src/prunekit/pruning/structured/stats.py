@@ -353,7 +353,7 @@ class _Finder:
         return None
 
     def consumers(self, layer: str) -> list[str]:
-        """Conv (groups=1) / linear layers whose input channels are coupled to ``layer``'s output channels."""
+        """Conv / linear layers whose input channels are coupled to ``layer``'s output channels."""
         m = self.modules[layer]
         pruner = self.dg.get_pruner_of_module(m)
         group = self.dg.get_pruning_group(m, pruner.prune_out_channels, list(range(channels_out(m))))
@@ -377,7 +377,7 @@ class Consumer:
 
 
 def consumers(group: Any, names: Mapping[nn.Module, str] | None = None) -> list[Consumer]:
-    """The conv (groups=1) and linear layers of a torch-pruning group that lose input channels."""
+    """The conv (groups=1, not transposed) and linear layers of a torch-pruning group that lose input channels."""
     dg = group._DG
     names = names if names is not None else dg._module2name
     out: dict[str, Consumer] = {}
@@ -385,7 +385,7 @@ def consumers(group: Any, names: Mapping[nn.Module, str] | None = None) -> list[
         m = item.dep.target.module
         if not isinstance(m, LAYERS) or dg.is_out_channel_pruning_fn(item.dep.handler):
             continue
-        if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1:
+        if isinstance(m, nn.modules.conv._ConvNd) and (m.groups != 1 or m.transposed):
             continue
         name = names.get(m, type(m).__name__)
         root = getattr(item, "root_idxs", None) or list(item.idxs)

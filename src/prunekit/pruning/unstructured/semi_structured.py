@@ -40,14 +40,10 @@ def semi_structured_support() -> tuple[bool, str]:
 
 
 def _backend() -> type:
-    """cuSPARSELt when this torch build has it, else CUTLASS."""
-    from torch.sparse import SparseSemiStructuredTensor
-
+    """cuSPARSELt when this torch build has it, else CUTLASS (what ``to_sparse_semi_structured`` will use)."""
     cusparselt = getattr(torch.backends, "cusparselt", None)
     if cusparselt is not None and cusparselt.is_available():
-        SparseSemiStructuredTensor._FORCE_CUTLASS = False
         return torch.sparse.SparseSemiStructuredTensorCUSPARSELT
-    SparseSemiStructuredTensor._FORCE_CUTLASS = True
     return torch.sparse.SparseSemiStructuredTensorCUTLASS
 
 
@@ -92,10 +88,23 @@ def measure_2to4_latency(model: nn.Module, example_inputs: Any, repeats: int = 5
     ok, why = semi_structured_support()
     if not ok:
         return {"measured": False, "reason": why}
+    from torch.sparse import SparseSemiStructuredTensor
+
+    backend = _backend()
+    forced = SparseSemiStructuredTensor._FORCE_CUTLASS
+    SparseSemiStructuredTensor._FORCE_CUTLASS = backend is torch.sparse.SparseSemiStructuredTensorCUTLASS
+    try:
+        return _measure(model, example_inputs, repeats, warmup, dtype, backend, why)
+    finally:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = forced
+
+
+def _measure(model: nn.Module, example_inputs: Any, repeats: int, warmup: int, dtype: torch.dtype, backend: type,
+             gpu: str) -> dict[str, Any]:
     from torch.sparse import to_sparse_semi_structured
 
     device = torch.device("cuda")
-    backend = _backend()
+    why = gpu
     dense = copy.deepcopy(model).eval()
     fold_masks(dense)
     dense = dense.to(device=device, dtype=dtype)

@@ -20,7 +20,14 @@ from torch import nn
 from prunekit.errors import ConfigError, PruningError
 from prunekit.pruning.unstructured import patterns as P
 from prunekit.pruning.unstructured.layers import LayerSelection, select_layers
-from prunekit.pruning.unstructured.masks import apply_masks, fold_masks, get_mask, mask_gradients, record_in_spec, set_mask
+from prunekit.pruning.unstructured.masks import (
+    apply_masks,
+    fold_masks,
+    get_mask,
+    mask_gradients,
+    record_in_spec,
+    set_mask,
+)
 from prunekit.pruning.unstructured.methods import Method, Movement, Taylor, get_method
 from prunekit.pruning.unstructured.settings import SparsifySettings
 

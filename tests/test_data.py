@@ -100,3 +100,20 @@ def test_imagefolder_requires_data_dir_and_reads_class_folders(tmp_path):
 def test_missing_cifar_offline_is_a_clear_error(tmp_path):
     with pytest.raises(DataNotFoundError, match="cifar-10-batches-py.*--download"):
         get_dataset("cifar10", "train", data_dir=tmp_path)
+
+
+def test_train_samples_keeps_the_same_subset_and_is_inherited(tmp_path):
+    from prunekit.data.core import DataArgs, data_settings
+    from prunekit.pipeline.stages import loaders
+
+    data = data_settings(DataArgs(dataset="digits", train_samples=100))
+    assert data["train_samples"] == 100
+    a = loaders(data, batch_size=1000, splits=("train", "val"))
+    b = loaders(data, batch_size=1000, splits=("train",))
+    assert len(a["train"].dataset) == 100 and len(a["val"].dataset) > 100  # only the training split is cut
+    assert a["train"].dataset.indices == b["train"].dataset.indices  # the same 100 images in every run
+    assert sorted(a["train"].dataset.indices) != list(range(100))  # a random subset, not the first 100
+    inherited = data_settings(DataArgs(), {"dataset": "digits", "train_samples": 100})
+    assert inherited["train_samples"] == 100 and data_settings(DataArgs(), {})["train_samples"] is None
+    with pytest.raises(Exception, match="train_samples"):
+        DataArgs(train_samples=0)

@@ -164,6 +164,8 @@ class DataArgs(Config):
     batch_size: int = Field(64, gt=0, description="batch size")
     download: bool = Field(False, description="download the dataset when it is not found locally")
     workers: int = Field(0, ge=0, description="data-loading worker processes")
+    train_samples: int | None = Field(None, gt=0, description="train on a fixed random subset of this many "
+                                      "training samples (the same subset in every run; default: all)")
 
     @field_validator("dataset")
     @classmethod
@@ -179,4 +181,5 @@ def data_settings(cfg: Any, source_config: dict[str, Any] | None = None) -> dict
     name = getattr(cfg, "dataset", None) or src.get("dataset") or "digits"
     data_dir = getattr(cfg, "data_dir", None) or src.get("data_dir")
     size = getattr(cfg, "image_size", None) or src.get("image_size") or dataset_info(name).image_size
-    return {"dataset": name, "data_dir": data_dir, "image_size": int(size)}
+    train_samples = getattr(cfg, "train_samples", None) or src.get("train_samples")
+    return {"dataset": name, "data_dir": data_dir, "image_size": int(size), "train_samples": train_samples}

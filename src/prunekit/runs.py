@@ -340,14 +340,20 @@ def prepare_out_dir(out: str | Path, resume: bool = False, overwrite: bool = Fal
     """Create a stage's output folder; refuse to clobber a finished run unless ``overwrite`` (nothing is lost)."""
     import shutil
 
+    from prunekit.train.distributed import barrier, rank
+
     p = Path(out)
-    if p.exists() and not p.is_dir():
+    not_dir = p.exists() and not p.is_dir()
+    held = p.is_dir() and any(p.iterdir())
+    barrier()  # torchrun: every rank looks before rank 0 changes anything
+    if not_dir:
         raise RunDirError(f"--out {str(p)!r} exists and is not a directory")
-    if p.is_dir() and any(p.iterdir()):
-        if overwrite:
+    if held and not overwrite and not resume:
+        raise RunDirError(f"--out {str(p)!r} already holds a run; pass --resume to continue it, "
+                          "--overwrite to replace it, or choose another --out")
+    if rank() == 0:
+        if held and overwrite:
             shutil.rmtree(p)
-        elif not resume:
-            raise RunDirError(f"--out {str(p)!r} already holds a run; pass --resume to continue it, "
-                              "--overwrite to replace it, or choose another --out")
-    p.mkdir(parents=True, exist_ok=True)
+        p.mkdir(parents=True, exist_ok=True)
+    barrier()
     return p

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 import traceback
@@ -42,16 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 class _ConsoleHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stdout`` is at the time of the record (it may be replaced, e.g. by pytest)."""
 
     @property
     def stream(self):  # type: ignore[override]
-        return sys.stdout
+        return sys.stdout if _rank() == 0 else sys.stderr  # torchrun: stdout of other ranks is silenced
 
     @stream.setter
     def stream(self, value) -> None:
         pass
+
+    def filter(self, record: logging.LogRecord) -> bool:  # type: ignore[override]
+        """Under torchrun only rank 0 talks; other ranks show warnings and errors."""
+        if record.levelno < logging.WARNING and _rank() != 0:
+            return False
+        return bool(super().filter(record))
 
 
 def setup_logging(verbose: bool = True) -> None:
@@ -78,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         from prunekit.train.distributed import init_from_env
 
         init_from_env(str(getattr(cfg, "device", "cpu")))  # torchrun: WORLD_SIZE > 1
+        if _rank() != 0:  # only rank 0 prints results; the others' warnings and errors go to stderr
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
         rc = cmd.run(cfg)
         return int(rc or 0)
     except PrunekitError as e:

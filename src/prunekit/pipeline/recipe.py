@@ -31,6 +31,8 @@ from prunekit._io import atomic_write_text
 from prunekit.config import Config, read_yaml
 from prunekit.errors import ConfigError, unknown_name_message
 from prunekit.registry import Registry
+from prunekit.train.distributed import barrier
+from prunekit.train.loop import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +147,13 @@ def is_finished(run_dir: Path) -> bool:
 def run_recipe(recipe: Recipe, resume: bool = False) -> dict[str, dict[str, Any]]:
     """Run every stage in order; returns each stage's metrics. Finished stages are skipped with ``resume``."""
     out = Path(recipe.out)
-    if out.is_dir() and any(out.iterdir()) and not resume:
+    taken = out.is_dir() and any(out.iterdir()) and not resume
+    barrier()  # torchrun: every rank looks before rank 0 writes
+    if taken:
         raise ConfigError(f"--out {str(out)!r} already holds runs; pass --resume to continue, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     cfgs = stage_configs(recipe)
     dirs = stage_dirs(recipe)
     results: dict[str, dict[str, Any]] = {}
@@ -171,7 +176,9 @@ def run_recipe(recipe: Recipe, resume: bool = False) -> dict[str, dict[str, Any]
             else:  # an interrupted non-training stage simply runs again
                 cfg = cfg.model_copy(update={"overwrite": True}) if "overwrite" in type(cfg).model_fields else cfg
         log.info("[%d/%d] %s -> %s", i, len(recipe.stages), name, d)
+        barrier()  # every rank decided about this stage before rank 0 starts writing into it
         results[name] = st.run(cfg)
+        barrier()  # the next stage reads what rank 0 just wrote
     return results
 
 

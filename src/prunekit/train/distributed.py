@@ -32,6 +32,12 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def barrier() -> None:
+    """Wait for every rank (a no-op in one process): ranks pass a stage boundary only once rank 0 wrote its files."""
+    if is_distributed():
+        dist.barrier()
+
+
 def init_from_env(device: str = "cpu") -> bool:
     """Initialise the default process group when launched by torchrun (WORLD_SIZE > 1). Returns whether it did."""
     if is_distributed():
@@ -64,3 +70,47 @@ def check_same_on_all_ranks(digest: str, what: str) -> None:
     if len(set(gathered)) != 1:
         raise PruningError(f"{what} differ across ranks ({', '.join(g[:12] for g in gathered if g)}); the ranks "
                            "must see identical statistics and break ties the same way")
+
+
+def all_reduce_mean(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Average same-shaped tensors across ranks, by key (a no-op in one process). Keys are taken in sorted order, so
+    every rank must hold the same keys and shapes; the result is identical on every rank."""
+    if not is_distributed() or not tensors:
+        return tensors
+    keys = sorted(tensors)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flat = torch.cat([tensors[k].detach().to(device, torch.float64).reshape(-1) for k in keys])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    out, o = {}, 0
+    for k in keys:
+        t = tensors[k]
+        out[k] = flat[o:o + t.numel()].view(t.shape).to(t.device, t.dtype)
+        o += t.numel()
+    return out
+
+
+def check_mapping_same_on_all_ranks(digests: dict[str, str], what: str) -> None:
+    """Raise on every rank, naming the first differing key, if ``digests`` (key -> digest) differ between ranks."""
+    if not is_distributed():
+        return
+    gathered: list[dict[str, str] | None] = [None] * world_size()
+    dist.all_gather_object(gathered, digests)
+    keys = sorted(set().union(*(g or {} for g in gathered)))
+    for k in keys:
+        values = [(g or {}).get(k) for g in gathered]
+        if len(set(values)) != 1:
+            shown = ", ".join(f"rank {r}: {v[:12] if v else 'absent'}" for r, v in enumerate(values))
+            raise PruningError(f"{what} differ across ranks, first at {k!r} ({shown}); every rank must see identical "
+                               "weights and synced statistics")
+
+
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) across ranks, in place; a no-op in one process.
+    DDP copies rank 0's buffers at every forward, but each rank's last training step updates its own copy."""
+    if not is_distributed():
+        return
+    bufs = {n: b for n, b in model.named_buffers() if b.is_floating_point()}
+    with torch.no_grad():
+        for n, v in all_reduce_mean(bufs).items():
+            bufs[n].copy_(v)

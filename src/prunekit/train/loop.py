@@ -22,7 +22,7 @@ from prunekit import runs
 from prunekit._io import atomic_write, atomic_write_text
 from prunekit.data.core import set_loader_epoch
 from prunekit.measure.macs import call_model
-from prunekit.train.distributed import is_distributed, rank
+from prunekit.train.distributed import is_distributed, rank, sync_buffers
 from prunekit.train.settings import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -273,6 +273,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable, settings
         train_loss = train_one_epoch(net, train_loader, optimizer, scheduler, s, epoch, loss_fn, callbacks, scaler,
                                      step0=epoch * steps_per_epoch, ema=ema, phase=phase)
         eval_model = ema if ema is not None else model
+        sync_buffers(eval_model)  # torchrun: BatchNorm statistics drifted apart in each rank's last steps
         m = evaluate(eval_model, val_loader, device)
         secs = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "phase": phase, "train_loss": train_loss, "val_loss": m["val_loss"],

@@ -58,5 +58,21 @@ def recalibrate_bn(model: nn.Module, data: Iterable, max_batches: int = 50, devi
             m.training = mode
     if n == 0:
         raise PruningError("recalibrate_bn got no batches: BatchNorm statistics were reset and not re-estimated")
+    _sync_across_ranks(bns)
     log.info("recalibrated %d BatchNorm layers on %d batches", len(bns), n)
     return n
+
+
+def _sync_across_ranks(bns: list[nn.Module]) -> None:
+    """torchrun: average the re-estimated statistics over ranks (each rank saw its own, equally many batches, so the
+    average is the cumulative average over all of them); a no-op in one process."""
+    from prunekit.train.distributed import all_reduce_mean, is_distributed
+
+    if not is_distributed():
+        return
+    bufs = {f"{i}.{k}": getattr(bn, k) for i, bn in enumerate(bns) for k in ("running_mean", "running_var")
+            if getattr(bn, k, None) is not None}
+    with torch.no_grad():
+        for key, value in all_reduce_mean(bufs).items():
+            i, k = key.split(".", 1)
+            getattr(bns[int(i)], k).copy_(value)

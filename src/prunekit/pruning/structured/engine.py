@@ -30,6 +30,7 @@ from prunekit.pruning.structured.report import GroupRecord, PruneReport
 from prunekit.pruning.structured.search import count_macs_meta, search_ratio
 from prunekit.pruning.structured.selection import Selection, select
 from prunekit.pruning.structured.settings import PruneSettings
+from prunekit.train.distributed import all_reduce_mean, check_mapping_same_on_all_ranks, tensor_digest
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
         ctx.stats = _collect_stats(model, calib_data, ctx, graph, covariance=s.compensate == "lstsq")
     crit.calibrate(ctx)
     scores = score_units(crit, units, normalize=s.normalize if s.scope == "global" and not crit.normalized else "none")
+    if crit.needs_data or crit.needs_stats:  # torchrun: each rank saw its own batches; rank by the average
+        scores = all_reduce_mean(scores)
     units = _drop_broken(graph, units, scores, s, overrides, example_inputs)
 
     if s.target_macs is not None:
@@ -115,6 +118,7 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
         log.warning("%d of %d groups held at max_ratio=%s (they would have lost more): %s", len(sel.capped),
                     len(units), s.max_ratio, ", ".join(sel.capped[:8]) + (" ..." if len(sel.capped) > 8 else ""))
     report.capped = list(sel.capped)
+    check_mapping_same_on_all_ranks(selection_digests(sel), "pruning masks")
     compensator = _compensator(model, s.compensate, ctx.stats) if s.compensate != "none" else None
     before = _out_channels(graph)
     report.groups, report.compensation = apply_selection(graph, units, sel, compensator)
@@ -126,6 +130,12 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
     report.seconds = time.perf_counter() - t0
     log.info(report.summary())
     return report
+
+
+def selection_digests(sel: Selection) -> dict[str, str]:
+    """Unit name -> a hash of the elements it loses (what torchrun ranks compare before pruning)."""
+    return {name: tensor_digest([torch.tensor(sorted(el), dtype=torch.int64)])
+            for name, el in sorted(sel.removed.items())}
 
 
 def _drop_broken(graph: PruningGraph, units: list[Unit], scores: dict[str, torch.Tensor], s: PruneSettings,
@@ -215,8 +225,11 @@ def _collect_stats(model: nn.Module, calib_data: Iterable | None, ctx: CalibCont
         from prunekit.pruning.structured.stats import collect_stats
     except ImportError as e:
         raise PruningError(f"channel statistics need prunekit.pruning.structured.stats, which is missing: {e}") from e
-    return collect_stats(model, calib_data, ctx.targets, max_batches=ctx.max_batches, device=ctx.device,
-                         covariance=covariance, graph=graph)
+    from prunekit.pruning.structured.stats import sync_stats
+
+    stats = collect_stats(model, calib_data, ctx.targets, max_batches=ctx.max_batches, device=ctx.device,
+                          covariance=covariance, graph=graph)
+    return sync_stats(stats)  # torchrun: merged by module name across ranks (a no-op in one process)
 
 
 def _compensator(model: nn.Module, mode: str, stats: dict) -> Any:

@@ -59,3 +59,32 @@ def test_recipe_runs_and_resume_skips_finished_stages(tmp_path):
     res2 = run_recipe(recipe, resume=True)
     assert (base / runs.WEIGHTS).stat().st_mtime_ns == stamp  # not redone
     assert res2["finetune"]["top1"] == pytest.approx(res["finetune"]["top1"])
+
+
+def test_run_command_ends_with_the_report_of_its_runs(tmp_path, capsys):
+    from prunekit.cli.main import main
+
+    p = tmp_path / "r.yaml"
+    p.write_text("stages:\n  baseline: {model: smallcnn, epochs: 1, lr: 0.05}\n"
+                 "  prune: {criterion: l1, ratio: 0.4}\n  eval: {}\n")
+    assert main(["run", str(p), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    html = tmp_path / "out" / "report" / "report.html"
+    assert f"report: {html}" in printed and html.is_file()
+    md = (tmp_path / "out" / "report" / "report.md").read_text()
+    pruned = runs.read_metrics(tmp_path / "out" / "2-prune")
+    assert "2-prune" in md and f"{pruned['top1']:.2f}" in md  # the pruned run's own figure, from metrics.json
+
+
+def test_structured_then_2to4_inside_a_recipe(tmp_path):
+    from prunekit.pruning.unstructured.patterns import nm_violations
+
+    p = tmp_path / "r.yaml"
+    p.write_text(f"out: {tmp_path / 'out'}\nstages:\n  baseline: {{model: smallcnn, epochs: 1, lr: 0.05}}\n"
+                 "  prune: {criterion: l1, ratio: 0.25, round_to: 4}\n  sparsify: {method: nm, nm: '2:4'}\n")
+    res = run_recipe(load_recipe(p))
+    model = runs.load_model(tmp_path / "out" / "3-sparsify")  # masks re-attached from the run dir
+    assert res["sparsify"]["macs"] == res["prune"]["macs"] < res["baseline"]["macs"]
+    sparse = [m for m in model.modules() if hasattr(m, "weight_mask")]
+    assert sparse and all(nm_violations(m.weight, 2, 4) == 0 for m in sparse)
+    assert res["sparsify"]["sparsity"] == pytest.approx(0.5)

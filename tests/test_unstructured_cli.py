@@ -14,7 +14,7 @@ import torch
 import prunekit
 from prunekit import runs
 from prunekit.cli.main import main
-from prunekit.cli.sparsify import REPORT, SparsifyConfig, sparsify_run
+from prunekit.pipeline.sparsify import REPORT, SparsifyConfig, sparsify_run
 from prunekit.pruning.unstructured import MASK, get_mask, masked_layers, nm_violations
 
 SPARSE_FILES = runs.RUN_FILES | {runs.HISTORY, REPORT}
@@ -216,7 +216,7 @@ def test_recipe_structured_prune_then_2to4(base_run, tmp_path):
 
 
 def test_an_interrupted_iterative_run_resumes_after_its_last_finished_step(base_run, tmp_path, monkeypatch):
-    import prunekit.cli.sparsify as cli
+    import prunekit.pipeline.sparsify as cli
 
     real_fit, phases = cli.fit, []
 

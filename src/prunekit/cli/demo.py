@@ -26,3 +26,5 @@ def demo_cmd(cfg: DemoConfig) -> None:
               f"{-r['latency_reduction']:+.1%}")
     Console().print(t)
     print(f"wrote {cfg.out}/comparison.json ({time.perf_counter() - t0:.0f} s)")
+    if r.get("report"):
+        print(f"report: {r['report']}")

@@ -23,7 +23,7 @@ class RunConfig(Config):
 @command("run", RunConfig, help="Run a recipe: baseline -> (sparse) -> prune -> finetune -> eval -> ...",
          positional=("recipe",))
 def run_cmd(cfg: RunConfig) -> None:
-    from prunekit.pipeline.recipe import DEMO_RECIPE, load_recipe, run_recipe
+    from prunekit.pipeline.recipe import DEMO_RECIPE, load_recipe, recipe_report, run_recipe
 
     overrides: dict[str, Any] = {k: yaml.safe_load(v) for k, v in cfg.set.items()}
     if cfg.out is not None:
@@ -35,3 +35,6 @@ def run_cmd(cfg: RunConfig) -> None:
             print(f"{name:10s} top1 {m['top1']:6.2f}%  MACs {m.get('macs', 0) / 1e6:8.2f} M  "
                   f"params {m.get('params', 0) / 1e3:8.1f} K")
     print(f"runs in {recipe.out}")
+    html = recipe_report(recipe)
+    if html is not None:
+        print(f"report: {html}")

@@ -14,7 +14,7 @@ from prunekit import runs
 from prunekit._io import atomic_write_json
 from prunekit.config import Config
 from prunekit.errors import ConfigError
-from prunekit.pipeline.recipe import DEMO_RECIPE, load_recipe, run_recipe, stage_dirs
+from prunekit.pipeline.recipe import DEMO_RECIPE, load_recipe, recipe_report, run_recipe, stage_dirs
 
 log = logging.getLogger(__name__)
 
@@ -83,4 +83,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     dirs = stage_dirs(recipe)
     result = compare(dirs["baseline"], dirs[list(recipe.stages)[-1]], cfg.latency_runs)
     atomic_write_json(Path(cfg.out) / "comparison.json", result)
+    html = recipe_report(recipe)
+    if html is not None:
+        result["report"] = str(html)
     return result

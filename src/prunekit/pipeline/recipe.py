@@ -11,6 +11,8 @@ A recipe::
       prune: {criterion: variance, target_macs: 0.5}
       finetune: {epochs: 5, kd: true}
 
+Stages: ``baseline``, ``sparse`` (sparse pre-training), ``prune`` (one-shot) or ``pat`` (pruning-aware training),
+``finetune``, ``sparsify`` (unstructured / N:M masks, e.g. 2:4 after structured pruning) and ``eval``.
 Each stage writes ``OUT/<n>-<stage>/``; the resolved recipe is saved as ``OUT/recipe.yaml``. ``--resume`` skips
 finished stages and resumes a training stage from its last checkpoint.
 """
@@ -182,13 +184,33 @@ def run_recipe(recipe: Recipe, resume: bool = False) -> dict[str, dict[str, Any]
     return results
 
 
+def recipe_report(recipe: Recipe, out: str | Path | None = None) -> Path | None:
+    """Write the report (``report.html``, ``report.md``, plots) of a recipe's finished runs into ``OUT/report``;
+    returns the HTML path, or None (with a warning) when no run is finished or the report cannot be built."""
+    from prunekit.report import make_report
+
+    if not is_main_process():
+        return None
+    dirs = [d for name, d in stage_dirs(recipe).items() if STAGES.get(name).writes_run and is_finished(d)]
+    if not dirs:
+        log.warning("no finished run in %s: no report written", recipe.out)
+        return None
+    try:
+        dest = Path(out) if out else Path(recipe.out) / "report"
+        return make_report(dirs, dest, title=f"prunekit: {recipe.name}").html
+    except Exception as e:  # noqa: BLE001 - the runs are done and kept; a report failure must not hide them
+        log.warning("the runs are done, but their report failed (%s: %s); retry with `prunekit report %s`",
+                    type(e).__name__, e, " ".join(str(d) for d in dirs))
+        return None
+
+
 def _register_builtin_stages() -> None:
     from prunekit.pipeline import stages as s
 
     register_stage("baseline", s.TrainConfig, s.train, takes_from=False, trains=True)
     register_stage("finetune", s.FinetuneConfig, s.finetune, trains=True)
-    from prunekit.cli.prune import PruneConfig, prune_run
     from prunekit.pipeline.pat import PATConfig, pat
+    from prunekit.pipeline.prune import PruneConfig, prune_run
 
     register_stage("prune", PruneConfig, prune_run)
     from prunekit.pipeline.sparse_stage import SparseConfig, sparse
@@ -196,6 +218,9 @@ def _register_builtin_stages() -> None:
     register_stage("sparse", SparseConfig, sparse, trains=True)
 
     register_stage("pat", PATConfig, pat, trains=True)
+    from prunekit.pipeline.sparsify import SparsifyConfig, sparsify_run
+
+    register_stage("sparsify", SparsifyConfig, sparsify_run, trains=True)
     register_stage("eval", s.EvalConfig, s.evaluate_run, writes_run=False)
 
 

@@ -1,0 +1,98 @@
+"""``prunekit prune``: prune the model of a run directory and write a new run directory.
+
+Example::
+
+    prunekit prune --from runs/base --criterion l1 --ratio 0.35 --out runs/pruned
+    prunekit prune --from runs/base --criterion taylor --target-macs 0.6 --calib-batches 20 --out runs/pruned
+
+The output folder holds the standard run files plus ``prune_report.json`` (the full ``PruneReport``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from prunekit import runs
+from prunekit._io import atomic_write_json
+from prunekit.config import Config
+from prunekit.data import DataArgs, get_dataset, make_loader
+from prunekit.data.core import data_settings
+from prunekit.errors import ConfigError
+from prunekit.pruning.structured import PruneSettings, prune_with_settings, recalibrate_bn
+from prunekit.pruning.structured.bn import batchnorms
+
+log = logging.getLogger("prunekit.prune")
+REPORT = "prune_report.json"
+
+
+class _FromOut(Config):
+    from_dir: Path = Field(alias="from", description="run directory of the model to prune")
+    out: Path = Field(Path("runs/prune"), description="output run directory")
+    overwrite: bool = Field(False, description="replace --out if it already holds a run")
+
+
+class PruneConfig(DataArgs, PruneSettings, _FromOut):
+    """``prunekit prune``: structured pruning of a run directory's model (flags: --from/--out first, then the
+    pruning settings, then the data options)."""
+
+    recalibrate_bn: bool = Field(True, description="re-estimate BatchNorm statistics on --calib-batches clean "
+                                 "training batches after pruning")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
+
+
+def prune_run(cfg: PruneConfig) -> dict[str, Any]:
+    """Load ``cfg.from_dir``, prune, optionally recalibrate BatchNorm, evaluate, write ``cfg.out``.
+
+    Returns the metrics written to ``metrics.json``.
+    """
+    from prunekit.train import check_device, evaluate
+
+    device = check_device(cfg.device)
+    runs.check_run_dir(cfg.from_dir)
+    if Path(cfg.out).resolve() == Path(cfg.from_dir).resolve():
+        raise ConfigError(f"--out {str(cfg.out)!r} is the same folder as --from; choose another --out")
+    out = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite)
+    data = data_settings(cfg, runs.read_config(cfg.from_dir))
+    with runs.run_log(out):
+        torch.manual_seed(cfg.seed)
+        model = runs.load_model(cfg.from_dir, device)
+        spec = model.prunekit_spec
+        before = runs.read_metrics(cfg.from_dir)
+        x = runs.example_inputs(spec, 1, device)
+        calib = make_loader(get_dataset(data["dataset"], "calib", data_dir=data["data_dir"],
+                                        image_size=data["image_size"], download=cfg.download),
+                            cfg.batch_size, shuffle=True, seed=cfg.seed, workers=cfg.workers)
+        goal = f"target_macs {cfg.target_macs}" if cfg.target_macs is not None else f"ratio {cfg.global_ratio}"
+        log.info("prune: %s from %s (top1 %.2f%%), %s %s, %s", spec.name, cfg.from_dir,
+                 before.get("top1", float("nan")), cfg.criterion, cfg.scope, goal)
+        t0 = time.perf_counter()
+        settings = PruneSettings.model_validate(cfg.model_dump(include=set(PruneSettings.model_fields)))
+        report = prune_with_settings(model, x, settings, calib_data=calib, device=device)
+        recalibrated = 0
+        if cfg.recalibrate_bn and batchnorms(model):
+            recalibrated = recalibrate_bn(model, calib, cfg.calib_batches, device)
+        seconds = time.perf_counter() - t0
+        val = make_loader(get_dataset(data["dataset"], "val", data_dir=data["data_dir"],
+                                      image_size=data["image_size"], download=cfg.download),
+                          cfg.batch_size, workers=cfg.workers)
+        metrics = {**evaluate(model, val, device), "macs": report.macs_after, "params": report.params_after,
+                   "macs_before": report.macs_before, "params_before": report.params_before,
+                   "macs_kept": report.macs_kept, "params_kept": report.params_kept, "ratio": report.ratio,
+                   "target_macs": cfg.target_macs, "criterion": cfg.criterion, "scope": cfg.scope,
+                   "groups_pruned": report.groups_pruned, "bn_recalibration_batches": recalibrated,
+                   "top1_before": before.get("top1"), "prune_seconds": round(seconds, 2), "stage": "prune",
+                   "from": str(cfg.from_dir), **data}
+        log.info("prune: done: top1 %.2f%% (was %.2f%%), MACs %.2f M -> %.2f M (%.1f%% kept), params %.1f K",
+                 metrics["top1"], before.get("top1", float("nan")), report.macs_before / 1e6,
+                 report.macs_after / 1e6, 100 * report.macs_kept, report.params_after / 1e3)
+        runs.save_model(out, model.to("cpu"), spec)
+        runs.write_config(out, {**cfg.to_dict(), **data})
+        runs.write_metrics(out, metrics)
+        atomic_write_json(out / REPORT, report.to_dict())
+    return metrics

@@ -1,0 +1,203 @@
+"""``prunekit sparsify``: unstructured / N:M / kernel / pattern pruning of a run directory's model.
+
+Example::
+
+    prunekit sparsify --from runs/base --method global --sparsity 0.8 --epochs 2 --out runs/sparse80
+    prunekit sparsify --from runs/pruned --method nm --nm 2:4 --epochs 1 --out runs/pruned-24
+    prunekit sparsify --from runs/base --method movement --sparsity 0.9 --schedule gradual --epochs 5 --out runs/mvp
+    prunekit sparsify --from runs/base --method l1 --sparsity 0.9 --schedule iterative --steps 3 --epochs 1 --out r
+
+The output folder holds the standard run files (the masks are ``weight_mask`` buffers in ``model.safetensors``,
+re-attached on load; ``--permanent`` folds them into the weights) plus ``sparsity_report.json`` (per-layer sparsity,
+storage, MACs, 2:4 latency where measured). The first layer and the classifier stay dense unless
+``--no-dense-first-last``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from prunekit import runs
+from prunekit._io import atomic_write_json
+from prunekit.data import DataArgs, get_dataset, make_loader
+from prunekit.data.core import data_settings
+from prunekit.errors import ConfigError
+from prunekit.pipeline.stages import loaders
+from prunekit.pruning.structured import recalibrate_bn
+from prunekit.pruning.structured.bn import batchnorms
+from prunekit.pruning.unstructured import (
+    GradualSchedule,
+    Sparsifier,
+    SparsifySettings,
+    get_method,
+    iterative_targets,
+    measure_2to4_latency,
+)
+from prunekit.train import TrainSettings, evaluate, finish_run, fit
+
+log = logging.getLogger("prunekit.sparsify")
+REPORT = "sparsity_report.json"
+
+
+class SparsifyConfig(DataArgs, TrainSettings, SparsifySettings):
+    """``prunekit sparsify``: unstructured pruning of a run directory's model, optionally with fine-tuning."""
+
+    from_dir: Path = Field(alias="from", description="run directory of the model to sparsify")
+    out: Path = Field(Path("runs/sparsify"), description="output run directory")
+    overwrite: bool = Field(False, description="replace --out if it already holds a run")
+    resume: bool = Field(False, description="continue an interrupted run in --out")
+    schedule: Literal["oneshot", "iterative", "gradual"] = Field(
+        "oneshot", description="oneshot: prune once, then fine-tune --epochs; iterative: --steps x (prune, fine-tune "
+        "--epochs); gradual: cubic schedule during --epochs of training")
+    steps: int = Field(3, ge=1, description="iterative: pruning steps")
+    epochs: int = Field(0, ge=0, description="fine-tuning epochs (iterative: per step; gradual: in all)")
+    lr: float = Field(0.01, gt=0, description="peak learning rate of the fine-tuning")
+    initial_sparsity: float = Field(0.0, ge=0, lt=1, description="gradual: sparsity s_i at the start")
+    gradual_end: float = Field(0.75, gt=0, le=1, description="gradual: fraction of the training steps at which the "
+                               "final sparsity is reached (the rest recovers at it)")
+    prune_every: int | None = Field(None, ge=1, description="gradual: optimizer steps between mask updates "
+                                    "(default: 20 updates over the ramp)")
+    recalibrate_bn: bool = Field(True, description="re-estimate BatchNorm statistics on --calib-batches clean "
+                                 "batches after each pruning step")
+    permanent: bool = Field(False, description="fold the masks into the weights (no mask buffers; the zeros are "
+                            "no longer held during later training)")
+    measure_latency: bool = Field(True, description="nm 2:4: time dense vs 2:4 on sparse tensor cores where CUDA "
+                                  "on an Ampere or newer GPU is present")
+
+    def check_consistent(self, source: str = "config") -> None:
+        super().check_consistent(source)
+        method, structure = self.method, self.structure
+        if get_method(method).needs == "training" and (self.schedule != "gradual" or self.epochs < 1):
+            raise ConfigError(f"{source}: method {method!r} scores weights while they train, so it needs a training "
+                              f"phase: use --schedule gradual with --epochs >= 1 (got --schedule {self.schedule}, "
+                              f"--epochs {self.epochs})")
+        if self.schedule != "oneshot" and structure in ("nm", "pattern"):
+            raise ConfigError(f"{source}: method {method!r} has a fixed pattern and prunes in one step: use --schedule "
+                              "oneshot (add --epochs N to fine-tune with the masks fixed)")
+        if self.schedule in ("iterative", "gradual") and self.epochs < 1:
+            raise ConfigError(f"{source}: --schedule {self.schedule} fine-tunes between pruning steps and needs "
+                              "--epochs >= 1; without training use --schedule oneshot")
+        if self.schedule == "gradual" and self.initial_sparsity > self.target():
+            raise ConfigError(f"{source}: --initial-sparsity {self.initial_sparsity} is above --sparsity "
+                              f"{self.target()}")
+
+
+def _settings(cfg: SparsifyConfig) -> SparsifySettings:
+    return SparsifySettings.model_validate(cfg.model_dump(include=set(SparsifySettings.model_fields)))
+
+
+def sparsify_run(cfg: SparsifyConfig) -> dict[str, Any]:
+    """Load ``cfg.from_dir``, sparsify on ``cfg.schedule`` (fine-tuning with fixed masks), report, write ``cfg.out``.
+
+    Returns the metrics written to ``metrics.json``.
+    """
+    runs.check_run_dir(cfg.from_dir)
+    if Path(cfg.out).resolve() == Path(cfg.from_dir).resolve():
+        raise ConfigError(f"--out {str(cfg.out)!r} is the same folder as --from; choose another --out")
+    out = runs.prepare_out_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    data = data_settings(cfg, runs.read_config(cfg.from_dir))
+    device = cfg.device
+    with runs.run_log(out):
+        torch.manual_seed(cfg.seed)
+        model = runs.load_model(cfg.from_dir, device)
+        spec = model.prunekit_spec
+        before = runs.read_metrics(cfg.from_dir)
+        x = runs.example_inputs(spec, 1, device)
+        calib = make_loader(get_dataset(data["dataset"], "calib", data_dir=data["data_dir"],
+                                        image_size=data["image_size"], download=cfg.download),
+                            cfg.batch_size, shuffle=True, seed=cfg.seed, workers=cfg.workers)
+        ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download,
+                     splits=("train", "val") if cfg.epochs else ("val",))
+        log.info("sparsify: %s from %s (top1 %.2f%%): %s to %.4f, %s schedule, %d epochs", spec.name, cfg.from_dir,
+                 before.get("top1", float("nan")), cfg.method, cfg.target(), cfg.schedule, cfg.epochs)
+        t0 = time.perf_counter()
+        retention: list[dict[str, Any]] = []
+
+        def pruned(sp: Sparsifier, step: int) -> None:
+            """BatchNorm recalibration and an evaluation right after a pruning step (before any fine-tuning)."""
+            if cfg.recalibrate_bn and batchnorms(sp.model):
+                recalibrate_bn(sp.model, calib, cfg.calib_batches, device)
+            m = evaluate(sp.model, ld["val"], device)
+            row = {"step": step, "sparsity": sp.sparsity(), "top1": m["top1"], "top5": m["top5"]}
+            retention.append(row)
+            runs.append_history(out, {"phase": "sparsify-prune", **row})
+            log.info("sparsify step %d: sparsity %.4f, top1 %.2f%% before fine-tuning", step, row["sparsity"],
+                     m["top1"])
+
+        def train(callbacks: list[Any], run_dir: Path, phase: str) -> None:
+            fit(callbacks[0].model, ld["train"], ld["val"], cfg, run_dir=run_dir, resume=cfg.resume,
+                callbacks=callbacks, phase=phase)
+
+        sp = Sparsifier(model, _settings(cfg), x, calib_data=calib, device=device)
+        if cfg.schedule == "oneshot":
+            sp.step()
+            pruned(sp, 1)
+            if cfg.epochs:
+                train([sp], out, "sparsify-finetune")
+        elif cfg.schedule == "iterative":
+            sp = _iterative(cfg, sp, out, pruned, train)
+        else:
+            sched = GradualSchedule(sp, cfg.epochs * len(ld["train"]), cfg.target(), cfg.initial_sparsity, 0.0,
+                                    cfg.gradual_end, cfg.prune_every)
+            sched.start()
+            train([sp, sched], out, "sparsify-gradual")
+            sched.finish()
+        seconds = time.perf_counter() - t0
+        model, spec = sp.model, sp.model.prunekit_spec  # a resumed iterative run reloaded the model
+        report = sp.report(x)
+        if cfg.structure == "nm" and cfg.measure_latency:
+            report.latency = measure_2to4_latency(model, runs.example_inputs(spec, cfg.batch_size, device)) \
+                if cfg.nm == "2:4" else {"measured": False, "reason": f"sparse tensor cores accelerate 2:4 only, not "
+                                                                      f"{cfg.nm}"}
+            if not report.latency.get("measured"):
+                report.notes.append(f"no 2:4 speed-up claimed: {report.latency['reason']}")
+        sp.finalize(permanent=cfg.permanent)
+        metrics = {**evaluate(model, ld["val"], device), **report.metrics(), "schedule": cfg.schedule,
+                   "permanent": cfg.permanent, "retention": retention, "top1_before": before.get("top1"),
+                   "sparsify_seconds": round(seconds, 2), "stage": "sparsify", "from": str(cfg.from_dir), **data}
+        if report.latency and report.latency.get("measured"):
+            metrics.update(latency_dense_ms=report.latency["dense_ms"], latency_2to4_ms=report.latency["sparse_ms"])
+        log.info("sparsify: report\n%s", report.table())
+        log.info("sparsify: done: top1 %.2f%% (was %.2f%%), sparsity %.4f, %d of %d parameters non-zero",
+                 metrics["top1"], before.get("top1", float("nan")), report.sparsity, report.nonzero_params,
+                 report.params)
+        runs.save_model(out, model.to("cpu"), spec)
+        metrics["size_file"] = (out / runs.WEIGHTS).stat().st_size
+        runs.write_config(out, {**cfg.to_dict(), **data})
+        runs.write_metrics(out, metrics)
+        atomic_write_json(out / REPORT, report.to_dict())
+    finish_run(out)
+    return metrics
+
+
+def _iterative(cfg: SparsifyConfig, sp: Sparsifier, out: Path, pruned: Any, train: Any) -> Sparsifier:
+    """``--steps`` x (prune, fine-tune); each finished step is saved under ``OUT/steps/`` so ``--resume`` continues
+    after it (the folder is removed at the end)."""
+    import shutil
+
+    steps_dir = out / "steps"
+    targets = iterative_targets(cfg.target(), cfg.steps)
+    start = 1
+    done = sorted(int(p.name.split("-")[0]) for p in steps_dir.glob("*-done")) if cfg.resume else []
+    if done:
+        model = runs.load_model(steps_dir / f"{done[-1]}-done", cfg.device)  # masks come back with it
+        sp = Sparsifier(model, sp.settings, sp.example_inputs, calib_data=sp.calib_data, device=cfg.device)
+        sp.current, start = targets[done[-1] - 1], done[-1] + 1
+        log.info("sparsify: resuming after iterative step %d/%d", done[-1], cfg.steps)
+    for k in range(start, cfg.steps + 1):
+        log.info("sparsify iterative step %d/%d: sparsity %.4f", k, cfg.steps, targets[k - 1])
+        sp.step(targets[k - 1])
+        pruned(sp, k)
+        train([sp], steps_dir / str(k), f"sparsify-step{k}")
+        for row in runs.read_history(steps_dir / str(k)):
+            runs.append_history(out, row)
+        sp.finalize()
+        runs.save_model(steps_dir / f"{k}-done", sp.model)
+    shutil.rmtree(steps_dir, ignore_errors=True)
+    return sp

@@ -3,6 +3,7 @@ honest reporting and clear errors (issue 7)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -279,7 +280,12 @@ def test_mask_keeper_covers_momentum_left_from_before_the_mask():
     _steps(model, o, 1)  # momentum buffers are now non-zero everywhere
     sparsify(model, "l1", 0.5, example_inputs=X)
     masks = {n: get_mask(model.get_submodule(n)).clone() for n in SPARSIFIED}
-    _steps(model, o, 1, keeper=MaskKeeper(), check=masks)
+    bare = copy.deepcopy(model)
+    ob = torch.optim.SGD(bare.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    ob.load_state_dict(o.state_dict())
+    with pytest.raises(AssertionError):  # without the keeper, the old momentum revives pruned weights
+        _steps(bare, ob, 1, check=masks)
+    _steps(model, o, 1, keeper=MaskKeeper(), check=masks)  # asserts exact zeros after every optimizer step
 
 
 def test_fit_with_iterative_steps_keeps_masks_and_monotone():

@@ -233,3 +233,39 @@ def test_cli(tiny_run, tmp_path, capsys):
     assert "--ratios" in capsys.readouterr().err
     assert main(["sensitivity", "--from", str(tiny_run), "--criterion", "l7"]) == 2
     assert "unknown criterion 'l7'" in capsys.readouterr().err
+
+
+def test_prune_with_sensitivity_caps_each_group(tiny_run, tmp_path, capsys):
+    from prunekit import runs
+    from prunekit.cli.main import main
+    from prunekit.report.sensitivity import ratio_caps
+
+    sens = tmp_path / "sens"
+    assert main(["sensitivity", "--from", str(tiny_run), "--ratios", "0.25,0.5,0.75", "--val-samples", "96",
+                 "--calib-batches", "1", "--batch-size", "48", "--out", str(sens)]) == 0
+    caps = ratio_caps(sens, 0.5)
+    out = tmp_path / "pruned"
+    assert main(["prune", "--from", str(tiny_run), "--criterion", "l1", "--ratio", "0.6", "--scope", "local",
+                 "--sensitivity", str(sens), "--max-drop", "0.5", "--out", str(out)]) == 0
+    before, after = runs.load_model(tiny_run), runs.load_model(out)
+    for g in read_sensitivity(sens)["groups"]:
+        layer = g["name"]
+        c0 = before.get_submodule(layer).weight.shape[0]
+        c1 = after.get_submodule(layer).weight.shape[0]
+        assert (c0 - c1) / c0 <= min(0.6, caps[g["regex"]]) + 1e-9, (layer, c0, c1, caps[g["regex"]])
+
+
+def test_ratio_caps_of_zero_leave_the_group_alone():
+    import torch
+    from torch import nn
+
+    from prunekit.pruning import prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    report = prune(model, torch.randn(1, 1, 9, 9), criterion="l1", ratio=0.5, scope="local",
+                   ratio_caps={"0": 0.0, "2": 0.25})
+    assert model[0].out_channels == 8 and model[2].out_channels == 6  # untouched; capped at 25%
+    assert [g.name for g in report.groups] == ["2"]
+    with pytest.raises(Exception, match="ratio_caps"):
+        prune(model, torch.randn(1, 1, 9, 9), criterion="l1", ratio=0.5, ratio_caps={"nothing_here": 0.5})

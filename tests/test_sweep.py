@@ -21,7 +21,8 @@ from prunekit.cli.main import main
 from prunekit.errors import ConfigError
 from prunekit.measure import count_macs, count_params
 from prunekit.models import create_model
-from prunekit.pipeline.sweep import Range, _pareto_front, collect_results, parse_grid, run_sweep, write_results
+from prunekit.pipeline.sweep import Range, collect_results, parse_grid, run_sweep, write_results
+from prunekit.report.pareto import pareto_front
 
 DATA = "data: {dataset: digits, batch_size: 256, image_size: 8}\n"
 PRUNE = "  prune: {criterion: l1, ratio: 0.4, calib_batches: 2}\n"
@@ -89,8 +90,8 @@ def test_parse_grid_values_and_ranges():
 
 def test_pareto_front_ties_and_dominance():
     pts = [(50, 90.0), (40, 89.0), (30, 85.0), (45, 86.0), (60, 90.0), (40, 89.0), (30, 80.0)]
-    assert _pareto_front(pts) == [2, 1, 5, 0]  # by cost; the exact twin (40, 89) stays, (60, 90) is dominated
-    assert _pareto_front([]) == []
+    assert pareto_front(pts) == [2, 1, 5, 0]  # by cost; the exact twin (40, 89) stays, (60, 90) is dominated
+    assert pareto_front([]) == []
 
 
 def _fake_point(out: Path, index: int, name: str, settings: dict, status: str, macs: float | None = None,

@@ -4,6 +4,7 @@ Example::
 
     prunekit prune --from runs/base --criterion l1 --ratio 0.35 --out runs/pruned
     prunekit prune --from runs/base --criterion taylor --target-macs 0.6 --calib-batches 20 --out runs/pruned
+    prunekit prune --from runs/base --criterion l1 --ratio 0.5 --sensitivity runs/base/sensitivity --max-drop 1.0
 
 The output folder holds the standard run files plus ``prune_report.json`` (the full ``PruneReport``).
 """
@@ -44,6 +45,10 @@ class PruneConfig(DataArgs, PruneSettings, _FromOut):
     recalibrate_bn: bool = Field(True, description="re-estimate BatchNorm statistics on --calib-batches clean "
                                  "training batches after pruning")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
+    sensitivity: Path | None = Field(None, description="a sensitivity.json (prunekit sensitivity) turned into "
+                                     "per-layer ratio caps with --max-drop")
+    max_drop: float = Field(1.0, ge=0, description="with --sensitivity: a group may lose at most the largest tested "
+                            "ratio that cost it at most this many top-1 points")
 
 
 def prune_run(cfg: PruneConfig) -> dict[str, Any]:
@@ -73,6 +78,13 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
                  before.get("top1", float("nan")), cfg.criterion, cfg.scope, goal)
         t0 = time.perf_counter()
         settings = PruneSettings.model_validate(cfg.model_dump(include=set(PruneSettings.model_fields)))
+        if cfg.sensitivity is not None:
+            from prunekit.report.sensitivity import ratio_caps
+
+            caps = ratio_caps(cfg.sensitivity, cfg.max_drop)
+            log.info("prune: %d per-group ratio caps from %s (max drop %g points), %d of them 0", len(caps),
+                     cfg.sensitivity, cfg.max_drop, sum(c == 0 for c in caps.values()))
+            settings = settings.model_copy(update={"ratio_caps": {**caps, **settings.ratio_caps}})
         report = prune_with_settings(model, x, settings, calib_data=calib, device=device)
         recalibrated = 0
         if cfg.recalibrate_bn and batchnorms(model):

@@ -50,13 +50,11 @@ from prunekit._io import atomic_write_json, atomic_write_text
 from prunekit.config import read_yaml
 from prunekit.errors import ConfigError, RunDirError, closest
 from prunekit.pipeline.recipe import DEMO_RECIPE, STAGES, Recipe, is_finished, set_dotted, stage_configs, stage_dirs
+from prunekit.report.pareto import pareto_front
+from prunekit.report.targets import DEFAULT_TARGETS, TARGETS, check_targets, describe_targets, meets_targets
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TARGETS = {"macs": 0.4, "drop": 1.5}
-# target -> (results column, sense): the column must be >= or <= the target value
-TARGETS = {"macs": ("macs_reduction", ">="), "params": ("params_reduction", ">="),
-           "latency": ("latency_reduction", ">="), "drop": ("top1_drop", "<="), "top1": ("top1", ">=")}
 # objective -> (results column, Optuna direction)
 OBJECTIVES = {"top1": ("top1", "maximize"), "top5": ("top5", "maximize"), "drop": ("top1_drop", "minimize"),
               "macs": ("macs", "minimize"), "params": ("params", "minimize"), "latency": ("latency_ms", "minimize")}
@@ -180,29 +178,6 @@ def resolve_key(key: str, recipe: Recipe) -> str:
     if option in _SET_BY_SWEEP:
         raise ConfigError(f"--grid {key!r}: {option!r} is set by the sweep for every point and cannot be swept")
     return ".".join(parts)
-
-
-def check_targets(targets: Mapping[str, Any]) -> dict[str, float]:
-    """Validate ``{"macs": 0.4, "drop": 1.5}``-style targets (see ``TARGETS``)."""
-    out = {}
-    for k, v in targets.items():
-        if k not in TARGETS:
-            raise ConfigError(f"--targets: unknown target {k!r}; valid: macs, params, latency (fraction cut, e.g. "
-                              "0.4), drop (top-1 points), top1 (%)")
-        try:
-            out[k] = float(v)
-        except (TypeError, ValueError):
-            raise ConfigError(f"--targets {k}={v!r}: not a number") from None
-        if k in ("macs", "params", "latency") and not 0 <= out[k] < 1:
-            raise ConfigError(f"--targets {k}={v}: a fraction cut must be in [0, 1), e.g. {k}=0.4 for 40%")
-    return out
-
-
-def describe_targets(targets: Mapping[str, float]) -> str:
-    """``{"macs": 0.4, "drop": 1.5}`` -> ``"MACs cut >= 40%, top-1 drop <= 1.5 pts"``."""
-    words = {"macs": "MACs cut >= {:.0%}", "params": "params cut >= {:.0%}", "latency": "latency cut >= {:.0%}",
-             "drop": "top-1 drop <= {:g} pts", "top1": "top-1 >= {:g}%"}
-    return ", ".join(words[k].format(v) for k, v in targets.items()) or "none"
 
 
 def check_objectives(objectives: Sequence[str]) -> list[str]:
@@ -744,20 +719,7 @@ def constraint_values(row: dict[str, Any], targets: Mapping[str, float]) -> list
 
 
 def meets(row: dict[str, Any], targets: Mapping[str, float]) -> bool:
-    return row["status"] == "ok" and all(c <= 0 for c in constraint_values(row, targets))
-
-
-def _pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the non-dominated ``(cost, value)`` pairs (lower cost, higher value is better), by cost.
-
-    Private stand-in for ``prunekit.report.pareto.pareto_front`` until that lands.
-    """
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front: list[int] = []
-    for i in order:
-        if not front or points[i][1] > points[front[-1]][1] or points[i] == points[front[-1]]:
-            front.append(i)
-    return front
+    return row["status"] == "ok" and meets_targets(row, targets)
 
 
 def collect_results(out: str | Path, targets: Mapping[str, float] | None = None) -> SweepResult:
@@ -774,7 +736,7 @@ def collect_results(out: str | Path, targets: Mapping[str, float] | None = None)
     fronts = {}
     for cost in ("macs", "latency_ms"):
         cand = [r for r in rows if r["status"] == "ok" and cost in r and "top1" in r]
-        fronts[cost] = [cand[i]["point"] for i in _pareto_front([(r[cost], r["top1"]) for r in cand])]
+        fronts[cost] = [cand[i]["point"] for i in pareto_front([(r[cost], r["top1"]) for r in cand])]
     ok = [r for r in rows if meets(r, targets)]
     best = max(ok, key=lambda r: (r["top1"], -r.get("macs", math.inf)), default=None)
     for r in rows:

@@ -25,7 +25,7 @@ from prunekit.pruning.structured.criteria import get_criterion
 from prunekit.pruning.structured.criteria.base import CalibContext, Criterion
 from prunekit.pruning.structured.graph import PruningGraph, Unit
 from prunekit.pruning.structured.heads import sync_attributes
-from prunekit.pruning.structured.plan import plan_units, unit_overrides
+from prunekit.pruning.structured.plan import apply_ratio_caps, plan_units, unit_overrides
 from prunekit.pruning.structured.report import GroupRecord, PruneReport
 from prunekit.pruning.structured.search import count_macs_meta, search_ratio
 from prunekit.pruning.structured.selection import Selection, select
@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: float | None = None, *,
           target_macs: float | None = None, scope: str = "global", calib_data: Iterable | None = None,
           compensate: str = "none", preset: str | None = None, ignore: Iterable[str] = (),
-          only: Iterable[str] = (), ratio_overrides: dict[str, float] | None = None, round_to: int | None = None,
+          only: Iterable[str] = (), ratio_overrides: dict[str, float] | None = None,
+          ratio_caps: dict[str, float] | None = None, round_to: int | None = None,
           max_ratio: float = 0.9, heads: bool = False, normalize: str = "mean", calib_batches: int = 50,
           seed: int = 0, loss_fn: Callable | None = None, device: str | torch.device | None = None) -> PruneReport:
     """Prune ``model`` in place (structured: whole channels, optionally whole attention heads).
@@ -55,6 +56,8 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
         preset: ``"mlp-only"`` (transformer MLPs) or ``"interior"`` (CNN block-internal channels).
         ignore, only: module-name regexes (a parent's name covers its children).
         ratio_overrides: ``{regex: ratio}`` per-layer ratios.
+        ratio_caps: ``{regex: max ratio}`` per-layer caps (e.g. ``prunekit.report.ratio_caps`` of a sensitivity
+            analysis); a cap of 0 leaves the group unpruned.
         round_to: kept channels rounded to a multiple of this.
         max_ratio: no group loses more than this fraction of its channels (never all of them).
         heads: remove whole attention heads (timm / HF BERT-style attention), ranked within each attention
@@ -73,7 +76,8 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
     """
     settings = PruneSettings.build(dict(
         criterion=criterion, ratio=ratio, target_macs=target_macs, scope=scope, compensate=compensate, preset=preset,
-        ignore=list(ignore), only=list(only), ratio_overrides=dict(ratio_overrides or {}), round_to=round_to,
+        ignore=list(ignore), only=list(only), ratio_overrides=dict(ratio_overrides or {}),
+        ratio_caps=dict(ratio_caps or {}), round_to=round_to,
         max_ratio=max_ratio, heads=heads, normalize=normalize, calib_batches=calib_batches, seed=seed),
         source="prune()")
     return prune_with_settings(model, example_inputs, settings, calib_data=calib_data, loss_fn=loss_fn, device=device)
@@ -92,7 +96,7 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
                          preset=s.preset, heads=s.heads)
     graph = PruningGraph(model, example_inputs)
     report.macs_before, report.params_before = count_macs_meta(graph, example_inputs), count_params(model)
-    units = plan_units(graph, s)
+    units = apply_ratio_caps(plan_units(graph, s), s, graph)
     overrides = unit_overrides(units, s, graph)
     ctx = CalibContext(model=model, example_inputs=example_inputs, calib_data=calib_data,
                        max_batches=s.calib_batches, device=device, loss_fn=loss_fn,

@@ -41,6 +41,7 @@ class Unit:
     multiple_of: int = 1  # kept channels must be a multiple of this (nn.MultiheadAttention's num_heads)
     attention: Attention | None = None  # set: whole heads are the elements
     group: Any = field(default=None, repr=False)  # the full torch-pruning group (all channels), for scoring
+    max_ratio: float | None = None  # this unit's own cap (``ratio_caps``), below the global ``max_ratio``
 
     @property
     def size(self) -> int:

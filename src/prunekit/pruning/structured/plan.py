@@ -5,7 +5,14 @@ from __future__ import annotations
 import logging
 
 from prunekit.errors import PruningError
-from prunekit.pruning.structured.graph import PruningGraph, Unit, compile_patterns, first_override, match_layers
+from prunekit.pruning.structured.graph import (
+    PruningGraph,
+    Unit,
+    compile_patterns,
+    first_override,
+    match_layers,
+    matches,
+)
 from prunekit.pruning.structured.presets import PRESETS
 from prunekit.pruning.structured.settings import PruneSettings
 
@@ -52,6 +59,30 @@ def plan_units(graph: PruningGraph, s: PruneSettings) -> list[Unit]:
                            f"ignore={s.ignore}); the classifier's outputs are never pruned")
     log.debug("%d prunable groups: %s", len(units), ", ".join(u.name for u in units))
     return units
+
+
+def apply_ratio_caps(units: list[Unit], s: PruneSettings, graph: PruningGraph) -> list[Unit]:
+    """Set each unit's own cap from ``ratio_caps`` (the lowest cap of any regex matching one of its layers) and
+    leave out the units capped at 0. A regex that matches no module is an error."""
+    if not s.ratio_caps:
+        return units
+    names = list(graph.modules)
+    for key in s.ratio_caps:
+        match_layers(names, [key], "ratio_caps", names)  # raises naming near candidates
+    compiled = dict(zip(s.ratio_caps, compile_patterns(s.ratio_caps, "ratio_caps")))
+    kept = []
+    for u in units:
+        caps = [c for k, c in s.ratio_caps.items() if any(matches(layer, compiled[k]) for layer in u.layers)]
+        u.max_ratio = min(caps) if caps else None
+        if u.max_ratio == 0:
+            continue
+        kept.append(u)
+    if len(kept) < len(units):
+        log.info("ratio_caps: %d of %d groups left unpruned (cap 0), %d capped below max_ratio", len(units) - len(kept),
+                 len(units), sum(u.max_ratio is not None and u.max_ratio < s.max_ratio for u in kept))
+    if not kept:
+        raise PruningError("ratio_caps leave no group to prune (every group is capped at 0)")
+    return kept
 
 
 def unit_overrides(units: list[Unit], s: PruneSettings, graph: PruningGraph) -> dict[str, float]:

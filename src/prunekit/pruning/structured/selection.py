@@ -30,7 +30,9 @@ def keep_count(size: int, ratio: float) -> int:
 
 
 def max_removable(unit: Unit, max_ratio: float) -> int:
-    """Elements that may go: at most ``max_ratio`` of them, and never the last one."""
+    """Elements that may go: at most ``max_ratio`` (or the unit's own lower cap) of them, and never the last one."""
+    if unit.max_ratio is not None:
+        max_ratio = min(max_ratio, unit.max_ratio)
     min_keep = max(1, math.ceil(unit.size * (1.0 - max_ratio) - 1e-9))
     return max(0, unit.size - min_keep)
 

@@ -31,6 +31,8 @@ class PruneSettings(Config):
     only: list[str] = Field(default_factory=list, description="regexes of module names: prune only these")
     ratio_overrides: dict[str, float] = Field(default_factory=dict, description="per-layer ratios by module-name "
                                               "regex, e.g. 'layer1\\..*=0.3'")
+    ratio_caps: dict[str, float] = Field(default_factory=dict, description="per-layer maximum ratios by module-name "
+                                         "regex (e.g. from `prunekit sensitivity`); 0 = never prune it")
     round_to: int | None = Field(None, ge=1, description="round kept channels to a multiple of this")
     max_ratio: float = Field(0.9, gt=0, le=1, description="no layer loses more than this fraction of its channels")
     heads: bool = Field(False, description="remove whole attention heads (timm and HF BERT-style attention)")
@@ -69,6 +71,15 @@ class PruneSettings(Config):
             _compile(p)
             if not 0 < r < 1:
                 raise ValueError(f"ratio {r} for {p!r} must be in (0, 1)")
+        return v
+
+    @field_validator("ratio_caps")
+    @classmethod
+    def _caps(cls, v: dict[str, float]) -> dict[str, float]:
+        for p, r in v.items():
+            _compile(p)
+            if not 0 <= r <= 1:
+                raise ValueError(f"cap {r} for {p!r} must be in [0, 1]")
         return v
 
     @classmethod

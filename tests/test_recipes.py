@@ -88,3 +88,12 @@ def test_structured_then_2to4_inside_a_recipe(tmp_path):
     sparse = [m for m in model.modules() if hasattr(m, "weight_mask")]
     assert sparse and all(nm_violations(m.weight, 2, 4) == 0 for m in sparse)
     assert res["sparsify"]["sparsity"] == pytest.approx(0.5)
+
+
+def test_overrides_accept_the_short_stage_form(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("stages:\n  baseline: {model: smallcnn, epochs: 1}\n  prune: {criterion: l1, ratio: 0.4}\n")
+    short = load_recipe(p, {"prune.criterion": "l2", "stages.prune.ratio": 0.3, "seed": 3})
+    assert short.stages["prune"] == {"criterion": "l2", "ratio": 0.3} and short.seed == 3
+    with pytest.raises(ConfigError, match="criterion"):
+        load_recipe(p, {"prune.criterion": "l7"})

@@ -91,8 +91,11 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
 
 
 def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
-    """``set_dotted(recipe, "stages.prune.ratio", 0.3)``."""
+    """``set_dotted(recipe, "stages.prune.ratio", 0.3)``; ``prune.ratio`` (a stage name first) means the same."""
     parts = key.split(".")
+    if len(parts) > 1 and parts[0] not in Recipe.model_fields and (
+            parts[0] in (d.get("stages") or {}) or parts[0] in STAGES.names()):
+        parts = ["stages", *parts]
     cur = d
     for p in parts[:-1]:
         cur = cur.setdefault(p, {})

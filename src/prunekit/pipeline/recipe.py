@@ -200,7 +200,7 @@ def recipe_report(recipe: Recipe, out: str | Path | None = None) -> Path | None:
         return None
     try:
         dest = Path(out) if out else Path(recipe.out) / "report"
-        return make_report(dirs, dest, title=f"prunekit: {recipe.name}").html
+        return make_report(dirs, dest, title=f"prunekit: {recipe.name or Path(recipe.out).name}").html
     except Exception as e:  # noqa: BLE001 - the runs are done and kept; a report failure must not hide them
         log.warning("the runs are done, but their report failed (%s: %s); retry with `prunekit report %s`",
                     type(e).__name__, e, " ".join(str(d) for d in dirs))

@@ -22,9 +22,10 @@ from pydantic import Field
 from prunekit import runs
 from prunekit._io import atomic_write_json
 from prunekit.config import Config
-from prunekit.data import DataArgs, get_dataset, make_loader
+from prunekit.data import DataArgs
 from prunekit.data.core import data_settings
 from prunekit.errors import ConfigError
+from prunekit.pipeline.stages import loaders
 from prunekit.pruning.structured import PruneSettings, prune_with_settings, recalibrate_bn
 from prunekit.pruning.structured.bn import batchnorms
 
@@ -70,9 +71,8 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
         spec = model.prunekit_spec
         before = runs.read_metrics(cfg.from_dir)
         x = runs.example_inputs(spec, 1, device)
-        calib = make_loader(get_dataset(data["dataset"], "calib", data_dir=data["data_dir"],
-                                        image_size=data["image_size"], download=cfg.download),
-                            cfg.batch_size, shuffle=True, seed=cfg.seed, workers=cfg.workers)
+        ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download, splits=("calib", "val"))
+        calib = ld["calib"]
         goal = f"target_macs {cfg.target_macs}" if cfg.target_macs is not None else f"ratio {cfg.global_ratio}"
         log.info("prune: %s from %s (top1 %.2f%%), %s %s, %s", spec.name, cfg.from_dir,
                  before.get("top1", float("nan")), cfg.criterion, cfg.scope, goal)
@@ -90,10 +90,7 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
         if cfg.recalibrate_bn and batchnorms(model):
             recalibrated = recalibrate_bn(model, calib, cfg.calib_batches, device)
         seconds = time.perf_counter() - t0
-        val = make_loader(get_dataset(data["dataset"], "val", data_dir=data["data_dir"],
-                                      image_size=data["image_size"], download=cfg.download),
-                          cfg.batch_size, workers=cfg.workers)
-        metrics = {**evaluate(model, val, device), "macs": report.macs_after, "params": report.params_after,
+        metrics = {**evaluate(model, ld["val"], device), "macs": report.macs_after, "params": report.params_after,
                    "macs_before": report.macs_before, "params_before": report.params_before,
                    "macs_kept": report.macs_kept, "params_kept": report.params_kept, "ratio": report.ratio,
                    "target_macs": cfg.target_macs, "criterion": cfg.criterion, "scope": cfg.scope,

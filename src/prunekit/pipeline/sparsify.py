@@ -25,7 +25,7 @@ from pydantic import Field
 
 from prunekit import runs
 from prunekit._io import atomic_write_json
-from prunekit.data import DataArgs, get_dataset, make_loader
+from prunekit.data import DataArgs
 from prunekit.data.core import data_settings
 from prunekit.errors import ConfigError
 from prunekit.pipeline.stages import loaders
@@ -109,11 +109,9 @@ def sparsify_run(cfg: SparsifyConfig) -> dict[str, Any]:
         spec = model.prunekit_spec
         before = runs.read_metrics(cfg.from_dir)
         x = runs.example_inputs(spec, 1, device)
-        calib = make_loader(get_dataset(data["dataset"], "calib", data_dir=data["data_dir"],
-                                        image_size=data["image_size"], download=cfg.download),
-                            cfg.batch_size, shuffle=True, seed=cfg.seed, workers=cfg.workers)
         ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download,
-                     splits=("train", "val") if cfg.epochs else ("val",))
+                     splits=("train", "calib", "val") if cfg.epochs else ("calib", "val"))
+        calib = ld["calib"]
         log.info("sparsify: %s from %s (top1 %.2f%%): %s to %.4f, %s schedule, %d epochs", spec.name, cfg.from_dir,
                  before.get("top1", float("nan")), cfg.method, cfg.target(), cfg.schedule, cfg.epochs)
         t0 = time.perf_counter()

@@ -80,7 +80,8 @@ def loaders(data: dict[str, Any], batch_size: int, seed: int = 0, workers: int =
         ds = get_dataset(data["dataset"], split, data_dir=data["data_dir"], image_size=data["image_size"],
                          download=download, limit=data.get("train_samples") if split == "train" else None)
         # under torchrun only the training set is split across ranks; every rank validates on the full set
-        out[split] = make_loader(ds, batch_size, shuffle=split == "train", seed=seed, drop_last=False,
+        # calib is shuffled too (seeded): its first N batches must be a fair sample of every class
+        out[split] = make_loader(ds, batch_size, shuffle=split in ("train", "calib"), seed=seed, drop_last=False,
                                  workers=workers, distributed=is_distributed() and split == "train")
     return out
 

@@ -258,6 +258,35 @@ class Embedder(nn.Module):
         return (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, C)
 
 
+def docstring_sentences(n: int, seed: int = 0) -> list[str]:
+    """``n`` real English sentences (6-40 words, mostly letters) from the docstrings of Python's standard library:
+    generic calibration text, disjoint from the held-out sentences."""
+    import ast
+    import random
+    import re
+    import sysconfig
+
+    out: set[str] = set()
+    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8", errors="ignore"))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node) or ""
+                for sent in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                    words = sent.split()
+                    letters = sum(c.isalpha() or c.isspace() for c in sent) / max(1, len(sent))
+                    if 6 <= len(words) <= 40 and letters > 0.9 and sent[0].isupper() and sent.endswith("."):
+                        out.add(sent)
+    pool = sorted(out - set(SENTENCES))
+    random.Random(seed).shuffle(pool)
+    if len(pool) < n:
+        raise SystemExit(f"--extra-calib {n}: only {len(pool)} docstring sentences found")
+    return pool[:n]
+
+
 def batches(tok, sentences: list[str], batch_size: int) -> list[dict]:
     out = []
     for i in range(0, len(sentences), batch_size):
@@ -299,6 +328,8 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(str(i) for i in range(len(METHODS))),
                     help="indices into the prunekit rows: " + "; ".join(f"{i}={m[0]}" for i, m in enumerate(METHODS)))
     ap.add_argument("--batch-size", type=int, default=20)
+    ap.add_argument("--extra-calib", type=int, default=0, help="add this many real English sentences from the "
+                    "docstrings of Python's standard library to the calibration half (the held-out half is unchanged)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     a = ap.parse_args()
     if a.threads:
@@ -311,7 +342,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(path)
     dense = Embedder(AutoModel.from_pretrained(path)).eval()
     assert len(SENTENCES) >= 200, len(SENTENCES)
-    calib = batches(tok, SENTENCES[0::2], a.batch_size)  # calibrate on one half ...
+    extra = docstring_sentences(a.extra_calib) if a.extra_calib else []
+    calib = batches(tok, SENTENCES[0::2] + extra, a.batch_size)  # calibrate on one half (+ extra text) ...
     held = batches(tok, SENTENCES[1::2], a.batch_size)  # ... evaluate on the other
     example = {k: v[:2] for k, v in calib[0].items()}
     ref = embed(dense, held)
@@ -331,13 +363,14 @@ def main() -> None:
         for k in keeps:
             model = copy.deepcopy(dense)
             prune(model, example, crit, ratio=1 - k, preset="mlp-only", scope=a.scope, calib_data=calib,
-                  compensate=comp)
+                  compensate=comp, calib_batches=len(calib))
             vals.append(cosine(model))
         rows.append((f"{label} ({a.scope})", vals, time.perf_counter() - t0))
         print(f"{rows[-1][0]:<36}" + "".join(f"{v:>8.4f}" for v in vals), flush=True)
 
     print(f"\nMiniLM-L6 FFN pruning, no fine-tuning: mean cosine to the dense embedding on {len(SENTENCES[1::2])} "
-          f"held-out sentences (calibration: the other {len(SENTENCES[0::2])})")
+          f"held-out sentences (calibration: the other {len(SENTENCES[0::2])}"
+          + (f" + {len(extra)} standard-library docstring sentences)" if extra else ")"))
     print(f"{'keep':<36}" + "".join(f"{k:>8.2f}" for k in keeps) + f"{'seconds':>9}")
     for label, vals, sec in rows:
         print(f"{label:<36}" + "".join(f"{v:>8.4f}" for v in vals) + f"{sec:>9.1f}")

@@ -2,13 +2,17 @@
 
 Each layer's ``intermediate.dense -> output.dense`` hidden units are pruned (``preset="mlp-only"``) to keep 0.9 /
 0.7 / 0.5 / 0.3 of them. The score is the mean cosine similarity between the pruned and the dense model's
-mean-pooled sentence embeddings on held-out sentences (calibration on the other half of the 200 sentences below).
+mean-pooled sentence embeddings on 102 held-out sentences (every second one of the 204 below). Calibration: the other
+102, plus ``--calib-more N`` of the 472 sentences of the same kind in ``benchmarks/data/calib_sentences.txt`` (all by
+default; ``--calib-more 0`` is the 102-sentence setting), plus, optionally, off-domain text (``--extra-calib N
+--extra-source docstrings|fortunes``) to show what calibrating on other text does.
 Rows: torch-pruning's plain L2 magnitude (MetaPruner, the baseline of shared/MEASURED.md), then prunekit criteria
 with and without compensation (``lstsq`` with its cross-validated ridge; ``variance_conditional`` chooses the units
 that ``lstsq`` can rebuild from the kept ones).
 
-    python benchmarks/vbp_bert.py                      # about 5-10 minutes on 2 cores
-    python benchmarks/vbp_bert.py --keeps 0.5 --scope global
+    python benchmarks/vbp_bert.py                      # about 10-15 minutes on 2 cores
+    python benchmarks/vbp_bert.py --keeps 0.5 --calib-more 0 --methods 3,5
+    python benchmarks/vbp_bert.py --keeps 0.5 --calib-more 0 --extra-calib 1500 --extra-source fortunes
 """
 
 from __future__ import annotations
@@ -287,6 +291,47 @@ def docstring_sentences(n: int, seed: int = 0) -> list[str]:
     return pool[:n]
 
 
+FORTUNES = Path("/usr/share/games/fortunes")  # Debian package ``fortunes``
+
+
+def fortune_sentences(n: int, seed: int = 0) -> list[str]:
+    """``n`` English sentences from the Debian ``fortunes`` package (quotes, jokes, verse): general text of another
+    style than the held-out sentences."""
+    import random
+    import re
+
+    if not FORTUNES.is_dir():
+        raise SystemExit(f"--extra-source fortunes: {FORTUNES} not found (apt-get install fortunes)")
+    out: set[str] = set()
+    for f in sorted(FORTUNES.iterdir()):
+        if f.suffix in (".dat", ".u8") or not f.is_file() or f.is_symlink():
+            continue
+        for cookie in f.read_text(encoding="utf-8", errors="ignore").split("\n%\n"):
+            body = " ".join(ln for ln in cookie.splitlines() if not ln.strip().startswith("--"))
+            for sent in re.split(r"(?<=[.!?])\s+", " ".join(body.split())):
+                words = sent.split()
+                letters = sum(c.isalpha() or c.isspace() for c in sent) / max(1, len(sent))
+                if 6 <= len(words) <= 40 and letters > 0.9 and sent[0].isupper() and sent[-1] in ".?!":
+                    out.add(sent)
+    pool = sorted(out - set(SENTENCES))
+    random.Random(seed).shuffle(pool)
+    if len(pool) < n:
+        raise SystemExit(f"--extra-calib {n}: only {len(pool)} fortune sentences found")
+    return pool[:n]
+
+
+def calib_sentences(n: int) -> list[str]:
+    """The first ``n`` (-1: all) hand-written sentences of ``data/calib_sentences.txt``: the held-out sentences'
+    kind (everyday statements and questions), none of them among the 204 above."""
+    lines = (Path(__file__).parent / "data" / "calib_sentences.txt").read_text(encoding="utf-8").splitlines()
+    lines = [ln.strip() for ln in lines if ln.strip()]
+    if set(lines) & set(SENTENCES):
+        raise SystemExit("data/calib_sentences.txt repeats held-out sentences")
+    if n > len(lines):
+        raise SystemExit(f"--calib-more {n}: the file has {len(lines)} sentences")
+    return lines if n < 0 else lines[:n]
+
+
 def batches(tok, sentences: list[str], batch_size: int) -> list[dict]:
     out = []
     for i in range(0, len(sentences), batch_size):
@@ -328,8 +373,12 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(str(i) for i in range(len(METHODS))),
                     help="indices into the prunekit rows: " + "; ".join(f"{i}={m[0]}" for i, m in enumerate(METHODS)))
     ap.add_argument("--batch-size", type=int, default=20)
-    ap.add_argument("--extra-calib", type=int, default=0, help="add this many real English sentences from the "
-                    "docstrings of Python's standard library to the calibration half (the held-out half is unchanged)")
+    ap.add_argument("--calib-more", type=int, default=-1, help="hand-written calibration sentences of the held-out "
+                    "kind taken from data/calib_sentences.txt (-1: all 472; 0: none)")
+    ap.add_argument("--extra-calib", type=int, default=0, help="add this many off-domain English sentences "
+                    "(--extra-source) to the calibration set (the held-out half is unchanged)")
+    ap.add_argument("--extra-source", default="docstrings", choices=["docstrings", "fortunes"],
+                    help="off-domain text: docstrings of Python's standard library, or the Debian fortunes package")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     a = ap.parse_args()
     if a.threads:
@@ -342,8 +391,11 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(path)
     dense = Embedder(AutoModel.from_pretrained(path)).eval()
     assert len(SENTENCES) >= 200, len(SENTENCES)
-    extra = docstring_sentences(a.extra_calib) if a.extra_calib else []
-    calib = batches(tok, SENTENCES[0::2] + extra, a.batch_size)  # calibrate on one half (+ extra text) ...
+    more = calib_sentences(a.calib_more)
+    extra = []
+    if a.extra_calib:
+        extra = (docstring_sentences if a.extra_source == "docstrings" else fortune_sentences)(a.extra_calib)
+    calib = batches(tok, SENTENCES[0::2] + more + extra, a.batch_size)  # calibrate on one half (+ more text) ...
     held = batches(tok, SENTENCES[1::2], a.batch_size)  # ... evaluate on the other
     example = {k: v[:2] for k, v in calib[0].items()}
     ref = embed(dense, held)
@@ -369,8 +421,8 @@ def main() -> None:
         print(f"{rows[-1][0]:<36}" + "".join(f"{v:>8.4f}" for v in vals), flush=True)
 
     print(f"\nMiniLM-L6 FFN pruning, no fine-tuning: mean cosine to the dense embedding on {len(SENTENCES[1::2])} "
-          f"held-out sentences (calibration: the other {len(SENTENCES[0::2])}"
-          + (f" + {len(extra)} standard-library docstring sentences)" if extra else ")"))
+          f"held-out sentences (calibration: the other {len(SENTENCES[0::2])} + {len(more)} of the same kind"
+          + (f" + {len(extra)} {a.extra_source} sentences)" if extra else ")"))
     print(f"{'keep':<36}" + "".join(f"{k:>8.2f}" for k in keeps) + f"{'seconds':>9}")
     for label, vals, sec in rows:
         print(f"{label:<36}" + "".join(f"{v:>8.4f}" for v in vals) + f"{sec:>9.1f}")

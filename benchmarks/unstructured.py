@@ -2,8 +2,10 @@
 
 A registry ResNet is trained to its plateau once (cached in ``--out/baseline``), then every method prunes a fresh copy
 at each sparsity (``nm`` and ``intra-kernel`` have the sparsity their pattern fixes), BatchNorm statistics are
-re-estimated, and the model is fine-tuned for ``--ft-epochs`` with the masks fixed. ``movement`` prunes during the
-fine-tune (gradual cubic schedule), so it has no "after pruning" figure. One table, plus ``results.json``.
+re-estimated, and the model is fine-tuned for ``--ft-epochs`` with the masks fixed. ``movement`` prunes during
+training: its scores (-w * grad) accumulate over ``--movement-ramp`` epochs while the sparsity rises on the cubic
+schedule, then it gets the same ``--ft-epochs`` with the masks fixed as the other methods (so it has no "after pruning"
+figure, and one training epoch more per ramp epoch). One table, plus ``results.json``.
 
     python benchmarks/unstructured.py                                  # modest: 10k train images, 2k val
     python benchmarks/unstructured.py --train-subset 60000 --val-subset 10000 --epochs 10 --ft-epochs 2   # full
@@ -38,6 +40,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--val-subset", type=int, default=2000, help="validation images used (10000: all)")
     p.add_argument("--epochs", type=int, default=10, help="baseline training epochs")
     p.add_argument("--ft-epochs", type=int, default=1, help="fine-tuning epochs after pruning")
+    p.add_argument("--movement-ramp", type=int, default=1, help="movement: epochs of gradual pruning before the "
+                   "--ft-epochs with fixed masks")
     p.add_argument("--lr", type=float, default=0.1, help="baseline peak learning rate (fine-tune: lr / 10)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--methods", default="l1,global,taylor,random,kernel,movement,nm,intra-kernel")
@@ -89,8 +93,9 @@ def main() -> None:
             t0 = time.perf_counter()
             raw = pruned = None
             if method == "movement":
-                sched = GradualSchedule(sp, a.ft_epochs * len(train), settings.target(), end=0.75)
-                fit(model, train, val, ft, callbacks=[sp, sched])
+                total = a.movement_ramp + a.ft_epochs
+                sched = GradualSchedule(sp, total * len(train), settings.target(), end=a.movement_ramp / total)
+                fit(model, train, val, ft.model_copy(update={"epochs": total}), callbacks=[sp, sched])
                 sched.finish()
             else:
                 sp.step()

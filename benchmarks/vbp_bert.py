@@ -8,7 +8,8 @@ default; ``--calib-more 0`` is the 102-sentence setting), plus, optionally, off-
 --extra-source docstrings|fortunes``) to show what calibrating on other text does.
 Rows: torch-pruning's plain L2 magnitude (MetaPruner, the baseline of shared/MEASURED.md), then prunekit criteria
 with and without compensation (``lstsq`` with its cross-validated ridge; ``variance_conditional`` chooses the units
-that ``lstsq`` can rebuild from the kept ones).
+that ``lstsq`` can rebuild from the kept ones), the last with ``scope="adaptive"`` (per-layer ratios from each
+layer's measured damage to the embedding on the calibration sentences).
 
     python benchmarks/vbp_bert.py                      # about 10-15 minutes on 2 cores
     python benchmarks/vbp_bert.py --keeps 0.5 --calib-more 0 --methods 3,5
@@ -356,13 +357,14 @@ def tp_l2(model: nn.Module, example: dict, keep: float) -> nn.Module:
     return model
 
 
-METHODS = [  # (label, criterion, compensate)
-    ("prunekit l2", "l2", "none"),
-    ("variance", "variance", "none"),
-    ("variance + mean", "variance", "mean"),
-    ("variance + lstsq", "variance", "lstsq"),
-    ("variance_weighted + lstsq", "variance_weighted", "lstsq"),
-    ("variance_conditional + lstsq", "variance_conditional", "lstsq"),
+METHODS = [  # (label, criterion, compensate, scope: None = --scope)
+    ("prunekit l2", "l2", "none", None),
+    ("variance", "variance", "none", None),
+    ("variance + mean", "variance", "mean", None),
+    ("variance + lstsq", "variance", "lstsq", None),
+    ("variance_weighted + lstsq", "variance_weighted", "lstsq", None),
+    ("variance_conditional + lstsq", "variance_conditional", "lstsq", None),
+    ("variance_conditional + lstsq", "variance_conditional", "lstsq", "adaptive"),
 ]
 
 
@@ -410,14 +412,15 @@ def main() -> None:
                  time.perf_counter() - t0))
     print(f"{rows[-1][0]:<36}" + "".join(f"{v:>8.4f}" for v in rows[-1][1]), flush=True)
     for i in (int(s) for s in a.methods.split(",")):
-        label, crit, comp = METHODS[i]
+        label, crit, comp, scope = METHODS[i]
+        scope = scope or a.scope
         t0, vals = time.perf_counter(), []
         for k in keeps:
             model = copy.deepcopy(dense)
-            prune(model, example, crit, ratio=1 - k, preset="mlp-only", scope=a.scope, calib_data=calib,
+            prune(model, example, crit, ratio=1 - k, preset="mlp-only", scope=scope, calib_data=calib,
                   compensate=comp, calib_batches=len(calib))
             vals.append(cosine(model))
-        rows.append((f"{label} ({a.scope})", vals, time.perf_counter() - t0))
+        rows.append((f"{label} ({scope})", vals, time.perf_counter() - t0))
         print(f"{rows[-1][0]:<36}" + "".join(f"{v:>8.4f}" for v in vals), flush=True)
 
     print(f"\nMiniLM-L6 FFN pruning, no fine-tuning: mean cosine to the dense embedding on {len(SENTENCES[1::2])} "

@@ -339,3 +339,26 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert img.size == (1200, 1600)
     dark = sum(img.histogram()[:200])  # pixels clearly darker than the white page
     assert dark > 0.01 * img.size[0] * img.size[1], "the screenshot is blank"
+
+
+def test_method_names_the_compensation_and_sweeps_plot_by_method(tree):
+    from prunekit.report.plots import method_family
+
+    cfg = tree["pruned"] / "config.yaml"
+    saved = cfg.read_text() if cfg.is_file() else None
+    try:
+        # the pruned run's metrics name no compensation (as runs written before they did): its config.yaml does
+        cfg.write_text("criterion: l1\ncompensate: mean\n")
+        recs = {r.label: r for r in collect_runs([tree["pruned"], tree["tuned"]])}
+        assert recs["pruned"].row["method"] == "l1+mean global r=0.50"
+        assert recs["tuned"].row["method"] == "l1+mean global r=0.50"  # from the prune stage it descends from
+        cfg.write_text("criterion: l1\ncompensate: none\n")
+        recs = {r.label: r for r in collect_runs([tree["pruned"]])}
+        assert recs["pruned"].row["method"] == "l1 global r=0.50"
+    finally:
+        if saved is None:
+            cfg.unlink()
+        else:
+            cfg.write_text(saved)
+    assert method_family("variance+lstsq global macs=0.35") == "variance+lstsq global"
+    assert method_family("l1 local r=0.50") == "l1 local"

@@ -94,6 +94,7 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
                    "macs_before": report.macs_before, "params_before": report.params_before,
                    "macs_kept": report.macs_kept, "params_kept": report.params_kept, "ratio": report.ratio,
                    "target_macs": cfg.target_macs, "criterion": cfg.criterion, "scope": cfg.scope,
+                   "compensate": cfg.compensate,
                    "groups_pruned": report.groups_pruned, "bn_recalibration_batches": recalibrated,
                    "top1_before": before.get("top1"), "prune_seconds": round(seconds, 2), "stage": "prune",
                    "from": str(cfg.from_dir), **data}

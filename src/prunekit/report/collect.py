@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from prunekit import runs
 from prunekit.errors import ConfigError, RunDirError
 from prunekit.report.pareto import pareto_front
@@ -142,7 +144,8 @@ def _method(chain: Sequence[Path]) -> str:
     for d in chain:
         m = read_json(d / runs.METRICS) or {}
         if m.get("criterion"):
-            how = f"{m['criterion']} {m.get('scope', '')}".strip()
+            comp = m.get("compensate", _config_value(d, "compensate"))
+            how = f"{m['criterion']}{'+' + comp if comp not in (None, 'none') else ''} {m.get('scope', '')}".strip()
             if m.get("target_macs") is not None:
                 how += f" macs={m['target_macs']:g}"
             elif m.get("ratio") is not None:
@@ -151,6 +154,15 @@ def _method(chain: Sequence[Path]) -> str:
         if m.get("stage") == "pat":
             return "pat"
     return "-"
+
+
+def _config_value(run_dir: Path, key: str) -> Any:
+    """A setting from the run's ``config.yaml`` (runs written before metrics.json carried it), or None."""
+    try:
+        cfg = runs.read_config(run_dir)
+    except (OSError, yaml.YAMLError):  # an unreadable config only costs the label its detail
+        return None
+    return cfg.get(key) if isinstance(cfg, dict) else None
 
 
 def _labels(dirs: Sequence[Path]) -> list[str]:

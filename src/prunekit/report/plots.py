@@ -6,6 +6,7 @@ plot (no profile, no sparse run, ...); the report then says so in words.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,19 +38,38 @@ def save(fig: Any, path: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- accuracy vs MACs
+MAX_LABELLED = 6  # more pruned runs than this: grouped by method instead of labelled one by one
+
+
+def method_family(method: str) -> str:
+    """``"variance+mean global macs=0.5"`` -> ``"variance+mean global"``: the method without its target."""
+    return re.sub(r"\s+(macs|r)=\S+$", "", method) or method
+
+
 def plot_accuracy_vs_macs(records: Sequence[RunRecord], path: str | Path,
                           targets: Mapping[str, float] | None = None) -> Path:
     """Top-1 vs MACs of every run, the Pareto front as a step line, and the goal region for a single baseline."""
     fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     pts = [(r.row["macs"] / 1e6, r.row["top1"]) for r in records]
+    pruned = [(r, p) for r, p in zip(records, pts) if not r.is_baseline]
     for r, (x, y) in zip(records, pts):
-        ax.scatter([x], [y], marker="s" if r.is_baseline else "o", s=46, zorder=3,
-                   color="#444444" if r.is_baseline else None, label=r.label)
-        ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if r.is_baseline:
+            ax.scatter([x], [y], marker="s", s=46, zorder=3, color="#444444", label=r.label)
+    if len(pruned) > MAX_LABELLED:  # a sweep: one line per method (criterion, compensation, scope), no labels
+        families: dict[str, list[tuple[float, float]]] = {}
+        for r, p in pruned:
+            families.setdefault(method_family(str(r.row.get("method", "-"))), []).append(p)
+        for name, fp in families.items():
+            fp.sort()
+            ax.plot([p[0] for p in fp], [p[1] for p in fp], marker="o", ms=5, lw=1, zorder=3, label=name)
+    else:
+        for r, (x, y) in pruned:
+            ax.scatter([x], [y], marker="o", s=46, zorder=3, label=r.label)
+            ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     front = pareto_front(pts)
     if len(front) > 1:
-        ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="#d62728", lw=1.2,
+        ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="black", lw=1.2,
                 alpha=0.7, zorder=2, label="Pareto front")
     bases = {id(r.baseline): r.baseline for r in records if r.baseline is not None}
     if targets and len(bases) == 1:

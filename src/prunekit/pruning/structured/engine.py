@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
@@ -50,7 +50,9 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
         criterion: channel scoring rule (``prunekit.pruning.list_criteria()``).
         ratio: fraction of channels to remove (default 0.5); exclusive with ``target_macs``.
         target_macs: fraction of MACs to keep; the global ratio is searched on copies (within 1%).
-        scope: ``"global"`` (one threshold over all groups) or ``"local"`` (same ratio per group).
+        scope: ``"global"`` (one threshold over all groups), ``"local"`` (same ratio per group) or
+            ``"adaptive"`` (per-group ratios from each group's measured damage to the output on ``calib_data``,
+            channel-weighted mean ``ratio``; see ``prunekit.pruning.structured.allocate``).
         calib_data: iterable of batches (tensors, (x, y) pairs or dicts) for data-driven criteria/compensation.
         compensate: ``"none"``, ``"mean"`` or ``"lstsq"`` bias compensation of consumers.
         preset: ``"mlp-only"`` (transformer MLPs) or ``"interior"`` (CNN block-internal channels).
@@ -85,8 +87,10 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
 
 def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSettings, *,
                         calib_data: Iterable | None = None, loss_fn: Callable | None = None,
-                        device: str | torch.device | None = None) -> PruneReport:
-    """``prune`` with a validated ``PruneSettings`` (what the CLI calls)."""
+                        device: str | torch.device | None = None,
+                        units_only: Collection[str] | None = None) -> PruneReport:
+    """``prune`` with a validated ``PruneSettings`` (what the CLI calls). ``units_only``: prune only the groups
+    with these names (a group is named after its root layer); what ``scope="adaptive"`` uses for its trials."""
     t0 = time.perf_counter()
     s = settings
     crit = get_criterion(s.criterion, **({"seed": s.seed} if s.criterion == "random" else {}))
@@ -97,7 +101,20 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
     graph = PruningGraph(model, example_inputs)
     report.macs_before, report.params_before = count_macs_meta(graph, example_inputs), count_params(model)
     units = apply_ratio_caps(plan_units(graph, s), s, graph)
+    if units_only is not None:
+        units = [u for u in units if u.name in units_only]
+        if not units:
+            raise PruningError(f"none of the groups {sorted(units_only)} is among the prunable groups")
     overrides = unit_overrides(units, s, graph)
+    if s.scope == "adaptive":
+        from prunekit.pruning.structured.allocate import adaptive_overrides, calib_batches
+
+        calib_data = calib_batches(calib_data, s.calib_batches)
+        free = [u for u in units if u.name not in overrides]
+        auto, report.allocation = adaptive_overrides(model, example_inputs, free, s, calib_data, device,
+                                                     prune_with_settings, loss_fn)
+        overrides.update(auto)
+        units = [u for u in units if u.name in overrides]  # a group allocated ratio 0 stays whole
     ctx = CalibContext(model=model, example_inputs=example_inputs, calib_data=calib_data,
                        max_batches=s.calib_batches, device=device, loss_fn=loss_fn,
                        targets=sorted({n for u in units for n in u.layers}))
@@ -112,7 +129,7 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
     if s.target_macs is not None:
         report.ratio, scores, report.search = search_ratio(graph, example_inputs, units, scores, s, overrides,
                                                            report.macs_before)
-    sel = select(units, scores, report.ratio, s.scope, overrides, s.max_ratio, s.round_to)
+    sel = select(units, scores, report.ratio, _selection_scope(s), overrides, s.max_ratio, s.round_to)
     if sel.shortfall and s.target_macs is None:
         pooled = sum(u.size for u in units if u.name not in overrides and u.attention is None)
         raise PruningError(f"ratio {report.ratio} cannot be reached with max_ratio {s.max_ratio}: every group hits "
@@ -136,6 +153,11 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
     return report
 
 
+def _selection_scope(s: PruneSettings) -> str:
+    """``adaptive`` selects like ``local``: every group has its own ratio (its override)."""
+    return "local" if s.scope == "adaptive" else s.scope
+
+
 def selection_digests(sel: Selection) -> dict[str, str]:
     """Unit name -> a hash of the elements it loses (what torchrun ranks compare before pruning)."""
     return {name: tensor_digest([torch.tensor(sorted(el), dtype=torch.int64)])
@@ -147,7 +169,7 @@ def _drop_broken(graph: PruningGraph, units: list[Unit], scores: dict[str, torch
     """Leave out (loudly) the groups whose pruning breaks the forward pass, checked on a meta copy."""
     from prunekit.pruning.structured.verify import broken_units
 
-    trial = select(units, scores, s.global_ratio if s.target_macs is None else 0.5, s.scope, overrides,
+    trial = select(units, scores, s.global_ratio if s.target_macs is None else 0.5, _selection_scope(s), overrides,
                    s.max_ratio, s.round_to)
     bad = broken_units(graph, units, trial, example_inputs)
     if not bad:

@@ -31,6 +31,7 @@ class PruneReport:
         compensation: one dict per compensated consumer layer (empty without compensation).
         capped: groups held at ``max_ratio``.
         search: ``[(ratio, macs_kept_fraction), ...]`` tried by the ``target_macs`` search.
+        allocation: ``scope="adaptive"``: group -> ``{"ratio": r, "trials": [[ratio, damage], ...]}``.
     """
 
     criterion: str
@@ -48,6 +49,7 @@ class PruneReport:
     compensation: list[dict[str, Any]] = field(default_factory=list)
     capped: list[str] = field(default_factory=list)
     search: list[tuple[float, float]] = field(default_factory=list)
+    allocation: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property

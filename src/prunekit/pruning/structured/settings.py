@@ -19,8 +19,10 @@ class PruneSettings(Config):
     ratio: float | None = Field(None, gt=0, lt=1, description="fraction of channels removed (default 0.5)")
     target_macs: float | None = Field(None, gt=0, lt=1, description="fraction of MACs to keep; the global ratio "
                                       "is searched until the pruned model is within 1 percent of it (replaces --ratio)")
-    scope: Literal["global", "local"] = Field("global", description="global: one threshold over all layers; "
-                                              "local: the same ratio in every layer")
+    scope: Literal["global", "local", "adaptive"] = Field(
+        "global", description="global: one threshold over all layers; local: the same ratio in every layer; "
+        "adaptive: per-layer ratios from each layer's measured damage to the output (calibration data; see "
+        "prunekit.pruning.structured.allocate)")
     normalize: Literal["mean", "max", "none"] = Field("mean", description="per-layer score normalisation "
                                                       "before global ranking")
     compensate: Literal["none", "mean", "lstsq"] = Field("none", description="bias compensation of the layers "

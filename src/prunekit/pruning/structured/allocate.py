@@ -200,13 +200,12 @@ def adaptive_overrides(model: nn.Module, example_inputs: Any, units: list[Unit],
     if settings.target_macs is not None:
         raise ConfigError("scope='adaptive' allocates a channel ratio; it cannot be combined with target_macs "
                           f"({settings.target_macs}): give --ratio, or use scope global/local with --target-macs")
-    batches = calib_data
     ratio = settings.global_ratio
     trial_settings = settings.model_copy(update={"scope": "local", "ratio_overrides": {}})
-    damage_of = OutputDamage(model, batches, device)
+    damage_of = OutputDamage(model, calib_data, device)
     damage: dict[str, list[tuple[float, float]]] = {}
     t0 = time.perf_counter()
-    n_trials = 0
+    left_whole: list[str] = []
     for i, u in enumerate(units):
         cap = min(settings.max_ratio, u.max_ratio if u.max_ratio is not None else 1.0)
         trials = sorted({round(min(f * ratio, cap), 4) for f in TRIAL_FACTORS} - {0.0})
@@ -214,18 +213,26 @@ def adaptive_overrides(model: nn.Module, example_inputs: Any, units: list[Unit],
         for r in trials:
             trial = copy.deepcopy(model)
             s = trial_settings.model_copy(update={"ratio": r})
-            with _quiet():
-                prune_fn(trial, example_inputs, s, calib_data=batches, loss_fn=loss_fn, device=device,
-                         units_only={u.name})
+            try:
+                with _quiet():
+                    prune_fn(trial, example_inputs, s, calib_data=calib_data, loss_fn=loss_fn, device=device,
+                             units_only={u.name})
+            except PruningError as e:  # e.g. rounding leaves nothing to remove at this ratio
+                log.warning("scope='adaptive': %s is left whole: pruning it alone at ratio %.2f failed: %s",
+                            u.name, r, e)
+                left_whole.append(u.name)
+                break
             damage[u.name].append((r, damage_of(trial)))
-            n_trials += 1
             del trial
+        if u.name in left_whole:
+            del damage[u.name]
+            continue
         log.info("adaptive %d/%d %s: damage %s (%.0f s)", i + 1, len(units), u.name,
                  ", ".join(f"{d:.2e} at {r:.2f}" for r, d in damage[u.name]), time.perf_counter() - t0)
     # torchrun: each rank measured on its own batches; allocate from the average, identically on every rank
     merged = all_reduce_mean({n: torch.tensor([d for _, d in pts], dtype=torch.float64) for n, pts in damage.items()})
     damage = {n: [(r, float(v)) for (r, _), v in zip(pts, merged[n])] for n, pts in damage.items()}
-    alloc = allocate(units, damage, ratio)
+    alloc = allocate([u for u in units if u.name in damage], damage, ratio)
     info = {n: {"ratio": round(alloc[n], 4), "trials": [[r, d] for r, d in damage[n]]} for n in alloc}
     zero = [n for n, r in alloc.items() if r <= 0]
     if zero:

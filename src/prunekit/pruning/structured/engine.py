@@ -115,6 +115,8 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
                                                      prune_with_settings, loss_fn)
         overrides.update(auto)
         units = [u for u in units if u.name in overrides]  # a group allocated ratio 0 stays whole
+        if not units:
+            raise PruningError("scope='adaptive' leaves every group whole (see the warnings above); nothing to prune")
     ctx = CalibContext(model=model, example_inputs=example_inputs, calib_data=calib_data,
                        max_batches=s.calib_batches, device=device, loss_fn=loss_fn,
                        targets=sorted({n for u in units for n in u.layers}))

@@ -11,7 +11,7 @@ with and without compensation (``lstsq`` with its cross-validated ridge; ``varia
 that ``lstsq`` can rebuild from the kept ones), the last with ``scope="adaptive"`` (per-layer ratios from each
 layer's measured damage to the embedding on the calibration sentences).
 
-    python benchmarks/vbp_bert.py                      # about 10-15 minutes on 2 cores
+    python benchmarks/vbp_bert.py --threads 1          # about 20 minutes on 2 cores
     python benchmarks/vbp_bert.py --keeps 0.5 --calib-more 0 --methods 3,5
     python benchmarks/vbp_bert.py --keeps 0.5 --calib-more 0 --extra-calib 1500 --extra-source fortunes
 """

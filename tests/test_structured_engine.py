@@ -255,3 +255,31 @@ def test_deadline_turns_a_runaway_block_into_a_pruning_error():
             while True:
                 pass
     assert time.perf_counter() - t < 5
+
+
+def test_a_group_torch_pruning_cannot_finish_is_left_whole_with_a_warning(monkeypatch, caplog):
+    """torch-pruning's group search runs away on a few graphs (Swin's last stage): that root keeps its channels,
+    the others are pruned, and the warning names it."""
+    import torch_pruning as tp
+
+    from prunekit.pruning.structured import graph as graph_mod
+
+    torch.manual_seed(0)
+    model = ResToy().eval()
+    monkeypatch.setattr(graph_mod, "GROUP_ROOT_TIMEOUT_S", 1)
+    real = tp.DependencyGraph.get_pruning_group
+
+    def runaway(self, module, fn, idxs):
+        if module is model.conv1:
+            while True:
+                pass
+        return real(self, module, fn, idxs)
+
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", runaway)
+    x = torch.randn(2, 3, 8, 8)
+    with caplog.at_level("WARNING"):
+        prune(model, x, "l1", ratio=0.5)
+    assert model.conv1.out_channels == 16  # stuck root: whole
+    assert model.stem[0].out_channels == 4  # the residual stream group: pruned
+    assert "conv1" in caplog.text and "keep their output channels" in caplog.text
+    assert model(x).shape == (2, 5)

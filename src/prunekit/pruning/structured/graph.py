@@ -8,6 +8,7 @@ heads) to remove.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import signal
@@ -23,6 +24,8 @@ from torch import nn
 
 from prunekit.errors import ConfigError, PruningError, closest
 from prunekit.pruning.structured.heads import Attention, find_attention
+
+log = logging.getLogger(__name__)
 
 # layers whose output channels root a group (torch-pruning's default minus LSTM)
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
@@ -68,7 +71,7 @@ class Unit:
         return [e + g * gs for g in range(self.ch_groups) for e in elements]
 
 
-GROUPING_TIMEOUT_S = 900  # torch-pruning's group search can loop forever on a few graphs
+GROUP_ROOT_TIMEOUT_S = 20  # one root's group search; torch-pruning's can run away on a few graphs
 
 
 @contextmanager
@@ -122,6 +125,7 @@ class PruningGraph:
             model.train(was_training)
         self.modules: dict[str, nn.Module] = dict(model.named_modules())
         self.attention: list[Attention] = find_attention(model)
+        self.stuck: list[str] = []  # roots whose group torch-pruning did not finish (see groups())
         self.layers: list[str] = [n for n, m in self.modules.items()
                                   if isinstance(m, ROOT_TYPES) and m in self.DG.module2node]
 
@@ -142,19 +146,48 @@ class PruningGraph:
 
     def groups(self, ignored: Iterable[str] = ()) -> list[Any]:
         """All torch-pruning groups whose root is a conv/linear layer, skipping ``ignored`` layers as roots and
-        every group that would prune the output channels of a model output."""
+        every group that would prune the output channels of a model output.
+
+        The same walk as torch-pruning's ``get_all_groups``, one root at a time under a deadline: torch-pruning
+        1.6's index mapping runs away on a few graphs (Swin's last stage, rotary attention, ReXNet's partial
+        residuals), growing without bound. A root whose group is not built within ``GROUP_ROOT_TIMEOUT_S`` is left
+        unpruned with a warning (its layers keep their channels); the rest of the model is still pruned.
+        """
+        dg = self.DG
         ignored_modules = [self.modules[n] for n in ignored] + self.output_modules()
-        try:
-            with deadline(GROUPING_TIMEOUT_S, f"torch-pruning did not finish grouping the layers of "
-                          f"{type(self.model).__name__} within {GROUPING_TIMEOUT_S} s (torch-pruning 1.6 loops on "
-                          "some graphs, e.g. rotary attention or ReXNet's partial residuals); exclude the layers "
-                          "with ignore=[...]"):
-                return list(self.DG.get_all_groups(ignored_layers=ignored_modules, root_module_types=ROOT_TYPES))
-        except PruningError:
-            raise
-        except Exception as e:
-            raise PruningError(f"torch-pruning could not group the layers of {type(self.model).__name__}: "
-                               f"{type(e).__name__}: {e}") from e
+        ignored_ids = {id(m) for m in [*ignored_modules, *dg.IGNORED_LAYERS_IN_TRACING]}
+        visited: set[int] = set()
+        groups, stuck = [], []
+        for m in list(dg.module2node):
+            if id(m) in ignored_ids or id(m) in visited or not isinstance(m, ROOT_TYPES):
+                continue
+            pruner = dg.get_pruner_of_module(m)
+            if pruner is None or pruner.get_out_channels(m) is None:
+                continue
+            name = self.name(m) or type(m).__name__
+            try:
+                with deadline(GROUP_ROOT_TIMEOUT_S, name):
+                    group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+            except PruningError:
+                stuck.append(name)
+                visited.add(id(m))
+                continue
+            except Exception as e:
+                raise PruningError(f"torch-pruning could not group the layers of {type(self.model).__name__} "
+                                   f"(group of {name!r}): {type(e).__name__}: {e}") from e
+            prunable = True
+            for dep, _ in group:
+                if dg.is_out_channel_pruning_fn(dep.handler):
+                    visited.add(id(dep.target.module))
+                    prunable = prunable and id(dep.target.module) not in ignored_ids
+            if prunable:
+                groups.append(group)
+        if stuck:
+            log.warning("torch-pruning did not finish the dependency group of %d layer(s) of %s within %d s each; "
+                        "they keep their output channels: %s", len(stuck), type(self.model).__name__,
+                        GROUP_ROOT_TIMEOUT_S, ", ".join(stuck))
+        self.stuck = stuck
+        return groups
 
     def members(self, group: Any) -> tuple[list[str], list[str]]:
         """(conv/linear layers pruned on the output side, those pruned on the input side) of a group."""

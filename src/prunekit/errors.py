@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -41,3 +42,14 @@ def unknown_name_message(kind: str, name: str, choices: Iterable[str]) -> str:
     near = closest(name, choices)
     hint = f"; did you mean {', '.join(repr(c) for c in near)}?" if near else ""
     return f"unknown {kind} {name!r}{hint} Valid {kind} names: {', '.join(choices)}"
+
+
+def compile_patterns(patterns: Iterable[str], option: str) -> list[re.Pattern]:
+    """Compile user regexes; a bad one is a ``ConfigError`` naming ``option`` and the pattern."""
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise ConfigError(f"{option}: {p!r} is not a valid regular expression: {e}") from None
+    return out

@@ -22,7 +22,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from prunekit.errors import ConfigError, PruningError, closest
+from prunekit.errors import ConfigError, PruningError, closest, compile_patterns
 from prunekit.pruning.structured.heads import Attention, find_attention
 
 log = logging.getLogger(__name__)
@@ -234,16 +234,6 @@ class PruningGraph:
 
 
 # ----------------------------------------------------------------------------------------------- regexes
-def compile_patterns(patterns: Iterable[str], option: str) -> list[re.Pattern]:
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as e:
-            raise ConfigError(f"{option}: {p!r} is not a valid regular expression: {e}") from None
-    return out
-
-
 def _ancestors(name: str) -> list[str]:
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from prunekit.errors import PruningError
+from prunekit.errors import PruningError, compile_patterns
 from prunekit.pruning.structured.graph import (
     PruningGraph,
     Unit,
-    compile_patterns,
     first_override,
     match_layers,
     matches,

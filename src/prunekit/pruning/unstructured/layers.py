@@ -9,7 +9,6 @@ the prunable layers execute; without example inputs the registration order is us
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.errors import ConfigError, PruningError
+from prunekit.errors import ConfigError, PruningError, compile_patterns
 from prunekit.measure.macs import call_model
 
 log = logging.getLogger(__name__)
@@ -33,16 +32,6 @@ class LayerSelection:
     skipped: dict[str, str] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)  # every prunable layer, in execution order
     macs: dict[str, int] = field(default_factory=dict)  # per-sample MACs of each prunable layer (when traced)
-
-
-def compile_patterns(patterns: Sequence[str], option: str) -> list[re.Pattern]:
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as e:
-            raise ConfigError(f"--{option}: {p!r} is not a valid regular expression: {e}") from None
-    return out
 
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -92,7 +81,7 @@ def select_layers(model: nn.Module, only: Sequence[str] = (), ignore: Sequence[s
     Example:
         >>> select_layers(model, ignore=[r"downsample"], example_inputs=torch.randn(1, 3, 32, 32)).layers.keys()
     """
-    only_re, ignore_re = compile_patterns(only, "only"), compile_patterns(ignore, "ignore")
+    only_re, ignore_re = compile_patterns(only, "--only"), compile_patterns(ignore, "--ignore")
     candidates = prunable_layers(model)
     if not candidates:
         raise PruningError(f"{type(model).__name__} has no convolution or linear layer to sparsify")

@@ -145,6 +145,8 @@ def test_taylor_scores_are_the_accumulated_abs_w_times_grad():
     dl = loader(32, 16)
     layers = {n: model.get_submodule(n) for n in SPARSIFIED}
     got = Taylor().calibrate(model, layers, dl, max_batches=2)
+    # every gradient the backward passes filled is put back (biases and BN too, not only the scored weights)
+    assert all(p.grad is None for p in model.parameters())
     want = {n: torch.zeros_like(m.weight) for n, m in layers.items()}
     for x, y in dl:
         model.zero_grad()

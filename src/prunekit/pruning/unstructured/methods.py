@@ -18,6 +18,7 @@ A method is one small class; register a new one with ``@register_method("name")`
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -26,8 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.errors import PruningError
-from prunekit.measure.macs import call_model
-from prunekit.pruning.structured.criteria.base import split_batch, to_device
+from prunekit.pruning.structured.criteria.base import accumulate_taylor, split_batch, to_device
 from prunekit.registry import Registry
 
 METHODS: Registry[type[Method]] = Registry("sparsify method")
@@ -108,37 +108,11 @@ class Taylor(Method):
     def calibrate(self, model: nn.Module, layers: dict[str, nn.Module], data: Iterable, max_batches: int,
                   loss_fn: Callable[..., torch.Tensor] | None = None,
                   device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        loss_fn = loss_fn or F.cross_entropy
-        params = [m.weight for m in layers.values()]
-        saved = [p.grad for p in params]
-        acc = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in layers.items()}
-        was_training = model.training
-        model.eval()
-        self.batches = 0
-        try:
-            for batch in data:
-                if self.batches >= max_batches:
-                    break
-                x, y = split_batch(batch)
-                if y is None:
-                    raise PruningError("method 'taylor' needs labelled calibration batches ((inputs, labels) pairs or "
-                                       "dicts with 'labels'); got batches without labels")
-                x, y = to_device(x, device), y.to(device)
-                for p in params:
-                    p.grad = None
-                with torch.enable_grad():
-                    loss_fn(call_model(model, x), y).backward()
-                for n, m in layers.items():
-                    if m.weight.grad is not None:
-                        acc[n] += (m.weight.detach() * m.weight.grad).abs().float()
-                self.batches += 1
-        finally:
-            for p, g in zip(params, saved):
-                p.grad = g
-            model.train(was_training)
-        if self.batches == 0:
-            raise PruningError("method 'taylor' got no calibration batches; pass calib_data (labelled batches)")
-        return acc
+        batches = ((to_device(x, device), None if y is None else y.to(device))
+                   for x, y in map(split_batch, itertools.islice(data, max_batches)))
+        acc, self.batches = accumulate_taylor(model, [m.weight for m in layers.values()], batches,
+                                              loss_fn or F.cross_entropy, "method 'taylor'")
+        return dict(zip(layers, acc))
 
 
 @register_method("movement", help="movement -w * grad accumulated during training (needs a training phase)")

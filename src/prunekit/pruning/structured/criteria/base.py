@@ -79,6 +79,41 @@ def to_device(x: Any, device: str | torch.device) -> Any:
     return x
 
 
+def accumulate_taylor(model: nn.Module, params: list[torch.Tensor], batches: Iterable[tuple[Any, Any]],
+                      loss_fn: Callable[..., torch.Tensor], what: str) -> tuple[list[torch.Tensor], int]:
+    """``sum_b |w * dL_b/dw|`` for each of ``params`` over labelled ``(x, y)`` batches (per-batch absolute value),
+    the model in eval mode (BN running statistics, no dropout); the parameters' ``.grad`` and the model's mode are
+    restored. Returns the float32 sums and the number of batches; ``what`` names the caller in errors."""
+    from prunekit.measure import call_model
+
+    every = [p for p in model.parameters() if p.requires_grad]  # backward fills all of them: all are restored
+    saved = [p.grad for p in every]
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    was_training = model.training
+    model.eval()
+    n = 0
+    try:
+        for x, y in batches:
+            if y is None:
+                raise PruningError(f"{what} needs labelled calibration batches ((inputs, labels) pairs or dicts "
+                                   "with 'labels'); got batches without labels")
+            for p in every:
+                p.grad = None
+            with torch.enable_grad():
+                loss_fn(call_model(model, x), y).backward()
+            for a, p in zip(acc, params):
+                if p.grad is not None:
+                    a += (p.detach() * p.grad).abs().float()
+            n += 1
+    finally:
+        for p, g in zip(every, saved):
+            p.grad = g
+        model.train(was_training)
+    if n == 0:
+        raise PruningError(f"{what} got no calibration batches; pass calib_data with labelled batches")
+    return acc, n
+
+
 def root_name(group: Any) -> str:
     """Name of the group's root layer (for messages)."""
     module = group[0].dep.target.module

@@ -17,9 +17,8 @@ import torch_pruning as tp
 from torch import nn
 
 from prunekit.errors import PruningError
-from prunekit.measure import call_model
 from prunekit.pruning.structured.criteria import register_criterion
-from prunekit.pruning.structured.criteria.base import CalibContext, Criterion
+from prunekit.pruning.structured.criteria.base import CalibContext, Criterion, accumulate_taylor
 
 
 @register_criterion("taylor")
@@ -36,32 +35,10 @@ class Taylor(Criterion):
         self.batches = 0
 
     def calibrate(self, ctx: CalibContext) -> None:
-        model = ctx.model
-        loss_fn = ctx.loss_fn or F.cross_entropy
-        params = [p for p in model.parameters() if p.requires_grad]
-        saved = [p.grad for p in params]
-        self._acc = {p: torch.zeros_like(p, dtype=torch.float32) for p in params}
-        was_training = model.training
-        model.eval()  # deterministic: BN running statistics, no dropout
-        try:
-            for x, y in ctx.batches():
-                if y is None:
-                    raise PruningError("criterion 'taylor' needs labelled calibration batches ((inputs, labels) "
-                                       "pairs or dicts with 'labels'); got batches without labels")
-                for p in params:
-                    p.grad = None
-                with torch.enable_grad():
-                    loss_fn(call_model(model, x), y).backward()
-                for p in params:
-                    if p.grad is not None:
-                        self._acc[p] += (p.detach() * p.grad).abs().float()
-                self.batches += 1
-        finally:
-            for p, g in zip(params, saved):
-                p.grad = g
-            model.train(was_training)
-        if self.batches == 0:
-            raise PruningError("criterion 'taylor' got no calibration batches; pass calib_data with labelled batches")
+        params = [p for p in ctx.model.parameters() if p.requires_grad]
+        acc, self.batches = accumulate_taylor(ctx.model, params, ctx.batches(), ctx.loss_fn or F.cross_entropy,
+                                              "criterion 'taylor'")
+        self._acc = dict(zip(params, acc))
 
     @contextmanager
     def _accumulated_weights(self) -> Iterator[None]:

@@ -3,8 +3,10 @@
 For torchvision ResNet-50 and timm ViT-B/16 (random weights):
   * statistics throughput: ``collect_stats`` over the same batches as a plain ``torch.no_grad`` forward, the two
     timed alternately (medians over rounds; this machine is noisy). Reported as forward time / statistics time
-    (1.0 = free). Two target sets: the VBP layers (``interior`` / ``mlp-only``) and every prunable layer.
-    The graph is traced once beforehand and passed in (its cost is the "trace" column).
+    (1.0 = free), and again without the one-off set-up of each call (finding the points and consumers, timed
+    alone), which a real calibration run of tens of batches amortises. Two target sets: the VBP layers
+    (``interior`` / ``mlp-only``) and every prunable layer. The graph is traced once beforehand and passed in
+    (its cost is the "trace" column).
   * graph + prune seconds: tracing the dependency graph, and a whole ``prune()`` call (l1 at ratio 0.5; variance
     + mean compensation on the calibration batches).
 
@@ -29,7 +31,7 @@ from prunekit.pruning import prune
 from prunekit.pruning.structured.graph import PruningGraph
 from prunekit.pruning.structured.plan import plan_units
 from prunekit.pruning.structured.settings import PruneSettings
-from prunekit.pruning.structured.stats import collect_stats
+from prunekit.pruning.structured.stats import _Finder, collect_stats
 
 
 def build(name: str) -> tuple[nn.Module, str]:
@@ -47,6 +49,15 @@ def build(name: str) -> tuple[nn.Module, str]:
 def targets(graph: PruningGraph, preset: str | None) -> list[str]:
     units = plan_units(graph, PruneSettings.build({"preset": preset}))
     return sorted({n for u in units for n in u.layers})
+
+
+def find_points(model: nn.Module, graph: PruningGraph, names: list[str]) -> None:
+    """What ``collect_stats`` does once per call before its first batch: find every layer's measuring point and
+    the layers consuming its channels (one torch-pruning group per layer)."""
+    finder = _Finder(model, graph.DG)
+    for n in names:
+        finder.point(n)
+        finder.consumers(n)
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -69,15 +80,17 @@ def bench(name: str, data: list[torch.Tensor], rounds: int) -> list[tuple]:
                 model(x)
 
     for label, names in {preset: targets(graph, preset), "all": targets(graph, None)}.items():
-        fwd, st = [], []
+        fwd, st, su = [], [], []
         stats = partial(collect_stats, model, data, names, graph=graph)
+        setup = partial(find_points, model, graph, names)
         for r in range(rounds):  # alternate which goes first
-            order = [(fwd, forward), (st, stats)]
+            order = [(fwd, forward), (st, stats), (su, setup)]
             for out, fn in order if r % 2 == 0 else order[::-1]:
                 out.append(timed(fn))
-        f, s = statistics.median(fwd), statistics.median(st)
-        rows.append((name, f"{label} ({len(names)} layers)", f, s, f / s))
-        print(f"{name:<9} stats {label:<9} forward {f:6.2f}s  stats {s:6.2f}s  throughput {f / s:.2f}x", flush=True)
+        f, s, u = statistics.median(fwd), statistics.median(st), statistics.median(su)
+        rows.append((name, f"{label} ({len(names)} layers)", f, s, u, f / s, f / (s - u)))
+        print(f"{name:<9} stats {label:<9} forward {f:6.2f}s  stats {s:6.2f}s (set-up {u:.2f}s)  throughput "
+              f"{f / s:.2f}x, {f / (s - u):.2f}x without the set-up", flush=True)
     t_l1 = timed(lambda: prune(copy.deepcopy(model), example, "l1", ratio=0.5))
     t_var = timed(lambda: prune(copy.deepcopy(model), example, "variance", ratio=0.5, preset=preset,
                                 calib_data=data, compensate="mean"))
@@ -107,9 +120,10 @@ def main() -> None:
 
     print(f"\nbatches: {a.batches} x {a.batch_size} images of {a.image_size}px, {torch.get_num_threads()} threads, "
           f"medians of {a.rounds} alternating rounds")
-    print(f"{'model':<10}{'statistics targets':<26}{'forward s':>10}{'stats s':>10}{'throughput':>11}")
-    for name, label, f, s, ratio in (r for r in rows if r[1] != "trace / prune"):
-        print(f"{name:<10}{label:<26}{f:>10.2f}{s:>10.2f}{ratio:>10.2f}x")
+    print(f"{'model':<10}{'statistics targets':<26}{'forward s':>10}{'stats s':>10}{'set-up s':>10}"
+          f"{'throughput':>11}{'w/o set-up':>11}")
+    for name, label, f, s, u, ratio, per_batch in (r for r in rows if r[1] != "trace / prune"):
+        print(f"{name:<10}{label:<26}{f:>10.2f}{s:>10.2f}{u:>10.2f}{ratio:>10.2f}x{per_batch:>10.2f}x")
     print(f"\n{'model':<10}{'trace s':>9}{'prune l1 s':>12}{'prune variance+mean s':>23}")
     for name, _, t, l1, var in (r for r in rows if r[1] == "trace / prune"):
         print(f"{name:<10}{t:>9.2f}{l1:>12.2f}{var:>23.2f}")

@@ -283,3 +283,40 @@ def test_a_group_torch_pruning_cannot_finish_is_left_whole_with_a_warning(monkey
     assert model.stem[0].out_channels == 4  # the residual stream group: pruned
     assert "conv1" in caplog.text and "keep their output channels" in caplog.text
     assert model(x).shape == (2, 5)
+
+
+class DeepConcat(nn.Module):
+    """``h = h + relu(h)`` ten times, then a concat: torch-pruning's channel inference walks 2^10 paths back from
+    the concat, more than its default budget of 500 steps (what makes torchvision's Swin-S/B fail to trace)."""
+
+    def __init__(self, blocks: int = 10):
+        super().__init__()
+        self.blocks = blocks
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        for _ in range(self.blocks):
+            h = h + torch.relu(h)
+        return self.fc3(torch.cat([h, self.fc2(x)], dim=1))
+
+
+def test_deep_stacks_before_a_concat_trace_with_a_larger_shape_inference_budget(monkeypatch):
+    import sys
+
+    import torch_pruning as tp
+
+    from prunekit.pruning.structured import graph as graph_mod
+
+    x = torch.randn(2, 8)
+    steps, stack = tp.dependency.constants.MAX_RECURSION_DEPTH, sys.getrecursionlimit()
+    torch.manual_seed(0)
+    model = DeepConcat().eval()
+    prune(model, x, "l1", ratio=0.5)
+    assert model.fc1.out_features < 16 and model.fc3.in_features == model.fc1.out_features + model.fc2.out_features
+    assert model(x).shape == (2, 4)
+    assert (tp.dependency.constants.MAX_RECURSION_DEPTH, sys.getrecursionlimit()) == (steps, stack)  # restored
+
+    monkeypatch.setattr(graph_mod, "SHAPE_INFERENCE_STEPS", 500)  # torch-pruning's own budget: cannot trace
+    with pytest.raises(PruningError, match="could not trace DeepConcat"):
+        prune(DeepConcat().eval(), x, "l1", ratio=0.5)

@@ -12,6 +12,7 @@ import logging
 import math
 import re
 import signal
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -94,6 +95,27 @@ def deadline(seconds: int, message: str) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+# torch-pruning's channel inference gives up after this many recursive steps (its default, 500, is too few for deep
+# stacks of residual blocks feeding a concat: torchvision's Swin-S/B fail to trace with it)
+SHAPE_INFERENCE_STEPS = 5000
+
+
+@contextmanager
+def deep_shape_inference(steps: int | None = None) -> Iterator[None]:
+    """Let torch-pruning's recursive channel inference take up to ``steps`` (default ``SHAPE_INFERENCE_STEPS``)
+    steps, and Python's stack as deep, while a graph is traced; both limits are restored afterwards."""
+    steps = SHAPE_INFERENCE_STEPS if steps is None else steps
+    constants = tp.dependency.constants
+    old_steps, old_stack = constants.MAX_RECURSION_DEPTH, sys.getrecursionlimit()
+    constants.MAX_RECURSION_DEPTH = max(old_steps, steps)
+    sys.setrecursionlimit(max(old_stack, 3 * steps))
+    try:
+        yield
+    finally:
+        constants.MAX_RECURSION_DEPTH = old_steps
+        sys.setrecursionlimit(old_stack)
+
+
 # architectures torch-pruning 1.6 cannot trace, with the reason (checked before tracing, by class name)
 UNSUPPORTED: dict[str, str] = {
     "ShuffleNetV2": "its channel shuffle (view -> transpose -> view over the channel dim) breaks torch-pruning "
@@ -115,7 +137,7 @@ class PruningGraph:
         was_training = model.training
         model.eval()
         try:
-            with torch.enable_grad():  # torch-pruning traces through autograd
+            with torch.enable_grad(), deep_shape_inference():  # torch-pruning traces through autograd
                 self.DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
         except PruningError:
             raise

@@ -40,6 +40,7 @@ from torch import nn
 from prunekit.errors import PruningError, closest
 from prunekit.measure import call_model
 from prunekit.pruning.structured.criteria.base import split_batch, to_device
+from prunekit.pruning.structured.graph import deep_shape_inference
 
 log = logging.getLogger(__name__)
 
@@ -548,7 +549,7 @@ def _trace(model: nn.Module, x: Any) -> Any:
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), deep_shape_inference():
             return tp.DependencyGraph().build_dependency(model, example_inputs=_head(x), verbose=False,
                                                          forward_fn=call_model)
     except Exception as e:  # tracing failures come in every type

@@ -285,6 +285,46 @@ def test_a_group_torch_pruning_cannot_finish_is_left_whole_with_a_warning(monkey
     assert model(x).shape == (2, 5)
 
 
+class WideInner(nn.Module):
+    """A residual block with a narrow stream (4 channels) and a wide interior (64): the interior's group lists
+    about 6x as many index entries as the stream's."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.conv1, self.bn1 = nn.Conv2d(4, 64, 3, padding=1), nn.BatchNorm2d(64)
+        self.conv2, self.bn2 = nn.Conv2d(64, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_group_past_the_index_budget_is_left_whole_and_the_same_on_every_run(monkeypatch, caplog):
+    """The budget, not the clock, stops torch-pruning's runaway groups: the same roots are left whole however busy
+    the machine is (ranks of a torchrun job must prune the same channels)."""
+    from prunekit.pruning.structured.graph import PruningGraph
+
+    monkeypatch.setattr(PruningGraph, "group_budget", lambda self: 300)  # stream group: 88 entries, interior: 512
+    x = torch.randn(2, 3, 8, 8)
+    kept = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = WideInner().eval()
+        with caplog.at_level("WARNING"):
+            prune(model, x, "l1", ratio=0.5)
+        assert model(x).shape == (2, 5)
+        kept.append((model.stem[0].out_channels, model.conv1.out_channels))
+    assert kept[0] == kept[1] == (2, 64)  # the stream is pruned, the interior (over budget) is whole
+    assert "conv1" in caplog.text and "past 300 index entries" in caplog.text
+
+    import torch_pruning as tp
+
+    assert tp.dependency.group.Group.add_dep.__name__ == "add_dep"  # torch-pruning left as it was
+
+
 class DeepConcat(nn.Module):
     """``h = h + relu(h)`` ten times, then a concat: torch-pruning's channel inference walks 2^10 paths back from
     the concat, more than its default budget of 500 steps (what makes torchvision's Swin-S/B fail to trace)."""

@@ -72,7 +72,37 @@ class Unit:
         return [e + g * gs for g in range(self.ch_groups) for e in elements]
 
 
-GROUP_ROOT_TIMEOUT_S = 20  # one root's group search; torch-pruning's can run away on a few graphs
+# torch-pruning 1.6's group search runs away on a few graphs (Swin's window reshapes, rotary attention, ReXNet's
+# partial residuals): its index mapping multiplies the index lists at every pass through a reshape, without bound.
+# A root's group is abandoned once it holds more index entries than its budget (deterministic: the same roots on
+# every machine and every rank) or takes longer than GROUP_ROOT_TIMEOUT_S (a last resort).
+GROUP_INDEX_BUDGET = 4_000_000  # the floor of PruningGraph.group_budget()
+GROUP_ROOT_TIMEOUT_S = 120
+
+
+class _GroupTooLarge(Exception):
+    pass
+
+
+@contextmanager
+def index_budget(limit: int) -> Iterator[list[int]]:
+    """While active, a torch-pruning group raises ``_GroupTooLarge`` once more than ``limit`` index entries were
+    added to it. Yields the counter, which the caller resets before each group."""
+    group_cls = tp.dependency.group.Group
+    add_dep = group_cls.add_dep
+    used = [0]
+
+    def counted(self: Any, dep: Any, idxs: Any) -> None:
+        used[0] += len(idxs)
+        if used[0] > limit:
+            raise _GroupTooLarge
+        add_dep(self, dep, idxs)
+
+    group_cls.add_dep = counted
+    try:
+        yield used
+    finally:
+        group_cls.add_dep = add_dep
 
 
 @contextmanager
@@ -170,46 +200,70 @@ class PruningGraph:
         """All torch-pruning groups whose root is a conv/linear layer, skipping ``ignored`` layers as roots and
         every group that would prune the output channels of a model output.
 
-        The same walk as torch-pruning's ``get_all_groups``, one root at a time under a deadline: torch-pruning
-        1.6's index mapping runs away on a few graphs (Swin's last stage, rotary attention, ReXNet's partial
-        residuals), growing without bound. A root whose group is not built within ``GROUP_ROOT_TIMEOUT_S`` is left
-        unpruned with a warning (its layers keep their channels); the rest of the model is still pruned.
+        The same walk as torch-pruning's ``get_all_groups``, one root at a time under a budget: torch-pruning
+        1.6's index mapping runs away on a few graphs (see ``GROUP_INDEX_BUDGET``). A root whose group grows past
+        ``group_budget()`` index entries (or takes longer than ``GROUP_ROOT_TIMEOUT_S``) is left unpruned with a
+        warning (its layers keep their output channels); the rest of the model is still pruned.
         """
         dg = self.DG
         ignored_modules = [self.modules[n] for n in ignored] + self.output_modules()
         ignored_ids = {id(m) for m in [*ignored_modules, *dg.IGNORED_LAYERS_IN_TRACING]}
         visited: set[int] = set()
         groups, stuck = [], []
-        for m in list(dg.module2node):
-            if id(m) in ignored_ids or id(m) in visited or not isinstance(m, ROOT_TYPES):
-                continue
-            pruner = dg.get_pruner_of_module(m)
-            if pruner is None or pruner.get_out_channels(m) is None:
-                continue
-            name = self.name(m) or type(m).__name__
-            try:
-                with deadline(GROUP_ROOT_TIMEOUT_S, name):
-                    group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
-            except PruningError:
-                stuck.append(name)
-                visited.add(id(m))
-                continue
-            except Exception as e:
-                raise PruningError(f"torch-pruning could not group the layers of {type(self.model).__name__} "
-                                   f"(group of {name!r}): {type(e).__name__}: {e}") from e
-            prunable = True
-            for dep, _ in group:
-                if dg.is_out_channel_pruning_fn(dep.handler):
-                    visited.add(id(dep.target.module))
-                    prunable = prunable and id(dep.target.module) not in ignored_ids
-            if prunable:
-                groups.append(group)
+        budget = self.group_budget()
+        with index_budget(budget) as used:
+            for m in list(dg.module2node):
+                if id(m) in ignored_ids or id(m) in visited or not isinstance(m, ROOT_TYPES):
+                    continue
+                used[0] = 0
+                group = self._root_group(m, stuck)
+                if group is None:
+                    visited.add(id(m))
+                    continue
+                prunable = True
+                for dep, _ in group:
+                    if dg.is_out_channel_pruning_fn(dep.handler):
+                        visited.add(id(dep.target.module))
+                        prunable = prunable and id(dep.target.module) not in ignored_ids
+                if prunable:
+                    groups.append(group)
         if stuck:
-            log.warning("torch-pruning did not finish the dependency group of %d layer(s) of %s within %d s each; "
-                        "they keep their output channels: %s", len(stuck), type(self.model).__name__,
-                        GROUP_ROOT_TIMEOUT_S, ", ".join(stuck))
+            log.warning("torch-pruning could not build the dependency group of %d layer(s) of %s (past %d index "
+                        "entries or %d s: a runaway of its index mapping); they keep their output channels: %s",
+                        len(stuck), type(self.model).__name__, budget, GROUP_ROOT_TIMEOUT_S, ", ".join(stuck))
         self.stuck = stuck
         return groups
+
+    def group_budget(self) -> int:
+        """Index entries one group may hold: ``GROUP_INDEX_BUDGET``, or 8 per channel (in and out) of the model's
+        conv, linear and norm layers when that is more (a real group lists each of its layers' channels a few
+        times at most)."""
+        channels = 0
+        for m in self.modules.values():
+            if isinstance(m, ROOT_TYPES):
+                channels += sum(int(getattr(m, k, 0) or 0) for k in
+                                ("in_channels", "out_channels", "in_features", "out_features"))
+            elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+                channels += next((p.numel() for p in m.parameters(recurse=False)), 0)
+        return max(GROUP_INDEX_BUDGET, 8 * channels)
+
+    def _root_group(self, m: nn.Module, stuck: list[str]) -> Any:
+        """The whole group of root ``m``; ``None`` when ``m`` prunes nothing, or when torch-pruning's search ran
+        past the budget or the deadline (then ``m`` is appended to ``stuck``)."""
+        dg = self.DG
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is None or pruner.get_out_channels(m) is None:
+            return None
+        name = self.name(m) or type(m).__name__
+        try:
+            with deadline(GROUP_ROOT_TIMEOUT_S, name):
+                return dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+        except (_GroupTooLarge, PruningError):
+            stuck.append(name)
+            return None
+        except Exception as e:
+            raise PruningError(f"torch-pruning could not group the layers of {type(self.model).__name__} "
+                               f"(group of {name!r}): {type(e).__name__}: {e}") from e
 
     def members(self, group: Any) -> tuple[list[str], list[str]]:
         """(conv/linear layers pruned on the output side, those pruned on the input side) of a group."""

@@ -14,6 +14,7 @@ import torch
 from prunekit import runs
 from prunekit.cli.args import COMMANDS
 from prunekit.cli.main import _discover, main
+from prunekit.errors import ConfigError
 
 _discover()
 TRAIN_FILES = runs.RUN_FILES | {runs.HISTORY}
@@ -140,3 +141,43 @@ def test_config_file_values_are_used_and_flags_override(tmp_path):
 def test_refuses_to_overwrite_a_finished_run(trained_run, capsys):
     err = _err(["train", "--model", "smallcnn", "--out", str(trained_run)], capsys)
     assert "already holds a run" in err and "--resume" in err
+
+
+def _scalars(event_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(event_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_the_history_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    base = tmp_path / "base"
+    assert main(["train", "--model", "smallcnn", "--epochs", "2", "--lr", "0.05", "--tensorboard",
+                 "--out", str(base)]) == 0
+    assert _files(base) == TRAIN_FILES | {runs.TENSORBOARD}
+    got = _scalars(base / runs.TENSORBOARD)
+    history = runs.read_history(base)
+    assert len(history) == 2
+    for key in ("top1", "top5", "train_loss", "val_loss", "lr"):
+        assert [s for s, _ in got[f"train/{key}"]] == [1, 2]
+        assert [v for _, v in got[f"train/{key}"]] == pytest.approx([h[key] for h in history], rel=1e-6)
+
+
+def test_tensorboard_mirror_folds_step_folders_into_the_stage_and_needs_the_package(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "pat"
+    with runs.tensorboard_mirror(out):
+        assert runs.mirrors_to_tensorboard(out / "steps" / "1")  # a step's own fit opens no second mirror
+        (out / "steps" / "1").mkdir(parents=True)
+        runs.append_history(out / "steps" / "1", {"phase": "pat-step1", "epoch": 1, "top1": 50.0})  # not mirrored
+        runs.append_history(out, {"phase": "pat-prune", "step": 1, "retention_top1": 40.0})
+        runs.append_history(out, {"phase": "pat-step1", "epoch": 1, "top1": 50.0})
+    assert not runs.mirrors_to_tensorboard(out)  # closed
+    assert _scalars(out / runs.TENSORBOARD) == {"pat-prune/retention_top1": [(1, 40.0)], "pat-step1/top1": [(2, 50.0)]}
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # the extra is not installed
+    with pytest.raises(ConfigError, match=r"--tensorboard needs the tensorboard package.*prunekit\[tensorboard\]"):
+        with runs.tensorboard_mirror(tmp_path / "other"):
+            pass

@@ -3,6 +3,8 @@ killed run resumes from the last finished step."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -19,8 +21,9 @@ def test_schedules_end_at_the_target():
 
 
 def test_pat_hits_the_channel_target_exactly_and_logs_retention(trained_run, tmp_path):
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
     cfg = PATConfig.build({"from": str(trained_run), "out": str(tmp_path / "pat"), "criterion": "l1", "ratio": 0.5,
-                           "steps": 3, "epochs": 1, "lr": 0.01})
+                           "steps": 3, "epochs": 1, "lr": 0.01, "tensorboard": tensorboard})
     base = runs.load_model(trained_run)
     x = runs.example_inputs(base.prunekit_spec)
     pool0 = prunable_channels(base, x, PruneSettings())
@@ -33,7 +36,16 @@ def test_pat_hits_the_channel_target_exactly_and_logs_retention(trained_run, tmp
     assert [h["step"] for h in hist if h["phase"] == "pat-prune"] == [1, 2, 3]
     assert {h["phase"] for h in hist} >= {"pat-step1", "pat-step2", "pat-step3"}
     assert not (tmp_path / "pat" / "steps").exists() and not (tmp_path / "pat" / runs.CKPT).exists()
-    assert {p.name for p in (tmp_path / "pat").iterdir()} == runs.RUN_FILES | {runs.HISTORY}
+    assert {p.name for p in (tmp_path / "pat").iterdir()} == runs.RUN_FILES | {runs.HISTORY} | (
+        {runs.TENSORBOARD} if tensorboard else set())
+    if tensorboard:  # --tensorboard: the retention of every step and each step's epochs, one x-axis
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(tmp_path / "pat" / runs.TENSORBOARD))
+        acc.Reload()
+        retention = [(e.step, e.value) for e in acc.Scalars("pat-prune/retention_top1")]
+        assert [v for _, v in retention] == pytest.approx([r["top1"] for r in m["retention"]])
+        assert acc.Scalars("pat-step3/top1")[0].step > retention[-1][0] > acc.Scalars("pat-step2/top1")[0].step
 
 
 def test_pat_macs_target_within_one_percent(trained_run, tmp_path):

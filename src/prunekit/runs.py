@@ -27,7 +27,7 @@ import yaml
 from torch import nn
 
 from prunekit._io import atomic_write, atomic_write_json, atomic_write_text
-from prunekit.errors import RunDirError
+from prunekit.errors import ConfigError, RunDirError
 
 SPEC_FORMAT = 1
 WEIGHTS, SPEC, CONFIG, METRICS, LOG, HISTORY, CKPT = (
@@ -283,8 +283,68 @@ def read_metrics(run_dir: str | Path) -> dict[str, Any]:
 
 
 def append_history(run_dir: str | Path, row: dict[str, Any]) -> None:
+    """One line of ``history.jsonl``; mirrored to TensorBoard while ``run_dir`` has a mirror open."""
     with open(Path(run_dir) / HISTORY, "a") as f:
         f.write(json.dumps(row) + "\n")
+    mirror = _TB_MIRRORS.get(Path(run_dir).resolve())
+    if mirror is not None:
+        mirror.add(row)
+
+
+TENSORBOARD = "tensorboard"  # event files of `--tensorboard`, in this sub-folder of the run dir
+_TB_MIRRORS: dict[Path, _TensorBoardMirror] = {}
+
+
+class _TensorBoardMirror:
+    """Every numeric field of each history row -> a TensorBoard scalar ``PHASE/FIELD``, at the row's index in the
+    stage's history (one x-axis through PAT's steps and restarts)."""
+
+    def __init__(self, run_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'prunekit[tensorboard]'") \
+                from None
+        self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD))
+        self.index = len(read_history(run_dir))
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.index += 1
+        phase = row.get("phase", "train")
+        for key, value in row.items():
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if numeric and key not in ("phase", "epoch", "step"):
+                self.writer.add_scalar(f"{phase}/{key}", value, self.index)
+        self.writer.flush()
+
+
+def mirrors_to_tensorboard(run_dir: str | Path) -> bool:
+    """Whether history lines of ``run_dir`` reach TensorBoard: it, or a folder above it, has a mirror open (the
+    step folders of PAT and iterative sparsify fold their lines into the stage's own history)."""
+    p = Path(run_dir).resolve()
+    return any(m == p or m in p.parents for m in _TB_MIRRORS)
+
+
+class tensorboard_mirror:  # noqa: N801  (a context manager used like a function)
+    """While open, ``append_history(run_dir, ...)`` also writes TensorBoard scalars to ``run_dir/tensorboard``
+    (rank 0 only under torchrun). ``enabled=False`` makes it a no-op."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        from prunekit.train.distributed import rank
+
+        self.path = Path(run_dir).resolve()
+        self.enabled = enabled and rank() == 0 and not mirrors_to_tensorboard(self.path)
+
+    def __enter__(self) -> tensorboard_mirror:
+        if self.enabled:
+            self.path.mkdir(parents=True, exist_ok=True)
+            _TB_MIRRORS[self.path] = _TensorBoardMirror(self.path)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        mirror = _TB_MIRRORS.pop(self.path, None) if self.enabled else None
+        if mirror is not None:
+            mirror.writer.close()
 
 
 def read_history(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -82,7 +82,7 @@ def pat(cfg: PATConfig) -> dict[str, Any]:
     out = runs.prepare_out_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
     steps_dir = out / "steps"
     data = data_settings(cfg, runs.read_config(cfg.from_dir))
-    with runs.run_log(out):
+    with runs.run_log(out), runs.tensorboard_mirror(out, cfg.tensorboard):
         torch.manual_seed(cfg.seed)
         model = runs.load_model(cfg.from_dir, cfg.device)
         spec = model.prunekit_spec

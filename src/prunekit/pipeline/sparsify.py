@@ -103,7 +103,7 @@ def sparsify_run(cfg: SparsifyConfig) -> dict[str, Any]:
     out = runs.prepare_out_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
     data = data_settings(cfg, runs.read_config(cfg.from_dir))
     device = cfg.device
-    with runs.run_log(out):
+    with runs.run_log(out), runs.tensorboard_mirror(out, cfg.tensorboard):
         torch.manual_seed(cfg.seed)
         model = runs.load_model(cfg.from_dir, device)
         spec = model.prunekit_spec

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -265,40 +266,42 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable, settings
     elif resume and ckpt_path is not None:
         log.warning("%s: --resume given but %s does not exist; starting from the beginning", phase, ckpt_path)
 
-    for epoch in range(start, s.epochs):
-        t0 = time.perf_counter()
-        torch.manual_seed(s.seed * 1000 + epoch)  # augmentation / dropout randomness: a function of (seed, epoch)
-        set_loader_epoch(train_loader, epoch)  # type: ignore[arg-type]
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_one_epoch(net, train_loader, optimizer, scheduler, s, epoch, loss_fn, callbacks, scaler,
-                                     step0=epoch * steps_per_epoch, ema=ema, phase=phase)
-        eval_model = ema if ema is not None else model
-        sync_buffers(eval_model)  # torchrun: BatchNorm statistics drifted apart in each rank's last steps
-        m = evaluate(eval_model, val_loader, device)
-        secs = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "phase": phase, "train_loss": train_loss, "val_loss": m["val_loss"],
-               "top1": m["top1"], "top5": m["top5"], "lr": lr, "seconds": round(secs, 3)}
-        improved = best is None or m["top1"] > best["top1"]
-        if improved:
-            best = {**m, "epoch": epoch + 1}
-            best_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        log.info("%s %d/%d: train_loss %.4f val_loss %.4f top1 %.2f top5 %.2f (%.1fs)%s", phase, epoch + 1, s.epochs,
-                 train_loss, m["val_loss"], m["top1"], m["top5"], secs, " *best*" if improved else "")
-        _call(callbacks, "on_epoch_end", model, epoch + 1, m)
-        if run_dir is not None and is_main_process():
-            runs.append_history(run_dir, row)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best": best,
-                     "best_model": best_state, "bad_epochs": bad_epochs}
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            atomic_write(ckpt_path, lambda tmp, st=state: torch.save(st, tmp))
-        if s.patience and bad_epochs >= s.patience:
-            log.info("%s: early stopping after %d epochs without improvement", phase, bad_epochs)
-            break
+    mirror = runs.tensorboard_mirror(run_dir, s.tensorboard) if run_dir is not None else contextlib.nullcontext()
+    with mirror:  # --tensorboard: the history lines also go to TensorBoard
+        for epoch in range(start, s.epochs):
+            t0 = time.perf_counter()
+            torch.manual_seed(s.seed * 1000 + epoch)  # augmentation / dropout randomness: a function of (seed, epoch)
+            set_loader_epoch(train_loader, epoch)  # type: ignore[arg-type]
+            lr = optimizer.param_groups[0]["lr"]
+            train_loss = train_one_epoch(net, train_loader, optimizer, scheduler, s, epoch, loss_fn, callbacks, scaler,
+                                         step0=epoch * steps_per_epoch, ema=ema, phase=phase)
+            eval_model = ema if ema is not None else model
+            sync_buffers(eval_model)  # torchrun: BatchNorm statistics drifted apart in each rank's last steps
+            m = evaluate(eval_model, val_loader, device)
+            secs = time.perf_counter() - t0
+            row = {"epoch": epoch + 1, "phase": phase, "train_loss": train_loss, "val_loss": m["val_loss"],
+                   "top1": m["top1"], "top5": m["top5"], "lr": lr, "seconds": round(secs, 3)}
+            improved = best is None or m["top1"] > best["top1"]
+            if improved:
+                best = {**m, "epoch": epoch + 1}
+                best_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+            log.info("%s %d/%d: train_loss %.4f val_loss %.4f top1 %.2f top5 %.2f (%.1fs)%s", phase, epoch + 1,
+                     s.epochs, train_loss, m["val_loss"], m["top1"], m["top5"], secs, " *best*" if improved else "")
+            _call(callbacks, "on_epoch_end", model, epoch + 1, m)
+            if run_dir is not None and is_main_process():
+                runs.append_history(run_dir, row)
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best": best,
+                         "best_model": best_state, "bad_epochs": bad_epochs}
+                if ema is not None:
+                    state["ema"] = ema.state_dict()
+                atomic_write(ckpt_path, lambda tmp, st=state: torch.save(st, tmp))
+            if s.patience and bad_epochs >= s.patience:
+                log.info("%s: early stopping after %d epochs without improvement", phase, bad_epochs)
+                break
     if best_state is not None:
         model.load_state_dict(best_state)
     result = dict(best or evaluate(model, val_loader, device))

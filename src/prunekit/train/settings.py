@@ -41,6 +41,9 @@ class TrainSettings(Config):
     ema: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the weights with this decay")
     seed: int = Field(0, description="random seed")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
+    tensorboard: bool = Field(False, description="also write the history's scalars (loss, top-1, lr, retention...) "
+                                                 "as TensorBoard event files in RUN_DIR/tensorboard (needs the "
+                                                 "tensorboard extra)")
 
     @field_validator("device")
     @classmethod

@@ -307,7 +307,7 @@ def test_a_group_past_the_index_budget_is_left_whole_and_the_same_on_every_run(m
     the machine is (ranks of a torchrun job must prune the same channels)."""
     from prunekit.pruning.structured.graph import PruningGraph
 
-    monkeypatch.setattr(PruningGraph, "group_budget", lambda self: 300)  # stream group: 88 entries, interior: 512
+    monkeypatch.setattr(PruningGraph, "group_budget", lambda self: (300, 10**6))  # stream: 88 entries, interior: 512
     x = torch.randn(2, 3, 8, 8)
     kept = []
     for _ in range(2):
@@ -319,6 +319,16 @@ def test_a_group_past_the_index_budget_is_left_whole_and_the_same_on_every_run(m
         kept.append((model.stem[0].out_channels, model.conv1.out_channels))
     assert kept[0] == kept[1] == (2, 64)  # the stream is pruned, the interior (over budget) is whole
     assert "conv1" in caplog.text and "past 300 index entries" in caplog.text
+    caplog.clear()
+
+    # the dependency count is the other bound: the stream's group adds 22 dependencies, the interior's 8
+    torch.manual_seed(0)
+    model = WideInner().eval()
+    monkeypatch.setattr(PruningGraph, "group_budget", lambda self: (10**9, 12))
+    with caplog.at_level("WARNING"):
+        prune(model, x, "l1", ratio=0.5)
+    assert (model.stem[0].out_channels, model.conv1.out_channels) == (4, 32)
+    assert "stem.0" in caplog.text and "12 dependencies" in caplog.text
 
     import torch_pruning as tp
 
@@ -360,3 +370,29 @@ def test_deep_stacks_before_a_concat_trace_with_a_larger_shape_inference_budget(
     monkeypatch.setattr(graph_mod, "SHAPE_INFERENCE_STEPS", 500)  # torch-pruning's own budget: cannot trace
     with pytest.raises(PruningError, match="could not trace DeepConcat"):
         prune(DeepConcat().eval(), x, "l1", ratio=0.5)
+
+
+def test_a_group_mapped_past_a_layers_size_is_left_whole_with_a_warning(monkeypatch, caplog):
+    """torch-pruning's mapping is inconsistent on a few graphs (timm ReXNet): an index past a layer's end would
+    crash the scoring with an IndexError; that group keeps its channels, the rest is pruned."""
+    import torch_pruning as tp
+    from torch_pruning._helpers import GroupItem
+
+    torch.manual_seed(0)
+    model = ResToy().eval()
+    real = tp.DependencyGraph.get_pruning_group
+
+    def inconsistent(self, module, fn, idxs):
+        group = real(self, module, fn, idxs)
+        if module is model.conv1 and len(idxs) == 16:  # the full group, as graph.groups() builds it
+            dep, ids = group._group[-1]
+            group._group[-1] = GroupItem(dep=dep, idxs=[*ids, 999])
+        return group
+
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", inconsistent)
+    x = torch.randn(2, 3, 8, 8)
+    with caplog.at_level("WARNING"):
+        prune(model, x, "l1", ratio=0.5)
+    assert model.conv1.out_channels == 16 and model.stem[0].out_channels == 4
+    assert "conv1" in caplog.text and "past the size of one of their layers" in caplog.text
+    assert model(x).shape == (2, 5)

@@ -72,11 +72,13 @@ class Unit:
         return [e + g * gs for g in range(self.ch_groups) for e in elements]
 
 
-# torch-pruning 1.6's group search runs away on a few graphs (Swin's window reshapes, rotary attention, ReXNet's
-# partial residuals): its index mapping multiplies the index lists at every pass through a reshape, without bound.
-# A root's group is abandoned once it holds more index entries than its budget (deterministic: the same roots on
-# every machine and every rank) or takes longer than GROUP_ROOT_TIMEOUT_S (a last resort).
-GROUP_INDEX_BUDGET = 4_000_000  # the floor of PruningGraph.group_budget()
+# torch-pruning 1.6's group search runs away on a few graphs: on Swin's window reshapes and MaxViT its index mapping
+# multiplies the index lists at every pass through a reshape; on ReXNet's partial residuals it adds small
+# dependencies forever (each add scanning the whole group). A root's group is abandoned once it holds more index
+# entries or dependencies than its budget (deterministic: the same roots on every machine and every rank), or takes
+# longer than GROUP_ROOT_TIMEOUT_S (a last resort).
+GROUP_INDEX_BUDGET = 4_000_000  # index entries: the floor of PruningGraph.group_budget()
+GROUP_DEPENDENCY_BUDGET = 5_000  # dependencies added: the floor
 GROUP_ROOT_TIMEOUT_S = 120
 
 
@@ -85,16 +87,18 @@ class _GroupTooLarge(Exception):
 
 
 @contextmanager
-def index_budget(limit: int) -> Iterator[list[int]]:
-    """While active, a torch-pruning group raises ``_GroupTooLarge`` once more than ``limit`` index entries were
-    added to it. Yields the counter, which the caller resets before each group."""
+def index_budget(entries: int, dependencies: int) -> Iterator[list[int]]:
+    """While active, a torch-pruning group raises ``_GroupTooLarge`` once more than ``entries`` index entries or
+    ``dependencies`` dependencies were added to it. Yields the counters ``[entries, dependencies]``, which the
+    caller resets before each group."""
     group_cls = tp.dependency.group.Group
     add_dep = group_cls.add_dep
-    used = [0]
+    used = [0, 0]
 
     def counted(self: Any, dep: Any, idxs: Any) -> None:
         used[0] += len(idxs)
-        if used[0] > limit:
+        used[1] += 1
+        if used[0] > entries or used[1] > dependencies:
             raise _GroupTooLarge
         add_dep(self, dep, idxs)
 
@@ -202,22 +206,26 @@ class PruningGraph:
 
         The same walk as torch-pruning's ``get_all_groups``, one root at a time under a budget: torch-pruning
         1.6's index mapping runs away on a few graphs (see ``GROUP_INDEX_BUDGET``). A root whose group grows past
-        ``group_budget()`` index entries (or takes longer than ``GROUP_ROOT_TIMEOUT_S``) is left unpruned with a
+        ``group_budget()`` (or takes longer than ``GROUP_ROOT_TIMEOUT_S``) is left unpruned with a
         warning (its layers keep their output channels); the rest of the model is still pruned.
         """
         dg = self.DG
         ignored_modules = [self.modules[n] for n in ignored] + self.output_modules()
         ignored_ids = {id(m) for m in [*ignored_modules, *dg.IGNORED_LAYERS_IN_TRACING]}
         visited: set[int] = set()
-        groups, stuck = [], []
-        budget = self.group_budget()
-        with index_budget(budget) as used:
+        groups, stuck, out_of_range = [], [], []
+        entries, dependencies = self.group_budget()
+        with index_budget(entries, dependencies) as used:
             for m in list(dg.module2node):
                 if id(m) in ignored_ids or id(m) in visited or not isinstance(m, ROOT_TYPES):
                     continue
-                used[0] = 0
+                used[:] = [0, 0]
                 group = self._root_group(m, stuck)
                 if group is None:
+                    visited.add(id(m))
+                    continue
+                if not self._in_range(group):
+                    out_of_range.append(self.name(m) or type(m).__name__)
                     visited.add(id(m))
                     continue
                 prunable = True
@@ -229,15 +237,36 @@ class PruningGraph:
                     groups.append(group)
         if stuck:
             log.warning("torch-pruning could not build the dependency group of %d layer(s) of %s (past %d index "
-                        "entries or %d s: a runaway of its index mapping); they keep their output channels: %s",
-                        len(stuck), type(self.model).__name__, budget, GROUP_ROOT_TIMEOUT_S, ", ".join(stuck))
-        self.stuck = stuck
+                        "entries, %d dependencies or %d s: a runaway of its group search); they keep their output "
+                        "channels: %s", len(stuck), type(self.model).__name__, entries, dependencies,
+                        GROUP_ROOT_TIMEOUT_S, ", ".join(stuck))
+        if out_of_range:
+            log.warning("torch-pruning mapped the channels of %d group(s) of %s past the size of one of their layers "
+                        "(an inconsistent index mapping); they keep their output channels: %s", len(out_of_range),
+                        type(self.model).__name__, ", ".join(out_of_range))
+        self.stuck = stuck + out_of_range
         return groups
 
-    def group_budget(self) -> int:
-        """Index entries one group may hold: ``GROUP_INDEX_BUDGET``, or 8 per channel (in and out) of the model's
-        conv, linear and norm layers when that is more (a real group lists each of its layers' channels a few
-        times at most)."""
+    def _in_range(self, group: Any) -> bool:
+        """Every index of ``group`` fits the layer it prunes (out- or in-channels); torch-pruning's mapping is
+        inconsistent on a few graphs (ReXNet's partial residuals) and would index past a weight's end."""
+        dg = self.DG
+        for dep, idxs in group:
+            m = dep.target.module
+            pruner = dg.get_pruner_of_module(m) if isinstance(m, nn.Module) else None
+            if pruner is None or not idxs:
+                continue
+            size = pruner.get_out_channels(m) if dg.is_out_channel_pruning_fn(dep.handler) else \
+                pruner.get_in_channels(m)
+            if size is not None and max(int(i) for i in idxs) >= size:
+                return False
+        return True
+
+    def group_budget(self) -> tuple[int, int]:
+        """(index entries, dependencies) one group may add: ``GROUP_INDEX_BUDGET`` or 8 per channel (in and out) of
+        the model's conv, linear and norm layers; ``GROUP_DEPENDENCY_BUDGET`` or 10 per graph node; whichever is
+        more (a real group lists each of its layers a few times at most: Swin-T's largest, 2 500 dependencies
+        over 817 nodes)."""
         channels = 0
         for m in self.modules.values():
             if isinstance(m, ROOT_TYPES):
@@ -245,7 +274,7 @@ class PruningGraph:
                                 ("in_channels", "out_channels", "in_features", "out_features"))
             elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
                 channels += next((p.numel() for p in m.parameters(recurse=False)), 0)
-        return max(GROUP_INDEX_BUDGET, 8 * channels)
+        return max(GROUP_INDEX_BUDGET, 8 * channels), max(GROUP_DEPENDENCY_BUDGET, 10 * len(self.DG.module2node))
 
     def _root_group(self, m: nn.Module, stuck: list[str]) -> Any:
         """The whole group of root ``m``; ``None`` when ``m`` prunes nothing, or when torch-pruning's search ran

@@ -129,20 +129,22 @@ def deadline(seconds: int, message: str) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-# torch-pruning's channel inference gives up after this many recursive steps (its default, 500, is too few for deep
-# stacks of residual blocks feeding a concat: torchvision's Swin-S/B fail to trace with it)
-SHAPE_INFERENCE_STEPS = 5000
+# torch-pruning's channel inference gives up after this many recursive calls in all (its default, 500, is too few
+# where residual adds or dense concats multiply the paths back from a concat: torchvision's Swin-S/B and timm's
+# DPN fail to trace with it; DPN-68 needs about 20 000, which take 0.4 s)
+SHAPE_INFERENCE_STEPS = 20_000
+PYTHON_STACK = 10_000  # the calls nest no deeper than the graph is long
 
 
 @contextmanager
 def deep_shape_inference(steps: int | None = None) -> Iterator[None]:
-    """Let torch-pruning's recursive channel inference take up to ``steps`` (default ``SHAPE_INFERENCE_STEPS``)
-    steps, and Python's stack as deep, while a graph is traced; both limits are restored afterwards."""
+    """Let torch-pruning's recursive channel inference make up to ``steps`` (default ``SHAPE_INFERENCE_STEPS``)
+    calls, nested up to ``PYTHON_STACK`` deep, while a graph is traced; both limits are restored afterwards."""
     steps = SHAPE_INFERENCE_STEPS if steps is None else steps
     constants = tp.dependency.constants
     old_steps, old_stack = constants.MAX_RECURSION_DEPTH, sys.getrecursionlimit()
     constants.MAX_RECURSION_DEPTH = max(old_steps, steps)
-    sys.setrecursionlimit(max(old_stack, 3 * steps))
+    sys.setrecursionlimit(max(old_stack, PYTHON_STACK))
     try:
         yield
     finally:

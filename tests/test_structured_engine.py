@@ -278,7 +278,8 @@ def test_a_group_torch_pruning_cannot_finish_is_left_whole_with_a_warning(monkey
     monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", runaway)
     x = torch.randn(2, 3, 8, 8)
     with caplog.at_level("WARNING"):
-        prune(model, x, "l1", ratio=0.5)
+        report = prune(model, x, "l1", ratio=0.5)
+    assert report.left_whole == {"conv1": "runaway group search"}
     assert model.conv1.out_channels == 16  # stuck root: whole
     assert model.stem[0].out_channels == 4  # the residual stream group: pruned
     assert "conv1" in caplog.text and "keep their output channels" in caplog.text
@@ -326,7 +327,10 @@ def test_a_group_past_the_index_budget_is_left_whole_and_the_same_on_every_run(m
     model = WideInner().eval()
     monkeypatch.setattr(PruningGraph, "group_budget", lambda self: (10**9, 12))
     with caplog.at_level("WARNING"):
-        prune(model, x, "l1", ratio=0.5)
+        report = prune(model, x, "l1", ratio=0.5)
+    # the stream group has two roots (stem.0 and conv2): both are named
+    assert report.left_whole == {"stem.0": "runaway group search", "conv2": "runaway group search"}
+    assert "2 groups left whole" in report.summary()
     assert (model.stem[0].out_channels, model.conv1.out_channels) == (4, 32)
     assert "stem.0" in caplog.text and "12 dependencies" in caplog.text
 
@@ -392,7 +396,33 @@ def test_a_group_mapped_past_a_layers_size_is_left_whole_with_a_warning(monkeypa
     monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", inconsistent)
     x = torch.randn(2, 3, 8, 8)
     with caplog.at_level("WARNING"):
-        prune(model, x, "l1", ratio=0.5)
+        report = prune(model, x, "l1", ratio=0.5)
+    assert report.left_whole == {"conv1": "indices past a layer's size"}
     assert model.conv1.out_channels == 16 and model.stem[0].out_channels == 4
     assert "conv1" in caplog.text and "past the size of one of their layers" in caplog.text
+    assert model(x).shape == (2, 5)
+
+
+class HardReshape(nn.Module):
+    """conv1's 16 channels are read through a reshape with a hard-coded size: pruning them breaks the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.conv1(torch.relu(self.conv0(x)))
+        return self.fc(x.reshape(x.shape[0], 16, 64).mean(-1))
+
+
+def test_a_group_whose_pruning_breaks_the_forward_is_left_whole_with_a_warning(caplog):
+    torch.manual_seed(0)
+    model = HardReshape().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with caplog.at_level("WARNING"):
+        report = prune(model, x, "l1", ratio=0.5)
+    assert report.left_whole == {"conv1": "breaks the forward pass"}
+    assert model.conv1.out_channels == 16 and model.conv0.out_channels == 4
+    assert "conv1" in caplog.text and "breaks the forward pass" in caplog.text
     assert model(x).shape == (2, 5)

@@ -141,6 +141,7 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
         log.warning("%d of %d groups held at max_ratio=%s (they would have lost more): %s", len(sel.capped),
                     len(units), s.max_ratio, ", ".join(sel.capped[:8]) + (" ..." if len(sel.capped) > 8 else ""))
     report.capped = list(sel.capped)
+    report.left_whole = dict(graph.left_whole)
     check_mapping_same_on_all_ranks(selection_digests(sel), "pruning masks")
     compensator = _compensator(model, s.compensate, ctx.stats) if s.compensate != "none" else None
     before = _out_channels(graph)
@@ -177,6 +178,7 @@ def _drop_broken(graph: PruningGraph, units: list[Unit], scores: dict[str, torch
     if not bad:
         return units
     kept = [u for u in units if u.name not in bad]
+    graph.left_whole.update(dict.fromkeys(bad, "breaks the forward pass"))
     log.warning("%d groups left unpruned: torch-pruning cannot map their channels consistently (pruning them breaks "
                 "the forward pass): %s", len(bad), ", ".join(bad[:8]) + (" ..." if len(bad) > 8 else ""))
     if not kept:

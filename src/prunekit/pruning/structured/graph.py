@@ -183,7 +183,7 @@ class PruningGraph:
             model.train(was_training)
         self.modules: dict[str, nn.Module] = dict(model.named_modules())
         self.attention: list[Attention] = find_attention(model)
-        self.stuck: list[str] = []  # roots whose group torch-pruning did not finish (see groups())
+        self.left_whole: dict[str, str] = {}  # root -> why torch-pruning's group of it is not pruned (see groups())
         self.layers: list[str] = [n for n, m in self.modules.items()
                                   if isinstance(m, ROOT_TYPES) and m in self.DG.module2node]
 
@@ -246,7 +246,8 @@ class PruningGraph:
             log.warning("torch-pruning mapped the channels of %d group(s) of %s past the size of one of their layers "
                         "(an inconsistent index mapping); they keep their output channels: %s", len(out_of_range),
                         type(self.model).__name__, ", ".join(out_of_range))
-        self.stuck = stuck + out_of_range
+        self.left_whole = {**dict.fromkeys(stuck, "runaway group search"),
+                           **dict.fromkeys(out_of_range, "indices past a layer's size")}
         return groups
 
     def _in_range(self, group: Any) -> bool:

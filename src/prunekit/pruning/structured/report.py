@@ -32,6 +32,8 @@ class PruneReport:
         capped: groups held at ``max_ratio``.
         search: ``[(ratio, macs_kept_fraction), ...]`` tried by the ``target_macs`` search.
         allocation: ``scope="adaptive"``: group -> ``{"ratio": r, "trials": [[ratio, damage], ...]}``.
+        left_whole: groups (by root layer) that torch-pruning could not prune safely, with the reason; they keep
+            their channels (also said in a warning).
     """
 
     criterion: str
@@ -50,6 +52,7 @@ class PruneReport:
     capped: list[str] = field(default_factory=list)
     search: list[tuple[float, float]] = field(default_factory=list)
     allocation: dict[str, dict[str, Any]] = field(default_factory=dict)
+    left_whole: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -78,6 +81,9 @@ class PruneReport:
         if self.capped:
             lines.append(f"{len(self.capped)} groups held at max_ratio: {', '.join(self.capped[:6])}"
                          + (" ..." if len(self.capped) > 6 else ""))
+        if self.left_whole:
+            lines.append(f"{len(self.left_whole)} groups left whole (torch-pruning could not prune them safely): "
+                         + ", ".join(list(self.left_whole)[:6]) + (" ..." if len(self.left_whole) > 6 else ""))
         if self.compensation:
             lines.append(f"bias compensation applied to {len(self.compensation)} consumer layers")
         return "\n".join(lines)

@@ -101,6 +101,9 @@ def check_mapping_same_on_all_ranks(digests: dict[str, str], what: str) -> None:
         values = [(g or {}).get(k) for g in gathered]
         if len(set(values)) != 1:
             shown = ", ".join(f"rank {r}: {v[:12] if v else 'absent'}" for r, v in enumerate(values))
+            # every rank sees the same gathered digests, so all raise here: let all of them finish the gather first,
+            # or a rank that tears its process group down early aborts a peer still receiving (gloo: SIGABRT)
+            dist.barrier()
             raise PruningError(f"{what} differ across ranks, first at {k!r} ({shown}); every rank must see identical "
                                "weights and synced statistics")
 

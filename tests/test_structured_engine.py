@@ -20,12 +20,12 @@ from prunekit.pruning.structured.selection import select
 class ResToy(nn.Module):
     """stem -> residual block (conv1 -> BN -> ReLU -> conv2 -> BN, + identity) -> pool -> fc."""
 
-    def __init__(self):
+    def __init__(self, stream: int = 8, inner: int = 16):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.conv1, self.bn1 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.conv2, self.bn2 = nn.Conv2d(16, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 5)
+        self.stem = nn.Sequential(nn.Conv2d(3, stream, 3, padding=1), nn.BatchNorm2d(stream), nn.ReLU())
+        self.conv1, self.bn1 = nn.Conv2d(stream, inner, 3, padding=1), nn.BatchNorm2d(inner)
+        self.conv2, self.bn2 = nn.Conv2d(inner, stream, 3, padding=1), nn.BatchNorm2d(stream)
+        self.fc = nn.Linear(stream, 5)
 
     def forward(self, x):
         x = self.stem(x)
@@ -286,21 +286,10 @@ def test_a_group_torch_pruning_cannot_finish_is_left_whole_with_a_warning(monkey
     assert model(x).shape == (2, 5)
 
 
-class WideInner(nn.Module):
-    """A residual block with a narrow stream (4 channels) and a wide interior (64): the interior's group lists
-    about 6x as many index entries as the stream's."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.conv1, self.bn1 = nn.Conv2d(4, 64, 3, padding=1), nn.BatchNorm2d(64)
-        self.conv2, self.bn2 = nn.Conv2d(64, 4, 3, padding=1), nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, 5)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
-        return self.fc(x.mean((2, 3)))
+def wide_inner() -> ResToy:
+    """A narrow stream (4 channels) and a wide interior (64): the interior's group lists about 6x as many index
+    entries as the stream's, and fewer dependencies (8 vs 22)."""
+    return ResToy(stream=4, inner=64).eval()
 
 
 def test_a_group_past_the_index_budget_is_left_whole_and_the_same_on_every_run(monkeypatch, caplog):
@@ -313,7 +302,7 @@ def test_a_group_past_the_index_budget_is_left_whole_and_the_same_on_every_run(m
     kept = []
     for _ in range(2):
         torch.manual_seed(0)
-        model = WideInner().eval()
+        model = wide_inner()
         with caplog.at_level("WARNING"):
             prune(model, x, "l1", ratio=0.5)
         assert model(x).shape == (2, 5)
@@ -324,7 +313,7 @@ def test_a_group_past_the_index_budget_is_left_whole_and_the_same_on_every_run(m
 
     # the dependency count is the other bound: the stream's group adds 22 dependencies, the interior's 8
     torch.manual_seed(0)
-    model = WideInner().eval()
+    model = wide_inner()
     monkeypatch.setattr(PruningGraph, "group_budget", lambda self: (10**9, 12))
     with caplog.at_level("WARNING"):
         report = prune(model, x, "l1", ratio=0.5)

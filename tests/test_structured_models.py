@@ -30,6 +30,23 @@ def test_torchvision_model_prunes_at_half_ratio_with_defaults(name):
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
 
+@pytest.mark.parametrize("name,reasons", [
+    ("cspresnet50", {"indices past a layer's size", "breaks the forward pass"}),
+    ("rexnet_100", {"runaway group search", "indices past a layer's size"}),
+])
+def test_timm_models_where_torch_pruning_fails_prune_the_rest(name, reasons):
+    """torch-pruning's MetaPruner crashes on these (IndexError; ReXNet: its group search never ends): prunekit
+    leaves the groups it cannot prune safely whole, names them with the reason, and prunes the rest."""
+    pytest.importorskip("timm")
+    model = prunekit.create_model(f"timm:{name}", num_classes=7).eval()
+    x = torch.randn(1, 3, 64, 64)
+    report = prune(model, x, ratio=0.5)
+    assert set(report.left_whole.values()) == reasons
+    assert report.macs_after < 0.6 * report.macs_before
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+
+
 def test_unsupported_architecture_raises_a_clear_error():
     pytest.importorskip("torchvision")
     model = prunekit.create_model("tv:shufflenet_v2_x0_5", num_classes=7).eval()

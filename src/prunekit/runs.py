@@ -9,7 +9,8 @@ Every stage writes one folder holding exactly::
     metrics.json        top1, top5 (percent), val_loss, macs, params, ... of the model in this folder
     log.txt             what the stage printed
 
-Training stages also write ``history.jsonl`` (one line per epoch). A training stage that is still running (or was
+Training stages also write ``history.jsonl`` (one line per epoch), and with ``--tensorboard`` the same scalars as
+TensorBoard event files in ``tensorboard/`` (see ``tensorboard_mirror``). A training stage that is still running (or was
 killed) has ``last.ckpt`` (resume state, loaded with ``weights_only=True``); it is removed once the stage finishes.
 Nothing here is pickled: a pruned model is rebuilt in a fresh process from ``model.json`` + ``model.safetensors``.
 """

@@ -15,6 +15,7 @@ import torch_pruning as tp
 from torch import nn
 
 from prunekit.errors import PruningError
+from prunekit.measure.macs import call_model
 
 
 @dataclass
@@ -84,8 +85,6 @@ def accumulate_taylor(model: nn.Module, params: list[torch.Tensor], batches: Ite
     """``sum_b |w * dL_b/dw|`` for each of ``params`` over labelled ``(x, y)`` batches (per-batch absolute value),
     the model in eval mode (BN running statistics, no dropout); the parameters' ``.grad`` and the model's mode are
     restored. Returns the float32 sums and the number of batches; ``what`` names the caller in errors."""
-    from prunekit.measure import call_model
-
     every = [p for p in model.parameters() if p.requires_grad]  # backward fills all of them: all are restored
     saved = [p.grad for p in every]
     acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]

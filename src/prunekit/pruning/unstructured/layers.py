@@ -34,6 +34,16 @@ class LayerSelection:
     macs: dict[str, int] = field(default_factory=dict)  # per-sample MACs of each prunable layer (when traced)
 
 
+def is_transposed(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored ``(in, out)``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def gemm_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a linear-like layer as ``(out, in)`` (a view: for a ``Conv1D`` its transpose)."""
+    return module.weight.t() if is_transposed(module) else module.weight
+
+
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every convolution / linear layer with a weight parameter, in registration order."""
     return {n: m for n, m in model.named_modules()

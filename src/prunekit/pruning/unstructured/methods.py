@@ -11,7 +11,15 @@ method             score                                             structure  
 ``nm``             ``|w|``; keep N of every M along the input dim    N:M            weights
 ``kernel``         L1 norm of each whole kernel ``W[o, i]``          kernel         weights
 ``intra-kernel``   ``|w|``; k positions per kernel, shared patterns  pattern        weights
+``wanda``          ``|w_ij| * ||x_j||_2`` per output row, block by   element or     token batches
+                   block through a decoder LM (Sun et al. 2023)      N:M            (decoder LMs)
+``sparsegpt``      OBS with weight updates, block by block           element or     token batches
+                   (Frantar & Alistarh 2023)                         N:M            (decoder LMs)
 =================  ================================================  =============  ==================
+
+``wanda`` and ``sparsegpt`` prune the linear layers inside a decoder-only language model's blocks
+(``prunekit.pruning.llm.sparse``): ``--sparsity S`` for unstructured, or no ``--sparsity`` and ``--nm N:M``
+(default 2:4) for N:M.
 
 A method is one small class; register a new one with ``@register_method("name")``.
 """
@@ -60,6 +68,8 @@ class Method:
     structure: ClassVar[str] = "element"  # element | nm | kernel | pattern
     scope: ClassVar[str] = "layer"  # default scope of element methods: layer | global
     needs: ClassVar[str] = "weights"  # weights | calibration | training
+    nm_capable: ClassVar[bool] = False  # element with --sparsity, N:M (--nm) without: structure set by the settings
+    layerwise: ClassVar[bool] = False  # chooses its own layers and builds its masks from the model and data (prune)
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -158,3 +168,35 @@ class Kernel(Method):
 @register_method("intra-kernel", help="pattern pruning: k positions of every kernel, from a few patterns per layer")
 class IntraKernel(Method):
     structure = "pattern"
+
+
+class _DecoderMethod(Method):
+    """Base of the decoder-LM methods: the layers are the linear layers inside the decoder blocks (embeddings and the
+    LM head stay dense, whatever ``dense_first_last`` says), and ``prune`` runs the calibration tokens through the
+    blocks one at a time (``prunekit.pruning.llm.sparse.prune_decoder``)."""
+
+    needs = "calibration"
+    nm_capable = True
+    layerwise = True
+
+    def select(self, model: nn.Module, only: list[str], ignore: list[str], example_inputs: Any) -> Any:
+        from prunekit.pruning.llm.sparse import select_decoder_layers
+
+        return select_decoder_layers(model, only, ignore, example_inputs)
+
+    def prune(self, model: nn.Module, layers: dict[str, nn.Module], sparsity: float, nm: tuple[int, int] | None,
+              calib_data: Iterable | None, max_batches: int, device: str | torch.device) -> dict[str, torch.Tensor]:
+        from prunekit.pruning.llm.sparse import prune_decoder
+
+        return prune_decoder(model, self.name, None if nm else sparsity, nm, calib_data, layers, max_batches,
+                             device=device).masks
+
+
+@register_method("wanda", help="decoder LMs: |w| * input-activation norm per output row, block by block (Wanda)")
+class Wanda(_DecoderMethod):
+    pass
+
+
+@register_method("sparsegpt", help="decoder LMs: OBS pruning with weight reconstruction, block by block (SparseGPT)")
+class SparseGPT(_DecoderMethod):
+    pass

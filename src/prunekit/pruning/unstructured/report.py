@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from prunekit.measure.macs import count_macs, count_params
+from prunekit.pruning.unstructured.layers import gemm_weight
 from prunekit.pruning.unstructured.masks import MASK
 from prunekit.pruning.unstructured.patterns import nm_violations
 
@@ -149,7 +150,7 @@ def build_report(sp: Any, example_inputs: Any = None) -> SparsityReport:
                             sparsity=zeros / w.numel(), structure=label[s.structure], macs=macs,
                             macs_nonzero=None if macs is None else round(macs * (1 - zeros / w.numel())))
         if nm:
-            row.nm_violations = nm_violations(w, *nm)
+            row.nm_violations = nm_violations(gemm_weight(m).detach(), *nm)
         if name in sp.patterns:
             row.patterns = sp.patterns[name].grids()
         layers.append(row)

@@ -20,7 +20,8 @@ FIXED_BY_PATTERN = ("nm", "pattern")  # structures whose pattern sets the sparsi
 class SparsifySettings(Config):
     """Options of ``prunekit.pruning.unstructured.sparsify`` (and of ``prunekit sparsify``)."""
 
-    method: str = Field("l1", description="l1, global, taylor, movement, random, nm, kernel, intra-kernel")
+    method: str = Field("l1", description="l1, global, taylor, movement, random, nm, kernel, intra-kernel; "
+                        "decoder LMs: wanda, sparsegpt (with --sparsity: unstructured; without: N:M by --nm)")
     sparsity: float | None = Field(None, description="fraction of the weights of the selected layers set to zero, "
                                    "in [0, 1) (default 0.5; nm and intra-kernel: set by the pattern)")
     nm: str = Field("2:4", description="N:M pattern of the nm method: keep N of every M weights along the input "
@@ -80,6 +81,13 @@ class SparsifySettings(Config):
     def check_consistent(self, source: str = "config") -> None:
         """Cross-option rules (a ``ConfigError`` naming the options and the fix)."""
         structure = self.structure
+        if get_method(self.method).nm_capable:
+            if self.sparsity is not None and "nm" in self.model_fields_set:
+                raise ConfigError(f"{source}: method {self.method!r} takes --sparsity {self.sparsity} (unstructured) "
+                                  f"or --nm {self.nm} (N:M), not both; drop one")
+            if self.scope == "global":
+                raise ConfigError(f"{source}: method {self.method!r} prunes each layer to the sparsity (Wanda: each "
+                                  "output row); --scope global is not supported, drop it")
         if structure in FIXED_BY_PATTERN and self.sparsity is not None and abs(self.sparsity - self.fixed()) > 1e-9:
             how = f"--nm {self.nm}" if structure == "nm" else f"--pattern-keep {self.pattern_keep} (of 9 for 3x3)"
             raise ConfigError(f"{source}: --sparsity {self.sparsity} does not apply to method {self.method!r}: its "
@@ -98,7 +106,10 @@ class SparsifySettings(Config):
     # --------------------------------------------------------------------------------------- derived
     @property
     def structure(self) -> str:
-        return get_method(self.method).structure
+        method = get_method(self.method)
+        if method.nm_capable and self.sparsity is None:  # wanda / sparsegpt without --sparsity: N:M (--nm)
+            return "nm"
+        return method.structure
 
     @property
     def nm_pair(self) -> tuple[int, int]:

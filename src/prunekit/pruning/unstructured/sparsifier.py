@@ -19,7 +19,7 @@ from torch import nn
 
 from prunekit.errors import ConfigError, PruningError
 from prunekit.pruning.unstructured import patterns as P
-from prunekit.pruning.unstructured.layers import LayerSelection, select_layers
+from prunekit.pruning.unstructured.layers import LayerSelection, gemm_weight, select_layers
 from prunekit.pruning.unstructured.masks import (
     apply_masks,
     fold_masks,
@@ -75,8 +75,12 @@ class Sparsifier:
         self.calib_data, self.loss_fn = calib_data, loss_fn
         p = next(model.parameters(), None)
         self.device = torch.device(device) if device is not None else (p.device if p is not None else "cpu")
-        self.selection: LayerSelection = select_layers(model, settings.only, settings.ignore,
-                                                       settings.dense_first_last, self.example_inputs)
+        if self.method.layerwise:  # the method knows which layers it prunes (decoder LMs: inside the blocks)
+            self.selection: LayerSelection = self.method.select(model, settings.only, settings.ignore,
+                                                                self.example_inputs)
+        else:
+            self.selection = select_layers(model, settings.only, settings.ignore, settings.dense_first_last,
+                                           self.example_inputs)
         self.padded: list[str] = []
         self.layers = self._eligible(self.selection)
         self.patterns: dict[str, P.PatternChoice] = {}
@@ -90,7 +94,7 @@ class Sparsifier:
         s, structure = self.settings, self.settings.structure
         layers: dict[str, nn.Module] = {}
         for name, m in sel.layers.items():
-            w = m.weight
+            w = gemm_weight(m)  # (out, in), also for a transposed GPT-2 Conv1D
             why = None
             if structure == "nm":
                 n, mm = s.nm_pair
@@ -143,7 +147,13 @@ class Sparsifier:
         if structure in ("nm", "pattern") and abs(target - s.fixed()) > 1e-9:
             raise PruningError(f"method {s.method!r} has a fixed sparsity ({s.fixed():.4g}); step() takes none")
         old = {n: get_mask(m) for n, m in self.layers.items()}
-        if structure == "element":
+        if self.method.layerwise:
+            if any(o is not None for o in old.values()):
+                raise PruningError(f"method {s.method!r} prunes dense layers in one step (one-shot): the model is "
+                                   "already sparsified; start from the dense model")
+            masks = self.method.prune(self.model, self.layers, target, s.nm_pair if structure == "nm" else None,
+                                      self.calib_data, s.calib_batches, self.device)
+        elif structure == "element":
             with torch.enable_grad():
                 scores = self._element_scores()
             scores = {n: self._hide_pruned(sc, old[n]) for n, sc in scores.items()}

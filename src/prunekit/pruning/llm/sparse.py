@@ -1,0 +1,479 @@
+"""Unstructured and N:M sparsity for decoder-only language models, one decoder block at a time.
+
+Three criteria, each a small function of one weight ``W`` seen as ``(out, in)`` (a GPT-2 ``Conv1D`` stores it
+transposed; ``gemm_weight`` hides that):
+
+=============  ==========================================================  =====================================
+method         what is pruned                                              exact count
+=============  ==========================================================  =====================================
+``magnitude``  lowest ``|W_ij|``; no data                                  ``round(s * numel)`` per layer
+``wanda``      lowest ``|W_ij| * ||X_j||_2`` compared within each output   ``round(s * in)`` per output row
+               row (Sun et al. 2023, "A Simple and Effective Pruning
+               Approach for Large Language Models"); weights unchanged
+``sparsegpt``  OBS column by column with the Cholesky factor of ``H^-1``,  ``round(s * numel)`` per layer (the
+               ``H = X^T X + damp * mean(diag) * I``; the mask is chosen    mask is adaptive across rows)
+               per block of columns by ``w^2 / [H^-1]_jj^2`` and the kept
+               weights are updated to absorb the error (Frantar & Alistarh
+               2023, "SparseGPT: Massive Language Models Can Be Accurately
+               Pruned in One-Shot")
+=============  ==========================================================  =====================================
+
+With ``nm=(N, M)`` every method keeps exactly N of every M consecutive weights along the input dimension instead
+(2:4 for sparse tensor cores).
+
+``prune_decoder`` runs the calibration tokens through the decoder blocks in order: the inputs of block ``b`` are
+captured once, forward hooks on the block's linear layers accumulate what the criterion needs (``sum_t x_t^2`` per
+input for Wanda, ``sum_t x_t x_t^T`` for SparseGPT), the block is pruned, and the PRUNED block's outputs become the
+inputs of block ``b + 1``. Memory stays at one block's activations for the calibration set plus one Hessian per
+linear layer of that block, and each block is pruned for the inputs it will really see, as in both papers.
+
+Masks are prunekit's ``weight_mask`` buffers (``prunekit.pruning.unstructured.masks``), so the result saves,
+reloads and trains like any sparsified model. Embeddings and the LM head stay dense.
+
+Example:
+    >>> result = prune_decoder(model, "sparsegpt", sparsity=0.5, calib_data=[ids])   # ids: (B, T) token ids
+    >>> result = prune_decoder(model, "wanda", nm=(2, 4), calib_data=batches)
+    >>> result.sparsity, result.layers["model.layers.0.mlp.down_proj"]
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.errors import ConfigError, PruningError, compile_patterns
+from prunekit.pruning.unstructured.layers import LayerSelection, execution_order, gemm_weight, is_transposed
+from prunekit.pruning.unstructured.masks import get_mask, set_mask
+from prunekit.pruning.unstructured.patterns import nm_mask, prune_lowest
+
+log = logging.getLogger(__name__)
+
+LLM_METHODS = ("magnitude", "wanda", "sparsegpt")
+NEEDS_DATA = ("wanda", "sparsegpt")
+BLOCK_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.blocks")
+
+
+@dataclass
+class DecoderSparsity:
+    """What ``prune_decoder`` did: per-layer sparsity (fraction of exact zeros), overall sparsity of the pruned
+    layers, the pattern, and how much calibration it saw."""
+
+    method: str
+    target: float
+    nm: tuple[int, int] | None
+    layers: dict[str, float]
+    skipped: dict[str, str] = field(default_factory=dict)
+    tokens: int = 0
+    seconds: float = 0.0
+    masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _zeros: int = 0
+    _numel: int = 0
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of exact zeros over all pruned layers."""
+        return self._zeros / max(1, self._numel)
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def check_target(sparsity: float | None, nm: tuple[int, int] | None) -> float:
+    """The sparsity a layer ends with; bad combinations are ``ConfigError``s naming the option."""
+    if nm is not None:
+        if sparsity is not None:
+            raise ConfigError(f"give either sparsity ({sparsity}) or nm ({nm[0]}:{nm[1]}), not both: an N:M pattern "
+                              "sets the sparsity (1 - N/M)")
+        n, m = nm
+        if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+            raise ConfigError(f"nm {n}:{m}: need integers 0 < N < M (keep N of every M weights), e.g. 2:4")
+        return 1 - n / m
+    if sparsity is None:
+        raise ConfigError("give a sparsity in [0, 1) (e.g. 0.5) or an N:M pattern (e.g. nm=(2, 4))")
+    if not 0 <= float(sparsity) < 1:
+        raise ConfigError(f"sparsity {sparsity} must be in [0, 1): the fraction of each layer's weights set to zero")
+    return float(sparsity)
+
+
+def check_method(method: str) -> str:
+    if method not in LLM_METHODS:
+        raise ConfigError(f"decoder sparsity: unknown method {method!r}; valid: {', '.join(LLM_METHODS)}")
+    return method
+
+
+# ----------------------------------------------------------------------------------------------- criteria
+def magnitude_mask(w: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None) -> torch.Tensor:
+    """Keep-mask of ``w`` (out, in) by ``|w|``: the whole layer ranked at once, or N:M groups."""
+    if nm is not None:
+        return nm_mask(w.abs(), *nm)
+    return prune_lowest(w.abs(), round(sparsity * w.numel()))
+
+
+def row_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask with the ``k`` lowest scores of every row removed (stable: lower column index first on ties)."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if k > 0:
+        keep.scatter_(1, torch.argsort(scores.float(), dim=1, stable=True)[:, :k], False)
+    return keep
+
+
+def wanda_scores(w: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
+    """``|W_ij| * ||X_j||_2``: ``sq_norm[j] = sum_t x_tj^2`` over the calibration tokens."""
+    return w.abs().float() * sq_norm.float().clamp_min(0).sqrt()[None, :]
+
+
+def wanda_mask(w: torch.Tensor, sq_norm: torch.Tensor, sparsity: float,
+               nm: tuple[int, int] | None = None) -> torch.Tensor:
+    """Wanda's keep-mask of ``w`` (out, in): per output row, or N:M groups along the input."""
+    scores = wanda_scores(w, sq_norm)
+    if nm is not None:
+        return nm_mask(scores, *nm)
+    return row_lowest(scores, round(sparsity * w.shape[1]))
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + lambda I)^-1`` with ``lambda = damp * mean(diag H)``; the damping grows
+    tenfold (with a warning) until the factorisation succeeds."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    scale = float(torch.diag(h).mean()) or 1.0
+    for attempt in range(6):
+        lam = damp * 10**attempt * scale
+        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(chol)
+            u, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0:
+                if attempt:
+                    log.warning("sparsegpt: Hessian needed damping %.3g (x%d of the asked one) to factorise",
+                                damp * 10**attempt, 10**attempt)
+                return u
+    raise PruningError("sparsegpt: the input Hessian X^T X is not positive definite even with 1e5 times the asked "
+                       "damping; give more calibration tokens or a larger damp")
+
+
+@torch.no_grad()
+def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
+                    blocksize: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT on one weight ``w`` (out, in) with input Hessian ``h`` (in, in) = ``sum_t x_t x_t^T``.
+
+    Columns are visited left to right in blocks of ``blocksize``; within a block each column's pruned weights are
+    zeroed and their error ``(w - q) / [U]_jj`` is spread over the later columns through the row ``U[j, j:]`` of the
+    upper Cholesky factor ``U`` of ``H^-1`` (the OBS update); after a block its accumulated error updates all later
+    columns at once. Returns the new weight (float32, pruned entries exactly zero) and the keep-mask.
+    """
+    rows, cols = w.shape
+    if nm is not None and blocksize % nm[1]:
+        blocksize = max(nm[1], blocksize - blocksize % nm[1])
+    w = w.detach().float().clone()
+    h = h.detach().float().clone()
+    dead = torch.diag(h) == 0  # inputs that were always zero: any weight there is free to prune
+    h[dead, dead] = 1.0
+    u = _inverse_cholesky(h, damp)
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
+    total, pruned = w.numel(), 0
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        d1 = torch.diag(u1)  # (count,)
+        mask1 = torch.zeros_like(w1, dtype=torch.bool)  # True = pruned
+        if nm is None:  # adaptive mask of this block: lowest w^2 / d^2 over all its rows, cumulative count exact
+            n_here = round(sparsity * rows * i2) - pruned
+            mask1 = ~prune_lowest(w1.pow(2) / d1.pow(2)[None, :], n_here)
+            pruned += n_here
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            if nm is not None and i % nm[1] == 0:
+                n, m = nm
+                score = w1[:, i:i + m].pow(2) / d1[i:i + m].pow(2)[None, :]
+                mask1[:, i:i + m].scatter_(1, score.topk(m - n, dim=1, largest=False).indices, True)
+            q = col.masked_fill(mask1[:, i], 0.0)
+            e = (col - q) / d1[i]
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]  # OBS: the remaining columns absorb the error
+            w1[:, i] = q
+            err1[:, i] = e
+        w[:, i1:i2] = w1
+        keep[:, i1:i2] = ~mask1
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    if nm is None and pruned != round(sparsity * total):  # cannot happen: the cumulative counts end at the total
+        raise PruningError(f"sparsegpt: pruned {pruned} weights instead of {round(sparsity * total)}")
+    w.mul_(keep)
+    return w, keep
+
+
+# ----------------------------------------------------------------------------------------------- model structure
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers ``PreTrainedModel`` in ``model`` (itself, or the one inside prunekit's ``HFModel``)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        raise ConfigError("decoder sparsity needs the transformers package: pip install 'prunekit[hf]'") from None
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            return m
+    raise PruningError(f"{type(model).__name__} is not (and does not hold) a transformers model: decoder sparsity "
+                       "runs on Hugging Face causal LMs (LlamaForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel, ...)")
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Qualified name (in ``model``) and the ``ModuleList`` of the decoder blocks: a known attribute path of the
+    transformers model (``model.layers``, ``transformer.h``, ...), else its longest list of same-typed modules that
+    hold linear layers."""
+    hf = transformers_model(model)
+    prefix = next(n for n, m in model.named_modules() if m is hf)
+    for path in BLOCK_LISTS:
+        obj: Any = hf
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList) and len(obj) and _linears(obj[0]):
+            return ".".join(p for p in (prefix, path) if p), obj
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, m in hf.named_modules():
+        if (isinstance(m, nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1 and _linears(m[0])
+                and (best is None or len(m) > len(best[1]))):
+            best = (name, m)
+    if best is None:
+        raise PruningError(f"{type(hf).__name__}: found no list of decoder blocks (tried {', '.join(BLOCK_LISTS)})")
+    return ".".join(p for p in (prefix, best[0]) if p), best[1]
+
+
+def _linears(block: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in block.named_modules() if is_gemm(m)}
+
+
+def is_gemm(m: nn.Module) -> bool:
+    """nn.Linear or transformers' ``Conv1D`` (GPT-2: the same GEMM with the weight stored ``(in, out)``)."""
+    return isinstance(m, nn.Linear) or (is_transposed(m) and isinstance(m._parameters.get("weight"), torch.Tensor))
+
+
+def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer inside the decoder blocks, by qualified name in ``model``, in block order."""
+    prefix, blocks = decoder_blocks(model)
+    return {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in _linears(b).items()}
+
+
+def select_decoder_layers(model: nn.Module, only: Iterable[str] = (), ignore: Iterable[str] = (),
+                          example_inputs: Any = None) -> LayerSelection:
+    """The ``LayerSelection`` of the ``wanda``/``sparsegpt`` sparsify methods: the linear layers inside the decoder
+    blocks that match an ``only`` regex (all when empty) and no ``ignore`` regex; every other linear layer is listed
+    as skipped. With ``example_inputs`` the layers' per-sample MACs are traced too."""
+    only_re, ignore_re = compile_patterns(only, "--only"), compile_patterns(ignore, "--ignore")
+    inside = decoder_linears(model)
+    for pat in only_re:
+        if not any(pat.search(n) for n in inside):
+            raise ConfigError(f"--only {pat.pattern!r} matches no linear layer of the decoder blocks; they are: "
+                              f"{', '.join(list(inside)[:12])}{' ...' if len(inside) > 12 else ''}")
+    layers: dict[str, nn.Module] = {}
+    skipped = {n: "outside the decoder blocks: embeddings and the LM head stay dense (Wanda / SparseGPT practice)"
+               for n, m in model.named_modules() if is_gemm(m) and n not in inside}
+    for n, m in inside.items():
+        if only_re and not any(p.search(n) for p in only_re):
+            skipped[n] = "not matched by --only"
+        elif any(p.search(n) for p in ignore_re):
+            skipped[n] = "matched by --ignore"
+        else:
+            layers[n] = m
+    if not layers:
+        raise PruningError("no decoder layer left to sparsify after --only/--ignore")
+    order, macs = list(layers), {}
+    if example_inputs is not None:
+        order, macs = execution_order(model, example_inputs, layers)
+        for n in macs:  # execution_order counts fan-in as weight[0].numel(), the output size for a Conv1D
+            m = layers[n]
+            if is_transposed(m):
+                macs[n] = macs[n] * m.weight.shape[0] // m.weight.shape[1]
+    return LayerSelection(layers=layers, skipped=skipped, order=order, macs=macs)
+
+
+# ----------------------------------------------------------------------------------------------- calibration
+class _Stop(Exception):
+    pass
+
+
+def _batches(calib_data: Iterable, max_batches: int | None) -> Iterable[Any]:
+    for i, batch in enumerate(calib_data):
+        if max_batches is not None and i >= max_batches:
+            return
+        if isinstance(batch, (tuple, list)):  # (ids, labels) or (ids,)
+            batch = batch[0]
+        if not isinstance(batch, (torch.Tensor, dict)):
+            raise PruningError(f"calibration batch {i} is a {type(batch).__name__}: expected token ids (B, T), a "
+                               "dict with 'input_ids', or an (ids, labels) pair")
+        yield batch
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, calib_data: Iterable, device: torch.device,
+                         max_batches: int | None = None) -> tuple[list[tuple[tuple, dict]], int]:
+    """Run each calibration batch through the embeddings up to the first decoder block and keep what that block
+    is called with (positional args, keyword args: attention mask, rotary position embeddings, ...). Returns them
+    and the number of tokens."""
+    hf = transformers_model(model)
+    _, blocks = decoder_blocks(model)
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    tokens = 0
+    try:
+        for batch in _batches(calib_data, max_batches):
+            inputs = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) \
+                else {"input_ids": batch.to(device)}
+            ids = inputs.get("input_ids")
+            tokens += int(ids.numel()) if ids is not None else 0
+            try:
+                hf(**inputs, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise PruningError("decoder sparsity got no calibration batch: pass calib_data (token-id batches)")
+    return captured, tokens
+
+
+def _run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, *args[1:], **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Collector:
+    """Forward hook accumulating, per linear layer, ``sum_t x_t^2`` (Wanda) or ``sum_t x_t x_t^T`` (SparseGPT)."""
+
+    def __init__(self, full: bool):
+        self.full = full
+        self.stats: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+
+    def hook(self, name: str):
+        def fn(module: nn.Module, args: tuple, out: Any) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+            s = x.T @ x if self.full else x.pow(2).sum(0)
+            self.stats[name] = self.stats[name] + s if name in self.stats else s
+            self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
+
+        return fn
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def _prune_layer(method: str, module: nn.Module, stat: torch.Tensor | None, sparsity: float,
+                 nm: tuple[int, int] | None, blocksize: int, damp: float) -> torch.Tensor:
+    """Prune one layer in place (weights zeroed, SparseGPT: updated) and return its keep-mask in the weight's own
+    layout."""
+    w = gemm_weight(module).detach()  # (out, in) view
+    if method == "magnitude":
+        keep = magnitude_mask(w, sparsity, nm)
+    elif method == "wanda":
+        keep = wanda_mask(w, stat, sparsity, nm)
+    else:
+        new, keep = sparsegpt_prune(w, stat, sparsity, nm, blocksize, damp)
+        with torch.no_grad():
+            w.copy_(new.to(w.dtype))  # w is a view of module.weight
+    return keep.t() if is_transposed(module) else keep
+
+
+@torch.no_grad()
+def prune_decoder(model: nn.Module, method: str, sparsity: float | None = None, nm: tuple[int, int] | None = None,
+                  calib_data: Iterable | None = None, layers: dict[str, nn.Module] | None = None,
+                  max_batches: int | None = None, blocksize: int = 128, damp: float = 0.01,
+                  device: str | torch.device | None = None) -> DecoderSparsity:
+    """Sparsify the linear layers of a decoder-only LM block by block (see the module docstring); masks attached.
+
+    Args:
+        model: a transformers causal LM, or prunekit's ``HFModel`` around one; changed in place.
+        method: ``magnitude``, ``wanda`` or ``sparsegpt``.
+        sparsity: fraction of each layer's weights zeroed, in [0, 1); or give ``nm`` instead.
+        nm: ``(N, M)``: keep N of every M weights along the input dimension (e.g. ``(2, 4)``).
+        calib_data: batches of token ids ``(B, T)`` (or dicts with ``input_ids``, or ``(ids, labels)`` pairs);
+            needed by ``wanda`` and ``sparsegpt``.
+        layers: the layers to prune, by qualified name (default: every linear layer in the decoder blocks);
+            a layer outside the blocks is an error.
+        max_batches: use at most this many calibration batches.
+        blocksize, damp: SparseGPT's column block and Hessian damping (fraction of the mean diagonal).
+
+    Example:
+        >>> r = prune_decoder(model, "wanda", sparsity=0.5, calib_data=loader, max_batches=64)
+        >>> r.sparsity
+        0.5
+    """
+    t0 = time.perf_counter()
+    method, target = check_method(method), check_target(sparsity, nm)
+    prefix, blocks = decoder_blocks(model)
+    inside = decoder_linears(model)
+    chosen = inside if layers is None else dict(layers)
+    outside = [n for n in chosen if n not in inside]
+    if outside:
+        raise PruningError(f"decoder sparsity prunes the linear layers inside the decoder blocks ({prefix}.N); these "
+                           f"are not: {', '.join(outside[:6])}")
+    if not chosen:
+        raise PruningError("decoder sparsity: no layer to prune")
+    skipped: dict[str, str] = {}
+    if nm is not None:
+        for n in list(chosen):
+            if gemm_weight(chosen[n]).shape[1] % nm[1]:
+                skipped[n] = f"input size {gemm_weight(chosen[n]).shape[1]} is not a multiple of {nm[1]}: left dense"
+                del chosen[n]
+        if skipped:
+            log.warning("decoder sparsity %d:%d: %d layers left dense: %s", *nm, len(skipped), ", ".join(skipped))
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    result = DecoderSparsity(method=method, target=target, nm=nm, layers={}, skipped=skipped)
+    was_training = model.training
+    model.eval()
+    try:
+        captured, result.tokens = [], 0
+        if method in NEEDS_DATA:
+            if calib_data is None:
+                raise PruningError(f"method {method!r} needs calibration data: pass calib_data (token-id batches)")
+            captured, result.tokens = capture_block_inputs(model, calib_data, dev, max_batches)
+        hidden = [args[0] for args, _ in captured]
+        pattern = f"{nm[0]}:{nm[1]}" if nm else f"{target:.4g}"
+        for b, block in enumerate(blocks):
+            tb = time.perf_counter()
+            here = {n: m for n, m in chosen.items() if n.startswith(f"{prefix}.{b}.")}
+            stats: dict[str, torch.Tensor] = {}
+            if here and method in NEEDS_DATA:
+                col = _Collector(full=method == "sparsegpt")
+                handles = [m.register_forward_hook(col.hook(n)) for n, m in here.items()]
+                try:
+                    for h, (args, kwargs) in zip(hidden, captured):
+                        _run_block(block, h, args, kwargs)
+                finally:
+                    for hd in handles:
+                        hd.remove()
+                stats = col.stats
+                unseen = [n for n in here if n not in stats]
+                if unseen:
+                    raise PruningError(f"{method}: layers {', '.join(unseen)} never ran on the calibration data, so "
+                                       "they have no input statistics; leave them out (layers=/--ignore)")
+            for n, m in here.items():
+                old = get_mask(m)
+                if old is not None and not bool(old.all()):
+                    raise PruningError(f"layer {n!r} is already sparse (it has a weight_mask): {method} prunes "
+                                       "dense layers one-shot; start from the dense model")
+                keep = _prune_layer(method, m, stats.get(n), target, nm, blocksize, damp)
+                set_mask(m, keep, n)
+                result.masks[n] = keep
+                zeros = int((m.weight == 0).sum())
+                result.layers[n] = zeros / m.weight.numel()
+                result._zeros += zeros
+                result._numel += m.weight.numel()
+            stats.clear()
+            if captured and b + 1 < len(blocks):  # the next block sees what the pruned block outputs
+                hidden = [_run_block(block, h, args, kwargs) for h, (args, kwargs) in zip(hidden, captured)]
+            if here:
+                log.info("%s %s: block %d/%d pruned (%d layers, sparsity %.4f .. %.4f) in %.1f s", method, pattern,
+                         b + 1, len(blocks), len(here), min(result.layers[n] for n in here),
+                         max(result.layers[n] for n in here), time.perf_counter() - tb)
+    finally:
+        model.train(was_training)
+    result.seconds = time.perf_counter() - t0
+    log.info("%s %s: %d layers pruned, sparsity %.4f, %d calibration tokens, %.1f s", method, pattern,
+             len(result.layers), result.sparsity, result.tokens, result.seconds)
+    return result

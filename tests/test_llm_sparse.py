@@ -9,8 +9,14 @@ import torch
 from torch import nn
 
 from prunekit.errors import ConfigError, PruningError
-from prunekit.pruning.llm import decoder_blocks, decoder_linears, prune_decoder
-from prunekit.pruning.llm.sparse import magnitude_mask, sparsegpt_prune, wanda_mask
+from prunekit.pruning.llm.sparse import (
+    decoder_blocks,
+    decoder_linears,
+    magnitude_mask,
+    prune_decoder,
+    sparsegpt_prune,
+    wanda_mask,
+)
 from prunekit.pruning.unstructured import get_mask, nm_violations, sparsify
 from prunekit.pruning.unstructured.layers import gemm_weight
 

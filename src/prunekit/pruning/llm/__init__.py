@@ -1,9 +1,24 @@
-"""Pruning of decoder-only language models (Llama, Qwen2, GPT-2 style transformers causal LMs).
+"""Pruning of decoder-only language models (Llama / Mistral / Qwen2 / GPT-2).
 
-``sparse``: unstructured and N:M sparsity block by block with Wanda and SparseGPT (``prune_decoder``; also the
-``wanda`` / ``sparsegpt`` methods of ``prunekit sparsify``).
+Structured width pruning (:mod:`~prunekit.pruning.llm.width`): SwiGLU/GELU MLP channels and whole GQA groups, scored
+by VBP variance, magnitude, structured Wanda or random, with mean / least-squares compensation; the result reloads
+with plain ``AutoModelForCausalLM.from_pretrained``.
+
+Unstructured and N:M sparsity (:mod:`~prunekit.pruning.llm.sparse`): Wanda and SparseGPT block by block
+(``prune_decoder``; also the ``wanda`` / ``sparsegpt`` methods of ``prunekit sparsify``).
+
+Example:
+    >>> from prunekit.pruning.llm import prune_width, save_pruned
+    >>> report = prune_width(model, calib_ids, mlp_sparsity=0.5, criterion="variance", compensate="lstsq")
+    >>> save_pruned(model, "pruned/", report)
 """
 
+from prunekit.pruning.llm.arch import get_family, list_families
+from prunekit.pruning.llm.criteria import get_criterion, list_criteria
 from prunekit.pruning.llm.sparse import LLM_METHODS, DecoderSparsity, decoder_blocks, decoder_linears, prune_decoder
+from prunekit.pruning.llm.stats import collect_inputs
+from prunekit.pruning.llm.width import WidthSettings, kept_count, prune_width, save_pruned, unwrap
 
-__all__ = ["LLM_METHODS", "DecoderSparsity", "decoder_blocks", "decoder_linears", "prune_decoder"]
+__all__ = ["LLM_METHODS", "DecoderSparsity", "decoder_blocks", "decoder_linears", "prune_decoder",
+           "WidthSettings", "collect_inputs", "get_criterion", "get_family", "kept_count", "list_criteria",
+           "list_families", "prune_width", "save_pruned", "unwrap"]

@@ -1,0 +1,310 @@
+"""Width pruning of decoder-only LMs (Llama, Mistral, Qwen2, GPT-2), done directly on the transformers modules.
+
+Per decoder layer, the same number of units is removed from every layer (see "Uniform width" below):
+
+- **MLP channels**: row ``j`` of ``gate_proj`` and ``up_proj`` (GPT-2: ``c_fc``) with column ``j`` of ``down_proj``
+  (``c_proj``), scored by a criterion of :mod:`prunekit.pruning.llm.criteria` (``variance`` = VBP, ``magnitude``,
+  ``wanda``, ``random``); ``down_proj`` is then compensated (``none``/``mean``/``lstsq``,
+  :mod:`prunekit.pruning.llm.compensate`); the config's ``intermediate_size`` (``n_inner``) is updated.
+- **GQA groups**: a key-value head with its ``num_attention_heads / num_key_value_heads`` query heads (rows of
+  ``q/k/v_proj``, columns of ``o_proj``); the config's ``num_attention_heads``, ``num_key_value_heads`` and an explicit
+  ``head_dim`` are updated, and ``o_proj`` is compensated like ``down_proj``.
+
+Statistics come from calibration token ids through forward-pre hooks (:mod:`prunekit.pruning.llm.stats`).
+``sequential=True`` (default) measures layer ``l`` on the model whose layers ``< l`` are already pruned and
+compensated, so each compensation fits the inputs the pruned model really produces (one partial forward pass of the
+calibration set per layer, stopped at that layer); ``False`` measures every layer once on the dense model.
+
+Uniform width: ``AutoModelForCausalLM.from_pretrained`` of these families builds every layer from one
+``intermediate_size`` and one head count, so a model with per-layer widths would not reload with plain transformers.
+Which channels go is still chosen per layer by its own scores; only how many is shared. (A per-layer allocation
+would need zero-padding back to the widest layer, which saves nothing, or a custom model class.)
+
+Compensation needs a place for ``b``: Llama gets ``mlp_bias`` / ``attention_bias`` switched on in its config (the
+extra ``gate/up`` and ``q/k/v`` biases are zeros, so the function is unchanged and the reload exact); GPT-2's
+``c_proj`` has a bias; Qwen2 and Mistral cannot express one, so ``mean`` is refused there and ``lstsq`` refits
+weights only. Hidden-size pruning (across RMSNorm and the embeddings) is not implemented.
+
+Example:
+    >>> cfg = WidthSettings(mlp_sparsity=0.5, criterion="variance", compensate="lstsq")
+    >>> report = prune_width(model, calib_ids, cfg)       # calib_ids: (N, T) token ids; model changed in place
+    >>> save_pruned(model, "out/")                         # AutoModelForCausalLM.from_pretrained("out/") reloads it
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from prunekit.config import Config
+from prunekit.errors import ConfigError, PruningError
+
+from .arch import Block, Family, ensure_bias, get_family, head_layout, keep_in, keep_out, out_features, weight_oi
+from .compensate import compensate
+from .criteria import Unit, get_criterion, list_criteria, needs_stats
+from .stats import calibration_batches, collect_inputs
+
+log = logging.getLogger(__name__)
+
+
+class WidthSettings(Config):
+    """Settings of LLM width pruning (YAML keys = field names; CLI flags ``--mlp-sparsity`` ...)."""
+
+    mlp_sparsity: float = Field(0.0, ge=0, lt=1, description="fraction of MLP channels removed in every layer")
+    head_sparsity: float = Field(0.0, ge=0, lt=1, description="fraction of GQA groups (a key-value head with its "
+                                 "query heads) removed in every layer")
+    criterion: Literal["variance", "magnitude", "wanda", "random"] = Field(
+        "variance", description="unit score: variance (VBP), magnitude, wanda (structured), random")
+    compensate: Literal["none", "mean", "lstsq"] = Field("lstsq", description="compensation of down_proj/o_proj")
+    ridge: float | Literal["auto"] = Field("auto", description="lstsq ridge relative to mean(diag S_KK), or auto "
+                                           "(2-fold cross-validation on the calibration batches)")
+    round_to: int = Field(1, ge=1, description="keep a multiple of this many MLP channels")
+    sequential: bool = Field(True, description="measure each layer on the model already pruned before it")
+    seed: int = Field(0, description="seed of the random criterion")
+
+    @model_validator(mode="after")
+    def _something(self) -> WidthSettings:
+        if self.ridge != "auto" and self.ridge < 0:
+            raise ValueError(f"ridge must be >= 0 or 'auto'; got {self.ridge}")
+        return self
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside prunekit's ``HFModel`` wrapper (or the model itself)."""
+    inner = getattr(model, "model", None)
+    if type(model).__name__ == "HFModel" and isinstance(inner, nn.Module):
+        return inner
+    return model
+
+
+def kept_count(total: int, sparsity: float, round_to: int = 1) -> int:
+    """Units kept of ``total`` at ``sparsity``: ``round(total * (1 - sparsity))`` to a multiple of ``round_to``,
+    at least one (``round_to``)."""
+    keep = total * (1 - sparsity)
+    keep = int(round(keep / round_to)) * round_to
+    return max(min(round_to, total), min(total, keep))
+
+
+def _modules(lm: nn.Module) -> dict[str, nn.Module]:
+    return dict(lm.named_modules())
+
+
+def _mlp_unit(mods: dict[str, nn.Module], b: Block, st: dict, seed: int) -> Unit:
+    n = out_features(mods[b.producers[0]])
+    ar = torch.arange(n).view(n, 1)
+    x = st.get(b.producers[0])
+    return Unit([weight_oi(mods[p]) for p in b.producers], [ar] * len(b.producers), weight_oi(mods[b.consumer]),
+                ar, [x] * len(b.producers), st.get(b.consumer), seed)
+
+
+def _head_unit(mods: dict[str, nn.Module], b: Block, st: dict, config: Any, seed: int) -> Unit:
+    nq, nkv, hd = head_layout(config)
+    r = nq // nkv
+    q_rows = torch.arange(nq * hd).view(nkv, r * hd)  # group g owns query heads g*r .. g*r + r - 1
+    kv_rows = torch.arange(nkv * hd).view(nkv, hd)
+    a = b.attn
+    x = st.get(a["q"])
+    return Unit([weight_oi(mods[a[k]]) for k in "qkv"], [q_rows, kv_rows, kv_rows], weight_oi(mods[a["o"]]),
+                q_rows, [x, x, x], st.get(a["o"]), seed)
+
+
+def _keep(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores, ascending (ties: the lower index wins)."""
+    order = torch.sort(-scores.double(), stable=True).indices[:k]
+    return order.sort().values
+
+
+class _Pruner:
+    def __init__(self, lm: nn.Module, fam: Family, cfg: WidthSettings, batches: list[torch.Tensor]):
+        self.lm, self.fam, self.cfg, self.batches = lm, fam, cfg, batches
+        self.crit = get_criterion(cfg.criterion)
+        self.records: list[dict[str, Any]] = []
+        self.mlp_bias = False
+        if cfg.mlp_sparsity > 0:
+            self.mlp_bias = self._bias_mode("mlp", fam.mlp_bias, [b.consumer for b in fam.blocks(lm)])
+        self.attn_bias = False
+        if cfg.head_sparsity > 0:
+            self.attn_bias = self._bias_mode("attention", fam.attn_bias, [b.attn["o"] for b in fam.blocks(lm)])
+        for part, on, has in (("mlp", cfg.mlp_sparsity > 0, self.mlp_bias),
+                              ("heads", cfg.head_sparsity > 0, self.attn_bias)):
+            if cfg.compensate == "mean" and on and not has:
+                layer = "down_proj" if part == "mlp" else "o_proj"
+                raise PruningError(f"compensate='mean': a {fam.name} config cannot express a bias on {layer}, so the "
+                                   f"compensated model would not reload with from_pretrained; use compensate='lstsq' "
+                                   f"(refits the weights, no bias) or 'none'")
+
+    def _bias_mode(self, what: str, enable: Any, consumers: list[str]) -> bool:
+        """Whether the consumers can carry a bias; switches it on (config + zero biases) when compensating."""
+        mods = _modules(self.lm)
+        if all(mods[c].bias is not None for c in consumers):
+            return True
+        if self.cfg.compensate == "none" or enable is None:
+            return False
+        if not enable(self.lm.config):
+            return False
+        for b in self.fam.blocks(self.lm):  # the config turns biases on for every projection of that kind
+            names = [*b.producers, b.consumer] if what == "mlp" else list(b.attn.values())
+            for n in names:
+                ensure_bias(mods[n])
+        log.info("%s biases switched on in the config (zeros except the compensated %s)", what,
+                 "down_proj" if what == "mlp" else "o_proj")
+        return True
+
+    def _stats(self, names: list[str], cov: list[str], stop: str | None) -> dict:
+        return collect_inputs(self.lm, self.batches, names, covariance=cov, stop_after=stop) if names else {}
+
+    def _needed(self, producer: str, consumer: str) -> tuple[list[str], list[str]]:
+        need_x, need_h = needs_stats(self.cfg.criterion)
+        comp = self.cfg.compensate != "none"
+        names = ([producer] if need_x else []) + ([consumer] if need_h or comp else [])
+        return names, [consumer] if self.cfg.compensate == "lstsq" else []
+
+    def plan(self, blocks: list[Block]) -> dict[str, list[str]]:
+        """Per block: the statistics points of heads then of the MLP."""
+        out = {}
+        for b in blocks:
+            if self.cfg.head_sparsity > 0:
+                out[f"{b.prefix}:heads"] = self._needed(b.attn["q"], b.attn["o"])
+            if self.cfg.mlp_sparsity > 0:
+                out[f"{b.prefix}:mlp"] = self._needed(b.producers[0], b.consumer)
+        return out
+
+    def run(self, keep_mlp: int, keep_groups: int) -> None:
+        blocks = self.fam.blocks(self.lm)
+        plan = self.plan(blocks)
+        dense: dict = {}
+        if not self.cfg.sequential:  # everything from one pass over the dense model
+            names = [n for v in plan.values() for n in v[0]]
+            dense = self._stats(names, [n for v in plan.values() for n in v[1]], None)
+        config = self.lm.config
+        nq, nkv, hd = head_layout(config) if self.cfg.head_sparsity > 0 else (0, 0, 0)
+        for b in blocks:
+            t0 = time.perf_counter()
+            if self.cfg.head_sparsity > 0:
+                names, cov = plan[f"{b.prefix}:heads"]
+                st = dense if not self.cfg.sequential else self._stats(names, cov, b.attn["o"])
+                self._prune_heads(b, st, keep_groups, nq, nkv, hd)
+            if self.cfg.mlp_sparsity > 0:
+                names, cov = plan[f"{b.prefix}:mlp"]
+                st = dense if not self.cfg.sequential else self._stats(names, cov, b.consumer)
+                self._prune_mlp(b, st, keep_mlp)
+            log.info("layer %d/%d pruned (%.1f s)", b.index + 1, len(blocks), time.perf_counter() - t0)
+        if self.cfg.mlp_sparsity > 0:
+            self.fam.set_width(config, keep_mlp)
+        if self.cfg.head_sparsity > 0:
+            r = nq // nkv
+            config.head_dim = hd
+            config.num_key_value_heads = keep_groups
+            config.num_attention_heads = keep_groups * r
+
+    def _prune_mlp(self, b: Block, st: dict, keep_n: int) -> None:
+        mods = _modules(self.lm)
+        scores = self.crit(_mlp_unit(mods, b, st, self.cfg.seed + b.index))
+        keep = _keep(scores, keep_n)
+        rec = compensate(mods[b.consumer], st.get(b.consumer), keep, self.cfg.compensate, bias=self.mlp_bias,
+                         ridge=self.cfg.ridge, name=b.consumer)
+        for p in b.producers:
+            keep_out(mods[p], keep)
+        keep_in(mods[b.consumer], keep)
+        mlp = mods[b.consumer.rsplit(".", 1)[0]]
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = keep_n
+        self.records.append({"layer": b.index, "part": "mlp", "kept": keep_n, "of": len(scores), **rec})
+
+    def _prune_heads(self, b: Block, st: dict, keep_g: int, nq: int, nkv: int, hd: int) -> None:
+        mods = _modules(self.lm)
+        unit = _head_unit(mods, b, st, self.lm.config, self.cfg.seed + 1000 + b.index)
+        groups = _keep(self.crit(unit), keep_g)
+        q_keep = unit.members[0][groups].flatten()
+        kv_keep = unit.members[1][groups].flatten()
+        rec = compensate(mods[b.attn["o"]], st.get(b.attn["o"]), q_keep, self.cfg.compensate, bias=self.attn_bias,
+                         ridge=self.cfg.ridge, name=b.attn["o"])
+        keep_out(mods[b.attn["q"]], q_keep)
+        keep_out(mods[b.attn["k"]], kv_keep)
+        keep_out(mods[b.attn["v"]], kv_keep)
+        keep_in(mods[b.attn["o"]], q_keep)
+        attn = mods[b.attn["o"].rsplit(".", 1)[0]]
+        for k, v in (("num_heads", keep_g * (nq // nkv)), ("num_key_value_heads", keep_g)):
+            if hasattr(attn, k):
+                setattr(attn, k, v)
+        self.records.append({"layer": b.index, "part": "heads", "kept": keep_g, "of": nkv,
+                             "groups": groups.tolist(), **rec})
+
+
+def prune_width(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], settings: WidthSettings | None = None,
+                *, batch_size: int = 8, **overrides: Any) -> dict[str, Any]:
+    """Prune ``model`` (a transformers causal LM or prunekit ``HFModel``) in place; returns a report.
+
+    Args:
+        model: LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM / GPT2LMHeadModel (or ``hf:`` wrapper).
+        calib: calibration token ids, a ``(N, T)`` tensor or a list of ``(B, T)`` batches (from training text).
+        settings: :class:`WidthSettings`; keyword ``overrides`` replace its fields.
+        batch_size: batch size when ``calib`` is one tensor.
+
+    Raises:
+        ConfigError: bad settings (unknown criterion, heads on GPT-2, sparsity that keeps everything ...).
+        PruningError: unsupported model, empty calibration data, compensation the config cannot express.
+    """
+    settings = WidthSettings.build({**(settings.to_dict() if settings else {}), **overrides}, "prune_width")
+    lm = unwrap(model)
+    fam = get_family(lm)
+    config = lm.config
+    if settings.mlp_sparsity == 0 and settings.head_sparsity == 0:
+        raise ConfigError("prune_width: mlp_sparsity and head_sparsity are both 0, nothing would be pruned; "
+                          "set mlp_sparsity (e.g. 0.5) and/or head_sparsity")
+    if settings.criterion not in list_criteria():
+        raise ConfigError(f"criterion {settings.criterion!r}: valid: {', '.join(list_criteria())}")
+    blocks = fam.blocks(lm)
+    inter = out_features(_modules(lm)[blocks[0].producers[0]])
+    keep_mlp = kept_count(inter, settings.mlp_sparsity, settings.round_to)
+    if settings.mlp_sparsity > 0 and keep_mlp == inter:
+        raise ConfigError(f"mlp_sparsity={settings.mlp_sparsity} keeps all {inter} MLP channels "
+                          f"(round_to={settings.round_to}); raise it or lower round_to")
+    keep_groups = 0
+    if settings.head_sparsity > 0:
+        if fam.attn is None:
+            raise ConfigError(f"head_sparsity={settings.head_sparsity}: model_type {config.model_type!r} derives "
+                              f"head_dim from the hidden size, so a model with fewer heads cannot be reloaded from its "
+                              f"config; use head_sparsity=0 (MLP pruning works)")
+        nq, nkv, hd = head_layout(config)
+        keep_groups = kept_count(nkv, settings.head_sparsity)
+        if keep_groups == nkv:
+            raise ConfigError(f"head_sparsity={settings.head_sparsity} keeps all {nkv} key-value groups; "
+                              f"the smallest step is {1 / nkv:.3f}")
+    batches = calibration_batches(calib, batch_size)
+    params_before = sum(p.numel() for p in lm.parameters())
+    t0 = time.perf_counter()
+    log.info("width pruning %s: MLP %d -> %d, %s, compensate %s, %d calibration tokens", config.model_type, inter,
+             keep_mlp, settings.criterion, settings.compensate, sum(b.numel() for b in batches))
+    pruner = _Pruner(lm, fam, settings, batches)
+    pruner.run(keep_mlp, keep_groups)
+    kw = getattr(model, "_prunekit_kwargs", None)
+    if isinstance(kw, dict) and "hf_config" in kw:  # keep an hf: wrapper's rebuild spec in step
+        from prunekit.models.hf import config_to_dict
+
+        kw["hf_config"] = config_to_dict(config)
+    return {"settings": settings.to_dict(), "model_type": config.model_type, "intermediate_size": [inter, keep_mlp],
+            "kv_groups": [head_layout(config)[1] if fam.attn else None, keep_groups or None],
+            "params_before": params_before, "params_after": sum(p.numel() for p in lm.parameters()),
+            "calib_tokens": sum(b.numel() for b in batches), "seconds": time.perf_counter() - t0,
+            "layers": pruner.records}
+
+
+def save_pruned(model: nn.Module, out: str | Path, report: dict[str, Any] | None = None) -> Path:
+    """``save_pretrained`` (safetensors + config.json) plus ``prune_report.json``; reload with
+    ``AutoModelForCausalLM.from_pretrained(out)``."""
+    lm = unwrap(model)
+    out = Path(out)
+    lm.save_pretrained(out, safe_serialization=True)
+    if report is not None:
+        (out / "prune_report.json").write_text(json.dumps(report, indent=1))
+    if not (out / "model.safetensors").exists() and not any(out.glob("*.safetensors")):
+        raise PruningError(f"save_pruned: no safetensors file was written to {out}")
+    return out

@@ -4,8 +4,8 @@ The model and text come from ``benchmarks/llm_common.py`` (a small Llama trained
 sources, byte tokens, cached). Every method prunes the linear layers inside the decoder blocks of a fresh copy
 (embeddings / tied LM head dense) with ``prunekit.pruning.llm.prune_decoder``, block by block; calibration is
 ``--calib`` random windows of ``--seq-len`` bytes from the train split, drawn with each of ``--seeds`` (magnitude uses
-no data, so it has one figure). Perplexity: non-overlapping ``--seq-len`` windows over the first ``--eval-tokens``
-bytes of the test split (files never trained on). No fine-tuning anywhere.
+no data, so it has one figure). Perplexity: ``--eval-windows`` windows of ``--seq-len`` bytes at evenly spaced offsets
+over the whole test split (files never trained on), the same windows for every model. No fine-tuning anywhere.
 
     python benchmarks/llm_sparse.py                                   # 50%, 70%, 2:4, 4:8; seeds 0 and 1
     python benchmarks/llm_sparse.py --sparsities 0.5 --nm 2:4 --seeds 0
@@ -43,7 +43,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1", help="calibration seeds (which train windows are drawn)")
     p.add_argument("--calib", type=int, default=128, help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-tokens", type=int, default=131072, help="test bytes scored")
+    p.add_argument("--eval-windows", type=int, default=256, help="test windows scored (evenly spaced)")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args()
 
@@ -58,14 +58,21 @@ def patterns(args: argparse.Namespace) -> list[tuple[str, float | None, tuple[in
     return out
 
 
+def eval_windows(tokens: torch.Tensor, n: int, seq_len: int) -> torch.Tensor:
+    """``n`` windows of ``seq_len`` tokens at evenly spaced offsets over ``tokens``, joined (1-D): ``perplexity``
+    with the same ``seq_len`` scores exactly these windows."""
+    starts = torch.linspace(0, len(tokens) - seq_len, n).long().tolist()
+    return torch.cat([tokens[s:s + seq_len] for s in starts])
+
+
 def main() -> None:
     args = parse()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("prunekit").setLevel(logging.WARNING)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dense, data = get_small_llama()
-    test = data["test"]
-    ppl = lambda m: perplexity(m, test, seq_len=args.seq_len, max_tokens=args.eval_tokens)  # noqa: E731
+    test = eval_windows(data["test"], args.eval_windows, args.seq_len)
+    ppl = lambda m: perplexity(m, test, seq_len=args.seq_len)  # noqa: E731
     t0 = time.time()
     base = ppl(dense)
     log.info("dense: ppl %.4f (%.0f s)", base, time.time() - t0)
@@ -88,8 +95,8 @@ def main() -> None:
                          row["ppl"][-1], row["seconds"][-1])
             rows.append(row)
     n_params = sum(p.numel() for p in dense.parameters())
-    print(f"\nsmall Llama ({n_params / 1e6:.2f} M params), test ppl over {args.eval_tokens} bytes in windows of "
-          f"{args.seq_len}; calibration {args.calib} x {args.seq_len} train bytes, seeds {args.seeds}")
+    print(f"\nsmall Llama ({n_params / 1e6:.2f} M params), test ppl over {args.eval_windows} windows of "
+          f"{args.seq_len} bytes; calibration {args.calib} x {args.seq_len} train bytes, seeds {args.seeds}")
     print(f"{'method':<10} {'pattern':>7} {'sparsity':>9} {'ppl mean':>9} {'min':>8} {'max':>8} {'x dense':>8} "
           f"{'prune s':>8}")
     for r in rows:

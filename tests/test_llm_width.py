@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -258,3 +259,33 @@ def test_perplexity_of_uniform_and_perfect_models():
     assert perplexity(Const(oracle), tokens, seq_len=T) < 1.0001
     with pytest.raises(ConfigError, match="seq_len"):
         perplexity(uniform, tokens[:5], seq_len=T)
+
+
+def test_cli_prune_llm_and_eval_text(tmp_path, capsys):
+    from prunekit.cli.main import main
+
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64))
+    model.save_pretrained(tmp_path / "dense")
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 40)
+    out = tmp_path / "pruned"
+    assert main(["prune-llm", "--model", str(tmp_path / "dense"), "--calib-text", str(text), "--seq-len", "32",
+                 "--calib-samples", "8", "--mlp-sparsity", "0.5", "--head-sparsity", "0.5", "--compensate", "mean",
+                 "--eval-text", str(text), "--out", str(out)]) == 0
+    assert {"config.json", "model.safetensors", "prune_report.json", "metrics.json"} <= {p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["intermediate_size"], cfg["num_key_value_heads"], cfg["mlp_bias"]) == (24, 1, True)
+    capsys.readouterr()
+    assert main(["eval", "--from", str(out), "--text", str(text), "--seq-len", "32"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert math.isclose(shown["perplexity"], metrics["ppl_after"], rel_tol=1e-5)
+    with pytest.raises(SystemExit):
+        main(["prune-llm", "--model", str(tmp_path / "dense"), "--calib-text", str(text), "--mlp-sparsity", "0.5",
+              "--criterion", "l9", "--out", str(tmp_path / "x")])
+    assert "choose from 'variance', 'magnitude', 'wanda', 'random'" in capsys.readouterr().err
+    assert main(["prune-llm", "--model", str(tmp_path / "dense"), "--calib-text", str(text), "--seq-len", "32",
+                 "--mlp-sparsity", "0.25", "--ridge", "0.1", "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r" / "prune_report.json").read_text())["layers"][0]["ridge"] == 0.1

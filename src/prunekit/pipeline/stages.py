@@ -70,6 +70,11 @@ class EvalConfig(DataArgs):
     out: Path | None = Field(None, description="also write the results as a run directory here")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     max_batches: int | None = Field(None, gt=0, description="evaluate on at most this many batches")
+    text: Path | None = Field(None, description="perplexity of a causal LM (--from: a Hugging Face model folder) on "
+                              "this text file, instead of top-1 on the dataset")
+    seq_len: int = Field(256, ge=2, description="with --text: tokens per non-overlapping window")
+    tokenizer: str = Field("auto", description="with --text: auto (the model folder's tokenizer, else bytes for a "
+                           "vocab-256 model), bytes, or a tokenizer folder")
 
 
 # ------------------------------------------------------------------------------------------------ shared pieces
@@ -202,6 +207,10 @@ def resolve_teacher(from_dir: Path, teacher: Path | None) -> Path:
 def evaluate_run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate a run directory's model; with ``cfg.out`` also write the results as a run directory."""
     check_device(cfg.device)
+    if cfg.text is not None:  # language-model perplexity (prunekit.pipeline.llm)
+        from prunekit.pipeline.llm import text_perplexity_run
+
+        return text_perplexity_run(cfg)
     runs.check_run_dir(cfg.from_dir)
     data = data_settings(cfg, runs.read_config(cfg.from_dir))
     model = runs.load_model(cfg.from_dir, cfg.device)

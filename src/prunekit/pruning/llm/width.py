@@ -67,7 +67,7 @@ class WidthSettings(Config):
                                            "(2-fold cross-validation on the calibration batches)")
     round_to: int = Field(1, ge=1, description="keep a multiple of this many MLP channels")
     sequential: bool = Field(True, description="measure each layer on the model already pruned before it")
-    seed: int = Field(0, description="seed of the random criterion")
+    seed: int = Field(0, description="seed of the random criterion (and of prune-llm's calibration sampling)")
 
     @model_validator(mode="after")
     def _something(self) -> WidthSettings:

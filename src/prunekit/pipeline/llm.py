@@ -1,0 +1,162 @@
+"""``prunekit prune-llm`` and ``prunekit eval --text``: width pruning and perplexity of Hugging Face causal LMs.
+
+A model folder is what ``save_pretrained`` writes (``config.json`` + ``*.safetensors``, a tokenizer optional).
+Text is tokenized by the folder's tokenizer, or as UTF-8 bytes for a byte-level model (``vocab_size`` 256).
+
+Example::
+
+    prunekit prune-llm --model llama_dir --calib-text train.txt --mlp-sparsity 0.5 --criterion variance \\
+        --compensate lstsq --eval-text test.txt --out pruned_dir
+    prunekit eval --from pruned_dir --text test.txt --seq-len 256
+
+The output folder holds the pruned model (reload it with ``AutoModelForCausalLM.from_pretrained``), the tokenizer
+files copied from ``--model``, ``prune_report.json`` (settings, widths, per-layer compensation records) and
+``metrics.json`` (perplexities before/after when ``--eval-text`` is given, params).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from prunekit.errors import ConfigError, DataNotFoundError
+from prunekit.pruning.llm.width import WidthSettings, prune_width, save_pruned
+
+log = logging.getLogger("prunekit.prune_llm")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "vocab.txt")
+
+
+def is_hf_folder(p: str | Path) -> bool:
+    p = Path(p)
+    return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
+
+
+def load_causal_lm(path: str | Path, device: str = "cpu") -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path)`` in float32, eval mode, with a clear error for a bad folder."""
+    if not is_hf_folder(path):
+        raise DataNotFoundError(f"--model/--from {str(path)!r}: not a Hugging Face model folder (needs config.json "
+                                f"and *.safetensors, as save_pretrained writes)")
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except ValueError as e:
+        raise ConfigError(f"--model {str(path)!r}: not a causal LM that transformers can load: {e}") from None
+    return model.to(device).eval()
+
+
+def tokenize_file(path: str | Path, model_dir: str | Path, model: torch.nn.Module,
+                  tokenizer: str = "auto") -> torch.Tensor:
+    """The token ids of a text file (1-D long tensor)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataNotFoundError(f"text file {str(p)!r} does not exist")
+    raw = p.read_bytes()
+    has_tok = any((Path(model_dir) / f).exists() for f in TOKENIZER_FILES)
+    vocab = int(getattr(model.config, "vocab_size", 0))
+    if tokenizer == "bytes" or (tokenizer == "auto" and not has_tok):
+        if vocab < 256:
+            raise ConfigError(f"--tokenizer bytes: the model's vocab_size is {vocab}, a byte model needs >= 256; "
+                              f"put the tokenizer files in {str(model_dir)!r} or pass --tokenizer PATH")
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+    from transformers import AutoTokenizer
+
+    src = str(model_dir) if tokenizer == "auto" else tokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
+        raise ConfigError(f"--tokenizer {src!r}: cannot load a tokenizer ({type(e).__name__}: {e}); pass a local "
+                          f"tokenizer folder or --tokenizer bytes") from None
+    return torch.tensor(tok(raw.decode("utf-8", errors="replace"))["input_ids"], dtype=torch.long)
+
+
+class PruneLLMConfig(WidthSettings):
+    """``prunekit prune-llm``: width pruning of a Hugging Face causal LM folder (Llama, Mistral, Qwen2, GPT-2)."""
+
+    model: Path = Field(description="model folder (config.json + safetensors)")
+    out: Path = Field(Path("runs/prune-llm"), description="output model folder")
+    overwrite: bool = Field(False, description="replace --out if it already holds files")
+    calib_text: Path = Field(description="calibration text file (training text, not the evaluation text)")
+    calib_samples: int = Field(64, gt=0, description="random windows of --seq-len tokens drawn from --calib-text")
+    seq_len: int = Field(256, ge=2, description="tokens per calibration / evaluation window")
+    eval_text: Path | None = Field(None, description="report perplexity before and after on this text file")
+    tokenizer: str = Field("auto", description="auto (the model folder's, else bytes), bytes, or a tokenizer folder")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N")
+
+
+def calibration_windows(tokens: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``n`` random windows (seeded) of ``seq_len`` tokens, (n, seq_len)."""
+    if len(tokens) <= seq_len:
+        raise ConfigError(f"--calib-text has {len(tokens)} tokens, fewer than one window of --seq-len {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - seq_len, (n,), generator=g).tolist()
+    return torch.stack([tokens[s:s + seq_len] for s in starts])
+
+
+def prune_llm_run(cfg: PruneLLMConfig) -> dict[str, Any]:
+    from prunekit import runs
+    from prunekit.measure.perplexity import perplexity
+
+    if Path(cfg.out).resolve() == Path(cfg.model).resolve():
+        raise ConfigError(f"--out {str(cfg.out)!r} is the --model folder; choose another --out")
+    model = load_causal_lm(cfg.model, cfg.device)
+    calib = calibration_windows(tokenize_file(cfg.calib_text, cfg.model, model, cfg.tokenizer), cfg.calib_samples,
+                                cfg.seq_len, cfg.seed)
+    ev = tokenize_file(cfg.eval_text, cfg.model, model, cfg.tokenizer) if cfg.eval_text else None
+    metrics: dict[str, Any] = {}
+    if ev is not None:
+        metrics["ppl_before"] = perplexity(model, ev, seq_len=cfg.seq_len)
+        log.info("perplexity before: %.4f", metrics["ppl_before"])
+    settings = WidthSettings.model_validate(cfg.model_dump(include=set(WidthSettings.model_fields)))
+    report = prune_width(model, calib, settings)
+    if ev is not None:
+        metrics["ppl_after"] = perplexity(model, ev, seq_len=cfg.seq_len)
+        log.info("perplexity after: %.4f", metrics["ppl_after"])
+    metrics.update(params_before=report["params_before"], params_after=report["params_after"])
+    out = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite)
+    save_pruned(model, out, report)
+    for f in TOKENIZER_FILES:
+        if (Path(cfg.model) / f).exists():
+            shutil.copy2(Path(cfg.model) / f, out / f)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def text_perplexity(from_dir: str | Path, text: str | Path, *, seq_len: int = 256, batch_size: int = 8,
+                    tokenizer: str = "auto", device: str = "cpu", max_batches: int | None = None) -> dict[str, Any]:
+    """Perplexity of a model folder (or prunekit run directory whose model maps ids to logits) on a text file."""
+    from prunekit import runs
+    from prunekit.measure.perplexity import nll_sum
+
+    if is_hf_folder(from_dir):
+        model = load_causal_lm(from_dir, device)
+    else:
+        runs.check_run_dir(from_dir)
+        model = runs.load_model(from_dir, device)
+    ids = tokenize_file(text, from_dir, model, tokenizer)
+    limit = max_batches * batch_size * seq_len if max_batches else None
+    total, count = nll_sum(model, ids, seq_len=seq_len, batch_size=batch_size, max_tokens=limit)
+    return {"stage": "eval", "from": str(from_dir), "text": str(text), "perplexity": math.exp(total / count),
+            "nll": total / count, "tokens_scored": count, "seq_len": seq_len,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+
+def text_perplexity_run(cfg: Any) -> dict[str, Any]:
+    """``prunekit eval --from DIR --text FILE`` (an ``EvalConfig``); with ``--out`` also writes ``metrics.json``."""
+    m = text_perplexity(cfg.from_dir, cfg.text, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                        tokenizer=cfg.tokenizer, device=cfg.device, max_batches=cfg.max_batches)
+    if cfg.out is not None:
+        from prunekit import runs
+
+        out = runs.prepare_out_dir(cfg.out)
+        (out / "metrics.json").write_text(json.dumps(m, indent=1))
+    return m

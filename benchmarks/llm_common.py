@@ -87,6 +87,13 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, seq_len: int = 256,
     return _ppl(model, tokens, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens)
 
 
+def spaced_windows(tokens: torch.Tensor, n: int, seq_len: int) -> torch.Tensor:
+    """``n`` windows of ``seq_len`` tokens at evenly spaced offsets over ``tokens``, joined (1-D): ``perplexity``
+    with the same ``seq_len`` scores exactly these windows (every part of the split, not its first files)."""
+    starts = torch.linspace(0, len(tokens) - seq_len, n).long().tolist()
+    return torch.cat([tokens[s:s + seq_len] for s in starts])
+
+
 def unigram_perplexity(train: torch.Tensor, test: torch.Tensor) -> float:
     """Perplexity of the add-one unigram byte model fitted on ``train``, on ``test`` (the floor to beat)."""
     counts = torch.bincount(train, minlength=256).double() + 1

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 
 def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: float | None = None, *,
-          target_macs: float | None = None, scope: str = "global", calib_data: Iterable | None = None,
+          target_macs: float | None = None, target_latency: float | None = None,
+          latency_backend: str | None = None, scope: str = "global", calib_data: Iterable | None = None,
           compensate: str = "none", preset: str | None = None, ignore: Iterable[str] = (),
           only: Iterable[str] = (), ratio_overrides: dict[str, float] | None = None,
           ratio_caps: dict[str, float] | None = None, round_to: int | None = None,
@@ -50,6 +52,10 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
         criterion: channel scoring rule (``prunekit.pruning.list_criteria()``).
         ratio: fraction of channels to remove (default 0.5); exclusive with ``target_macs``.
         target_macs: fraction of MACs to keep; the global ratio is searched on copies (within 1%).
+        target_latency: fraction of the dense latency to keep on ``latency_backend`` (default eager), predicted
+            from a cached per-layer latency table and checked by a paired timing (``report.latency``).
+        latency_backend: ``"eager"`` or ``"onnxruntime"``: kept channel counts chosen at the top of that backend's
+            measured latency steps (``prunekit.pruning.structured.latency``), with any of the targets.
         scope: ``"global"`` (one threshold over all groups), ``"local"`` (same ratio per group) or
             ``"adaptive"`` (per-group ratios from each group's measured damage to the output on ``calib_data``,
             channel-weighted mean ``ratio``; see ``prunekit.pruning.structured.allocate``).
@@ -77,7 +83,8 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
         >>> report = prune(model, torch.randn(1, 3, 32, 32), criterion="l1", ratio=0.4, preset="interior")
     """
     settings = PruneSettings.build(dict(
-        criterion=criterion, ratio=ratio, target_macs=target_macs, scope=scope, compensate=compensate, preset=preset,
+        criterion=criterion, ratio=ratio, target_macs=target_macs, target_latency=target_latency,
+        latency_backend=latency_backend, scope=scope, compensate=compensate, preset=preset,
         ignore=list(ignore), only=list(only), ratio_overrides=dict(ratio_overrides or {}),
         ratio_caps=dict(ratio_caps or {}), round_to=round_to,
         max_ratio=max_ratio, heads=heads, normalize=normalize, calib_batches=calib_batches, seed=seed),
@@ -128,11 +135,17 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
         scores = all_reduce_mean(scores)
     units = _drop_broken(graph, units, scores, s, overrides, example_inputs)
 
-    if s.target_macs is not None:
-        report.ratio, scores, report.search = search_ratio(graph, example_inputs, units, scores, s, overrides,
-                                                           report.macs_before)
-    sel = select(units, scores, report.ratio, _selection_scope(s), overrides, s.max_ratio, s.round_to)
-    if sel.shortfall and s.target_macs is None:
+    if s.latency_backend is not None or s.target_latency is not None:  # widths from a measured latency table
+        from prunekit.pruning.structured.latency import latency_selection
+
+        sel, report.ratio, report.search, report.latency = latency_selection(
+            model, graph, example_inputs, units, scores, s, overrides, report.macs_before, _selection_scope(s))
+    else:
+        if s.target_macs is not None:
+            report.ratio, scores, report.search = search_ratio(graph, example_inputs, units, scores, s, overrides,
+                                                               report.macs_before)
+        sel = select(units, scores, report.ratio, _selection_scope(s), overrides, s.max_ratio, s.round_to)
+    if sel.shortfall and s.target_macs is None and s.target_latency is None:
         pooled = sum(u.size for u in units if u.name not in overrides and u.attention is None)
         raise PruningError(f"ratio {report.ratio} cannot be reached with max_ratio {s.max_ratio}: every group hits "
                            f"its cap with {sel.shortfall} of the {pooled} pooled channels still to remove; lower the "
@@ -145,12 +158,18 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
     check_mapping_same_on_all_ranks(selection_digests(sel), "pruning masks")
     compensator = _compensator(model, s.compensate, ctx.stats) if s.compensate != "none" else None
     before = _out_channels(graph)
+    dense = copy.deepcopy(model) if report.latency and s.latency_verify_runs else None  # for the paired check
     report.groups, report.compensation = apply_selection(graph, units, sel, compensator)
     report.layers = {n: [b, a] for n, a in _out_channels(graph).items() if (b := before[n]) != a}
     if not report.groups:
         raise PruningError(f"nothing was pruned at ratio {report.ratio}: every group rounds back to its full size "
                            "(lower round_to or raise the ratio)")
     report.macs_after, report.params_after = count_macs_meta(graph, example_inputs), count_params(model)
+    if dense is not None:
+        from prunekit.pruning.structured.latency import verify_latency
+
+        report.latency.update(verify_latency(dense, model, example_inputs, report.latency["backend"],
+                                             s.latency_threads, s.latency_verify_runs))
     report.seconds = time.perf_counter() - t0
     log.info(report.summary())
     return report

@@ -34,6 +34,9 @@ class PruneReport:
         allocation: ``scope="adaptive"``: group -> ``{"ratio": r, "trials": [[ratio, damage], ...]}``.
         left_whole: groups (by root layer) that torch-pruning could not prune safely, with the reason; they keep
             their channels (also said in a warning).
+        latency: with ``latency_backend`` / ``target_latency``: backend, threads, the latency table (path, entries
+            timed / cached, seconds), predicted latency kept, and the paired check (dense / pruned medians,
+            measured kept; see ``prunekit.pruning.structured.latency``).
     """
 
     criterion: str
@@ -53,6 +56,7 @@ class PruneReport:
     search: list[tuple[float, float]] = field(default_factory=list)
     allocation: dict[str, dict[str, Any]] = field(default_factory=dict)
     left_whole: dict[str, str] = field(default_factory=dict)
+    latency: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -84,6 +88,11 @@ class PruneReport:
         if self.left_whole:
             lines.append(f"{len(self.left_whole)} groups left whole (torch-pruning could not prune them safely): "
                          + ", ".join(list(self.left_whole)[:6]) + (" ..." if len(self.left_whole) > 6 else ""))
+        if self.latency:
+            la = self.latency
+            lines.append(f"latency ({la['backend']}, {la['threads']} threads): predicted {la['predicted_kept']:.1%} "
+                         "kept" + (f", measured {la['measured_kept']:.1%} ({la['dense_ms']:.2f} -> "
+                                   f"{la['pruned_ms']:.2f} ms, paired medians)" if "measured_kept" in la else ""))
         if self.compensation:
             lines.append(f"bias compensation applied to {len(self.compensation)} consumer layers")
         return "\n".join(lines)

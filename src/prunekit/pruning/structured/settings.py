@@ -19,6 +19,15 @@ class PruneSettings(Config):
     ratio: float | None = Field(None, gt=0, lt=1, description="fraction of channels removed (default 0.5)")
     target_macs: float | None = Field(None, gt=0, lt=1, description="fraction of MACs to keep; the global ratio "
                                       "is searched until the pruned model is within 1 percent of it (replaces --ratio)")
+    target_latency: float | None = Field(None, gt=0, lt=1, description="fraction of the dense latency to keep on "
+                                         "--latency-backend (default eager), predicted from a per-layer latency table "
+                                         "measured once and cached, checked by a paired timing (replaces --ratio)")
+    latency_backend: Literal["eager", "onnxruntime"] | None = Field(
+        None, description="choose each group's kept channel count from a per-layer latency table of this backend "
+        "(the top of the latency step, never just past a step edge); see prunekit.pruning.structured.latency")
+    latency_threads: int = Field(2, ge=1, description="threads the latency table and the paired check are timed with")
+    latency_verify_runs: int = Field(20, ge=0, description="with --latency-backend: time dense vs pruned "
+                                     "alternately this many runs each and report predicted vs measured (0: skip)")
     scope: Literal["global", "local", "adaptive"] = Field(
         "global", description="global: one threshold over all layers; local: the same ratio in every layer; "
         "adaptive: per-layer ratios from each layer's measured damage to the output (calibration data; see "
@@ -90,6 +99,16 @@ class PruneSettings(Config):
         if cfg.ratio is not None and cfg.target_macs is not None:
             raise ConfigError(f"{source}: can't provide both `ratio` ({cfg.ratio}) and `target_macs` "
                               f"({cfg.target_macs}). Choose one.")
+        if cfg.target_latency is not None:
+            for other in ("ratio", "target_macs"):
+                if getattr(cfg, other) is not None:
+                    raise ConfigError(f"{source}: can't provide both `target_latency` ({cfg.target_latency}) and "
+                                      f"`{other}` ({getattr(cfg, other)}). Choose one.")
+            if cfg.scope == "adaptive":
+                raise ConfigError(f"{source}: `target_latency` works with scope global or local, not "
+                                  f"{cfg.scope!r}")
+            if cfg.latency_backend is None:
+                cfg = cfg.model_copy(update={"latency_backend": "eager"})
         return cfg
 
     @property

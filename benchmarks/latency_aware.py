@@ -1,0 +1,184 @@
+"""Latency-aware pruning vs fixed channel rounding (prunekit and torch-pruning), side by side, paired timing.
+
+For each model (random init; latency does not depend on the weights): the dense network and copies pruned with L2
+scores, per-layer ratio, to keep ~50% of the MACs:
+
+- ``tp round_to R``: torch-pruning's MetaPruner, kept channels rounded to ``R = recommended_round_to(backend)`` (16
+  on an AVX-512 CPU, 8 with AVX2), the ratio bisected to 50% MACs (what a torch-pruning user does);
+- ``prunekit round_to R``: prunekit's engine, ``target_macs=0.5``, same rounding;
+- ``prunekit LUT``: prunekit, ``target_macs=0.5, latency_backend=<backend>``: each group's width chosen at the top of
+  the latency step of the backend's measured per-layer latency table (built once per model and backend, cached
+  under ``~/.cache/prunekit/latency``; ``prunekit.pruning.structured.latency``);
+- ``prunekit target_latency T`` (``--target-latency T``): prunekit asked for a latency fraction instead of MACs.
+
+All variants of a model are timed *alternately* in one ``compare_latency`` call per backend (A B C D, D C B A, ...),
+batch 1, ``--threads`` threads; the whole comparison is repeated ``--repeats`` times and the table gives the median
+over repeats with the range. ``eager`` times every variant (dense included) as an inference copy: BatchNorm folded
+into the convs and channels_last (``prunekit.measure.latency_table.inference_copy``); ``eager-plain`` (optional)
+times the models as they are. ``efficiency = latency cut / MACs cut``. For the LUT variant the script also prints
+what the table says: the timed layers' sum dense -> pruned and the rest of the model (dense measured minus its
+layers: activations, adds, pooling, per-op overhead), which pruning does not shrink.
+
+Usage::
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/latency_aware.py                     # all models
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/latency_aware.py --models resnet56 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from prunekit import count_macs, create_model
+from prunekit.measure.hardware import recommended_round_to
+from prunekit.measure.latency import compare_latency
+from prunekit.measure.latency_table import channels_last_inputs, inference_copy
+
+TARGET_KEEP = 0.5
+MODELS = {  # name -> (create_model name, kwargs, input shape)
+    "tv:resnet50": ("tv:resnet50", {"num_classes": 1000}, (3, 224, 224)),
+    "resnet56": ("resnet56", {"num_classes": 10}, (3, 32, 32)),
+    "demo:resnet20": ("resnet20", {"num_classes": 10, "in_channels": 1}, (1, 16, 16)),  # `prunekit demo`'s model
+}
+RUNS = {"tv:resnet50": 30, "resnet56": 60, "demo:resnet20": 100}
+
+
+def tp_prune(dense: nn.Module, x: torch.Tensor, round_to: int) -> tuple[nn.Module, float]:
+    """torch-pruning MetaPruner, L2, per-layer ratio bisected to TARGET_KEEP of the MACs (+-1.5%)."""
+    m0 = count_macs(dense, x)
+    lo, hi, ratio, best = 0.05, 0.8, 1 - TARGET_KEEP ** 0.5, None
+    for _ in range(8):
+        m = copy.deepcopy(dense)
+        heads = [mod for mod in m.modules() if isinstance(mod, nn.Linear)][-1:]
+        tp.pruner.MetaPruner(m, x, tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
+                             global_pruning=False, round_to=round_to, ignored_layers=heads).step()
+        keep = count_macs(m, x) / m0
+        if best is None or abs(keep - TARGET_KEEP) < abs(best[1] - TARGET_KEEP):
+            best = (m, keep)
+        if abs(keep - TARGET_KEEP) <= 0.015:
+            break
+        lo, hi = (ratio, hi) if keep > TARGET_KEEP else (lo, ratio)
+        ratio = (lo + hi) / 2
+    return best[0].eval(), best[1]
+
+
+def pk_prune(dense: nn.Module, x: torch.Tensor, **kw: Any) -> tuple[nn.Module, float, dict[str, Any]]:
+    from prunekit.pruning.structured import PruneSettings, prune_with_settings
+
+    m = copy.deepcopy(dense)
+    s = PruneSettings.build({"criterion": "l2", "scope": "local", "latency_verify_runs": 0, **kw}, "benchmark")
+    rep = prune_with_settings(m, x, s)
+    return m.eval(), rep.macs_kept, rep.latency
+
+
+def timed_models(models: dict[str, nn.Module], x: torch.Tensor, backend: str) -> tuple[dict[str, nn.Module], Any, str]:
+    if backend == "eager":
+        return {k: inference_copy(m)[0] for k, m in models.items()}, channels_last_inputs(x), "eager"
+    return models, x, "eager" if backend == "eager-plain" else backend
+
+
+def run_model(name: str, backends: list[str], threads: int, repeats: int, target_latency: float | None
+              ) -> list[dict[str, Any]]:
+    ref, kwargs, shape = MODELS[name]
+    torch.manual_seed(0)
+    dense = create_model(ref, **kwargs).eval()
+    x = torch.randn(1, *shape)
+    rows = []
+    for backend in backends:
+        lut = "eager" if backend.startswith("eager") else backend
+        r = recommended_round_to(lut)
+        t0 = time.perf_counter()
+        variants: dict[str, nn.Module] = {"dense": dense}
+        keeps: dict[str, float] = {"dense": 1.0}
+        infos: dict[str, dict[str, Any]] = {}
+        variants[f"tp round_to {r}"], keeps[f"tp round_to {r}"] = tp_prune(dense, x, r)
+        label = f"prunekit round_to {r}"
+        variants[label], keeps[label], _ = pk_prune(dense, x, target_macs=TARGET_KEEP, round_to=r)
+        label = f"prunekit LUT {lut}"
+        variants[label], keeps[label], infos[label] = pk_prune(dense, x, target_macs=TARGET_KEEP, latency_backend=lut)
+        if target_latency is not None:
+            label = f"prunekit target_lat {target_latency}"
+            variants[label], keeps[label], infos[label] = pk_prune(dense, x, target_latency=target_latency,
+                                                                   latency_backend=lut)
+        print(f"# {name} {backend}: variants built in {time.perf_counter() - t0:.0f} s "
+              f"(MACs kept: {', '.join(f'{k} {v:.3f}' for k, v in keeps.items() if k != 'dense')})", flush=True)
+        for label, info in infos.items():
+            print(f"#   {label}: table {info['table_entries_timed']} timed / {info['table_entries_cached']} cached "
+                  f"({info['table_seconds']} s); LUT layers {info['layers_ms']:.2f} -> {info['layers_pruned_ms']:.2f} "
+                  f"ms, rest (dense min {info['dense_min_ms']:.2f} - layers) {info['rest_ms']:.2f} ms; predicted "
+                  f"latency kept {info['predicted_kept']:.3f}", flush=True)
+        models, xt, tb = timed_models(variants, x, backend)
+        runs = RUNS.get(name, 40)
+        per: dict[str, list[float]] = {k: [] for k in variants}
+        dense_ms: list[float] = []
+        for rep in range(repeats):
+            st = compare_latency(models, xt, tb, runs=runs, warmup=5, threads=threads, rounds=10)
+            dense_ms.append(st["dense"].median_ms)
+            for k, s in st.items():
+                per[k].append(1 - s.median_ms / st["dense"].median_ms)
+            print(f"#   repeat {rep + 1}: " + ", ".join(f"{k} {s.median_ms:.2f} ms" for k, s in st.items())
+                  + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+        for k in variants:
+            if k == "dense":
+                continue
+            cuts, macs_cut = per[k], 1 - keeps[k]
+            rows.append({"model": name, "backend": backend, "variant": k, "macs_cut": macs_cut,
+                         "lat_cut": statistics.median(cuts), "lat_cut_min": min(cuts), "lat_cut_max": max(cuts),
+                         "efficiency": statistics.median(cuts) / macs_cut, "eff_min": min(cuts) / macs_cut,
+                         "eff_max": max(cuts) / macs_cut, "dense_ms": statistics.median(dense_ms),
+                         "repeats": repeats, "runs": runs, **({"lut": infos[k]} if k in infos else {})})
+            print_row(rows[-1])
+    return rows
+
+
+HEADER = (f"{'model':14} {'backend':12} {'variant':26} {'MACs cut':>8} {'lat. cut':>8} {'(range)':>15} "
+          f"{'effic.':>6} {'(range)':>11} {'dense ms':>9}")
+
+
+def print_row(r: dict[str, Any]) -> None:
+    print(f"{r['model']:14} {r['backend']:12} {r['variant']:26} {r['macs_cut']:>8.1%} {r['lat_cut']:>8.1%} "
+          f"{r['lat_cut_min']:>7.1%}-{r['lat_cut_max']:<7.1%} {r['efficiency']:>6.2f} "
+          f"{r['eff_min']:>5.2f}-{r['eff_max']:<5.2f} {r['dense_ms']:>9.2f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
+    ap.add_argument("--backends", default="onnxruntime,eager", help="onnxruntime, eager (BN folded, channels_last), "
+                    "eager-plain (the model as is)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="repeats of the whole paired comparison")
+    ap.add_argument("--target-latency", type=float, default=None, help="also prune with target_latency")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    print(f"# torch {torch.__version__}, {args.threads} threads, batch 1, load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}, "
+          f"recommended_round_to: onnxruntime {recommended_round_to('onnxruntime')}, "
+          f"eager {recommended_round_to('eager')}", flush=True)
+    rows = []
+    for name in args.models.split(","):
+        rows += run_model(name, args.backends.split(","), args.threads, args.repeats, args.target_latency)
+    print(f"\n# load average at the end: {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[2]:.1f} (15 min); "
+          "latency cut and efficiency: median over repeats (range)")
+    print(HEADER)
+    for r in rows:
+        print_row(r)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

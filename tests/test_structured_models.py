@@ -47,11 +47,15 @@ def test_timm_models_where_torch_pruning_fails_prune_the_rest(name, reasons):
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
 
 
-def test_unsupported_architecture_raises_a_clear_error():
-    pytest.importorskip("torchvision")
-    model = prunekit.create_model("tv:shufflenet_v2_x0_5", num_classes=7).eval()
-    with pytest.raises(PruningError, match="ShuffleNetV2 cannot be pruned structurally: its channel shuffle"):
-        prune(model, torch.randn(1, 3, 64, 64), ratio=0.5)
+def test_unsupported_architecture_raises_a_clear_error(monkeypatch):
+    """An architecture listed in graph.UNSUPPORTED is refused by class name with its reason (the list is empty since
+    ShuffleNetV2 prunes: tests/test_structured_coverage.py)."""
+    from prunekit.pruning.structured import graph
+
+    monkeypatch.setitem(graph.UNSUPPORTED, "SmallCNN", "a reason")
+    model = prunekit.create_model("smallcnn", num_classes=7).eval()
+    with pytest.raises(PruningError, match="SmallCNN cannot be pruned structurally: a reason"):
+        prune(model, torch.randn(1, 3, 32, 32), ratio=0.5)
 
 
 def _roundtrip(model, x, tmp_path, **prune_kw):

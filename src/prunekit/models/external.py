@@ -145,6 +145,9 @@ def create_torchvision(ref: str, *, pretrained: bool | str = False, in_channels:
         adapt_first_conv(model, in_channels)
         if getattr(model, "transform_input", False):  # googlenet/inception normalise 3 RGB channels by hand
             model.transform_input = False
+    from prunekit.models.prunable import make_prunable
+
+    make_prunable(model)  # Swin / ShuffleNetV2: forms that still run once pruned (same outputs unpruned)
     return model
 
 

@@ -227,10 +227,7 @@ def apply_selection(graph: PruningGraph, units: list[Unit], sel: Selection,
         elements = sel.removed.get(u.name)
         if not elements:
             continue
-        idxs = u.channel_indices(elements)
-        group = graph.pruning_group(u, idxs)
-        if not graph.DG.check_pruning_group(group):
-            raise PruningError(f"removing {len(idxs)} channels of {u.name!r} would empty a layer of its group")
+        group, idxs = graph.checked_group(u, u.channel_indices(elements))  # raises if a layer would be emptied
         if compensator is not None:
             compensation.extend(compensator.apply(group, idxs))
         group.prune()
@@ -238,7 +235,7 @@ def apply_selection(graph: PruningGraph, units: list[Unit], sel: Selection,
         if u.attention is not None:
             att = attention[u.attention.name]
             rec.heads_before, rec.heads_after = att.num_heads, att.num_heads - len(elements)
-            att.set_heads(rec.heads_after)
+            att.set_heads(rec.heads_after, removed=sorted(elements))
         records.append(rec)
     sync_attributes(graph.model)
     return records, compensation

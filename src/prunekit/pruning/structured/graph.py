@@ -24,7 +24,9 @@ import torch_pruning as tp
 from torch import nn
 
 from prunekit.errors import ConfigError, PruningError, closest, compile_patterns
+from prunekit.models.prunable import make_prunable
 from prunekit.pruning.structured.heads import Attention, find_attention
+from prunekit.pruning.structured.trace import CUSTOMIZED_PRUNERS, channel_trace_forms, link_permutations
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +154,9 @@ def deep_shape_inference(steps: int | None = None) -> Iterator[None]:
         sys.setrecursionlimit(old_stack)
 
 
-# architectures torch-pruning 1.6 cannot trace, with the reason (checked before tracing, by class name)
-UNSUPPORTED: dict[str, str] = {
-    "ShuffleNetV2": "its channel shuffle (view -> transpose -> view over the channel dim) breaks torch-pruning "
-                    "1.6's reshape index mapping (ZeroDivisionError while tracing)",
-}
+# architectures torch-pruning 1.6 cannot trace, with the reason (checked before tracing, by class name). ShuffleNetV2
+# and torchvision Swin are traced through their prunable forms (prunekit.models.prunable, .trace) instead.
+UNSUPPORTED: dict[str, str] = {}
 
 
 class PruningGraph:
@@ -170,11 +170,18 @@ class PruningGraph:
         why = UNSUPPORTED.get(type(model).__name__)
         if why:
             raise PruningError(f"{type(model).__name__} cannot be pruned structurally: {why}")
+        swapped = make_prunable(model)  # torchvision Swin / ShuffleNetV2: forms whose forward survives pruning
+        if swapped:
+            log.info("%s: %d module(s) switched to prunekit's prunable forms (same outputs; see "
+                     "prunekit.models.prunable)", type(model).__name__, swapped)
         was_training = model.training
         model.eval()
         try:
-            with torch.enable_grad(), deep_shape_inference():  # torch-pruning traces through autograd
-                self.DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+            # torch-pruning traces through autograd; modules with a channel_trace are traced through it
+            with torch.enable_grad(), deep_shape_inference(), channel_trace_forms(model):
+                self.DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
+                                                                customized_pruners=dict(CUSTOMIZED_PRUNERS))
+            link_permutations(self.DG)
         except PruningError:
             raise
         except Exception as e:  # tracing failures come in every type
@@ -339,7 +346,53 @@ class PruningGraph:
         """The group that removes ``channels`` of ``unit``'s root layer (built now, on the current model)."""
         module = self.modules[unit.name]
         pruner = self.DG.get_pruner_of_module(module)
+        sync_split_offsets(self.DG)
         return self.DG.get_pruning_group(module, pruner.prune_out_channels, channels)
+
+    def checked_group(self, unit: Unit, channels: list[int]) -> tuple[Any, list[int]]:
+        """``pruning_group`` of ``channels``, sparing root channels where the group would remove every remaining
+        input or output channel of one of its layers. That happens where a layer's channels come from several
+        groups (ShuffleNetV2: a conv reads channels of many earlier blocks through the shuffles), each group
+        pruned on its own. Returns (group, channels removed); a unit of heads or channel blocks is not trimmed."""
+        dg, spared = self.DG, []
+        channels = list(channels)
+        while True:
+            group = self.pruning_group(unit, channels)
+            if dg.check_pruning_group(group):
+                break
+            keep = None
+            if unit.attention is None and unit.ch_groups == 1:
+                keep = next((item.root_idxs[0] for item in group if item.root_idxs and _empties(dg, item)), None)
+            if keep is None or keep not in channels or len(channels) <= 1:
+                raise PruningError(f"removing {len(channels)} channels of {unit.name!r} would empty a layer of its "
+                                   "group")
+            channels.remove(keep)
+            spared.append(keep)
+        if spared:
+            log.warning("%s: %d channel(s) kept that the selection removed, so that no layer of its group loses all "
+                        "its channels (its layers also read channels of other groups)", unit.name, len(spared))
+        return group, channels
+
+
+def _empties(dg: Any, item: Any) -> bool:
+    """The group item removes every remaining channel (input or output side) of its layer."""
+    m, fn = item.dep.target.module, item.dep.handler
+    n = dg.get_out_channels(m) if dg.is_out_channel_pruning_fn(fn) else \
+        dg.get_in_channels(m) if dg.is_in_channel_pruning_fn(fn) else None
+    return n is not None and n <= len(item.idxs)
+
+
+def sync_split_offsets(dg: Any) -> None:
+    """Recompute every split node's offsets from its sizes. torch-pruning 1.6's ``SplitPruner`` updates a split's
+    ``split_sizes`` when a group prunes it but writes the new offsets onto itself, not the split, so the index
+    mapping of every later group would still use the unpruned offsets (ShuffleNetV2's split of the stream)."""
+    for node in dg.module2node.values():
+        sizes = getattr(node.module, "split_sizes", None)
+        if node.type == tp.ops.OPTYPE.SPLIT and sizes and None not in sizes:
+            offsets = [0]
+            for c in sizes:
+                offsets.append(offsets[-1] + c)
+            node.module.offsets = offsets
 
 
 # ----------------------------------------------------------------------------------------------- regexes

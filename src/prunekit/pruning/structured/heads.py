@@ -35,7 +35,7 @@ class Attention:
 
     def supports_head_pruning(self) -> str | None:
         """``None`` when whole heads can be removed, else the reason they cannot."""
-        if self.bias_per_head:
+        if self.bias_per_head and not callable(getattr(self.module, "remove_heads", None)):
             return "its relative-position bias table has one column per head, which torch-pruning does not prune"
         if self.kind == "other":
             return f"unknown attention layout {type(self.module).__name__}"
@@ -46,9 +46,13 @@ class Attention:
                     "prune its MLPs (preset='mlp-only') without heads=True")
         return None
 
-    def set_heads(self, num_heads: int) -> None:
-        """Update the module's head-count attributes after ``self.num_heads - num_heads`` heads were removed."""
+    def set_heads(self, num_heads: int, removed: list[int] | None = None) -> None:
+        """Update the module's head-count attributes after ``self.num_heads - num_heads`` heads (``removed``, when
+        known) were removed. A module with a ``remove_heads(removed)`` method (prunekit's torchvision Swin forms)
+        also prunes its per-head tables there."""
         m = self.module
+        if removed is not None and callable(getattr(m, "remove_heads", None)):
+            m.remove_heads(list(removed))
         if self.kind == "fused":
             m.num_heads = num_heads
             if hasattr(m, "attn_dim"):

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llm_common import get_small_llama, perplexity, random_windows  # noqa: E402
+from llm_common import get_small_llama, perplexity, random_windows, spaced_windows  # noqa: E402
 
 from prunekit.pruning.llm.sparse import prune_decoder  # noqa: E402
 
@@ -58,20 +58,13 @@ def patterns(args: argparse.Namespace) -> list[tuple[str, float | None, tuple[in
     return out
 
 
-def eval_windows(tokens: torch.Tensor, n: int, seq_len: int) -> torch.Tensor:
-    """``n`` windows of ``seq_len`` tokens at evenly spaced offsets over ``tokens``, joined (1-D): ``perplexity``
-    with the same ``seq_len`` scores exactly these windows."""
-    starts = torch.linspace(0, len(tokens) - seq_len, n).long().tolist()
-    return torch.cat([tokens[s:s + seq_len] for s in starts])
-
-
 def main() -> None:
     args = parse()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("prunekit").setLevel(logging.WARNING)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dense, data = get_small_llama()
-    test = eval_windows(data["test"], args.eval_windows, args.seq_len)
+    test = spaced_windows(data["test"], args.eval_windows, args.seq_len)
     ppl = lambda m: perplexity(m, test, seq_len=args.seq_len)  # noqa: E731
     t0 = time.time()
     base = ppl(dense)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -213,3 +214,40 @@ def test_bad_input_is_a_clear_error():
     prune_decoder(model, "wanda", sparsity=0.5, calib_data=data)
     with pytest.raises(PruningError, match="already sparse"):
         prune_decoder(model, "wanda", sparsity=0.5, calib_data=data)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def test_sparsify_cli_on_a_causal_lm_folder(tmp_path, capsys):
+    """``prunekit sparsify`` on a save_pretrained folder: SparseGPT 2:4 from calibration text; the output reloads with
+    plain from_pretrained, keeps the pattern and scores a finite perplexity; bad combinations are one clear error."""
+    from prunekit.cli.main import main
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    src = tmp_path / "llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(src)
+    text = tmp_path / "train.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 80)
+    out = tmp_path / "sgpt24"
+    args = ["sparsify", "--from", str(src), "--method", "sparsegpt", "--nm", "2:4", "--calib-text", str(text),
+            "--eval-text", str(text), "--calib-samples", "8", "--seq-len", "32", "--batch-size", "4"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert abs(metrics["sparsity"] - 0.5) < 1e-6 and len(metrics["layers"]) == 14 and metrics["calib_tokens"] == 256
+    written = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "sparsity_report.json", "metrics.json"} <= written
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert not any(n.endswith("weight_mask") for n, _ in model.named_buffers())
+    for name, m in decoder_linears(model).items():
+        assert nm_violations(m.weight, 2, 4) == 0 and float((m.weight == 0).float().mean()) == 0.5, name
+    assert torch.isfinite(model(torch.randint(0, 256, (1, 16))).logits).all()
+    # bad combinations: one message, exit code 2
+    assert main(["sparsify", "--from", str(src), "--method", "l1", "--calib-text", str(text),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "wanda, sparsegpt" in capsys.readouterr().err
+    assert main(["sparsify", "--from", str(src), "--method", "wanda", "--out", str(tmp_path / "x")]) == 2
+    assert "--calib-text" in capsys.readouterr().err
+    assert main([*args[:-6], "--sparsity", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "not both" in capsys.readouterr().err

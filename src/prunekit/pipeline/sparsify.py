@@ -69,6 +69,13 @@ class SparsifyConfig(DataArgs, TrainSettings, SparsifySettings):
                             "no longer held during later training)")
     measure_latency: bool = Field(True, description="nm 2:4: time dense vs 2:4 on sparse tensor cores where CUDA "
                                   "on an Ampere or newer GPU is present")
+    calib_text: Path | None = Field(None, description="causal LM folder (--from with config.json + safetensors): "
+                                    "training text the calibration windows of wanda / sparsegpt are drawn from")
+    eval_text: Path | None = Field(None, description="causal LM folder: perplexity before and after on this text")
+    calib_samples: int = Field(128, gt=0, description="causal LM folder: calibration windows of --seq-len tokens")
+    seq_len: int = Field(256, ge=2, description="causal LM folder: tokens per calibration / evaluation window")
+    tokenizer: str = Field("auto", description="causal LM folder: auto (the folder's tokenizer, else bytes for a "
+                           "vocab-256 model), bytes, or a tokenizer folder")
 
     def check_consistent(self, source: str = "config") -> None:
         super().check_consistent(source)
@@ -95,8 +102,15 @@ def _settings(cfg: SparsifyConfig) -> SparsifySettings:
 def sparsify_run(cfg: SparsifyConfig) -> dict[str, Any]:
     """Load ``cfg.from_dir``, sparsify on ``cfg.schedule`` (fine-tuning with fixed masks), report, write ``cfg.out``.
 
-    Returns the metrics written to ``metrics.json``.
+    Returns the metrics written to ``metrics.json``. A Hugging Face causal LM folder (``config.json`` +
+    safetensors) goes to ``prunekit.pipeline.llm_sparse`` (wanda / sparsegpt, calibration from ``--calib-text``).
     """
+    from prunekit.pipeline.llm import is_hf_folder
+
+    if is_hf_folder(cfg.from_dir):
+        from prunekit.pipeline.llm_sparse import sparsify_llm_run
+
+        return sparsify_llm_run(cfg)
     runs.check_run_dir(cfg.from_dir)
     if Path(cfg.out).resolve() == Path(cfg.from_dir).resolve():
         raise ConfigError(f"--out {str(cfg.out)!r} is the same folder as --from; choose another --out")

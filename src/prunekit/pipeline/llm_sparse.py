@@ -1,0 +1,96 @@
+"""``prunekit sparsify`` on a Hugging Face causal LM folder: Wanda / SparseGPT, unstructured or N:M.
+
+``--from`` is a model folder as ``save_pretrained`` writes it (``config.json`` + safetensors; the model format of
+``prunekit prune-llm``). The calibration windows come from ``--calib-text`` (training text), tokenized like
+``prunekit eval --text`` does (the folder's tokenizer, else bytes for a vocab-256 model). The linear layers inside
+the decoder blocks are pruned block by block (``prunekit.pruning.llm.sparse``); the zeros are folded into the weights
+and ``--out`` is again a model folder, which plain ``AutoModelForCausalLM.from_pretrained`` reloads (mask buffers
+are not part of a transformers checkpoint), plus ``sparsity_report.json``, ``metrics.json`` (sparsity, and the
+perplexity before / after on ``--eval-text`` when given) and ``config.yaml``.
+
+Example::
+
+    prunekit sparsify --from llama_dir --method sparsegpt --sparsity 0.5 --calib-text train.txt \\
+        --eval-text test.txt --out llama_sgpt50
+    prunekit sparsify --from llama_dir --method wanda --nm 2:4 --calib-text train.txt --out llama_wanda24
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prunekit._io import atomic_write_json
+from prunekit.errors import ConfigError
+
+log = logging.getLogger("prunekit.sparsify")
+REPORT = "sparsity_report.json"
+
+
+def check_llm_config(cfg: Any) -> None:
+    """What a causal-LM folder allows: the decoder methods, one-shot, no fine-tuning, calibration text."""
+    from prunekit.pruning.unstructured import get_method
+
+    if not get_method(cfg.method).layerwise:
+        raise ConfigError(f"--from {str(cfg.from_dir)!r} is a Hugging Face causal LM folder: --method must be one of "
+                          f"the decoder-LM methods wanda, sparsegpt (got {cfg.method!r})")
+    if cfg.schedule != "oneshot" or cfg.epochs:
+        raise ConfigError(f"--from {str(cfg.from_dir)!r} is a causal LM folder: {cfg.method} prunes one-shot without "
+                          f"fine-tuning here (got --schedule {cfg.schedule}, --epochs {cfg.epochs})")
+    if cfg.calib_text is None:
+        raise ConfigError(f"--method {cfg.method} on a causal LM folder needs --calib-text FILE (training text; the "
+                          "calibration windows are drawn from it)")
+
+
+def sparsify_llm_run(cfg: Any) -> dict[str, Any]:
+    """Sparsify the causal LM folder ``cfg.from_dir`` into the model folder ``cfg.out`` (a ``SparsifyConfig``)."""
+    import torch
+
+    from prunekit import runs
+    from prunekit.measure.perplexity import perplexity
+    from prunekit.pipeline.llm import TOKENIZER_FILES, calibration_windows, load_causal_lm, tokenize_file
+    from prunekit.pruning.unstructured import Sparsifier, SparsifySettings, fold_masks
+
+    check_llm_config(cfg)
+    if Path(cfg.out).resolve() == Path(cfg.from_dir).resolve():
+        raise ConfigError(f"--out {str(cfg.out)!r} is the same folder as --from; choose another --out")
+    torch.manual_seed(cfg.seed)
+    model = load_causal_lm(cfg.from_dir, cfg.device)
+    ids = tokenize_file(cfg.calib_text, cfg.from_dir, model, cfg.tokenizer)
+    calib = calibration_windows(ids, cfg.calib_samples, cfg.seq_len, cfg.seed)  # (N, T)
+    batches = list(calib.split(cfg.batch_size))
+    ev = tokenize_file(cfg.eval_text, cfg.from_dir, model, cfg.tokenizer) if cfg.eval_text else None
+    metrics: dict[str, Any] = {"stage": "sparsify", "from": str(cfg.from_dir), "calib_tokens": calib.numel()}
+    if ev is not None:
+        metrics["ppl_before"] = perplexity(model, ev, seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+        log.info("sparsify: perplexity before %.4f", metrics["ppl_before"])
+    values = cfg.model_dump(include=set(SparsifySettings.model_fields))
+    values["calib_batches"] = len(batches)  # every calibration window is used
+    settings = SparsifySettings.model_validate(values)
+    t0 = time.perf_counter()
+    sp = Sparsifier(model, settings, example_inputs=calib[:1].to(cfg.device), calib_data=batches, device=cfg.device)
+    sp.step()
+    metrics["sparsify_seconds"] = round(time.perf_counter() - t0, 2)
+    report = sp.report()
+    fold_masks(model)  # a transformers checkpoint has no mask buffers: the zeros are the sparsity
+    if ev is not None:
+        metrics["ppl_after"] = perplexity(model, ev, seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+        log.info("sparsify: perplexity after %.4f", metrics["ppl_after"])
+    log.info("sparsify: report\n%s", report.table())
+    metrics.update(report.metrics())
+    metrics["layers"] = {lr.name: lr.sparsity for lr in report.layers}
+    out = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite)
+    model.to("cpu").save_pretrained(out)
+    for f in TOKENIZER_FILES:
+        if (Path(cfg.from_dir) / f).exists():
+            shutil.copy2(Path(cfg.from_dir) / f, out / f)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_json(out / REPORT, report.to_dict())
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics

@@ -9,6 +9,7 @@ over the whole test split (files never trained on), the same windows for every m
 
     python benchmarks/llm_sparse.py                                   # 50%, 70%, 2:4, 4:8; seeds 0 and 1
     python benchmarks/llm_sparse.py --sparsities 0.5 --nm 2:4 --seeds 0
+    python benchmarks/llm_sparse.py --methods wanda+seq,sparsegpt+seq           # sequential within each block
 
 Prints one table (mean and min-max over the calibration seeds) and writes ``--json`` when given.
 """
@@ -39,7 +40,8 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sparsities", default="0.5,0.7", help="unstructured sparsities, comma-separated")
     p.add_argument("--nm", default="2:4,4:8", help="N:M patterns, comma-separated ('' for none)")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS), help="also NAME+seq: within each block, groups of "
+                   "shared input pruned in order, each calibrated on the pruned ones before it (sequential=True)")
     p.add_argument("--seeds", default="0,1", help="calibration seeds (which train windows are drawn)")
     p.add_argument("--calib", type=int, default=128, help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=256)
@@ -80,7 +82,8 @@ def main() -> None:
                 batches = list(calib.split(16))
                 model = copy.deepcopy(dense)
                 t1 = time.time()
-                r = prune_decoder(model, method, sparsity=sparsity, nm=nm, calib_data=batches)
+                r = prune_decoder(model, method.removesuffix("+seq"), sparsity=sparsity, nm=nm, calib_data=batches,
+                                  sequential=method.endswith("+seq"))
                 row["seconds"].append(time.time() - t1)
                 row["sparsity"].append(r.sparsity)
                 row["ppl"].append(ppl(model))
@@ -90,13 +93,13 @@ def main() -> None:
     n_params = sum(p.numel() for p in dense.parameters())
     print(f"\nsmall Llama ({n_params / 1e6:.2f} M params), test ppl over {args.eval_windows} windows of "
           f"{args.seq_len} bytes; calibration {args.calib} x {args.seq_len} train bytes, seeds {args.seeds}")
-    print(f"{'method':<10} {'pattern':>7} {'sparsity':>9} {'ppl mean':>9} {'min':>8} {'max':>8} {'x dense':>8} "
+    print(f"{'method':<14} {'pattern':>7} {'sparsity':>9} {'ppl mean':>9} {'min':>8} {'max':>8} {'x dense':>8} "
           f"{'prune s':>8}")
     for r in rows:
         p = r["ppl"]
         mean = sum(p) / len(p)
         sp = f"{sum(r['sparsity']) / len(r['sparsity']):.4f}" if r.get("sparsity") else "0"
-        print(f"{r['method']:<10} {r['pattern']:>7} {sp:>9} {mean:>9.3f} {min(p):>8.3f} {max(p):>8.3f} "
+        print(f"{r['method']:<14} {r['pattern']:>7} {sp:>9} {mean:>9.3f} {min(p):>8.3f} {max(p):>8.3f} "
               f"{mean / base:>8.3f} {sum(r['seconds']) / len(r['seconds']):>8.1f}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))

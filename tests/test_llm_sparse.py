@@ -179,6 +179,25 @@ def test_each_block_is_calibrated_on_the_pruned_blocks_outputs():
     assert not torch.allclose(during, block1_inputs(dense), atol=1e-3)
 
 
+def test_sequential_groups_layers_by_shared_input():
+    from prunekit.pruning.llm.sparse import _input_groups, capture_block_inputs
+
+    model, data = tiny_llama(), calib(1)
+    captured, _ = capture_block_inputs(model, data, torch.device("cpu"))
+    block = decoder_blocks(model)[1][0]
+    layers = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    groups = [sorted(g) for g in _input_groups(block, layers, captured[0][0][0], captured[0])]
+    assert groups == [["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    dense = copy.deepcopy(model)
+    r = prune_decoder(model, "sparsegpt", sparsity=0.5, calib_data=calib(), sequential=True)
+    assert abs(r.sparsity - 0.5) < 1e-3 and torch.isfinite(model(data[0]).logits).all()
+    plain = copy.deepcopy(dense)
+    prune_decoder(plain, "sparsegpt", sparsity=0.5, calib_data=calib())
+    down = "model.layers.0.mlp.down_proj"  # calibrated on what the pruned gate/up give: a different result
+    assert not torch.equal(decoder_linears(model)[down].weight, decoder_linears(plain)[down].weight)
+
+
 def test_sparsify_api_and_registry():
     model, data = tiny_gpt2(), calib()
     rep = sparsify(model, "sparsegpt", 0.5, calib_data=data, example_inputs=data[0][:1])

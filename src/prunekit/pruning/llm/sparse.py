@@ -362,6 +362,49 @@ class _Collector:
         return fn
 
 
+def _block_stats(method: str, block: nn.Module, layers: dict[str, nn.Module], hidden: list[torch.Tensor],
+                 captured: list[tuple[tuple, dict]]) -> dict[str, torch.Tensor]:
+    """One pass of the calibration set through ``block`` with hooks on ``layers``: their input statistics."""
+    if not layers:
+        return {}
+    col = _Collector(full=method == "sparsegpt")
+    handles = [m.register_forward_hook(col.hook(n)) for n, m in layers.items()]
+    try:
+        for h, (args, kwargs) in zip(hidden, captured):
+            _run_block(block, h, args, kwargs)
+    finally:
+        for hd in handles:
+            hd.remove()
+    unseen = [n for n in layers if n not in col.stats]
+    if unseen:
+        raise PruningError(f"{method}: layers {', '.join(unseen)} never ran on the calibration data, so they have no "
+                           "input statistics; leave them out (layers=/--ignore)")
+    return col.stats
+
+
+def _input_groups(block: nn.Module, layers: dict[str, nn.Module], hidden: torch.Tensor,
+                  call: tuple[tuple, dict]) -> list[dict[str, nn.Module]]:
+    """``layers`` in execution order, grouped by shared input (q/k/v; o; gate/up; down for a Llama block)."""
+    seen: list[tuple[str, int]] = []
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: seen.append((n, id(a[0])))) for n, m in layers.items()]
+    try:
+        _run_block(block, hidden, *call)
+    finally:
+        for hd in handles:
+            hd.remove()
+    groups: list[dict[str, nn.Module]] = []
+    last = None
+    for n, key in seen:
+        if any(n in g for g in groups):
+            continue
+        if key != last or not groups:
+            groups.append({})
+        groups[-1][n] = layers[n]
+        last = key
+    missing = {n: m for n, m in layers.items() if not any(n in g for g in groups)}
+    return groups + ([missing] if missing else [])
+
+
 # ----------------------------------------------------------------------------------------------- driver
 def _prune_layer(method: str, module: nn.Module, stat: torch.Tensor | None, sparsity: float,
                  nm: tuple[int, int] | None, blocksize: int, damp: float) -> torch.Tensor:
@@ -383,7 +426,7 @@ def _prune_layer(method: str, module: nn.Module, stat: torch.Tensor | None, spar
 def prune_decoder(model: nn.Module, method: str, sparsity: float | None = None, nm: tuple[int, int] | None = None,
                   calib_data: Iterable | None = None, layers: dict[str, nn.Module] | None = None,
                   max_batches: int | None = None, blocksize: int = 128, damp: float = 0.01,
-                  device: str | torch.device | None = None) -> DecoderSparsity:
+                  sequential: bool = False, device: str | torch.device | None = None) -> DecoderSparsity:
     """Sparsify the linear layers of a decoder-only LM block by block (see the module docstring); masks attached.
 
     Args:
@@ -397,6 +440,9 @@ def prune_decoder(model: nn.Module, method: str, sparsity: float | None = None, 
             a layer outside the blocks is an error.
         max_batches: use at most this many calibration batches.
         blocksize, damp: SparseGPT's column block and Hessian damping (fraction of the mean diagonal).
+        sequential: within a block, prune the layers in groups of shared input (q/k/v, o, gate/up, down) and
+            calibrate each group on the outputs of the groups already pruned (SparseGPT's "true sequential";
+            one calibration pass per group instead of one per block).
 
     Example:
         >>> r = prune_decoder(model, "wanda", sparsity=0.5, calib_data=loader, max_batches=64)
@@ -422,6 +468,10 @@ def prune_decoder(model: nn.Module, method: str, sparsity: float | None = None, 
                 del chosen[n]
         if skipped:
             log.warning("decoder sparsity %d:%d: %d layers left dense: %s", *nm, len(skipped), ", ".join(skipped))
+    sparse = [n for n, m in chosen.items() if get_mask(m) is not None and not bool(get_mask(m).all())]
+    if sparse:
+        raise PruningError(f"layers {', '.join(sparse[:4])} are already sparse (they have a weight_mask): {method} "
+                           "prunes dense layers one-shot; start from the dense model")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     result = DecoderSparsity(method=method, target=target, nm=nm, layers={}, skipped=skipped)
     was_training = model.training
@@ -437,34 +487,18 @@ def prune_decoder(model: nn.Module, method: str, sparsity: float | None = None, 
         for b, block in enumerate(blocks):
             tb = time.perf_counter()
             here = {n: m for n, m in chosen.items() if n.startswith(f"{prefix}.{b}.")}
-            stats: dict[str, torch.Tensor] = {}
-            if here and method in NEEDS_DATA:
-                col = _Collector(full=method == "sparsegpt")
-                handles = [m.register_forward_hook(col.hook(n)) for n, m in here.items()]
-                try:
-                    for h, (args, kwargs) in zip(hidden, captured):
-                        _run_block(block, h, args, kwargs)
-                finally:
-                    for hd in handles:
-                        hd.remove()
-                stats = col.stats
-                unseen = [n for n in here if n not in stats]
-                if unseen:
-                    raise PruningError(f"{method}: layers {', '.join(unseen)} never ran on the calibration data, so "
-                                       "they have no input statistics; leave them out (layers=/--ignore)")
-            for n, m in here.items():
-                old = get_mask(m)
-                if old is not None and not bool(old.all()):
-                    raise PruningError(f"layer {n!r} is already sparse (it has a weight_mask): {method} prunes "
-                                       "dense layers one-shot; start from the dense model")
-                keep = _prune_layer(method, m, stats.get(n), target, nm, blocksize, damp)
-                set_mask(m, keep, n)
-                result.masks[n] = keep
-                zeros = int((m.weight == 0).sum())
-                result.layers[n] = zeros / m.weight.numel()
-                result._zeros += zeros
-                result._numel += m.weight.numel()
-            stats.clear()
+            groups = _input_groups(block, here, hidden[0], captured[0]) if sequential and captured else [here]
+            for group in groups:  # sequential: pruned groups feed the next ones of the same block
+                stats = _block_stats(method, block, group, hidden, captured) if method in NEEDS_DATA else {}
+                for n, m in group.items():
+                    keep = _prune_layer(method, m, stats.get(n), target, nm, blocksize, damp)
+                    set_mask(m, keep, n)
+                    result.masks[n] = keep
+                    zeros = int((m.weight == 0).sum())
+                    result.layers[n] = zeros / m.weight.numel()
+                    result._zeros += zeros
+                    result._numel += m.weight.numel()
+                stats.clear()
             if captured and b + 1 < len(blocks):  # the next block sees what the pruned block outputs
                 hidden = [_run_block(block, h, args, kwargs) for h, (args, kwargs) in zip(hidden, captured)]
             if here:

@@ -41,6 +41,7 @@ import torch_pruning as tp
 from torch import nn
 
 from prunekit import count_macs, create_model
+from prunekit.errors import PruningError
 from prunekit.measure.hardware import recommended_round_to
 from prunekit.measure.latency import compare_latency
 from prunekit.measure.latency_table import channels_last_inputs, inference_copy
@@ -109,8 +110,11 @@ def run_model(name: str, backends: list[str], threads: int, repeats: int, target
         variants[label], keeps[label], infos[label] = pk_prune(dense, x, target_macs=TARGET_KEEP, latency_backend=lut)
         if target_latency is not None:
             label = f"prunekit target_lat {target_latency}"
-            variants[label], keeps[label], infos[label] = pk_prune(dense, x, target_latency=target_latency,
-                                                                   latency_backend=lut)
+            try:
+                variants[label], keeps[label], infos[label] = pk_prune(dense, x, target_latency=target_latency,
+                                                                       latency_backend=lut)
+            except PruningError as e:
+                print(f"# {name} {backend}: {label}: {e}", flush=True)
         print(f"# {name} {backend}: variants built in {time.perf_counter() - t0:.0f} s "
               f"(MACs kept: {', '.join(f'{k} {v:.3f}' for k, v in keeps.items() if k != 'dense')})", flush=True)
         for label, info in infos.items():

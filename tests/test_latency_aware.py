@@ -47,7 +47,7 @@ def fake_model(tmp_path, model=None):
     graph = PruningGraph(model, x)
     units = plan_units(graph, PruneSettings.build({}))
     table = LatencyTable("eager", 2, cache_dir=tmp_path, timer=fake_ms)
-    return model, x, graph, units, lat.LatencyModel(graph, units, x, table, max_ratio=0.9)
+    return model, x, graph, units, lat.LatencyModel(graph, units, x, table, max_ratio=0.9, round_to=4)
 
 
 def test_channel_grid():
@@ -68,7 +68,8 @@ def test_width_choice_sits_at_the_top_of_latency_steps(tmp_path):
     assert lm.choose_width(name, 17) == 16  # the grid count below (16) ends a step: 17 would start the next
     assert lm.choose_width(name, 16) == 16
     assert lm.choose_width(name, 40) == 48  # the last step is free up to the full width
-    assert lm.choose_width(name, 33, min_keep=34) == 33  # no grid count allowed at or below: unchanged
+    assert lm.choose_width(name, 34, min_keep=34) == 48  # no grid count allowed at or below: up to the next step top
+    assert lm.choose_width(name, 2) == 16  # below the grid: from its first count (4) to the top of its step
     curve = dict(lm.steps(name))
     assert curve[20] == curve[32] < curve[36] == curve[48]
 

@@ -100,14 +100,20 @@ class LatencyModel:
         example_inputs: the inputs the model is timed with (their shapes set each layer's input shape).
         table: the latency table to read and fill.
         max_ratio: the grid starts at the fewest channels a group may keep.
-        round_to: optional: grid counts are multiples of it too.
+        round_to: grid counts are multiples of it (default: ``recommended_round_to(backend)``, the SIMD block of
+            the backend's kernels: ONNX Runtime keeps activations in blocked NCHWc layout only between convs whose
+            channels fill whole blocks, and inserts layout reorders around the others, which a layer timed alone
+            does not show; within those multiples the table decides).
         dense_ms: measured latency of the dense model on the backend (the ops the table does not time are
             ``dense_ms - sum of the layers``); None: the prediction covers the timed layers only.
     """
 
     def __init__(self, graph: PruningGraph, units: list[Unit], example_inputs: Any, table: LatencyTable,
                  max_ratio: float = 0.9, round_to: int | None = None, dense_ms: float | None = None) -> None:
+        from prunekit.measure.hardware import recommended_round_to
+
         self.table = table
+        round_to = round_to or recommended_round_to(table.backend)
         self.units = {u.name: u for u in units if u.attention is None}
         specs = collect_op_specs(graph.model, example_inputs)
         self.grids: dict[str, list[int]] = {}
@@ -194,9 +200,10 @@ class LatencyModel:
         grid, curve = self.grids[name], self.curves[name]
         cands = [c for c in grid if c >= min_keep]
         below = [c for c in cands if c <= keep]
-        if not below:
-            return keep
-        down = below[-1]
+        if not cands:
+            return grid[-1]
+        # no grid count at or below: start from the first one above (a count off the grid pays a full step)
+        down = below[-1] if below else cands[0]
         lat = [curve[c] for c in cands]
         avg_step = (lat[-1] - lat[0]) / max(1, len(cands) - 1)
         limit = curve[down] + STEP_FRACTION * avg_step
@@ -258,9 +265,12 @@ def latency_select(units: list[Unit], scores: dict[str, torch.Tensor], ratio: fl
 
 def search_latency(units: list[Unit], scores: dict[str, torch.Tensor], scope: str, overrides: dict[str, float],
                    max_ratio: float, lm: LatencyModel, target: float,
-                   metric: Any = None) -> tuple[float, Selection, float, list[tuple[float, float]]]:
+                   metric: Any = None, closest: bool = False
+                   ) -> tuple[float, Selection, float, list[tuple[float, float]]]:
     """The least pruning whose predicted latency keeps at most ``target`` of the dense prediction (or, with
-    ``metric(sel) -> fraction``, e.g. the MACs kept, at most ``target`` of that).
+    ``metric(sel) -> fraction``, e.g. the MACs kept, at most ``target`` of that). ``closest``: the probe nearest
+    the target from either side instead (the width choice makes the metric jump: ``target_macs`` wants the
+    nearest).
 
     Returns ``(ratio, selection, kept_fraction, probes)``; global scope bisects the number of pooled channels
     removed, local scope the per-group ratio. Raises ``PruningError`` when even the most pruning allowed keeps more.
@@ -282,13 +292,18 @@ def search_latency(units: list[Unit], scores: dict[str, torch.Tensor], scope: st
         raise PruningError(f"target {target} is out of reach: pruning every group to max_ratio {max_ratio} still "
                            f"keeps {floor:.1%} (predicted); raise max_ratio or prune more layers")
     lo, hi, best = 0, steps, (1.0, sel_hi, floor)
+    near = best
     while hi - lo > 1 and len(probes) < MAX_PROBES:
         mid = (lo + hi) // 2
         kept, sel = probe(mid)
+        if abs(kept - target) < abs(near[2] - target):
+            near = (mid / steps, sel, kept)
         if kept <= target:
             hi, best = mid, (mid / steps, sel, kept)
         else:
             lo = mid
+    if closest:
+        best = near
     return best[0], best[1], best[2], probes
 
 
@@ -329,7 +344,7 @@ def latency_selection(model: nn.Module, graph: PruningGraph, example_inputs: Any
         def macs_metric(sel: Selection) -> float:
             return macs_kept(graph, example_inputs, units, sel, macs_before)
         ratio, sel, _, probes = search_latency(units, scores, scope, overrides, s.max_ratio, lm, s.target_macs,
-                                               macs_metric)
+                                               macs_metric, closest=True)
     else:
         ratio, probes = s.global_ratio, []
         sel = latency_select(units, scores, ratio, scope, overrides, s.max_ratio, lm)

@@ -96,6 +96,7 @@ def run_model(name: str, backends: list[str], threads: int, repeats: int, target
     dense = create_model(ref, **kwargs).eval()
     x = torch.randn(1, *shape)
     rows = []
+    rounded: dict[int, tuple] = {}  # round_to -> the two rounded variants (the same for every backend)
     for backend in backends:
         lut = "eager" if backend.startswith("eager") else backend
         r = recommended_round_to(lut)
@@ -103,9 +104,10 @@ def run_model(name: str, backends: list[str], threads: int, repeats: int, target
         variants: dict[str, nn.Module] = {"dense": dense}
         keeps: dict[str, float] = {"dense": 1.0}
         infos: dict[str, dict[str, Any]] = {}
-        variants[f"tp round_to {r}"], keeps[f"tp round_to {r}"] = tp_prune(dense, x, r)
-        label = f"prunekit round_to {r}"
-        variants[label], keeps[label], _ = pk_prune(dense, x, target_macs=TARGET_KEEP, round_to=r)
+        if r not in rounded:
+            rounded[r] = (tp_prune(dense, x, r), pk_prune(dense, x, target_macs=TARGET_KEEP, round_to=r)[:2])
+        variants[f"tp round_to {r}"], keeps[f"tp round_to {r}"] = rounded[r][0]
+        variants[f"prunekit round_to {r}"], keeps[f"prunekit round_to {r}"] = rounded[r][1]
         label = f"prunekit LUT {lut}"
         variants[label], keeps[label], infos[label] = pk_prune(dense, x, target_macs=TARGET_KEEP, latency_backend=lut)
         if target_latency is not None:

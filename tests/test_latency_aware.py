@@ -194,3 +194,37 @@ def test_target_latency_defaults_to_eager_and_bad_table_backend():
         == "onnxruntime"
     with pytest.raises(ConfigError, match="latency-backend 'cuda'.*eager, onnxruntime"):
         LatencyTable("cuda", 2)
+
+
+def test_prune_cli_latency_backend_writes_predicted_and_measured(trained_run, tmp_path, monkeypatch):
+    import json
+
+    from prunekit.cli.main import main
+
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "pruned"
+    rc = main(["prune", "--from", str(trained_run), "--criterion", "l1", "--target-macs", "0.6", "--latency-backend",
+               "eager", "--latency-threads", "1", "--latency-verify-runs", "3", "--calib-batches", "2",
+               "--out", str(out)])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    la = m["latency"]
+    assert la["backend"] == "eager" and la["table_entries_timed"] > 0 and 0 < la["predicted_kept"] <= 1
+    assert la["measured_kept"] > 0 and la["dense_ms"] > 0
+    assert list((tmp_path / "cache" / "latency").glob("eager-t1-*.json"))
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--target-latency", "0.5", "--ratio", "0.3"], "target_latency"),
+    (["--target-latency", "2"], "target-latency"),
+    (["--latency-backend", "cuda"], "latency-backend"),
+])
+def test_prune_cli_bad_latency_flags(trained_run, tmp_path, capsys, args, msg):
+    from prunekit.cli.main import main
+
+    try:
+        rc = main(["prune", "--from", str(trained_run), "--out", str(tmp_path / "x"), *args])
+    except SystemExit as e:  # argparse rejects a value outside the choices itself
+        rc = e.code
+    assert rc == 2
+    assert msg in capsys.readouterr().err

@@ -74,6 +74,8 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
         ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download, splits=("calib", "val"))
         calib = ld["calib"]
         goal = f"target_macs {cfg.target_macs}" if cfg.target_macs is not None else f"ratio {cfg.global_ratio}"
+        if cfg.target_latency is not None:
+            goal = f"target_latency {cfg.target_latency} ({cfg.latency_backend})"
         log.info("prune: %s from %s (top1 %.2f%%), %s %s, %s", spec.name, cfg.from_dir,
                  before.get("top1", float("nan")), cfg.criterion, cfg.scope, goal)
         t0 = time.perf_counter()
@@ -93,7 +95,9 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
         metrics = {**evaluate(model, ld["val"], device), "macs": report.macs_after, "params": report.params_after,
                    "macs_before": report.macs_before, "params_before": report.params_before,
                    "macs_kept": report.macs_kept, "params_kept": report.params_kept, "ratio": report.ratio,
-                   "target_macs": cfg.target_macs, "criterion": cfg.criterion, "scope": cfg.scope,
+                   "target_macs": cfg.target_macs, "target_latency": cfg.target_latency,
+                   "latency": {k: v for k, v in report.latency.items() if k != "per_layer"},
+                   "criterion": cfg.criterion, "scope": cfg.scope,
                    "compensate": cfg.compensate,
                    "groups_pruned": report.groups_pruned, "bn_recalibration_batches": recalibrated,
                    "top1_before": before.get("top1"), "prune_seconds": round(seconds, 2), "stage": "prune",

@@ -38,7 +38,7 @@ class SparsifySettings(Config):
     dense_first_last: bool = Field(True, description="leave the first layer and the classifier dense (the usual "
                                    "practice: they are small and sensitive)")
     calib_batches: int = Field(8, ge=1, description="taylor: labelled calibration batches per pruning step "
-                               "(and BatchNorm recalibration batches)")
+                               "(and BatchNorm recalibration batches); wanda / sparsegpt: token batches used")
     seed: int = Field(0, description="random seed (random method, data order)")
 
     @field_validator("method")

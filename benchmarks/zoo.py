@@ -6,6 +6,7 @@ Usage::
 
     .venv/bin/python benchmarks/zoo.py                      # all torchvision models + the timm list
     .venv/bin/python benchmarks/zoo.py --tv resnet18,vit_b_16 --timm none --json zoo.json
+    .venv/bin/python benchmarks/zoo.py --tv swin_t,shufflenet_v2_x0_5 --timm none --no-tp --onnx   # + ONNX verify
 
 Columns: model, ok (prunekit: pruned and forward gives the right shape), MACs before/after (per sample, at the
 input size shown), seconds (prunekit prune call), then the same for MetaPruner. Inputs are 64x64 where the model
@@ -58,20 +59,42 @@ def out_shape_ok(model: nn.Module, x: torch.Tensor) -> bool:
     return tuple(y.shape) == (1, NUM_CLASSES)
 
 
-def run_prunekit(name: str, ratio: float) -> dict[str, Any]:
+def run_prunekit(name: str, ratio: float, heads: bool = False, onnx: bool = False) -> dict[str, Any]:
     model, x = build(name)
     row: dict[str, Any] = {"size": x.shape[-1], "macs_before": count_macs(model, x)}
     t = time.perf_counter()
     try:
-        report = prune(model, x, ratio=ratio)
+        report = prune(model, x, ratio=ratio, heads=heads)
         row["seconds"] = time.perf_counter() - t
         row["ok"] = out_shape_ok(model, x)
         row["macs_after"] = report.macs_after
+        row["left_whole"] = len(report.left_whole)
         if not row["ok"]:
             row["error"] = "wrong output shape"
+        elif onnx:
+            row.update(onnx_check(model, x))
     except Exception as e:
         row.update(ok=False, seconds=time.perf_counter() - t, error=f"{type(e).__name__}: {str(e)[:300]}")
     return row
+
+
+def onnx_check(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """Export the pruned model to ONNX (prunekit's default exporter, dynamic batch; exported at batch 2) and compare
+    ONNX Runtime with torch on 3 fresh inputs."""
+    import tempfile
+
+    from prunekit.export import export_model
+
+    t = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            batch = torch.randn(2, *x.shape[1:])
+            v = export_model(model, batch, d, ["onnx"], verify_inputs=torch.randn(3, *x.shape[1:]))
+            v = v["formats"]["onnx"]["verify"]
+        return {"onnx_ok": bool(v["ok"]), "onnx_diff": v["max_abs_diff"], "onnx_seconds": time.perf_counter() - t}
+    except Exception as e:
+        return {"onnx_ok": False, "onnx_error": f"{type(e).__name__}: {str(e)[:200]}",
+                "onnx_seconds": time.perf_counter() - t}
 
 
 def run_metapruner(name: str, ratio: float) -> dict[str, Any]:
@@ -90,18 +113,18 @@ def run_metapruner(name: str, ratio: float) -> dict[str, Any]:
     return row
 
 
-def run_column(name: str, ratio: float, column: str) -> dict[str, Any]:
+def run_column(name: str, ratio: float, column: str, heads: bool = False, onnx: bool = False) -> dict[str, Any]:
     """One column for one model: ``pk`` (prunekit) or ``tp`` (torch-pruning MetaPruner)."""
     try:
-        return run_prunekit(name, ratio) if column == "pk" else run_metapruner(name, ratio)
+        return run_prunekit(name, ratio, heads, onnx) if column == "pk" else run_metapruner(name, ratio)
     except Exception as e:  # the model itself could not be built
         key = "error" if column == "pk" else "tp_error"
         return {"ok" if column == "pk" else "tp_ok": False, key: f"build: {type(e).__name__}: {str(e)[:200]}"}
 
 
-def run_isolated(name: str, ratio: float, column: str, timeout: int) -> dict[str, Any]:
+def run_isolated(name: str, ratio: float, column: str, timeout: int, flags: tuple[str, ...] = ()) -> dict[str, Any]:
     """One column in a fresh process: torch-pruning can hang on some graphs, and memory is returned."""
-    cmd = [sys.executable, __file__, "--one", name, "--column", column, "--ratio", str(ratio)]
+    cmd = [sys.executable, __file__, "--one", name, "--column", column, "--ratio", str(ratio), *flags]
     ok, err = ("ok", "error") if column == "pk" else ("tp_ok", "tp_error")
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -123,12 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-tp", action="store_true", help="skip the torch-pruning MetaPruner column")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--timeout", type=int, default=900, help="seconds per model and column")
+    p.add_argument("--heads", action="store_true", help="prunekit column: also remove whole attention heads")
+    p.add_argument("--onnx", action="store_true", help="prunekit column: export each pruned model to ONNX and "
+                   "verify it with ONNX Runtime against torch")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model's column, print it as JSON
     p.add_argument("--column", default="pk", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.one:
-        print(json.dumps(run_column(args.one, args.ratio, args.column), default=str))
+        print(json.dumps(run_column(args.one, args.ratio, args.column, args.heads, args.onnx), default=str))
         return 0
     tv = (torchvision.models.list_models(module=torchvision.models) if args.tv == "all"
           else [] if args.tv == "none" else args.tv.split(","))
@@ -138,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':36s} {'px':>4s} {'ok':>3s} {'MACs before':>12s} {'after':>10s} {'kept':>6s} {'s':>6s} | "
           f"{'tp ok':>5s} {'tp after':>10s} {'tp s':>6s}")
     for name in names:
-        row = {"model": name, **run_isolated(name, args.ratio, "pk", args.timeout)}
+        flags = tuple(f for f, on in (("--heads", args.heads), ("--onnx", args.onnx)) if on)
+        row = {"model": name, **run_isolated(name, args.ratio, "pk", args.timeout, flags)}
         if not args.no_tp:
             row.update(run_isolated(name, args.ratio, "tp", args.timeout))
         rows.append(row)
@@ -150,9 +177,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{row.get('tp_seconds', 0):6.1f}", flush=True)
         if not row["ok"]:
             print(f"    prunekit: {row.get('error')}", flush=True)
+        if "onnx_ok" in row:
+            print(f"    ONNX: {'verified' if row['onnx_ok'] else 'FAILED'} (max abs diff {row.get('onnx_diff')}, "
+                  f"{row['onnx_seconds']:.1f} s){' ' + row['onnx_error'] if 'onnx_error' in row else ''}", flush=True)
+        if row.get("left_whole"):
+            print(f"    prunekit: {row['left_whole']} group(s) left whole", flush=True)
         if row.get("tp_error"):
             print(f"    MetaPruner: {row['tp_error']}", flush=True)
-    n_ok = sum(r["ok"] for r in rows)
+    n_ok = sum(r["ok"] and r.get("onnx_ok", True) for r in rows)
     n_tp = sum(bool(r.get("tp_ok")) for r in rows)
     tp_note = "" if args.no_tp else f"; torch-pruning MetaPruner: {n_tp}/{len(rows)} ok"
     print(f"\nprunekit: {n_ok}/{len(rows)} ok{tp_note}")

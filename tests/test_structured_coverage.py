@@ -137,3 +137,22 @@ def test_swin_head_removal_equals_masking_the_heads(name):
             attn.proj.weight[:, [i - 2 * a for i in r.removed if i >= 2 * a]] = 0
         xs = torch.randn(2, 3, 32, 32)
         torch.testing.assert_close(model(xs), masked(xs), rtol=1e-4, atol=1e-5)
+
+
+def test_timm_swin_prunes_its_stream_and_patch_merging(tmp_path):
+    """timm's Swin runs fine once pruned (its attention width is its own); only its tracing goes through the trace
+    forms: the stream, the patch merging and the MLPs are pruned, nothing left whole."""
+    pytest.importorskip("timm")
+    kw = dict(img_size=32, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4))
+    model = prunekit.create_model("timm:swin_tiny_patch4_window7_224", num_classes=7, **kw).eval()
+    x = torch.randn(1, 3, 32, 32)
+    report = prune(model, x, ratio=0.5)
+    assert not report.left_whole
+    assert report.macs_after <= 0.55 * report.macs_before
+    stem, merge = model.patch_embed.proj, model.layers[1].downsample
+    assert stem.out_channels < 32 and merge.reduction.in_features == 4 * stem.out_channels
+    xs = torch.randn(3, 3, 32, 32)
+    runs.save_model(tmp_path / "run", model)
+    loaded = runs.load_model(tmp_path / "run")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(xs), model(xs), rtol=0, atol=0)

@@ -84,7 +84,7 @@ def _window_attention(m: nn.Module, x: Tensor, logit_scale: Tensor | None) -> Te
     return x[:, :H, :W, :].contiguous()
 
 
-def _attention_trace(m: nn.Module, x: Tensor) -> Tensor:
+def attention_trace(m: nn.Module, x: Tensor) -> Tensor:
     """(B, H, W, C) -> (B, H, W, C) through qkv and proj as modules; channel i of q, k and v are coupled (as in one
     head's dot products), no window partition. The split runs on dim 1, where torch-pruning maps it."""
     q, k, v = m.qkv(x).movedim(-1, 1).chunk(3, dim=1)  # (B, A, H, W) each
@@ -107,7 +107,7 @@ class SwinWindowAttention(_SWA):
         return _window_attention(self, x, None)
 
     def channel_trace(self, x: Tensor) -> Tensor:
-        return _attention_trace(self, x)
+        return attention_trace(self, x)
 
     def remove_heads(self, heads: list[int]) -> None:
         """Drop the per-head columns of the relative-position bias table (qkv/proj are pruned by torch-pruning)."""
@@ -124,7 +124,7 @@ class SwinWindowAttentionV2(_SWA2):
         return _window_attention(self, x, self.logit_scale)
 
     def channel_trace(self, x: Tensor) -> Tensor:
-        return _attention_trace(self, x)
+        return attention_trace(self, x)
 
     def remove_heads(self, heads: list[int]) -> None:
         """Drop the heads' rows of ``logit_scale`` and of the continuous-bias MLP's output layer."""
@@ -139,7 +139,7 @@ class SwinWindowAttentionV2(_SWA2):
         self.num_heads = len(keep)
 
 
-def _merging_trace(m: nn.Module, x: Tensor, norm_first: bool) -> Tensor:
+def merging_trace(m: nn.Module, x: Tensor, norm_first: bool) -> Tensor:
     """The 4-way channel concat of patch merging without its strided spatial slices: channel i of the input goes to
     i, C+i, 2C+i, 3C+i of the concat, as in torchvision's ``_patch_merging_pad``."""
     x = torch.cat([x.clone() for _ in range(4)], dim=-1)  # four distinct nodes, one per neighbour
@@ -148,12 +148,12 @@ def _merging_trace(m: nn.Module, x: Tensor, norm_first: bool) -> Tensor:
 
 class SwinPatchMerging(_PM):
     def channel_trace(self, x: Tensor) -> Tensor:
-        return _merging_trace(self, x, norm_first=True)
+        return merging_trace(self, x, norm_first=True)
 
 
 class SwinPatchMergingV2(_PM2):
     def channel_trace(self, x: Tensor) -> Tensor:
-        return _merging_trace(self, x, norm_first=False)
+        return merging_trace(self, x, norm_first=False)
 
 
 # ----------------------------------------------------------------------------------------------- ShuffleNetV2

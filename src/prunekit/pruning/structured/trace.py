@@ -1,8 +1,9 @@
 """What torch-pruning traces, for the modules its index mapping cannot follow (see ``prunekit.models.prunable``).
 
-``channel_trace_forms(model)``  while active, every module with a ``channel_trace`` method runs that instead of its
-                                ``forward``: the same channel dependencies without the spatial reshapes (Swin's
-                                window partition, patch merging's strided slices).
+``channel_trace_forms(model)``  while active, every module with a ``channel_trace`` method (or a form in
+                                ``TRACE_FORMS``: timm's Swin blocks and patch merging, which run fine once pruned)
+                                runs that instead of its ``forward``: the same channel dependencies without the
+                                spatial reshapes (Swin's window partition, patch merging's strided slices).
 ``CUSTOMIZED_PRUNERS``          torch-pruning pruners for prunekit's own modules (``ChannelShuffle``), passed to
                                 ``build_dependency(customized_pruners=...)``.
 ``link_permutations(DG)``       after tracing: the index mappings through each ``ChannelShuffle``, so a channel is
@@ -12,22 +13,49 @@
 from __future__ import annotations
 
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch_pruning as tp
-from torch import nn
+from torch import Tensor, nn
 
-from prunekit.models.prunable import ChannelShuffle
+from prunekit.models.prunable import ChannelShuffle, attention_trace, merging_trace
+
+
+def _timm_swin_block(block: nn.Module, x: Tensor) -> Tensor:
+    """timm ``SwinTransformerBlock`` (B, H, W, C): its window attention and MLP without the window reshapes."""
+    x = x + attention_trace(block.attn, block.norm1(x))
+    return x + block.mlp(block.norm2(x))
+
+
+def _timm_merging(m: nn.Module, x: Tensor) -> Tensor:
+    """timm ``PatchMerging``: its reshape/permute/flatten puts channel c at c, C+c, 2C+c, 3C+c, like the concat."""
+    return merging_trace(m, x, norm_first=True)
+
+
+def _library_forms() -> dict[type, Callable[[nn.Module, Tensor], Tensor]]:
+    """Trace forms for library classes that run fine once pruned and only need tracing help (exact types)."""
+    try:
+        from timm.models import swin_transformer as timm_swin
+    except ImportError:
+        return {}
+    return {timm_swin.SwinTransformerBlock: _timm_swin_block, timm_swin.PatchMerging: _timm_merging}
+
+
+TRACE_FORMS = _library_forms()
 
 
 @contextmanager
 def channel_trace_forms(model: nn.Module) -> Iterator[int]:
-    """Run ``channel_trace`` in place of ``forward`` for every module that has one; yields how many."""
-    patched = [m for m in model.modules() if callable(getattr(type(m), "channel_trace", None))]
-    for m in patched:
-        m.forward = types.MethodType(type(m).channel_trace, m)
+    """Run a module's ``channel_trace`` (or its form in ``TRACE_FORMS``) in place of ``forward`` for every module
+    that has one; yields how many."""
+    patched = []
+    for m in model.modules():
+        fn = getattr(type(m), "channel_trace", None) or TRACE_FORMS.get(type(m))
+        if callable(fn):
+            m.forward = types.MethodType(fn, m)
+            patched.append(m)
     try:
         yield len(patched)
     finally:

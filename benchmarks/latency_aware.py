@@ -122,7 +122,7 @@ def run_model(name: str, backends: list[str], threads: int, repeats: int, target
         for label, info in infos.items():
             print(f"#   {label}: table {info['table_entries_timed']} timed / {info['table_entries_cached']} cached "
                   f"({info['table_seconds']} s); LUT layers {info['layers_ms']:.2f} -> {info['layers_pruned_ms']:.2f} "
-                  f"ms, rest (dense min {info['dense_min_ms']:.2f} - layers) {info['rest_ms']:.2f} ms; predicted "
+                  f"ms, rest (untimed ops) {info['rest_ms']:.2f} ms; predicted "
                   f"latency kept {info['predicted_kept']:.3f}", flush=True)
         models, xt, tb = timed_models(variants, x, backend)
         runs = RUNS.get(name, 40)

@@ -119,7 +119,7 @@ def test_prune_target_latency_end_to_end_with_a_fake_table(tmp_path, monkeypatch
     from prunekit.pruning.structured import prune_with_settings
 
     monkeypatch.setattr(lat, "LatencyTable", lambda b, t: LatencyTable(b, t, cache_dir=tmp_path, timer=fake_ms))
-    monkeypatch.setattr(lat, "dense_latency_ms", lambda *a, **k: None)
+    monkeypatch.setattr(lat, "rest_latency_ms", lambda *a, **k: 0.0)
     model, x = tiny().eval(), torch.randn(1, 3, 8, 8)
     s = PruneSettings.build({"criterion": "l2", "target_latency": 0.5, "latency_verify_runs": 0})
     rep = prune_with_settings(model, x, s)

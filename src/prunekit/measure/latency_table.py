@@ -31,6 +31,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -438,3 +439,87 @@ def channels_last_inputs(inputs: Any) -> Any:
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(channels_last_inputs(v) for v in inputs)
     return inputs
+
+
+# ----------------------------------------------------------------------------------------------- the rest of a model
+class _Canned(nn.Module):
+    """Stands in for a conv/linear layer: returns the output it recorded (what the layer costs is in the table)."""
+
+    def __init__(self, out: torch.Tensor) -> None:
+        super().__init__()
+        self.out = out
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.out
+
+
+TIMED_ONNX_OPS = frozenset({"Conv", "FusedConv", "NchwcConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm"})
+
+
+def rest_latency_ms(model: nn.Module, example_inputs: Any, backend: str, threads: int, runs: int = 15) -> float:
+    """Latency (ms) of everything in ``model`` but its conv/linear layers on ``backend``: what a table of layers
+    does not time (activations, adds, pooling, layout reorders, per-op overhead), measured like the table's
+    entries, by short minima that other jobs on a shared machine hardly move.
+
+    ``eager``: the :func:`inference_copy` with every Conv1d/Conv2d/Linear replaced by a module returning its recorded
+    output, timed whole (minimum over ``runs``). ``onnxruntime``: the model exported once and profiled by ONNX
+    Runtime over ``runs`` runs; the minimum duration of each node that is not a conv / matmul, summed.
+    """
+    if backend == "eager":
+        m, _ = inference_copy(model)
+        x = channels_last_inputs(example_inputs)
+        outs: dict[str, torch.Tensor] = {}
+        hooks = [mod.register_forward_hook(lambda mod, a, o, n=n: outs.setdefault(n, o))
+                 for n, mod in m.named_modules() if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+        with torch.inference_mode():
+            call_model(m, x)
+        for h in hooks:
+            h.remove()
+        for name, out in outs.items():
+            parent, _, leaf = name.rpartition(".")
+            setattr(m.get_submodule(parent) if parent else m, leaf, _Canned(out))
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                return _min_ms(lambda: call_model(m, x), runs, 3)
+        finally:
+            torch.set_num_threads(old)
+    if backend != "onnxruntime":
+        raise ConfigError(f"--latency-backend {backend!r}: valid: {', '.join(LUT_BACKENDS)}")
+    import tempfile
+
+    import onnxruntime as ort
+
+    from prunekit.export.core import ExportOptions, as_tensors, output_names, positional
+    from prunekit.export.onnx import OnnxRunner, export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="prunekit-rest-") as tmp:
+        path = f"{tmp}/model.onnx"
+        m = copy.deepcopy(model).eval()
+        module, names, args, prefix = positional(m, example_inputs)
+        with torch.no_grad():
+            outs_ = output_names(len(as_tensors(module(*args))))
+        export_onnx(module, args, names, outs_, path, ExportOptions(dynamic_batch=False), prefix)
+        feeds = OnnxRunner(path, threads).feeds(*args)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
+        so.log_severity_level = 3
+        if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.enable_profiling = True
+        so.profile_file_prefix = f"{tmp}/profile"
+        sess = ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
+        for _ in range(runs + 2):
+            sess.run(None, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    best: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        if e.get("args", {}).get("op_name") in TIMED_ONNX_OPS:
+            continue
+        best[e["name"]] = min(best.get(e["name"], math.inf), e["dur"] / 1e3)
+    return float(sum(best.values()))

@@ -14,8 +14,9 @@ group keeps, from a latency lookup table of the target backend (``prunekit.measu
    grid count just below ``k`` whose latency is the same (within a fraction of one average step): the top of the
    latency step it lands on. It never ends just past a step edge (paying a whole step for a few channels), and it
    keeps the channels that cost nothing.
-4. The model latency is predicted as ``rest + sum_L t_L * f_out_L(c_out) * f_in_L(c_in)`` (``rest``: the measured
-   dense model minus the sum of its layers, the ops the table does not time, held constant).
+4. The model latency is predicted as ``rest + sum_L t_L * f_out_L(c_out) * f_in_L(c_in)`` (``rest``: the ops the
+   table does not time, measured on the dense model with its layers stubbed out (eager) or from ONNX Runtime's
+   per-node profile (``prunekit.measure.latency_table.rest_latency_ms``), held constant).
 5. ``target_latency`` (fraction of the dense latency kept) bisects the global ranking (the number of pooled channels
    removed; the per-group ratio for local scope) on that prediction, with the width choice inside every probe; the
    engine then times dense and pruned alternately on the backend and reports predicted vs measured.
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import PruningError
-from prunekit.measure.latency_table import LatencyTable, OpSpec, collect_op_specs
+from prunekit.measure.latency_table import LatencyTable, OpSpec, collect_op_specs, rest_latency_ms
 from prunekit.pruning.structured.graph import PruningGraph, Unit
 from prunekit.pruning.structured.selection import Selection, max_removable, select
 
@@ -104,12 +105,12 @@ class LatencyModel:
             the backend's kernels: ONNX Runtime keeps activations in blocked NCHWc layout only between convs whose
             channels fill whole blocks, and inserts layout reorders around the others, which a layer timed alone
             does not show; within those multiples the table decides).
-        dense_ms: measured latency of the dense model on the backend (the ops the table does not time are
-            ``dense_ms - sum of the layers``); None: the prediction covers the timed layers only.
+        rest_ms: latency of the ops the table does not time (activations, adds, pooling, layout reorders; see
+            ``prunekit.measure.latency_table.rest_latency_ms``), held fixed; 0: the prediction covers the layers.
     """
 
     def __init__(self, graph: PruningGraph, units: list[Unit], example_inputs: Any, table: LatencyTable,
-                 max_ratio: float = 0.9, round_to: int | None = None, dense_ms: float | None = None) -> None:
+                 max_ratio: float = 0.9, round_to: int | None = None, rest_ms: float = 0.0) -> None:
         from prunekit.measure.hardware import recommended_round_to
 
         self.table = table
@@ -148,13 +149,8 @@ class LatencyModel:
             lc.f_in = _monotone({c: table[s] / base for c, s in zip(self._in_counts(lc), self._in_specs(lc),
                                                                        strict=True)})
         self.layer_ms = sum(lc.full_ms for lc in self.layers.values())
-        self.rest_ms = max(0.0, dense_ms - self.layer_ms) if dense_ms is not None else 0.0
+        self.rest_ms = float(rest_ms)
         self.dense_ms = self.layer_ms + self.rest_ms
-        if dense_ms is not None and dense_ms > 3 * self.layer_ms:
-            log.warning("the dense model took %.2f ms on %s but its conv/linear layers %.2f ms timed alone: the "
-                        "rest (activations, adds, pooling, per-op overhead) is %.0f%% of it, or the machine was busy "
-                        "while the model was timed; predicted latency fractions count the rest as fixed",
-                        dense_ms, table.backend, self.layer_ms, 100 * self.rest_ms / dense_ms)
         self.curves = {name: self._unit_curve(name) for name in self.units}
 
     # -- grids and specs per layer
@@ -308,18 +304,6 @@ def search_latency(units: list[Unit], scores: dict[str, torch.Tensor], scope: st
 
 
 # ----------------------------------------------------------------------------------------------- engine entry
-def dense_latency_ms(model: nn.Module, example_inputs: Any, backend: str, threads: int, runs: int = 10) -> float:
-    """Minimum over ``runs`` calls of the dense model on the backend (the same estimator as the table's entries);
-    eager times the :func:`~prunekit.measure.latency_table.inference_copy` (BN folded, channels_last)."""
-    from prunekit.measure.latency import measure_latency
-    from prunekit.measure.latency_table import channels_last_inputs, inference_copy
-
-    if backend == "eager":
-        m, _ = inference_copy(model)
-        return measure_latency(m, channels_last_inputs(example_inputs), "eager", runs, 2, threads).min_ms
-    return measure_latency(model, example_inputs, backend, runs, 2, threads).min_ms
-
-
 def latency_selection(model: nn.Module, graph: PruningGraph, example_inputs: Any, units: list[Unit],
                       scores: dict[str, torch.Tensor], s: Any, overrides: dict[str, float], macs_before: int,
                       scope: str) -> tuple[Selection, float, list[tuple[float, float]], dict[str, Any]]:
@@ -329,12 +313,12 @@ def latency_selection(model: nn.Module, graph: PruningGraph, example_inputs: Any
 
     backend = s.latency_backend or "eager"
     table = LatencyTable(backend, s.latency_threads)
-    dense_ms = dense_latency_ms(model, example_inputs, backend, s.latency_threads)
-    lm = LatencyModel(graph, units, example_inputs, table, s.max_ratio, s.round_to, dense_ms)
+    rest_ms = rest_latency_ms(model, example_inputs, backend, s.latency_threads)
+    lm = LatencyModel(graph, units, example_inputs, table, s.max_ratio, s.round_to, rest_ms)
     info: dict[str, Any] = {"backend": backend, "threads": s.latency_threads, "target_latency": s.target_latency,
                             "table": str(table.path),
                             "table_entries_timed": table.measured, "table_entries_cached": table.hits,
-                            "table_seconds": round(table.build_seconds, 1), "dense_min_ms": dense_ms,
+                            "table_seconds": round(table.build_seconds, 1),
                             "layers_ms": lm.layer_ms, "rest_ms": lm.rest_ms}
     if backend == "eager":
         info["eager"] = "LUT and timings on the inference copy: BatchNorm folded into convs, channels_last"

@@ -197,12 +197,53 @@ def test_lstsq_is_exact_when_removed_channels_are_combinations_of_kept_ones():
         torch.testing.assert_close(model(x), want, rtol=1e-6, atol=1e-6)
 
 
-def test_lstsq_on_1x1_conv_and_mean_fallback_for_kxk():
-    for k2, mode in ((1, "lstsq"), (3, "mean")):
+def test_lstsq_on_1x1_conv_and_patches_of_kxk_conv():
+    for k2 in (1, 3):
         model = ConvPair(k2=k2).eval()
         batches = [torch.randn(4, 3, 6, 6) for _ in range(2)]
         _, report = _pruned(model, batches[0], batches, "lstsq")
-        assert report.compensation[0]["mode"] == mode
+        rec = report.compensation[0]
+        assert rec["mode"] == "lstsq" and rec["features"] == ("channels" if k2 == 1 else "patches"), rec
+
+
+class _RankConv(nn.Module):
+    """conv1 (1x1, no bias, no activation): 8 channels spanning 3 dims; conv2 3x3 with zero padding reads them.
+    Each removed channel's patch is a combination of the kept channels' patches (borders included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 1, bias=False)
+        self.conv2 = nn.Conv2d(8, 5, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x))
+
+
+def test_lstsq_on_kxk_conv_patches_is_exact_when_removed_channels_are_combinations_of_kept_ones():
+    torch.manual_seed(0)
+    model = _RankConv().eval().double()
+    batches = [torch.randn(6, 3, 7, 7, dtype=torch.float64) for _ in range(2)]
+    stats = collect_stats(model, batches, ["conv1"], covariance=True)
+    x = torch.randn(3, 3, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+    mean_model = copy.deepcopy(model)
+    records = _prune_direct(model, model.conv1, [0, 2, 5, 7], Compensator(model, "lstsq", stats, ridge=1e-10), x)
+    assert records[0]["mode"] == "lstsq" and records[0]["features"] == "patches"
+    _prune_direct(mean_model, mean_model.conv1, [0, 2, 5, 7], Compensator(mean_model, "mean", stats), x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-6, atol=1e-6)
+        assert (mean_model(x) - want).abs().max() > 0.1  # the mean alone cannot do it
+
+
+def test_lstsq_falls_back_to_mean_for_a_kxk_conv_too_wide_for_patches(monkeypatch):
+    import prunekit.pruning.structured.stats as stats_mod
+
+    monkeypatch.setattr(stats_mod, "MAX_PATCH_FEATURES", 8 * 9 - 1)  # conv2's 8 x 3 x 3 patch no longer fits
+    model = ConvPair(k2=3).eval()
+    batches = [torch.randn(4, 3, 6, 6) for _ in range(2)]
+    _, report = _pruned(model, batches[0], batches, "lstsq")
+    assert [r["mode"] for r in report.compensation] == ["mean"], report.compensation
 
 
 def test_compensating_a_deep_copy_with_the_originals_stats():

@@ -10,7 +10,9 @@ eval mode; a later BN recalibration re-estimates that mean, so do not count both
 contribution is regressed on the kept inputs (ridge ``lambda = ridge * mean(diag S_KK)``):
 ``W_K' = W_K + W_P S_PK (S_KK + lambda I)^-1``, ``b' = b + W_P mu_P - (W_K' - W_K) mu_K``. This is the closed-form
 least-squares reproduction of the dense output ``W x + b`` from ``x_K``; a large ridge falls back to ``mean``. Linear
-layers and 1x1 convs only; other consumers get ``mean`` compensation. ``ridge="auto"`` (default) picks the ridge per
+layers and 1x1 convs regress on channels; k x k convs (``stats.patch_supported``) on their unfolded input patches
+(``C * k * k`` features, the channel-pruning reconstruction of He et al. 2017 in closed form); other consumers
+(depthwise / grouped convs, too wide a patch) get ``mean`` compensation. ``ridge="auto"`` (default) picks the ridge per
 layer by 2-fold cross-validation on the two halves of the calibration batches (``ChannelStats.halves``): with few
 calibration tokens per input feature a fixed small ridge overfits (on MiniLM-L6, 100 sentences for 1536 features,
 ridge 1e-3 reproduces the calibration data well and generalises worse than ``mean``).
@@ -34,7 +36,14 @@ from torch import nn
 
 from prunekit.errors import ConfigError, PruningError
 from prunekit.pruning.structured.criteria.base import root_name
-from prunekit.pruning.structured.stats import ChannelStats, Consumer, channels_in, consumers, lstsq_supported
+from prunekit.pruning.structured.stats import (
+    PATCHES,
+    ChannelStats,
+    Consumer,
+    channels_in,
+    consumers,
+    lstsq_supported,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,24 +139,54 @@ class Compensator:
         W2 = W.reshape(W.shape[0], W.shape[1], -1)  # (O, D, kernel positions)
         mu = st.mean.to(W.device)[cur.to(W.device)]  # (D,) current input order
         mode, record = self.mode, {}
-        if mode == "lstsq" and (st.cov is None or not lstsq_supported(m)):
-            why = "a k x k conv" if st.cov is not None else "no covariance statistics"
-            log.debug("lstsq compensation of %s falls back to mean (%s)", c.name, why)
+        feats = self._features(c, st, cur, P, K) if mode == "lstsq" else None
+        if mode == "lstsq" and feats is None:
             mode = "mean"
         if mode == "mean":
             delta = W2[:, P].sum(-1) @ mu[P]  # (O,)
         else:
-            W_P, W_K = W2[:, P, 0], W2[:, K, 0]
-            ridge = self._ridge(st, cur, W_P, P, K)
-            D_K = _regress(_sub(st.cov, cur, W.device), W_P, P, K, ridge)  # (O, |K|): W_P x_P on x_K
-            delta = W_P @ mu[P] - D_K @ mu[K]
-            new_w = W2.clone()
-            new_w[:, K, 0] = W_K + D_K
+            # lstsq in feature space: channels (linear, 1x1 conv) or unfolded patches (k x k conv), where feature
+            # i * k2 + j is position j of the kernel on input channel i (F.unfold's order = weight.reshape(O, -1))
+            fs, cur_f, P_f, K_f = feats
+            Wf = W.reshape(W.shape[0], -1)  # (O, D * k2)
+            W_P, W_K = Wf[:, P_f], Wf[:, K_f]
+            mu_f = fs.mean.to(W.device)[cur_f.to(W.device)]
+            ridge = self._ridge(fs, cur_f, W_P, P_f, K_f)
+            D_K = _regress(_sub(fs.cov, cur_f, W.device), W_P, P_f, K_f, ridge)  # (O, |K_f|): W_P x_P on x_K
+            delta = W_P @ mu_f[P_f] - D_K @ mu_f[K_f]
+            new_w = Wf.clone()
+            new_w[:, K_f] = W_K + D_K
             m.weight.copy_(new_w.reshape(m.weight.shape).to(m.weight.dtype))
-            record.update(weight_change=float(D_K.norm()), ridge=ridge)
+            record.update(weight_change=float(D_K.norm()), ridge=ridge, features="patches" if fs is not st
+                          else "channels")
         into = self._add_bias(c.name, m, delta, dg)
         return {"name": c.name, "mode": mode, "channels": len(P), "bias_change": float(delta.norm()), "into": into,
                 **record}
+
+    def _features(self, c: Consumer, st: ChannelStats, cur: torch.Tensor, P: torch.Tensor, K: torch.Tensor
+                  ) -> tuple[ChannelStats, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(statistics, original feature index of each current feature, removed and kept feature positions) of
+        ``lstsq``, or ``None`` where it falls back to ``mean`` (no covariance, or a consumer it cannot refit)."""
+        m = c.module
+        if lstsq_supported(m):
+            if st.cov is None:
+                log.debug("lstsq compensation of %s falls back to mean (no covariance statistics)", c.name)
+                return None
+            return st, cur, P, K
+        ps = getattr(self.stats, "inputs", {}).get(c.name + PATCHES)
+        if ps is None or ps.cov is None:
+            log.debug("lstsq compensation of %s falls back to mean (no patch statistics of this conv)", c.name)
+            return None
+        k2 = m.weight[0, 0].numel()
+        if ps.channels != st.channels * k2:
+            raise PruningError(f"patch statistics of {c.name!r} describe {ps.channels} features, not "
+                               f"{st.channels} channels x {k2} kernel positions: collect them again")
+        ar = torch.arange(k2)
+
+        def expand(idx: torch.Tensor) -> torch.Tensor:
+            return (idx[:, None] * k2 + ar).flatten()
+
+        return ps, expand(cur), expand(P), expand(K)
 
     def _ridge(self, st: ChannelStats, cur: torch.Tensor, W_P: torch.Tensor, P: torch.Tensor,
                K: torch.Tensor) -> float:

@@ -45,6 +45,9 @@ from prunekit.pruning.structured.graph import deep_shape_inference
 log = logging.getLogger(__name__)
 
 MAX_COV_FEATURES = 8192  # wider consumer inputs get no covariance (a [C, C] float64 matrix would be too large)
+MAX_PATCH_FEATURES = 4608  # k x k conv consumers up to C * k * k = 512 * 3 * 3 get patch covariance (lstsq)
+PATCH_ROWS = 4096  # patch rows (positions) sampled per batch for a k x k conv's patch covariance
+PATCHES = "#patches"  # StatsDict.inputs[f"{conv}{PATCHES}"]: statistics of the conv's unfolded input patches
 CHUNK = 1 << 20  # elements reduced at a time (keeps temporaries small)
 LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 OP = tp.ops.OPTYPE
@@ -411,7 +414,9 @@ def collect_stats(model: nn.Module, calib_data: Iterable | None, layer_names: It
         device: where the batches are sent (the model is not moved).
         attention_mask: leave out padded tokens of ``[B, T, C]`` tensors when batches carry an ``attention_mask``.
         covariance: also estimate the covariance of consumer inputs that ``lstsq`` compensation can use
-            (linear and 1x1 conv layers up to ``MAX_COV_FEATURES`` features).
+            (linear and 1x1 conv layers up to ``MAX_COV_FEATURES`` features; for k x k convs up to
+            ``MAX_PATCH_FEATURES`` = C * k * k, the covariance of their unfolded input patches, from ``PATCH_ROWS``
+            positions sampled per batch, under ``StatsDict.inputs[conv + PATCHES]``).
         points: ``{layer: "module"}`` (that module's output), ``{layer: "module:input"}`` or ``{layer: fn}`` (``fn``
             applied to the layer's own output) instead of the automatic point.
         graph: torch-pruning ``DependencyGraph`` (or an object with ``.DG``) of ``model``; traced on the first
@@ -467,6 +472,8 @@ def collect_stats(model: nn.Module, calib_data: Iterable | None, layer_names: It
                 m = modules[c]
                 cov = covariance and channels_in(m) <= MAX_COV_FEATURES and lstsq_supported(m)
                 consumer[c] = register(_Point(c, "input", _dim_of(m)), channels_in(m), cov)
+                if covariance and patch_supported(m):
+                    consumer[c + PATCHES] = register(_patch_point(c, m), patch_features(m), True)
     log.debug("statistics at %d points for %d layers", len(accs), len(names))
 
     state: dict[str, torch.Tensor | None] = {"mask": None}
@@ -505,6 +512,40 @@ def lstsq_supported(m: nn.Module) -> bool:
     if not isinstance(m, nn.modules.conv._ConvNd) or m.groups != 1 or any(k != 1 for k in m.kernel_size):
         return False
     return m.padding == "valid" if isinstance(m.padding, str) else all(p == 0 for p in m.padding)
+
+
+def patch_supported(m: nn.Module) -> bool:
+    """A 2-D conv with a kernel larger than 1x1 (groups=1, zero padding given as numbers) whose unfolded input
+    (``C * k * k`` features) is at most ``MAX_PATCH_FEATURES`` wide: ``lstsq`` refits it in patch space."""
+    return (isinstance(m, nn.Conv2d) and m.groups == 1 and not m.transposed and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str) and any(k != 1 for k in m.kernel_size)
+            and patch_features(m) <= MAX_PATCH_FEATURES)
+
+
+def patch_features(m: nn.Conv2d) -> int:
+    return m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+
+
+def _patch_point(name: str, m: nn.Conv2d) -> _Point:
+    """The input of conv ``name`` as unfolded patches: ``[rows, C * kh * kw]`` (F.unfold's feature order, the order
+    of ``m.weight.reshape(O, -1)``), ``PATCH_ROWS`` positions per batch drawn by a generator of fixed seed."""
+    gen = torch.Generator().manual_seed(0)
+    geometry = dict(kernel_size=m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+
+    def patches(x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W)
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        b = x.shape[0]
+        f, n = F.unfold(x[:1], **geometry).shape[1:]  # features C*kh*kw, positions L per image
+        pick = torch.randperm(b * n, generator=gen)[:PATCH_ROWS].sort().values.to(x.device)
+        step, out = max(1, CHUNK * 16 // (f * n)), []  # unfold a few images at a time
+        for i in range(0, b, step):
+            sel = pick[(pick >= i * n) & (pick < (i + step) * n)] - i * n
+            if sel.numel():
+                out.append(F.unfold(x[i:i + step], **geometry).transpose(1, 2).reshape(-1, f)[sel])
+        return torch.cat(out)  # (rows, F)
+
+    return _Point(name, "input", -1, (("patches", patches),))
 
 
 def _override(layer: str, spec: str | Callable, modules: dict[str, nn.Module]) -> _Point:

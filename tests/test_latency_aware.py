@@ -228,3 +228,9 @@ def test_prune_cli_bad_latency_flags(trained_run, tmp_path, capsys, args, msg):
         rc = e.code
     assert rc == 2
     assert msg in capsys.readouterr().err
+
+
+def test_monotone_fit_averages_a_low_outlier():
+    fit = lat._monotone({8: 1.0, 16: 1.0, 24: 2.0, 32: 1.2, 40: 3.0})
+    assert list(fit.values()) == sorted(fit.values())
+    assert fit[8] == fit[16] == 1.0 and fit[24] == fit[32] == pytest.approx(1.6) and fit[40] == 3.0

@@ -6,8 +6,8 @@ group keeps, from a latency lookup table of the target backend (``prunekit.measu
 1. Every conv/linear layer of the model is timed alone with its real input shape, at a grid of output channel counts
    (input channels full) and of input channel counts (output channels full): two step curves per layer, ``f_out(c)``
    and ``f_in(c)``, as fractions of the layer's full-width latency (a depthwise conv: one curve, both at once).
-   The curves are made monotone (a count costs at most what any larger count costs: noise and kernel quirks
-   otherwise make a larger count look cheaper).
+   The curves are made monotone by isotonic regression (a count costs at most what any larger count costs:
+   noise and kernel quirks otherwise make a larger count look cheaper).
 2. A group's latency curve ``T_g(c)`` sums the curves of the layers whose output (root layer and coupled layers) or
    input (consumers) channels it sets.
 3. Width choice (``choose_width``): a group asked to keep ``k`` channels keeps the largest grid count at or above the
@@ -76,11 +76,22 @@ class LayerCost:
 
 
 def _monotone(raw: dict[int, float]) -> dict[int, float]:
-    """``f(c) = min over c' >= c of raw(c')``: a count costs at most what a larger one costs."""
-    out, best = {}, math.inf
-    for c in sorted(raw, reverse=True):
-        best = min(best, raw[c])
-        out[c] = best
+    """The non-decreasing fit of ``raw`` over the channel counts (isotonic regression, pool-adjacent-violators):
+    a count never costs more than a larger one. Violating neighbours are averaged, so one entry timed low by chance
+    does not flatten every count below it (a running minimum would)."""
+    keys = sorted(raw)
+    blocks: list[list[float]] = []  # [sum, count]
+    for c in keys:
+        blocks.append([raw[c], 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s_, n_ = blocks.pop()
+            blocks[-1][0] += s_
+            blocks[-1][1] += n_
+    out, i = {}, 0
+    for total, n in blocks:
+        for _ in range(int(n)):
+            out[keys[i]] = total / n
+            i += 1
     return out
 
 

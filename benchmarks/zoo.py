@@ -59,8 +59,8 @@ def out_shape_ok(model: nn.Module, x: torch.Tensor) -> bool:
     return tuple(y.shape) == (1, NUM_CLASSES)
 
 
-def run_prunekit(name: str, ratio: float, heads: bool = False, onnx: bool = False) -> dict[str, Any]:
-    model, x = build(name)
+def run_prunekit(name: str, ratio: float, heads: bool = False, onnx: bool = False, seed: int = 0) -> dict[str, Any]:
+    model, x = build(name, seed)
     row: dict[str, Any] = {"size": x.shape[-1], "macs_before": count_macs(model, x)}
     t = time.perf_counter()
     try:
@@ -113,10 +113,11 @@ def run_metapruner(name: str, ratio: float) -> dict[str, Any]:
     return row
 
 
-def run_column(name: str, ratio: float, column: str, heads: bool = False, onnx: bool = False) -> dict[str, Any]:
+def run_column(name: str, ratio: float, column: str, heads: bool = False, onnx: bool = False,
+               seed: int = 0) -> dict[str, Any]:
     """One column for one model: ``pk`` (prunekit) or ``tp`` (torch-pruning MetaPruner)."""
     try:
-        return run_prunekit(name, ratio, heads, onnx) if column == "pk" else run_metapruner(name, ratio)
+        return run_prunekit(name, ratio, heads, onnx, seed) if column == "pk" else run_metapruner(name, ratio)
     except Exception as e:  # the model itself could not be built
         key = "error" if column == "pk" else "tp_error"
         return {"ok" if column == "pk" else "tp_ok": False, key: f"build: {type(e).__name__}: {str(e)[:200]}"}
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-tp", action="store_true", help="skip the torch-pruning MetaPruner column")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--timeout", type=int, default=900, help="seconds per model and column")
+    p.add_argument("--seed", type=int, default=0, help="prunekit column: seed of the random weights and inputs")
     p.add_argument("--heads", action="store_true", help="prunekit column: also remove whole attention heads")
     p.add_argument("--onnx", action="store_true", help="prunekit column: export each pruned model to ONNX and "
                    "verify it with ONNX Runtime against torch")
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.one:
-        print(json.dumps(run_column(args.one, args.ratio, args.column, args.heads, args.onnx), default=str))
+        print(json.dumps(run_column(args.one, args.ratio, args.column, args.heads, args.onnx, args.seed), default=str))
         return 0
     tv = (torchvision.models.list_models(module=torchvision.models) if args.tv == "all"
           else [] if args.tv == "none" else args.tv.split(","))
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':36s} {'px':>4s} {'ok':>3s} {'MACs before':>12s} {'after':>10s} {'kept':>6s} {'s':>6s} | "
           f"{'tp ok':>5s} {'tp after':>10s} {'tp s':>6s}")
     for name in names:
-        flags = tuple(f for f, on in (("--heads", args.heads), ("--onnx", args.onnx)) if on)
+        flags = (*(f for f, on in (("--heads", args.heads), ("--onnx", args.onnx)) if on), "--seed", str(args.seed))
         row = {"model": name, **run_isolated(name, args.ratio, "pk", args.timeout, flags)}
         if not args.no_tp:
             row.update(run_isolated(name, args.ratio, "tp", args.timeout))

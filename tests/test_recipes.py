@@ -20,6 +20,62 @@ def test_configs_folder_has_the_seed_recipes():
             "resnet50_imagenet_vbp", "mobilenetv2_imagenet_vbp", "resnet18_cifar10"} <= names
 
 
+# Every value the seeds give for their reproductions (issue 5's list, from the VBP paper's settings): the recipe's
+# resolved stage configs must carry exactly these.
+KD = {"kd": True, "alpha": 0.7, "temperature": 2.0}
+VBP_MLP = {"criterion": "variance", "scope": "global", "preset": "mlp-only", "compensate": "mean"}
+ADAMW = {"optimizer": "adamw", "lr": 1.5e-5}
+SEED_VALUES = {
+    "deit_tiny_vbp": {"data": {"dataset": "imagenet", "batch_size": 64},
+                      "prune": {**VBP_MLP, "ratio": 0.35, "keep_yaml": 0.65},
+                      "finetune": {"epochs": 10, **ADAMW, **KD}},
+    "convnext_tiny_vbp": {"prune": {**VBP_MLP, "ratio": 0.30, "keep_yaml": 0.70}, "finetune": KD},
+    "vit_base_vbp": {"prune": {**VBP_MLP, "ratio": 0.35, "keep_yaml": 0.65}, "finetune": KD},
+    "deit_tiny_pat": {"pat": {**VBP_MLP, "ratio": 0.35, "keep_yaml": 0.65, "steps": 5, "epochs": 1, **KD},
+                      "finetune": {"epochs": 5, **KD}},
+    "deit_tiny_3phase": {"sparse": {"method": "variance_concentration", "epochs": 5},
+                         "pat": {**VBP_MLP, "ratio": 0.35, "keep_yaml": 0.65, "steps": 5, "epochs": 1},
+                         "finetune": {"epochs": 5, **KD}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEED_VALUES))
+def test_seed_recipes_carry_the_seeds_values(name):
+    import yaml
+
+    path = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    recipe = load_recipe(path)
+    cfgs = stage_configs(recipe)
+    for stage, want in SEED_VALUES[name].items():
+        if stage == "data":
+            assert {k: raw["data"][k] for k in want} == want
+            continue
+        want = dict(want)
+        keep = want.pop("keep_yaml", None)
+        if keep is not None:  # the recipe says keep, as the paper does; the stage runs at ratio = 1 - keep
+            assert raw["stages"][stage]["keep"] == keep and "ratio" not in raw["stages"][stage]
+        got = {k: getattr(cfgs[stage], k) for k in want}
+        assert got == pytest.approx(want), (name, stage)
+
+
+def test_resnet18_cifar10_recipe_cuts_at_least_40_percent_of_the_macs():
+    cfgs = stage_configs(load_recipe(Path(__file__).parents[1] / "configs" / "resnet18_cifar10.yaml"))
+    assert cfgs["prune"].target_macs <= 0.6 and cfgs["finetune"].kd
+
+
+def test_keep_is_ratio_spelled_as_kept_fraction():
+    from prunekit.pruning.structured import PruneSettings
+
+    assert PruneSettings.build({"keep": 0.65}).ratio == pytest.approx(0.35)
+    assert PruneSettings.build({"keep": 0.65}).keep is None  # one stored value: ratio
+    assert PruneSettings.build({"keep": 0.7, "ratio": 0.3}).ratio == pytest.approx(0.3)
+    with pytest.raises(ConfigError, match=r"`keep` \(0.6\) and `ratio` \(0.5\) disagree"):
+        PruneSettings.build({"keep": 0.6, "ratio": 0.5})
+    with pytest.raises(ConfigError, match=r"`keep` = 1.5 is invalid.*\(0, 1\)"):
+        PruneSettings.build({"keep": 1.5})
+
+
 @pytest.mark.parametrize("path", [*CONFIGS, DEMO_RECIPE], ids=lambda p: p.stem)
 def test_recipe_validates(path):
     recipe = load_recipe(path)

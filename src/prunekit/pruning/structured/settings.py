@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from prunekit.config import Config
 from prunekit.errors import ConfigError
@@ -17,6 +17,8 @@ class PruneSettings(Config):
     criterion: str = Field("l1", description="channel scoring rule: l1, l2, bn_scale, lamp, fpgm, random, taylor "
                            "(labelled data), variance, variance_weighted (data); see prunekit.pruning.list_criteria()")
     ratio: float | None = Field(None, gt=0, lt=1, description="fraction of channels removed (default 0.5)")
+    keep: float | None = Field(None, gt=0, lt=1, description="fraction of channels kept: another way to say "
+                               "--ratio (keep = 1 - ratio), as papers do (VBP's keep=0.65 is ratio 0.35)")
     target_macs: float | None = Field(None, gt=0, lt=1, description="fraction of MACs to keep; the global ratio "
                                       "is searched until the pruned model is within 1 percent of it (replaces --ratio)")
     target_latency: float | None = Field(None, gt=0, lt=1, description="fraction of the dense latency to keep on "
@@ -49,7 +51,27 @@ class PruneSettings(Config):
     heads: bool = Field(False, description="remove whole attention heads (timm and HF BERT-style attention)")
     calib_batches: int = Field(50, ge=1, description="calibration batches (data-driven criteria, statistics, "
                                "BN recalibration)")
+    recalibrate_bn: bool | None = Field(None, description="re-estimate every BatchNorm's running statistics on "
+                                        "--calib-batches calibration batches after pruning (and after compensation, "
+                                        "which it keeps); default: whenever there is calibration data and the model "
+                                        "has BatchNorm")
     seed: int = Field(0, description="seed of the random criterion")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_to_ratio(cls, data: Any) -> Any:
+        """``keep`` is only a spelling of ``ratio``: it becomes ``ratio = 1 - keep`` and is not stored, so every
+        consumer (PAT steps, adaptive trials, reports, the resolved recipe) reads one value."""
+        if not isinstance(data, dict) or data.get("keep") is None:
+            return data
+        keep = data["keep"]
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep < 1:
+            raise ValueError(f"`keep` = {keep!r} is invalid: the fraction of channels kept must be a number in (0, 1)")
+        ratio = round(1.0 - float(keep), 12)
+        given = data.get("ratio")
+        if given is not None and not (isinstance(given, (int, float)) and abs(float(given) - ratio) < 1e-9):
+            raise ValueError(f"`keep` ({keep}) and `ratio` ({given}) disagree (keep = 1 - ratio); give one of them")
+        return {**data, "ratio": ratio, "keep": None}
 
     @field_validator("criterion")
     @classmethod

@@ -246,6 +246,90 @@ def test_recalibrate_bn_estimates_statistics_and_restores_momentum_and_modes():
     assert bn.num_batches_tracked.item() == 2 and feats.shape[1] == 4
 
 
+class BNChain(nn.Module):
+    """conv1 -> BN1 -> ReLU -> conv2 (1x1, no bias) -> BN2 -> ReLU -> pool -> fc: pruning conv1's channels
+    makes conv2 a consumer whose removed inputs' means fold exactly into BN2's running mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _bn_chain_and_calib():
+    torch.manual_seed(0)
+    model = BNChain().eval()
+    calib = [torch.randn(16, 1, 10, 10) for _ in range(4)]
+    recalibrate_bn(model, calib, max_batches=4)  # its statistics are those of the calibration data
+    return model, calib
+
+
+def test_prune_with_calib_data_recalibrates_batchnorm_by_default_and_reports_it():
+    model, calib = _bn_chain_and_calib()
+    stale = model.bn2.running_var.clone()
+    report = prune(model, torch.randn(1, 1, 10, 10), criterion="variance", ratio=0.5, only=["conv1"],
+                   calib_data=calib, compensate="mean")
+    assert report.bn_recalibration == {"layers": 2, "batches": 4}
+    assert "BatchNorm recalibrated: 2 layers on 4 batches" in report.summary()
+    with torch.no_grad():  # BN2's statistics are now those of the pruned model's conv2 outputs
+        feats = torch.cat([model.conv2(torch.relu(model.bn1(model.conv1(b)))) for b in calib])
+    # (BN1 normalises with batch statistics while BN2 is re-estimated, as in training: close, not equal)
+    torch.testing.assert_close(model.bn2.running_mean, feats.mean((0, 2, 3)), rtol=0, atol=1e-3)
+    assert not torch.allclose(model.bn2.running_var, stale)
+
+
+def test_recalibration_can_be_turned_off_loudly(caplog):
+    model, calib = _bn_chain_and_calib()
+    stale = model.bn2.running_var.clone()
+    with caplog.at_level("WARNING"):
+        report = prune(model, torch.randn(1, 1, 10, 10), criterion="variance", ratio=0.5, only=["conv1"],
+                       calib_data=calib, compensate="mean", recalibrate_bn=False)
+    assert report.bn_recalibration == {"skipped": "recalibrate_bn=False"}
+    assert "NOT recalibrated" in report.summary()
+    assert "keep the statistics of the unpruned model" in caplog.text
+    torch.testing.assert_close(model.bn2.running_var, stale)  # untouched
+
+
+def test_recalibration_without_data_is_an_error_and_no_data_is_a_warning(caplog):
+    model, _ = _bn_chain_and_calib()
+    with pytest.raises(ConfigError, match="recalibrate_bn=True needs calibration data"):
+        prune(copy.deepcopy(model), torch.randn(1, 1, 10, 10), criterion="l1", ratio=0.5, recalibrate_bn=True)
+    with caplog.at_level("WARNING"):
+        report = prune(model, torch.randn(1, 1, 10, 10), criterion="l1", ratio=0.5)
+    assert report.bn_recalibration == {"skipped": "no calib_data"}
+    assert "prunekit.recalibrate_bn(model, batches)" in caplog.text
+
+
+def test_mean_compensation_into_batchnorm_agrees_with_the_recalibrated_statistics():
+    """The removed channels' means folded into BN2's running mean are what recalibration re-estimates: the two do
+    the same job there, so recalibration keeps (does not undo) the compensation."""
+    model, calib = _bn_chain_and_calib()
+    folded, recal = copy.deepcopy(model), copy.deepcopy(model)
+    x = torch.randn(1, 1, 10, 10)
+    prune(folded, x, criterion="variance", ratio=0.5, only=["conv1"], calib_data=calib, compensate="mean",
+          recalibrate_bn=False)
+    prune(recal, x, criterion="variance", ratio=0.5, only=["conv1"], calib_data=calib, compensate="mean")
+    plain = copy.deepcopy(model)
+    prune(plain, x, criterion="variance", ratio=0.5, only=["conv1"], calib_data=calib, recalibrate_bn=False)
+    shift = (model.bn2.running_mean - plain.bn2.running_mean).abs().max()
+    assert shift == 0  # without compensation nothing moves the stale mean ...
+    moved = (model.bn2.running_mean - recal.bn2.running_mean).abs().max()
+    assert moved > 1e-2  # ... recalibration moves it, and the fold predicted where to:
+    torch.testing.assert_close(folded.bn2.running_mean, recal.bn2.running_mean, rtol=0, atol=1e-3)
+
+
+def test_a_one_pass_iterator_feeds_both_the_statistics_and_the_recalibration():
+    model, calib = _bn_chain_and_calib()
+    report = prune(model, torch.randn(1, 1, 10, 10), criterion="variance", ratio=0.5, only=["conv1"],
+                   calib_data=iter(calib), compensate="mean", calib_batches=3)
+    assert report.bn_recalibration == {"layers": 2, "batches": 3}
+
+
 def test_deadline_turns_a_runaway_block_into_a_pruning_error():
     from prunekit.pruning.structured.graph import deadline
 

@@ -106,7 +106,8 @@ def pat(cfg: PATConfig) -> dict[str, Any]:
                 model = runs.load_model(pruned_dir, cfg.device)
                 r = runs.read_metrics(pruned_dir)
             else:
-                s = step_settings(cfg, step, model, x, pool0, macs0)
+                # BatchNorm is recalibrated below, on its own --bn-batches
+                s = step_settings(cfg, step, model, x, pool0, macs0).model_copy(update={"recalibrate_bn": False})
                 log.info("pat step %d/%d: prune %s", step, cfg.steps,
                          f"to {s.target_macs:.3f} of the current MACs" if s.target_macs else f"ratio {s.ratio:.4f}")
                 report = prune_with_settings(model, x, s, calib_data=ld["calib"], device=cfg.device)

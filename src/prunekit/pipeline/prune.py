@@ -26,8 +26,7 @@ from prunekit.data import DataArgs
 from prunekit.data.core import data_settings
 from prunekit.errors import ConfigError
 from prunekit.pipeline.stages import loaders
-from prunekit.pruning.structured import PruneSettings, prune_with_settings, recalibrate_bn
-from prunekit.pruning.structured.bn import batchnorms
+from prunekit.pruning.structured import PruneSettings, prune_with_settings
 
 log = logging.getLogger("prunekit.prune")
 REPORT = "prune_report.json"
@@ -44,7 +43,7 @@ class PruneConfig(DataArgs, PruneSettings, _FromOut):
     pruning settings, then the data options)."""
 
     recalibrate_bn: bool = Field(True, description="re-estimate BatchNorm statistics on --calib-batches clean "
-                                 "training batches after pruning")
+                                 "training batches after pruning (and after compensation)")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     sensitivity: Path | None = Field(None, description="a sensitivity.json (prunekit sensitivity) turned into "
                                      "per-layer ratio caps with --max-drop")
@@ -87,10 +86,8 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
             log.info("prune: %d per-group ratio caps from %s (max drop %g points), %d of them 0", len(caps),
                      cfg.sensitivity, cfg.max_drop, sum(c == 0 for c in caps.values()))
             settings = settings.model_copy(update={"ratio_caps": {**caps, **settings.ratio_caps}})
-        report = prune_with_settings(model, x, settings, calib_data=calib, device=device)
-        recalibrated = 0
-        if cfg.recalibrate_bn and batchnorms(model):
-            recalibrated = recalibrate_bn(model, calib, cfg.calib_batches, device)
+        report = prune_with_settings(model, x, settings, calib_data=calib, device=device)  # BN recalibrated there
+        recalibrated = report.bn_recalibration.get("batches", 0)
         seconds = time.perf_counter() - t0
         metrics = {**evaluate(model, ld["val"], device), "macs": report.macs_after, "params": report.params_after,
                    "macs_before": report.macs_before, "params_before": report.params_before,

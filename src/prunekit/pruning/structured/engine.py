@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable
@@ -43,7 +44,8 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
           only: Iterable[str] = (), ratio_overrides: dict[str, float] | None = None,
           ratio_caps: dict[str, float] | None = None, round_to: int | None = None,
           max_ratio: float = 0.9, heads: bool = False, normalize: str = "mean", calib_batches: int = 50,
-          seed: int = 0, loss_fn: Callable | None = None, device: str | torch.device | None = None) -> PruneReport:
+          seed: int = 0, recalibrate_bn: bool | None = None, loss_fn: Callable | None = None,
+          device: str | torch.device | None = None) -> PruneReport:
     """Prune ``model`` in place (structured: whole channels, optionally whole attention heads).
 
     Args:
@@ -73,6 +75,12 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
         normalize: per-layer score normalisation for global ranking (``"mean"``, ``"max"``, ``"none"``).
         calib_batches: batches of ``calib_data`` used.
         seed: seed of the ``random`` criterion.
+        recalibrate_bn: re-estimate every BatchNorm's running statistics on ``calib_batches`` batches of
+            ``calib_data`` after pruning and compensation (``None``, the default: whenever ``calib_data`` is given
+            and the model has BatchNorm; ``False`` keeps the stale statistics, with a warning). Pruning changes the
+            statistics every later BatchNorm sees: without it a pruned BN CNN is often near chance until retrained.
+            Compensation survives it: weight refits (``lstsq``) are untouched, and a mean folded into a BatchNorm
+            is exactly what the re-estimated running mean holds. Reported in ``PruneReport.bn_recalibration``.
         loss_fn: ``loss_fn(outputs, labels)`` for gradient criteria (default cross-entropy).
         device: where calibration runs (default: the model's device).
 
@@ -87,7 +95,8 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
         latency_backend=latency_backend, scope=scope, compensate=compensate, preset=preset,
         ignore=list(ignore), only=list(only), ratio_overrides=dict(ratio_overrides or {}),
         ratio_caps=dict(ratio_caps or {}), round_to=round_to,
-        max_ratio=max_ratio, heads=heads, normalize=normalize, calib_batches=calib_batches, seed=seed),
+        max_ratio=max_ratio, heads=heads, normalize=normalize, calib_batches=calib_batches, seed=seed,
+        recalibrate_bn=recalibrate_bn),
         source="prune()")
     return prune_with_settings(model, example_inputs, settings, calib_data=calib_data, loss_fn=loss_fn, device=device)
 
@@ -102,6 +111,8 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
     s = settings
     crit = get_criterion(s.criterion, **({"seed": s.seed} if s.criterion == "random" else {}))
     _check_data(crit, s, calib_data)
+    if calib_data is not None and iter(calib_data) is calib_data:  # a one-pass iterator: statistics, then BN
+        calib_data = list(itertools.islice(calib_data, s.calib_batches))
     device = device or _device_of(model)
     report = PruneReport(criterion=s.criterion, scope=s.scope, ratio=s.global_ratio, target_macs=s.target_macs,
                          preset=s.preset, heads=s.heads)
@@ -170,6 +181,8 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
 
         report.latency.update(verify_latency(dense, model, example_inputs, report.latency["backend"],
                                              s.latency_threads, s.latency_verify_runs))
+    if units_only is None:  # not in scope="adaptive"'s trials
+        report.bn_recalibration = _recalibrate(model, s, calib_data, device)
     report.seconds = time.perf_counter() - t0
     log.info(report.summary())
     return report
@@ -254,7 +267,28 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _recalibrate(model: nn.Module, s: PruneSettings, calib_data: Iterable | None,
+                 device: torch.device) -> dict[str, Any]:
+    """BatchNorm recalibration after pruning (``PruneSettings.recalibrate_bn``); what ``PruneReport`` records."""
+    from prunekit.pruning.structured.bn import batchnorms, recalibrate_bn
+
+    bns = batchnorms(model)
+    if not bns:
+        return {}
+    if s.recalibrate_bn is False or calib_data is None:
+        why = "recalibrate_bn=False" if s.recalibrate_bn is False else "no calib_data"
+        log.warning("the %d BatchNorm layers keep the statistics of the unpruned model (%s): accuracy is usually far "
+                    "below what it is once they are re-estimated; call prunekit.recalibrate_bn(model, batches) "
+                    "before evaluating", len(bns), why)
+        return {"skipped": why}
+    n = recalibrate_bn(model, calib_data, s.calib_batches, device)
+    return {"layers": len(bns), "batches": n}
+
+
 def _check_data(crit: Criterion, s: PruneSettings, calib_data: Iterable | None) -> None:
+    if s.recalibrate_bn and calib_data is None:
+        raise ConfigError("recalibrate_bn=True needs calibration data (calib_data=...) to re-estimate the BatchNorm "
+                          "statistics; pass batches or recalibrate_bn=False")
     if calib_data is not None:
         return
     if crit.needs_data or crit.needs_stats:

@@ -34,6 +34,8 @@ class PruneReport:
         allocation: ``scope="adaptive"``: group -> ``{"ratio": r, "trials": [[ratio, damage], ...]}``.
         left_whole: groups (by root layer) that torch-pruning could not prune safely, with the reason; they keep
             their channels (also said in a warning).
+        bn_recalibration: ``{"layers": n, "batches": k}`` when BatchNorm statistics were re-estimated after
+            pruning, ``{"skipped": why}`` when the model has BatchNorm and they were not (empty without BatchNorm).
         latency: with ``latency_backend`` / ``target_latency``: backend, threads, the latency table (path, entries
             timed / cached, seconds), predicted latency kept, and the paired check (dense / pruned medians,
             measured kept; see ``prunekit.pruning.structured.latency``).
@@ -57,6 +59,7 @@ class PruneReport:
     allocation: dict[str, dict[str, Any]] = field(default_factory=dict)
     left_whole: dict[str, str] = field(default_factory=dict)
     latency: dict[str, Any] = field(default_factory=dict)
+    bn_recalibration: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -95,4 +98,9 @@ class PruneReport:
                                    f"{la['pruned_ms']:.2f} ms, paired medians)" if "measured_kept" in la else ""))
         if self.compensation:
             lines.append(f"bias compensation applied to {len(self.compensation)} consumer layers")
+        if "layers" in self.bn_recalibration:
+            lines.append(f"BatchNorm recalibrated: {self.bn_recalibration['layers']} layers on "
+                         f"{self.bn_recalibration['batches']} batches")
+        elif "skipped" in self.bn_recalibration:
+            lines.append(f"BatchNorm NOT recalibrated ({self.bn_recalibration['skipped']})")
         return "\n".join(lines)

@@ -6,7 +6,8 @@ instead, in the spirit of sensitivity-driven allocation (Distiller, NNI's sensit
 
 1. the dense model's outputs on the calibration batches are the reference;
 2. every group alone is pruned on a copy at a few ratios (``ratio`` x 0.5 / 1 / 1.5, capped at ``max_ratio``) with
-   the caller's criterion and compensation, and its damage is measured: the normalised squared error of the
+   the caller's criterion and compensation (and BatchNorm recalibration, as the final pruning does), and its
+   damage is measured: the normalised squared error of the
    output, ``sum ||y - y_dense||^2 / sum ||y_dense||^2`` (padded tokens left out when batches carry an
    ``attention_mask``);
 3. the ratios are allocated greedily, a 1% step at a time to the group whose damage grows least per removed

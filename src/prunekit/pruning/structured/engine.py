@@ -181,8 +181,8 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
 
         report.latency.update(verify_latency(dense, model, example_inputs, report.latency["backend"],
                                              s.latency_threads, s.latency_verify_runs))
-    if units_only is None:  # not in scope="adaptive"'s trials
-        report.bn_recalibration = _recalibrate(model, s, calib_data, device)
+    # also in scope="adaptive"'s trials: their damage is then measured on the model the final pruning gives
+    report.bn_recalibration = _recalibrate(model, s, calib_data, device)
     report.seconds = time.perf_counter() - t0
     log.info(report.summary())
     return report

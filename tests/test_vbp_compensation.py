@@ -4,6 +4,7 @@ exact), concat/flatten index maps, lstsq refits, deepcopy, and the errors."""
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -308,3 +309,55 @@ def test_auto_ridge_is_cross_validated_and_generalises_with_scarce_data():
         with torch.no_grad():
             err[ridge] = (torch.cat([m(x) for x in held_out]) - ref).square().mean().item()
     assert ridges["auto"] >= 0.05 and err["auto"] < 0.8 * err[1e-6], (ridges, err)
+
+
+COMP_LOG = "prunekit.pruning.structured.compensation"
+
+
+@pytest.mark.parametrize("n_batches, warns", [(3, True), (5, False)])
+def test_lstsq_warns_with_too_few_calibration_tokens_and_names_the_need(caplog, n_batches, warns):
+    """fc2 reads 12 features: a stable refit wants TOKENS_PER_FEATURE (4) x 12 = 48 tokens; 30 warn, 80 do not."""
+    from prunekit.pruning.structured.compensation import TOKENS_PER_FEATURE
+
+    torch.manual_seed(0)
+    model = MLP(d=6, h=12).eval()
+    rows = 10 if warns else 16
+    batches = [torch.randn(rows, 6) for _ in range(n_batches)]
+    with caplog.at_level(logging.WARNING, logger=COMP_LOG):
+        _pruned(model, batches[0], batches, "lstsq", calib_batches=n_batches)
+    msgs = [r.getMessage() for r in caplog.records if r.name == COMP_LOG and "calibration tokens" in r.message]
+    assert TOKENS_PER_FEATURE == 4
+    if warns:
+        assert len(msgs) == 1, msgs
+        assert "'fc2'" in msgs[0] and "30 calibration tokens" in msgs[0] and "12 input features" in msgs[0]
+        assert "needs about 48" in msgs[0] and "compensate='mean'" in msgs[0], msgs[0]
+    else:
+        assert msgs == []
+
+
+def test_mean_compensation_does_not_warn_about_lstsq_sizes(caplog):
+    torch.manual_seed(0)
+    batches = [torch.randn(10, 6) for _ in range(3)]
+    with caplog.at_level(logging.WARNING, logger=COMP_LOG):
+        _pruned(MLP(d=6, h=12).eval(), batches[0], batches, "mean", calib_batches=3)
+    assert not [r for r in caplog.records if "calibration tokens" in r.getMessage()]
+
+
+def test_auto_ridge_falls_back_to_mean_when_no_refit_generalises():
+    """Independent inputs (identity fc1, elementwise GELU): the kept channels say nothing about the removed ones, so
+    any refit only fits noise; cross-validation must choose no refit (ridge inf), i.e. exactly ``mean``."""
+    torch.manual_seed(0)
+    model = MLP(d=12, h=12, o=4).eval()
+    with torch.no_grad():
+        model.fc1.weight.copy_(torch.eye(12))
+        model.fc1.bias.fill_(1.0)
+    g = torch.Generator().manual_seed(5)
+    calib = [torch.randn(12, 12, generator=g) for _ in range(4)]  # 48 samples, 12 features
+    stats = collect_stats(model, calib, ["fc1"], covariance=True)
+    idxs = [0, 2, 4, 6, 8, 10]
+    m_l, m_m = copy.deepcopy(model), copy.deepcopy(model)
+    rec = _prune_direct(m_l, m_l.fc1, idxs, Compensator(m_l, "lstsq", stats), calib[0])
+    _prune_direct(m_m, m_m.fc1, idxs, Compensator(m_m, "mean", stats), calib[0])
+    assert rec[0]["mode"] == "mean" and rec[0]["ridge"] == float("inf"), rec
+    torch.testing.assert_close(m_l.fc2.weight, m_m.fc2.weight, rtol=0, atol=0)
+    torch.testing.assert_close(m_l.fc2.bias, m_m.fc2.bias, rtol=1e-6, atol=1e-6)

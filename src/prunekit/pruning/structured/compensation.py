@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 MODES = ("none", "mean", "lstsq")
 RIDGES = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)  # candidates of ridge="auto" (relative to mean diag S_KK)
 FALLBACK_RIDGE = 0.1  # ridge="auto" without halves (a single calibration batch)
+TOKENS_PER_FEATURE = 4  # lstsq wants >= this many calibration samples (tokens, positions) per input feature
 
 
 def input_stats(stats: Mapping[str, ChannelStats], layer: str) -> ChannelStats | None:
@@ -95,6 +97,7 @@ class Compensator:
         self.names = {m: n for n, m in model.named_modules()}
         self._alive: dict[str, list[int]] = {}  # consumer -> original input indices still present
         self._warned_bn = False
+        self._warned_small: set[str] = set()
 
     def apply(self, group: Any, idxs: list[int]) -> list[dict[str, Any]]:
         """Compensate every conv/linear consumer of the channels ``group`` removes (root indices ``idxs``).
@@ -142,16 +145,22 @@ class Compensator:
         feats = self._features(c, st, cur, P, K) if mode == "lstsq" else None
         if mode == "lstsq" and feats is None:
             mode = "mean"
-        if mode == "mean":
-            delta = W2[:, P].sum(-1) @ mu[P]  # (O,)
-        else:
+        ridge = None
+        if mode == "lstsq":
             # lstsq in feature space: channels (linear, 1x1 conv) or unfolded patches (k x k conv), where feature
             # i * k2 + j is position j of the kernel on input channel i (F.unfold's order = weight.reshape(O, -1))
             fs, cur_f, P_f, K_f = feats
+            self._check_size(c.name, fs)
             Wf = W.reshape(W.shape[0], -1)  # (O, D * k2)
             W_P, W_K = Wf[:, P_f], Wf[:, K_f]
-            mu_f = fs.mean.to(W.device)[cur_f.to(W.device)]
             ridge = self._ridge(fs, cur_f, W_P, P_f, K_f)
+            if math.isinf(ridge):  # cross-validation found no refit better than the mean alone: use the mean
+                mode = "mean"
+                record.update(ridge=ridge)
+        if mode == "mean":
+            delta = W2[:, P].sum(-1) @ mu[P]  # (O,)
+        else:
+            mu_f = fs.mean.to(W.device)[cur_f.to(W.device)]
             D_K = _regress(_sub(fs.cov, cur_f, W.device), W_P, P_f, K_f, ridge)  # (O, |K_f|): W_P x_P on x_K
             delta = W_P @ mu_f[P_f] - D_K @ mu_f[K_f]
             new_w = Wf.clone()
@@ -188,16 +197,31 @@ class Compensator:
 
         return ps, expand(cur), expand(P), expand(K)
 
+    def _check_size(self, name: str, fs: ChannelStats) -> None:
+        """Warn (once per layer) when ``lstsq`` is fitted on fewer samples than ``TOKENS_PER_FEATURE`` per input
+        feature: the refit then reproduces the calibration data better than new data, and its gain over ``mean``
+        shrinks (cross-validation keeps it from going below ``mean``, but the figure drops without a sign)."""
+        need = TOKENS_PER_FEATURE * fs.channels
+        if fs.count >= need or name in self._warned_small:
+            return
+        self._warned_small.add(name)
+        log.warning("lstsq compensation of %r is fitted on %d calibration tokens (samples) for its %d input "
+                    "features; a stable refit needs about %d (%d per feature): give %.1fx as much calibration data "
+                    "(from the deployment domain), or use compensate='mean', which needs far less", name, fs.count,
+                    fs.channels, need, TOKENS_PER_FEATURE, need / max(fs.count, 1))
+
     def _ridge(self, st: ChannelStats, cur: torch.Tensor, W_P: torch.Tensor, P: torch.Tensor,
                K: torch.Tensor) -> float:
         """The ridge: given, or the candidate with the least held-out error over the two halves (2-fold CV),
-        halved for the full data (the covariance ridge that balances noise scales like 1/count)."""
+        halved for the full data (the covariance ridge that balances noise scales like 1/count). ``inf`` (no refit:
+        ``mean`` compensation) is a candidate too, so scarce or unrepresentative data cannot make ``lstsq`` worse
+        than ``mean`` on the held-out half."""
         if self.ridge != "auto":
             return float(self.ridge)
         if st.halves is None or any(h.cov is None for h in st.halves):
             return FALLBACK_RIDGE
         dev = W_P.device
-        err = torch.zeros(len(RIDGES), dtype=torch.float64, device=dev)
+        err = torch.zeros(len(RIDGES) + 1, dtype=torch.float64, device=dev)  # the last: inf (mean compensation)
         for fit, test in (st.halves, st.halves[::-1]):
             S_f, S_t = _sub(fit.cov, cur, dev), _sub(test.cov, cur, dev)
             dmu = (test.mean.to(dev) - fit.mean.to(dev))[cur.to(dev)]
@@ -216,7 +240,9 @@ class Compensator:
                 g = 1.0 / (e + r * scale)
                 shift = shift0 - B.T @ (g * u)
                 err[i] += base - 2 * (g * cross).sum() + g @ quad @ g + shift.square().sum()
-        return RIDGES[int(err.argmin())] / 2
+            err[-1] += base + shift0.square().sum()  # g = 0
+        best = int(err.argmin())
+        return math.inf if best == len(RIDGES) else RIDGES[best] / 2
 
     def _add_bias(self, name: str, m: nn.Module, delta: torch.Tensor, dg: Any) -> str:
         if m.bias is not None:

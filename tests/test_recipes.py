@@ -74,6 +74,13 @@ def test_keep_is_ratio_spelled_as_kept_fraction():
         PruneSettings.build({"keep": 0.6, "ratio": 0.5})
     with pytest.raises(ConfigError, match=r"`keep` = 1.5 is invalid.*\(0, 1\)"):
         PruneSettings.build({"keep": 1.5})
+    import torch
+
+    import prunekit
+
+    model = prunekit.create_model("smallcnn", in_channels=1, num_classes=10)
+    report = prunekit.prune(model, torch.randn(1, 1, 8, 8), "l1", keep=0.75, recalibrate_bn=False)
+    assert report.ratio == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize("path", [*CONFIGS, DEMO_RECIPE], ids=lambda p: p.stem)

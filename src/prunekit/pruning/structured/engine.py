@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: float | None = None, *,
-          target_macs: float | None = None, target_latency: float | None = None,
+          keep: float | None = None, target_macs: float | None = None, target_latency: float | None = None,
           latency_backend: str | None = None, scope: str = "global", calib_data: Iterable | None = None,
           compensate: str = "none", preset: str | None = None, ignore: Iterable[str] = (),
           only: Iterable[str] = (), ratio_overrides: dict[str, float] | None = None,
@@ -53,6 +53,7 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
         example_inputs: a tensor, tuple or dict of tensors the model accepts (also used to count MACs).
         criterion: channel scoring rule (``prunekit.pruning.list_criteria()``).
         ratio: fraction of channels to remove (default 0.5); exclusive with ``target_macs``.
+        keep: fraction of channels to keep, as papers say it (``keep=0.65`` is ``ratio=0.35``).
         target_macs: fraction of MACs to keep; the global ratio is searched on copies (within 1%).
         target_latency: fraction of the dense latency to keep on ``latency_backend`` (default eager), predicted
             from a cached per-layer latency table and checked by a paired timing (``report.latency``).
@@ -91,7 +92,7 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
         >>> report = prune(model, torch.randn(1, 3, 32, 32), criterion="l1", ratio=0.4, preset="interior")
     """
     settings = PruneSettings.build(dict(
-        criterion=criterion, ratio=ratio, target_macs=target_macs, target_latency=target_latency,
+        criterion=criterion, ratio=ratio, keep=keep, target_macs=target_macs, target_latency=target_latency,
         latency_backend=latency_backend, scope=scope, compensate=compensate, preset=preset,
         ignore=list(ignore), only=list(only), ratio_overrides=dict(ratio_overrides or {}),
         ratio_caps=dict(ratio_caps or {}), round_to=round_to,

@@ -70,6 +70,9 @@ def test_keep_is_ratio_spelled_as_kept_fraction():
     assert PruneSettings.build({"keep": 0.65}).ratio == pytest.approx(0.35)
     assert PruneSettings.build({"keep": 0.65}).keep is None  # one stored value: ratio
     assert PruneSettings.build({"keep": 0.7, "ratio": 0.3}).ratio == pytest.approx(0.3)
+    assert PruneSettings.build({"keep": "0.6"}, source="command line").ratio == pytest.approx(0.4)  # CLI strings
+    with pytest.raises(ConfigError, match=r"`keep` = 'abc' is invalid"):
+        PruneSettings.build({"keep": "abc"})
     with pytest.raises(ConfigError, match=r"`keep` \(0.6\) and `ratio` \(0.5\) disagree"):
         PruneSettings.build({"keep": 0.6, "ratio": 0.5})
     with pytest.raises(ConfigError, match=r"`keep` = 1.5 is invalid.*\(0, 1\)"):

@@ -64,12 +64,12 @@ class PruneSettings(Config):
         consumer (PAT steps, adaptive trials, reports, the resolved recipe) reads one value."""
         if not isinstance(data, dict) or data.get("keep") is None:
             return data
-        keep = data["keep"]
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep < 1:
+        keep, given = data["keep"], data.get("ratio")
+        value = _number(keep)
+        if value is None or not 0 < value < 1:
             raise ValueError(f"`keep` = {keep!r} is invalid: the fraction of channels kept must be a number in (0, 1)")
-        ratio = round(1.0 - float(keep), 12)
-        given = data.get("ratio")
-        if given is not None and not (isinstance(given, (int, float)) and abs(float(given) - ratio) < 1e-9):
+        ratio = round(1.0 - value, 12)
+        if given is not None and (_number(given) is None or abs(_number(given) - ratio) > 1e-9):
             raise ValueError(f"`keep` ({keep}) and `ratio` ({given}) disagree (keep = 1 - ratio); give one of them")
         return {**data, "ratio": ratio, "keep": None}
 
@@ -136,6 +136,16 @@ class PruneSettings(Config):
     @property
     def global_ratio(self) -> float:
         return 0.5 if self.ratio is None else self.ratio
+
+
+def _number(v: Any) -> float | None:
+    """``v`` as a float (numbers, or strings from the command line), ``None`` if it is not one."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
 
 
 def _compile(p: str) -> None:

@@ -15,7 +15,9 @@ layers and 1x1 convs regress on channels; k x k convs (``stats.patch_supported``
 (depthwise / grouped convs, too wide a patch) get ``mean`` compensation. ``ridge="auto"`` (default) picks the ridge per
 layer by 2-fold cross-validation on the two halves of the calibration batches (``ChannelStats.halves``): with few
 calibration tokens per input feature a fixed small ridge overfits (on MiniLM-L6, 100 sentences for 1536 features,
-ridge 1e-3 reproduces the calibration data well and generalises worse than ``mean``).
+ridge 1e-3 reproduces the calibration data well and generalises worse than ``mean``); "no refit" (``mean``) is a
+candidate too, so the refit cannot fall below ``mean`` on the held-out half. Fewer than ``TOKENS_PER_FEATURE``
+calibration tokens per input feature log a warning naming the layer, the tokens seen and the tokens needed.
 
 Statistics are read by consumer name (``StatsDict.inputs``, or producer statistics measured at that consumer's input).
 
@@ -199,15 +201,17 @@ class Compensator:
 
     def _check_size(self, name: str, fs: ChannelStats) -> None:
         """Warn (once per layer) when ``lstsq`` is fitted on fewer samples than ``TOKENS_PER_FEATURE`` per input
-        feature: the refit then reproduces the calibration data better than new data, and its gain over ``mean``
-        shrinks (cross-validation keeps it from going below ``mean``, but the figure drops without a sign)."""
+        feature (MiniLM-L6, keep 0.5, a 1536-wide FFN: the figure rises steeply up to about 4 tokens per feature and
+        by a few thousandths beyond; ``benchmarks/minilm_calib.py``): the refit then fits the calibration data more
+        than new data, and its gain over ``mean`` shrinks (the cross-validated ridge keeps it at or above ``mean``)."""
         need = TOKENS_PER_FEATURE * fs.channels
         if fs.count >= need or name in self._warned_small:
             return
         self._warned_small.add(name)
         log.warning("lstsq compensation of %r is fitted on %d calibration tokens (samples) for its %d input "
-                    "features; a stable refit needs about %d (%d per feature): give %.1fx as much calibration data "
-                    "(from the deployment domain), or use compensate='mean', which needs far less", name, fs.count,
+                    "features; a stable refit needs about %d (%d per feature): give %.1fx as much calibration text "
+                    "from the deployment domain for the full gain (with less, the cross-validated refit stays at or "
+                    "above compensate='mean', which needs far less data, but below what it reaches)", name, fs.count,
                     fs.channels, need, TOKENS_PER_FEATURE, need / max(fs.count, 1))
 
     def _ridge(self, st: ChannelStats, cur: torch.Tensor, W_P: torch.Tensor, P: torch.Tensor,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+import prunekit
 from prunekit.errors import ConfigError, PruningError
 from prunekit.pruning import CalibContext, get_criterion, list_criteria, prune
 from prunekit.pruning.structured.stats import collect_stats
@@ -159,3 +160,34 @@ def test_conditional_variance_removes_what_lstsq_can_rebuild():
         with torch.no_grad():
             err[crit] = (torch.cat([m(x) for x in held_out]) - ref).square().mean().item()
     assert err["variance_conditional"] < 0.7 * err["variance"], err
+
+
+def test_conditional_variance_of_a_kxk_conv_removes_the_channel_whose_refit_loses_least():
+    """k x k consumers: a channel is a block of k*k patch features; the first channel greedy OBS removes is the one
+    whose removal, with every other weight refit by least squares, leaves the least output error (brute force)."""
+    from prunekit.pruning.structured.criteria.variance import _greedy_obs
+
+    g = torch.Generator().manual_seed(0)
+    c, k2, o = 5, 4, 3
+    x = torch.randn(400, c * k2, generator=g, dtype=torch.float64) @ torch.randn(c * k2, c * k2, generator=g,
+                                                                                   dtype=torch.float64)
+    cov = x.T @ x / len(x)
+    w = torch.randn(o, c * k2, generator=g, dtype=torch.float64)
+
+    def refit_error(j: int) -> float:
+        keep = [f for f in range(c * k2) if f // k2 != j]
+        sol = torch.linalg.lstsq(x[:, keep], x @ w.T).solution
+        return float((x[:, keep] @ sol - x @ w.T).square().sum() / len(x))
+
+    scores = _greedy_obs(w, cov, ridge=0.0, k2=k2, steps=c)  # one channel per step
+    errors = [refit_error(j) for j in range(c)]
+    assert int(scores.argmin()) == min(range(c), key=errors.__getitem__)
+    assert float(scores.min()) == pytest.approx(min(errors), rel=1e-6)
+
+
+def test_conditional_variance_prunes_a_resnet_through_its_3x3_consumers():
+    torch.manual_seed(0)
+    model = prunekit.create_model("resnet20", in_channels=1, num_classes=10).eval()
+    calib = [torch.randn(16, 1, 8, 8) for _ in range(3)]
+    report = prune(model, calib[0][:1], "variance_conditional", ratio=0.4, calib_data=calib, compensate="lstsq")
+    assert report.groups_pruned > 0 and report.macs_after < report.macs_before

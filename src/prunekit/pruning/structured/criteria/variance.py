@@ -136,7 +136,7 @@ class VarianceConditional(Variance):
 
     def __call__(self, group: Any) -> torch.Tensor:
         from prunekit.pruning.structured.compensation import check_channels, input_stats
-        from prunekit.pruning.structured.stats import channels_in, consumers
+        from prunekit.pruning.structured.stats import PATCHES, channels_in, consumers
 
         if self.stats is None:
             raise PruningError(f"criterion {self.name!r} has no statistics for layer {root_name(group)!r}: "
@@ -145,42 +145,61 @@ class VarianceConditional(Variance):
         total, hits = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
         for c in consumers(group):
             st = input_stats(self.stats, c.name)
-            if st is None or st.cov is None or c.module.weight.dim() > 2 and c.module.weight[0, 0].numel() != 1:
+            k2 = c.module.weight[0, 0].numel() if c.module.weight.dim() > 2 else 1
+            if st is None or (st.cov is None and k2 == 1):
                 continue
+            cov = st.cov
+            if k2 > 1:  # k x k conv: channels are blocks of k*k features of its unfolded input patches
+                ps = getattr(self.stats, "inputs", {}).get(c.name + PATCHES)
+                if ps is None or ps.cov is None or ps.channels != st.channels * k2:
+                    continue
+                cov = ps.cov
             check_channels(st, c, channels_in(c.module))
             idx, root = torch.tensor(c.idxs), torch.tensor(c.root_idxs)
-            w = c.module.weight.detach().double().flatten(1)[:, idx].cpu()  # (O, |idx|)
-            scores = _greedy_obs(w, st.cov[idx][:, idx], self.ridge)
+            feat = (idx[:, None] * k2 + torch.arange(k2)).flatten()  # F.unfold's order = weight.flatten(1)'s
+            w = c.module.weight.detach().double().flatten(1)[:, feat].cpu()  # (O, |idx| * k2)
+            scores = _greedy_obs(w, cov[feat][:, feat], self.ridge, k2=k2)
             total.index_add_(0, root, scores)
             hits[root] = 1.0
         if hits.eq(0).any():
             raise PruningError(f"criterion {self.name!r}: the group of layer {root_name(group)!r} has no linear or "
-                               "1x1 conv consumer with input covariance statistics")
+                               "conv consumer with input covariance statistics (k x k convs need their patch "
+                               "statistics: C * k * k <= stats.MAX_PATCH_FEATURES)")
         return self._checked(group, total)
 
 
-def _greedy_obs(w: torch.Tensor, cov: torch.Tensor, ridge: float, steps: int = 64) -> torch.Tensor:
-    """Greedy backward elimination of input features (Optimal Brain Surgeon): repeatedly remove the features whose
-    removal, with the remaining weights refit by least squares, adds the least output error ``||W'[:, j]||^2 /
-    Hinv_jj``; ``ceil(d / steps)`` at a time, with the exact joint update of the weights and the inverse. Returns
-    per-feature scores that increase along the removal order (the running max of those errors)."""
-    d = cov.shape[0]
-    h = cov + ridge * float(cov.diagonal().mean().clamp_min(1e-12)) * torch.eye(d, dtype=cov.dtype)
+def _greedy_obs(w: torch.Tensor, cov: torch.Tensor, ridge: float, steps: int = 64, k2: int = 1) -> torch.Tensor:
+    """Greedy backward elimination of input channels (Optimal Brain Surgeon): repeatedly remove the channels whose
+    removal, with the remaining weights refit by least squares, adds the least output error; ``ceil(d / steps)`` at
+    a time, with the exact joint update of the weights and the inverse. A channel is ``k2`` consecutive features (the
+    kernel positions of a k x k conv's patch; 1 for linear layers), its error the group OBS ``tr(W_j (Hinv_jj)^-1
+    W_j^T)`` (``||W[:, j]||^2 / Hinv_jj`` when ``k2 == 1``). Returns per-channel scores that increase along the
+    removal order (the running max of those errors)."""
+    d = cov.shape[0] // k2
+    h = cov + ridge * float(cov.diagonal().mean().clamp_min(1e-12)) * torch.eye(d * k2, dtype=cov.dtype)
     hinv = torch.linalg.inv(h)
-    w = w.clone()  # (O, d)
+    w = w.clone()  # (O, d * k2)
     alive = torch.ones(d, dtype=torch.bool)
     scores = torch.zeros(d, dtype=torch.float64)
     level, block = 0.0, max(1, -(-d // steps))
+    ar = torch.arange(k2)
     while int(alive.sum()) > 1:
         live = alive.nonzero().flatten()
-        err = w[:, live].square().sum(0) / hinv.diagonal()[live].clamp_min(1e-30)
+        f = (live[:, None] * k2 + ar)  # (L, k2) feature indices of each live channel
+        if k2 == 1:
+            err = w[:, live].square().sum(0) / hinv.diagonal()[live].clamp_min(1e-30)
+        else:
+            hb = hinv[f[:, :, None], f[:, None, :]]  # (L, k2, k2) diagonal blocks
+            wb = w[:, f].permute(1, 0, 2)  # (L, O, k2)
+            sol = torch.linalg.solve(hb, wb.transpose(1, 2))  # (L, k2, O)
+            err = (wb.transpose(1, 2) * sol).sum((1, 2))
         order = err.argsort()[:min(block, len(live) - 1)]
-        blk = live[order]
+        blk = (live[order][:, None] * k2 + ar).flatten()
         levels = torch.cummax(err[order].clamp_min(level), 0).values
-        scores[blk], level = levels, float(levels[-1])
+        scores[live[order]], level = levels, float(levels[-1])
         inv_bb = torch.linalg.inv(hinv[blk][:, blk])  # (b, b)
         w -= (w[:, blk] @ inv_bb) @ hinv[blk]  # refit the kept weights for the removed block
         hinv -= hinv[:, blk] @ inv_bb @ hinv[blk]  # inverse of the kept inputs' covariance
-        alive[blk] = False
+        alive[live[order]] = False
     scores[alive] = level * 2 + 1.0
     return scores

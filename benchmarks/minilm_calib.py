@@ -154,6 +154,8 @@ def tokens(data: list[dict]) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--domains", default="debian,man,fortunes", help="comma list of " + ", ".join(DOMAINS))
+    ap.add_argument("--calib-domains", default="", help="calibrate on these domains only (default: every --domains; "
+                    "the held-out sets of all --domains are still scored at the largest N); to split a run in parts")
     ap.add_argument("--sizes", default="50,100,300,600", help="calibration sentences per run (N)")
     ap.add_argument("--keeps", default="0.5,0.3", help="fractions of FFN hidden units kept")
     ap.add_argument("--draws", type=int, default=2, help="calibration draws (seeds) per setting")
@@ -173,6 +175,9 @@ def main() -> None:
     bad = [d for d in domains if d not in DOMAINS]
     if bad:
         raise SystemExit(f"--domains: unknown {bad}; choose from {', '.join(DOMAINS)}")
+    calib_domains = [d.strip() for d in a.calib_domains.split(",") if d.strip()] or domains
+    if set(calib_domains) - set(domains):
+        raise SystemExit(f"--calib-domains {a.calib_domains!r} must be among --domains {a.domains!r}")
     sizes = sorted(int(s) for s in a.sizes.split(","))
     keeps = [float(k) for k in a.keeps.split(",")]
     methods = [METHODS[int(i)] for i in a.methods.split(",")]
@@ -196,7 +201,7 @@ def main() -> None:
     cross: dict[tuple, list[float]] = {}  # (label, calib domain, eval domain, keep) -> per draw
     ntok: dict[tuple, list[int]] = {}  # (domain, N) -> per draw
     t_start = time.perf_counter()
-    for d in domains:
+    for d in calib_domains:
         for n in sizes:
             for draw in range(a.draws):
                 pool = list(pools[d])
@@ -217,8 +222,10 @@ def main() -> None:
                                 cross.setdefault((label, d, e, k), []).append(v)
                             if e == d:
                                 own.setdefault((label, d, n, k), []).append(v)
+                        others = "".join(f" {e} {cross[(label, d, e, k)][-1]:.4f}" for e in evals if e != d)
                         print(f"  {d:<10} N={n:<5} draw {draw} tokens {ntok[(d, n)][-1]:>6} {label:<40} keep {k}: "
-                              f"{own[(label, d, n, k)][-1]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                              f"{own[(label, d, n, k)][-1]:.4f} ({time.perf_counter() - t0:.0f} s)"
+                              + (f" | eval on{others}" if others else ""), flush=True)
 
     def cell(vals: list[float]) -> str:
         if len(vals) == 1:
@@ -230,7 +237,7 @@ def main() -> None:
           f"Total {time.perf_counter() - t_start:.0f} s.\n")
     print("| domain | N sentences | tokens (per draw) | method | " + " | ".join(f"keep {k}" for k in keeps) + " |")
     print("|---|---|---|---|" + "---|" * len(keeps))
-    for d in domains:
+    for d in calib_domains:
         for n in sizes:
             for label, *_ in methods:
                 print(f"| {d} | {n} | {'/'.join(str(t) for t in ntok[(d, n)])} | {label} | "
@@ -241,7 +248,7 @@ def main() -> None:
         print("| method | calibrated on | " + " | ".join(f"eval {e}" for e in domains) + " |")
         print("|---|---|" + "---|" * len(domains))
         for label, *_ in methods:
-            for d in domains:
+            for d in calib_domains:
                 print(f"| {label} | {d} | " + " | ".join(
                     f"{sum(v) / len(v):.4f}" for v in (cross[(label, d, e, k)] for e in domains)) + " |")
 

@@ -119,7 +119,9 @@ def _producer_scores(group: Any, stats: Any, n: int) -> tuple[torch.Tensor, torc
 @register_criterion("variance_conditional")
 class VarianceConditional(Variance):
     """The output error left after ``lstsq`` compensation: ``||w_j||^2 Var(x_j | kept inputs)``, by greedy backward
-    elimination (Optimal Brain Surgeon on the consumer's input covariance). Pair it with ``compensate="lstsq"``."""
+    elimination (Optimal Brain Surgeon on the consumer's input covariance; for a k x k conv consumer on the
+    covariance of its unfolded input patches, a channel being its k*k patch features). Pair it with
+    ``compensate="lstsq"``, which collects the same statistics."""
 
     ridge = 0.1  # relative to the mean variance: the covariance of a few thousand tokens is rank-poor
 

@@ -15,7 +15,8 @@ held-out sentences of the same domain (the "own" table, mean and min-max over dr
 model is scored on every domain's held-out set (the cross-domain table: calibrate on the row, evaluate on the column).
 ``mlp-only`` (the six ``intermediate.dense -> output.dense`` FFNs), no fine-tuning.
 
-    python benchmarks/minilm_calib.py --threads 1            # default grid, about 20 minutes on one thread
+    python benchmarks/minilm_calib.py --threads 1            # default grid, about an hour on one core
+    python benchmarks/minilm_calib.py --threads 1 --sizes 100,300 --draws 1   # quick version (~15 minutes)
     python benchmarks/minilm_calib.py --threads 1 --domains debian,man,docstrings,fortunes --sizes 100,300,600,1500 \
         --draws 3 --methods 0,1,2,3                          # the bigger grid (hours)
 """

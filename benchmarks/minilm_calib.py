@@ -24,7 +24,6 @@ model is scored on every domain's held-out set (the cross-domain table: calibrat
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import gzip
 import hashlib
@@ -32,7 +31,6 @@ import logging
 import os
 import random
 import re
-import sysconfig
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -40,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vbp_bert import FORTUNES, SENTENCES, Embedder, batches, embed, minilm_path
+from vbp_bert import FORTUNES, SENTENCES, Embedder, batches, docstring_texts, embed, minilm_path
 
 from prunekit.pruning import prune
 
@@ -100,17 +98,6 @@ def man_texts() -> Iterable[str]:
                 para.append(_ROFF.sub("", ln).replace("\\", ""))
         if para:
             yield " ".join(para)
-
-
-def docstring_texts() -> Iterable[str]:
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        try:
-            tree = ast.parse(f.read_text(encoding="utf-8", errors="ignore"))
-        except SyntaxError:
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                yield ast.get_docstring(node) or ""
 
 
 def fortune_texts() -> Iterable[str]:

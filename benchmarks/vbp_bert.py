@@ -24,6 +24,7 @@ import logging
 import os
 import site
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -263,15 +264,11 @@ class Embedder(nn.Module):
         return (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, C)
 
 
-def docstring_sentences(n: int, seed: int = 0) -> list[str]:
-    """``n`` real English sentences (6-40 words, mostly letters) from the docstrings of Python's standard library:
-    generic calibration text, disjoint from the held-out sentences."""
+def docstring_texts() -> Iterator[str]:
+    """Every docstring (module, class, function) of the top-level modules of Python's standard library."""
     import ast
-    import random
-    import re
     import sysconfig
 
-    out: set[str] = set()
     for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
         try:
             tree = ast.parse(f.read_text(encoding="utf-8", errors="ignore"))
@@ -279,12 +276,22 @@ def docstring_sentences(n: int, seed: int = 0) -> list[str]:
             continue
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node) or ""
-                for sent in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
-                    words = sent.split()
-                    letters = sum(c.isalpha() or c.isspace() for c in sent) / max(1, len(sent))
-                    if 6 <= len(words) <= 40 and letters > 0.9 and sent[0].isupper() and sent.endswith("."):
-                        out.add(sent)
+                yield ast.get_docstring(node) or ""
+
+
+def docstring_sentences(n: int, seed: int = 0) -> list[str]:
+    """``n`` real English sentences (6-40 words, mostly letters) from the docstrings of Python's standard library:
+    generic calibration text, disjoint from the held-out sentences."""
+    import random
+    import re
+
+    out: set[str] = set()
+    for doc in docstring_texts():
+        for sent in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+            words = sent.split()
+            letters = sum(c.isalpha() or c.isspace() for c in sent) / max(1, len(sent))
+            if 6 <= len(words) <= 40 and letters > 0.9 and sent[0].isupper() and sent.endswith("."):
+                out.add(sent)
     pool = sorted(out - set(SENTENCES))
     random.Random(seed).shuffle(pool)
     if len(pool) < n:

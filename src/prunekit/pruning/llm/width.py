@@ -23,7 +23,8 @@ would need zero-padding back to the widest layer, which saves nothing, or a cust
 Compensation needs a place for ``b``: Llama gets ``mlp_bias`` / ``attention_bias`` switched on in its config (the
 extra ``gate/up`` and ``q/k/v`` biases are zeros, so the function is unchanged and the reload exact); GPT-2's
 ``c_proj`` has a bias; Qwen2 and Mistral cannot express one, so ``mean`` is refused there and ``lstsq`` refits
-weights only. Hidden-size pruning (across RMSNorm and the embeddings) is not implemented.
+weights only. Hidden-size pruning (``hidden_sparsity``: across every RMSNorm, the embeddings and the LM head, Llama /
+Mistral / Qwen2) is :mod:`prunekit.pruning.llm.hidden`, run after the MLP and head pruning.
 
 Example:
     >>> cfg = WidthSettings(mlp_sparsity=0.5, criterion="variance", compensate="lstsq")
@@ -65,6 +66,9 @@ class WidthSettings(Config):
     compensate: Literal["none", "mean", "lstsq"] = Field("lstsq", description="compensation of down_proj/o_proj")
     ridge: float | Literal["auto"] = Field("auto", description="lstsq ridge relative to mean(diag S_KK), or auto "
                                            "(2-fold cross-validation on the calibration batches)")
+    hidden_sparsity: float = Field(0.0, ge=0, lt=1, description="fraction of hidden (residual-stream) channels "
+                                   "removed across every RMSNorm, the embeddings and the LM head, after the MLP / head "
+                                   "pruning (llama, mistral, qwen2; see prunekit.pruning.llm.hidden)")
     round_to: int = Field(1, ge=1, description="keep a multiple of this many MLP channels")
     sequential: bool = Field(True, description="measure each layer on the model already pruned before it")
     seed: int = Field(0, description="seed of the random criterion (and of prune-llm's calibration sampling)")
@@ -256,9 +260,13 @@ def prune_width(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], sett
     lm = unwrap(model)
     fam = get_family(lm)
     config = lm.config
-    if settings.mlp_sparsity == 0 and settings.head_sparsity == 0:
-        raise ConfigError("prune_width: mlp_sparsity and head_sparsity are both 0, nothing would be pruned; "
-                          "set mlp_sparsity (e.g. 0.5) and/or head_sparsity")
+    if settings.mlp_sparsity == 0 and settings.head_sparsity == 0 and settings.hidden_sparsity == 0:
+        raise ConfigError("prune_width: mlp_sparsity, head_sparsity and hidden_sparsity are all 0, nothing would be "
+                          "pruned; set mlp_sparsity (e.g. 0.5), head_sparsity and/or hidden_sparsity")
+    if settings.hidden_sparsity > 0 and fam.attn is None:
+        raise ConfigError(f"hidden_sparsity={settings.hidden_sparsity}: model_type {config.model_type!r} derives "
+                          "head_dim from the hidden size, so the hidden size cannot shrink on its own; use "
+                          "hidden_sparsity=0")
     if settings.criterion not in list_criteria():
         raise ConfigError(f"criterion {settings.criterion!r}: valid: {', '.join(list_criteria())}")
     blocks = fam.blocks(lm)
@@ -284,7 +292,14 @@ def prune_width(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], sett
     log.info("width pruning %s: MLP %d -> %d, %s, compensate %s, %d calibration tokens", config.model_type, inter,
              keep_mlp, settings.criterion, settings.compensate, sum(b.numel() for b in batches))
     pruner = _Pruner(lm, fam, settings, batches)
-    pruner.run(keep_mlp, keep_groups)
+    if settings.mlp_sparsity > 0 or settings.head_sparsity > 0:
+        pruner.run(keep_mlp, keep_groups)
+    hidden = None
+    if settings.hidden_sparsity > 0:
+        from .hidden import prune_hidden
+
+        crit = {"magnitude": "magnitude", "random": "random"}.get(settings.criterion, "activation")
+        hidden = prune_hidden(lm, batches, keep=1.0 - settings.hidden_sparsity, criterion=crit, seed=settings.seed)
     kw = getattr(model, "_prunekit_kwargs", None)
     if isinstance(kw, dict) and "hf_config" in kw:  # keep an hf: wrapper's rebuild spec in step
         from prunekit.models.hf import config_to_dict
@@ -294,7 +309,9 @@ def prune_width(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], sett
             "kv_groups": [head_layout(config)[1] if fam.attn else None, keep_groups or None],
             "params_before": params_before, "params_after": sum(p.numel() for p in lm.parameters()),
             "calib_tokens": sum(b.numel() for b in batches), "seconds": time.perf_counter() - t0,
-            "layers": pruner.records}
+            "layers": pruner.records,
+            **({"hidden_size": hidden["hidden_size"], "hidden_criterion": hidden["criterion"],
+                "rms_correction": hidden["rms_correction"]} if hidden else {})}
 
 
 def save_pruned(model: nn.Module, out: str | Path, report: dict[str, Any] | None = None) -> Path:

@@ -50,6 +50,10 @@ ABLATIONS: dict[str, dict] = {  # no KD: do the criteria differ once lstsq compe
     "mlp50 magnitude+lstsq": dict(mlp_sparsity=0.5, criterion="magnitude", compensate="lstsq"),
     "mlp50 wanda+lstsq": dict(mlp_sparsity=0.5, criterion="wanda", compensate="lstsq"),
     "mlp50 random+lstsq": dict(mlp_sparsity=0.5, criterion="random", compensate="lstsq"),
+    # hidden size (residual stream, across every RMSNorm and the tied embedding), 256 -> 192
+    "hidden25 activation": dict(hidden_sparsity=0.25, criterion="variance", compensate="none"),
+    "hidden25 magnitude": dict(hidden_sparsity=0.25, criterion="magnitude", compensate="none"),
+    "hidden25 random": dict(hidden_sparsity=0.25, criterion="random", compensate="none"),
 }
 
 

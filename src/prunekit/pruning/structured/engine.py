@@ -78,7 +78,8 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
         seed: seed of the ``random`` criterion.
         recalibrate_bn: re-estimate every BatchNorm's running statistics on ``calib_batches`` batches of
             ``calib_data`` after pruning and compensation (``None``, the default: whenever ``calib_data`` is given
-            and the model has BatchNorm; ``False`` keeps the stale statistics, with a warning). Pruning changes the
+            and the model has BatchNorm; ``False`` keeps the stale statistics, said in the log and the report;
+            no ``calib_data`` is a warning). Pruning changes the
             statistics every later BatchNorm sees: without it a pruned BN CNN is often near chance until retrained.
             Compensation survives it: weight refits (``lstsq``) are untouched, and a mean folded into a BatchNorm
             is exactly what the re-estimated running mean holds. Reported in ``PruneReport.bn_recalibration``.
@@ -278,9 +279,11 @@ def _recalibrate(model: nn.Module, s: PruneSettings, calib_data: Iterable | None
         return {}
     if s.recalibrate_bn is False or calib_data is None:
         why = "recalibrate_bn=False" if s.recalibrate_bn is False else "no calib_data"
-        log.warning("the %d BatchNorm layers keep the statistics of the unpruned model (%s): accuracy is usually far "
-                    "below what it is once they are re-estimated; call prunekit.recalibrate_bn(model, batches) "
-                    "before evaluating", len(bns), why)
+        # a caller that turned it off (PAT recalibrates on its own batches) is told; one that gave no data is warned
+        log.log(logging.INFO if s.recalibrate_bn is False else logging.WARNING,
+                "the %d BatchNorm layers keep the statistics of the unpruned model (%s): accuracy is usually far "
+                "below what it is once they are re-estimated; call prunekit.recalibrate_bn(model, batches) before "
+                "evaluating", len(bns), why)
         return {"skipped": why}
     n = recalibrate_bn(model, calib_data, s.calib_batches, device)
     return {"layers": len(bns), "batches": n}

@@ -113,3 +113,8 @@ def test_prune_width_takes_hidden_sparsity_with_the_mlp(tmp_path):
     with pytest.raises(ConfigError, match="hidden_sparsity=0.5: model_type 'gpt2' derives head_dim"):
         prune_width(gpt2, ids(), mlp_sparsity=0.5, hidden_sparsity=0.5)
     assert torch.equal(gpt2.transformer.h[0].mlp.c_fc.weight, w)  # refused before anything was pruned
+    model = tiny()
+    w = model.model.layers[0].mlp.down_proj.weight.clone()
+    with pytest.raises(ConfigError, match="hidden_sparsity=0.01 keeps all 32 hidden channels"):
+        prune_width(model, ids(), mlp_sparsity=0.5, hidden_sparsity=0.01)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, w)  # refused before the MLP was pruned

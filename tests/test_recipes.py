@@ -73,6 +73,8 @@ def test_keep_is_ratio_spelled_as_kept_fraction():
     assert PruneSettings.build({"keep": "0.6"}, source="command line").ratio == pytest.approx(0.4)  # CLI strings
     with pytest.raises(ConfigError, match=r"`keep` = 'abc' is invalid"):
         PruneSettings.build({"keep": "abc"})
+    with pytest.raises(ConfigError, match=r"both `keep` \(0.6\) and `target_macs` \(0.5\)"):
+        PruneSettings.build({"keep": 0.6, "target_macs": 0.5})
     with pytest.raises(ConfigError, match=r"`keep` \(0.6\) and `ratio` \(0.5\) disagree"):
         PruneSettings.build({"keep": 0.6, "ratio": 0.5})
     with pytest.raises(ConfigError, match=r"`keep` = 1.5 is invalid.*\(0, 1\)"):

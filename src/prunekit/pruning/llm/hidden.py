@@ -134,7 +134,7 @@ def prune_hidden(model: nn.Module, calib: torch.Tensor | list[torch.Tensor] | No
     Returns:
         A report: hidden size before/after, criterion, per-norm RMS correction factors, parameters, seconds.
     """
-    from .width import unwrap
+    from .width import kept_count, unwrap
 
     t0 = time.perf_counter()
     lm = unwrap(model)
@@ -150,7 +150,7 @@ def prune_hidden(model: nn.Module, calib: torch.Tensor | list[torch.Tensor] | No
     if round_to < 1:
         raise ConfigError(f"prune_hidden: round_to={round_to} must be >= 1")
     d = int(lm.config.hidden_size)
-    k = max(round_to, int(round(keep * d / round_to)) * round_to)
+    k = kept_count(d, 1.0 - keep, round_to)  # the rule of the MLP widths
     if k >= d:
         raise ConfigError(f"prune_hidden: keep={keep} keeps all {d} hidden channels (round_to={round_to})")
     needs_data = criterion == "activation" or rms_correction

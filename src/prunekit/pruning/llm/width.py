@@ -267,6 +267,9 @@ def prune_width(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], sett
         raise ConfigError(f"hidden_sparsity={settings.hidden_sparsity}: model_type {config.model_type!r} derives "
                           "head_dim from the hidden size, so the hidden size cannot shrink on its own; use "
                           "hidden_sparsity=0")
+    if settings.hidden_sparsity > 0 and kept_count(config.hidden_size, settings.hidden_sparsity) >= config.hidden_size:
+        raise ConfigError(f"hidden_sparsity={settings.hidden_sparsity} keeps all {config.hidden_size} hidden "
+                          f"channels; the smallest step is {1 / config.hidden_size:.4f}")
     if settings.criterion not in list_criteria():
         raise ConfigError(f"criterion {settings.criterion!r}: valid: {', '.join(list_criteria())}")
     blocks = fam.blocks(lm)

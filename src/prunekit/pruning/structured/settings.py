@@ -69,6 +69,9 @@ class PruneSettings(Config):
         if value is None or not 0 < value < 1:
             raise ValueError(f"`keep` = {keep!r} is invalid: the fraction of channels kept must be a number in (0, 1)")
         ratio = round(1.0 - value, 12)
+        for other in ("target_macs", "target_latency"):
+            if data.get(other) is not None:
+                raise ValueError(f"can't provide both `keep` ({keep}) and `{other}` ({data[other]}); choose one")
         if given is not None and (_number(given) is None or abs(_number(given) - ratio) > 1e-9):
             raise ValueError(f"`keep` ({keep}) and `ratio` ({given}) disagree (keep = 1 - ratio); give one of them")
         return {**data, "ratio": ratio, "keep": None}

@@ -46,6 +46,19 @@ def test_prune_cli_target_macs_with_taylor(trained_run, tmp_path):
     assert abs(m["macs_kept"] - 0.6) <= 0.006 and m["bn_recalibration_batches"] == 0
 
 
+def test_prune_cli_reconstructs_blocks(trained_run, tmp_path):
+    out = tmp_path / "rebuilt"
+    rc = main(["prune", "--from", str(trained_run), "--criterion", "variance", "--compensate", "mean", "--ratio",
+               "0.5", "--ignore", "features\\.10", "--calib-batches", "3", "--reconstruct-steps", "10",
+               "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    recs = report["reconstruction"]
+    pruned = [layer for g in report["groups"] for layer in g["layers"]]
+    assert recs and all(any(layer.startswith(r["block"] + ".") for layer in pruned) for r in recs)
+    assert all(r["kept"] in ("reconstructed", "compensated") and r["loss_after"] <= r["loss_before"] for r in recs)
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--ratio", "1.5"], "--ratio (ratio) = '1.5' is invalid"),
     (["--criterion", "l7"], "unknown criterion 'l7'"),

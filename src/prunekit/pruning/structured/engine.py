@@ -44,7 +44,8 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
           only: Iterable[str] = (), ratio_overrides: dict[str, float] | None = None,
           ratio_caps: dict[str, float] | None = None, round_to: int | None = None,
           max_ratio: float = 0.9, heads: bool = False, normalize: str = "mean", calib_batches: int = 50,
-          seed: int = 0, recalibrate_bn: bool | None = None, loss_fn: Callable | None = None,
+          seed: int = 0, recalibrate_bn: bool | None = None, reconstruct_steps: int = 0,
+          reconstruct_lr: float = 0.01, loss_fn: Callable | None = None,
           device: str | torch.device | None = None) -> PruneReport:
     """Prune ``model`` in place (structured: whole channels, optionally whole attention heads).
 
@@ -83,6 +84,13 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
             statistics every later BatchNorm sees: without it a pruned BN CNN is often near chance until retrained.
             Compensation survives it: weight refits (``lstsq``) are untouched, and a mean folded into a BatchNorm
             is exactly what the re-estimated running mean holds. Reported in ``PruneReport.bn_recalibration``.
+        reconstruct_steps: after compensation (and BatchNorm recalibration), fit the pruned layers of every block
+            that holds a pruned group to the dense model's block output on ``calib_data``, block by block in
+            forward order, this many Adam steps each (0, the default: off). Each block's target is the dense
+            output on the dense input, so it also corrects the error earlier blocks pass on; a block keeps its
+            best state on held-out calibration batches and never one worse than compensation left it. No labels.
+            ``reconstruct_lr``: the step, relative to each parameter's RMS. Reported in
+            ``PruneReport.reconstruction``; see ``prunekit.pruning.structured.reconstruct``.
         loss_fn: ``loss_fn(outputs, labels)`` for gradient criteria (default cross-entropy).
         device: where calibration runs (default: the model's device).
 
@@ -98,7 +106,7 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
         ignore=list(ignore), only=list(only), ratio_overrides=dict(ratio_overrides or {}),
         ratio_caps=dict(ratio_caps or {}), round_to=round_to,
         max_ratio=max_ratio, heads=heads, normalize=normalize, calib_batches=calib_batches, seed=seed,
-        recalibrate_bn=recalibrate_bn),
+        recalibrate_bn=recalibrate_bn, reconstruct_steps=reconstruct_steps, reconstruct_lr=reconstruct_lr),
         source="prune()")
     return prune_with_settings(model, example_inputs, settings, calib_data=calib_data, loss_fn=loss_fn, device=device)
 
@@ -172,6 +180,7 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
     compensator = _compensator(model, s.compensate, ctx.stats) if s.compensate != "none" else None
     before = _out_channels(graph)
     dense = copy.deepcopy(model) if report.latency and s.latency_verify_runs else None  # for the paired check
+    reference = (dense or copy.deepcopy(model)) if s.reconstruct_steps else None  # reconstruction's targets
     report.groups, report.compensation = apply_selection(graph, units, sel, compensator)
     report.layers = {n: [b, a] for n, a in _out_channels(graph).items() if (b := before[n]) != a}
     if not report.groups:
@@ -185,6 +194,16 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
                                              s.latency_threads, s.latency_verify_runs))
     # also in scope="adaptive"'s trials: their damage is then measured on the model the final pruning gives
     report.bn_recalibration = _recalibrate(model, s, calib_data, device)
+    if reference is not None:
+        from prunekit.pruning.structured.reconstruct import blocks_of, reconstruct
+
+        blocks = blocks_of(model, report.groups)
+        if not blocks:
+            log.warning("reconstruct_steps=%d: no pruned group lies inside a block below the model's root; nothing "
+                        "was reconstructed (compensation only)", s.reconstruct_steps)
+        report.reconstruction = reconstruct(model, reference, calib_data, blocks, steps=s.reconstruct_steps,
+                                            lr=s.reconstruct_lr, max_batches=s.calib_batches, device=device,
+                                            seed=s.seed)
     report.seconds = time.perf_counter() - t0
     log.info(report.summary())
     return report
@@ -290,6 +309,10 @@ def _recalibrate(model: nn.Module, s: PruneSettings, calib_data: Iterable | None
 
 
 def _check_data(crit: Criterion, s: PruneSettings, calib_data: Iterable | None) -> None:
+    if s.reconstruct_steps and calib_data is None:
+        raise ConfigError(f"reconstruct_steps={s.reconstruct_steps} needs calibration data (calib_data=...): "
+                          "reconstruction fits each block to the dense model's output on it; pass batches or "
+                          "reconstruct_steps=0")
     if s.recalibrate_bn and calib_data is None:
         raise ConfigError("recalibrate_bn=True needs calibration data (calib_data=...) to re-estimate the BatchNorm "
                           "statistics; pass batches or recalibrate_bn=False")

@@ -60,6 +60,7 @@ class PruneReport:
     left_whole: dict[str, str] = field(default_factory=dict)
     latency: dict[str, Any] = field(default_factory=dict)
     bn_recalibration: dict[str, Any] = field(default_factory=dict)
+    reconstruction: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -103,4 +104,11 @@ class PruneReport:
                          f"{self.bn_recalibration['batches']} batches")
         elif "skipped" in self.bn_recalibration:
             lines.append(f"BatchNorm NOT recalibrated ({self.bn_recalibration['skipped']})")
+        if self.reconstruction:
+            gained = [r for r in self.reconstruction if r["kept"] == "reconstructed"]
+            ratios = [r["loss_after"] / r["loss_before"] for r in gained if r["loss_before"] > 0]
+            skipped = sum(r["kept"].startswith("skipped") for r in self.reconstruction)
+            lines.append(f"reconstructed {len(gained)} of {len(self.reconstruction)} blocks"
+                         + (f" (held-out error x{min(ratios):.2f}-{max(ratios):.2f})" if ratios else "")
+                         + (f", {skipped} skipped (their outputs lost channels)" if skipped else ""))
         return "\n".join(lines)

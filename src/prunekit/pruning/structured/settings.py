@@ -55,7 +55,12 @@ class PruneSettings(Config):
                                         "--calib-batches calibration batches after pruning (and after compensation, "
                                         "which it keeps); default: whenever there is calibration data and the model "
                                         "has BatchNorm")
-    seed: int = Field(0, description="seed of the random criterion")
+    reconstruct_steps: int = Field(0, ge=0, description="block-wise reconstruction after pruning: this many Adam "
+                                   "steps per block fit each block's pruned layers to the dense model's block output "
+                                   "on the calibration data (no labels; the held-out error never rises); 0: off. "
+                                   "See prunekit.pruning.structured.reconstruct")
+    reconstruct_lr: float = Field(0.01, gt=0, description="reconstruction step size, relative to each parameter's RMS")
+    seed: int = Field(0, description="seed of the random criterion and of the reconstruction's batch order")
 
     @model_validator(mode="before")
     @classmethod

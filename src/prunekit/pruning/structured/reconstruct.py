@@ -1,0 +1,295 @@
+"""Block-wise reconstruction after pruning: fit the pruned layers of each block to the dense model's block output.
+
+Compensation (``mean``, ``lstsq``) refits one linear map per consumer in closed form, from the statistics of the
+*dense* model's inputs. What it cannot do: adjust the producers' kept weights (the map through the nonlinearity), and
+correct the error that earlier pruned blocks pass on. Reconstruction does both, on the calibration data alone (no
+labels, no end-to-end training): for every block that contains a pruned group, in forward order,
+
+    minimise  || block_pruned(x_pruned) - block_dense(x_dense) ||^2
+
+over the parameters of the block's pruned layers (the layers that lost output or input channels), where ``x_pruned``
+is the block's input in the pruned model (every earlier block already reconstructed) and ``x_dense`` the dense model's.
+The target is the dense model's output on the *dense* input, so each block also absorbs the error its input carries
+(the sequential, error-correcting layer-wise reconstruction of post-training compression: AdaRound / BRECQ for
+quantisation, the layer-wise reconstruction of OBC / SparseGPT and of the "blocks" of ZipLM for pruning).
+
+A block is the innermost module that holds all the layers of a pruned group (a transformer layer for an FFN group, a
+ResNet block for its internal channels); a group whose layers only meet at the model's root is left to compensation
+(reconstructing the whole model would be fine-tuning). Adam with a cosine decay, each parameter's step scaled by its
+own RMS (``lr`` is relative, so one value suits weights of any scale), one stored calibration batch per step.
+``1/8`` of the batches (at least one) is held out: the block is checked every ``check_every`` steps and keeps its best
+held-out state, and a block whose held-out error does not fall keeps its compensated weights (reported): the step
+cannot make a block worse on data it was not fitted on. When the calibration batches carry an ``attention_mask`` of
+the block output's (batch, sequence) shape, padding positions are left out of the loss. BatchNorm and dropout stay in
+eval mode.
+
+Example:
+    >>> dense = copy.deepcopy(model)
+    >>> prune(model, example, "variance", ratio=0.5, calib_data=batches, compensate="lstsq")
+    >>> reconstruct(model, dense, batches, blocks_of(model, report.groups), steps=400)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.errors import PruningError
+from prunekit.measure import call_model
+from prunekit.pruning.structured.criteria.base import split_batch, to_device
+
+log = logging.getLogger(__name__)
+HELD_OUT = 8  # one batch in this many is held out for the early stop
+MEMORY_BUDGET = 2 << 30  # bytes of stored block inputs and targets per block (on CPU)
+
+
+class _Stop(Exception):
+    """Raised by a hook once the block's input/output is captured: the rest of the forward pass is not needed."""
+
+
+def blocks_of(model: nn.Module, groups: Sequence[Any]) -> dict[str, list[str]]:
+    """Block name -> the pruned layers (conv/linear) inside it, from the engine's group records (``layers`` and
+    ``consumers``). The block is the innermost module holding all of a group's layers; groups meeting only at the
+    root are left out, and a block inside another chosen block is merged into the outer one."""
+    named = dict(model.named_modules())
+    found: dict[str, set[str]] = {}
+    for g in groups:
+        layers = [n for n in [*g.layers, *g.consumers] if n in named]
+        if not layers:
+            continue
+        parts = [n.split(".") for n in layers]
+        common: list[str] = []
+        for level in zip(*parts):
+            if len(set(level)) > 1:
+                break
+            common.append(level[0])
+        # a group of one layer (its own consumer) still needs a block around it: its parent
+        while common and ".".join(common) in layers:
+            common.pop()
+        if not common:
+            continue
+        found.setdefault(".".join(common), set()).update(layers)
+    out: dict[str, list[str]] = {}
+    for name in sorted(found, key=len):
+        outer = next((o for o in out if name.startswith(o + ".")), None)
+        if outer is not None:
+            out[outer] = sorted(set(out[outer]) | found[name])
+        else:
+            out[name] = sorted(found[name])
+    return out
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return _first_tensor(out[0])
+    if isinstance(out, dict) and out:
+        return _first_tensor(next(iter(out.values())))
+    if hasattr(out, "to_tuple"):  # transformers ModelOutput
+        return _first_tensor(out.to_tuple())
+    raise PruningError(f"a block returned {type(out).__name__}, not a tensor: it cannot be reconstructed")
+
+
+def _detach(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu")
+    if isinstance(x, dict):
+        return {k: _detach(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_detach(v) for v in x)
+    return x
+
+
+def _nbytes(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(_nbytes(v) for v in x.values())
+    if isinstance(x, (tuple, list)):
+        return sum(_nbytes(v) for v in x)
+    return 0
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, block: nn.Module, inputs: Any, want: str) -> Any:
+    """The block's (args, kwargs) (``want="input"``) or its first output tensor (``"output"``) on one batch."""
+    got: list[Any] = []
+
+    def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        if want == "input":
+            got.append((_detach(args), _detach(kwargs)))
+            raise _Stop
+
+    def post(_m: nn.Module, _args: tuple, _kwargs: dict, out: Any) -> None:
+        got.append(_first_tensor(out).detach().to("cpu"))
+        raise _Stop
+
+    h = (block.register_forward_pre_hook(pre, with_kwargs=True) if want == "input"
+         else block.register_forward_hook(post, with_kwargs=True))
+    try:
+        call_model(model, inputs)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    if not got:
+        raise PruningError("a block to reconstruct was not called by the model's forward pass on the calibration data")
+    return got[0]
+
+
+def _mask_of(x: Any, out: torch.Tensor) -> torch.Tensor | None:
+    """``attention_mask`` of a dict batch when it has the block output's (batch, sequence) shape."""
+    m = x.get("attention_mask") if isinstance(x, dict) else None
+    if isinstance(m, torch.Tensor) and m.dim() == 2 and out.dim() >= 2 and tuple(m.shape) == tuple(out.shape[:2]):
+        return m.to("cpu").bool()
+    return None
+
+
+def _loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is not None:
+        return (pred[mask] - target[mask]).square().mean()
+    return (pred - target).square().mean()
+
+
+def reconstruct(model: nn.Module, dense: nn.Module, calib_data: Iterable, blocks: dict[str, list[str]], *,
+                steps: int = 400, lr: float = 0.01, max_batches: int = 50, check_every: int = 50,
+                device: str | torch.device = "cpu", seed: int = 0) -> list[dict[str, Any]]:
+    """Reconstruct each block of ``blocks`` (``blocks_of``) of the pruned ``model`` towards ``dense`` (the model before
+    pruning, same module names), in forward order. Returns one record per block: ``block``, ``layers``,
+    ``batches``, ``loss_before``/``loss_after`` (held-out mean squared error), ``kept`` (``"reconstructed"`` or
+    ``"compensated"`` when the held-out error did not fall), ``seconds``.
+
+    Args:
+        steps: optimisation steps per block (one calibration batch each).
+        lr: Adam step relative to each parameter's RMS.
+        max_batches: calibration batches used (stored on CPU: the block inputs and dense outputs).
+        check_every: steps between held-out checks (the best state is kept).
+    """
+    if steps <= 0 or not blocks:
+        return []
+    data = []
+    for i, batch in enumerate(calib_data):
+        if i >= max_batches:
+            break
+        data.append(to_device(split_batch(batch)[0], device))
+    if len(data) < 2:
+        raise PruningError(f"reconstruction needs at least 2 calibration batches (one is held out), got {len(data)}")
+    named_p, named_d = dict(model.named_modules()), dict(dense.named_modules())
+    order = _forward_order(model, data[0], [n for n in blocks if n in named_p])
+    records = []
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    dense.eval()
+    try:
+        for name in order:
+            if name not in named_d:
+                raise PruningError(f"block {name!r} of the pruned model is missing from the dense model")
+            records.append(_reconstruct_block(model, dense, named_p[name], named_d[name], name, blocks[name], data,
+                                              steps, lr, check_every, device, seed))
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return records
+
+
+def _forward_order(model: nn.Module, inputs: Any, names: list[str]) -> list[str]:
+    named = dict(model.named_modules())
+    seen: list[str] = []
+    hooks = [named[n].register_forward_pre_hook(lambda _m, _a, n=n: seen.append(n) if n not in seen else None)
+             for n in names]
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [n for n in names if n not in seen]
+    if missing:
+        log.warning("reconstruction skips %s: not called by the forward pass", ", ".join(missing))
+    return seen
+
+
+def _reconstruct_block(model: nn.Module, dense: nn.Module, block: nn.Module, dense_block: nn.Module, name: str,
+                       layers: list[str], data: list[Any], steps: int, lr: float, check_every: int,
+                       device: str | torch.device, seed: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    stored, size = [], 0
+    for x in data:
+        inp = _capture(model, block, x, "input")
+        target = _capture(dense, dense_block, x, "output")
+        if not stored:
+            shape = tuple(_capture(model, block, x, "output").shape)
+            if shape != tuple(target.shape):
+                log.warning("reconstruction skips %s: its output (%s) lost channels of the dense one (%s), so it "
+                            "has no dense target (compensation only)", name, shape, tuple(target.shape))
+                return {"block": name, "layers": layers, "batches": 0, "loss_before": float("nan"),
+                        "loss_after": float("nan"), "kept": "skipped: output pruned", "seconds": 0.0}
+        size += _nbytes(inp) + _nbytes(target)
+        if size > MEMORY_BUDGET and len(stored) >= 2:
+            log.warning("reconstruction of %s stores %d of %d calibration batches (%.1f GiB budget of block inputs "
+                        "and targets)", name, len(stored), len(data), MEMORY_BUDGET / 2**30)
+            break
+        stored.append((inp, target, _mask_of(x, target)))
+    n_val = max(1, len(stored) // HELD_OUT)
+    val, train = stored[:n_val], stored[n_val:]
+    mods = dict(model.named_modules())
+    params = [p for n in layers if n in mods for p in mods[n].parameters(recurse=False) if p.dtype.is_floating_point]
+    if not params:
+        raise PruningError(f"block {name!r}: none of its pruned layers has parameters to reconstruct")
+    flags = [p.requires_grad for p in params]
+    all_params = list(model.parameters())
+    frozen = [p.requires_grad for p in all_params]
+
+    def run(batch: tuple) -> torch.Tensor:
+        (args, kwargs), target, mask = batch
+        out = _first_tensor(block(*to_device(args, device), **to_device(kwargs, device)))
+        return _loss(out, target.to(out.device), None if mask is None else mask.to(out.device))
+
+    @torch.no_grad()
+    def held_out() -> float:
+        return float(sum(float(run(b)) for b in val) / len(val))
+
+    before = held_out()
+    best, best_state = before, [p.detach().clone() for p in params]
+    try:
+        for p in all_params:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        groups = [{"params": [p], "lr": lr * max(float(p.detach().float().square().mean().sqrt()), 1e-8)}
+                  for p in params]
+        opt = torch.optim.Adam(groups)
+        base = [g["lr"] for g in groups]
+        gen = torch.Generator().manual_seed(seed)
+        for step in range(steps):
+            for g, b0 in zip(opt.param_groups, base):
+                g["lr"] = b0 * 0.5 * (1 + math.cos(math.pi * step / steps))
+            loss = run(train[int(torch.randint(len(train), (1,), generator=gen))])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if (step + 1) % check_every == 0 or step + 1 == steps:
+                v = held_out()
+                if v < best:
+                    best, best_state = v, [p.detach().clone() for p in params]
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, best_state):
+                p.copy_(s)
+        for p, f in zip(all_params, frozen):
+            p.requires_grad_(f)
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+    kept = "reconstructed" if best < before else "compensated"
+    rec = {"block": name, "layers": layers, "batches": len(stored), "loss_before": before, "loss_after": best,
+           "kept": kept, "seconds": round(time.perf_counter() - t0, 2)}
+    log.info("reconstructed %s (%d layers, %d batches): held-out error %.4g -> %.4g%s", name, len(layers),
+             len(stored), before, best, "" if kept == "reconstructed" else " (no gain: compensated weights kept)")
+    return rec

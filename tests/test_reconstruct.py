@@ -1,0 +1,122 @@
+"""Block-wise reconstruction after pruning (``reconstruct_steps``): it lowers the pruned model's error on data it was
+not fitted on, never leaves a block worse than compensation did, finds its blocks, and refuses bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.errors import ConfigError
+from prunekit.pruning import prune
+from prunekit.pruning.structured.reconstruct import _mask_of, blocks_of
+from prunekit.pruning.structured.report import GroupRecord
+
+
+class Block(nn.Module):
+    """Post-LN residual MLP block (BERT's FFN half): LN(x + fc2(gelu(fc1(x))))."""
+
+    def __init__(self, d: int, h: int):
+        super().__init__()
+        self.fc1, self.fc2, self.norm = nn.Linear(d, h), nn.Linear(h, d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        return self.norm(x + self.fc2(torch.nn.functional.gelu(self.fc1(x))))
+
+
+class Stack(nn.Module):
+    def __init__(self, d_in: int = 12, d: int = 16, h: int = 48, depth: int = 3):
+        super().__init__()
+        self.embed = nn.Linear(d_in, d)
+        self.blocks = nn.Sequential(*[Block(d, h) for _ in range(depth)])
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.embed(x)))
+
+
+def data(seed: int, n: int, batch: int = 64) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(6, 12, generator=torch.Generator().manual_seed(99))  # the same low-rank structure everywhere
+    x = torch.randn(n, 6, generator=g) @ mix + 0.1 * torch.randn(n, 12, generator=g)
+    return list(x.split(batch))
+
+
+def pruned(steps: int, lr: float = 0.01, **kw) -> tuple[nn.Module, nn.Module, object]:
+    torch.manual_seed(0)
+    dense = Stack().eval()
+    model = copy.deepcopy(dense)
+    report = prune(model, torch.randn(2, 12), "variance", ratio=0.6, scope="local", only=[r"blocks\.\d+\.fc1"],
+                   calib_data=data(1, 1024), compensate="lstsq", calib_batches=16, reconstruct_steps=steps,
+                   reconstruct_lr=lr, **kw)
+    return dense, model, report
+
+
+@torch.no_grad()
+def error(dense: nn.Module, model: nn.Module) -> float:
+    x = torch.cat(data(2, 512))  # held out: another draw than the calibration batches
+    return float((model(x) - dense(x)).square().mean() / dense(x).square().mean())
+
+
+def test_reconstruction_lowers_held_out_error_and_reports_every_block():
+    dense, compensated, r0 = pruned(0)
+    _, rebuilt, report = pruned(300)
+    assert r0.reconstruction == []
+    assert [r["block"] for r in report.reconstruction] == ["blocks.0", "blocks.1", "blocks.2"]
+    for rec in report.reconstruction:
+        assert rec["layers"] == sorted([f"{rec['block']}.fc1", f"{rec['block']}.fc2"])
+        assert rec["loss_after"] <= rec["loss_before"]
+    assert all(r["kept"] == "reconstructed" for r in report.reconstruction)
+    before, after = error(dense, compensated), error(dense, rebuilt)
+    assert after < 0.8 * before, (before, after)
+    assert "reconstructed 3 of 3 blocks" in report.summary()
+    # only the pruned layers move: the LayerNorms and the embedding keep the compensated model's weights
+    for name in ("embed.weight", "blocks.1.norm.weight", "head.bias"):
+        assert torch.equal(rebuilt.state_dict()[name], compensated.state_dict()[name])
+    assert not torch.equal(rebuilt.blocks[1].fc1.weight, compensated.blocks[1].fc1.weight)
+    assert all(p.requires_grad for p in rebuilt.parameters())  # the flags are restored
+
+
+def test_a_diverging_reconstruction_keeps_the_compensated_weights():
+    _, compensated, _ = pruned(0)
+    _, model, report = pruned(20, lr=1e4)  # steps thousands of times the weights' size: the held-out error explodes
+    assert [r["kept"] for r in report.reconstruction] == ["compensated"] * 3
+    for (n, a), b in zip(model.state_dict().items(), compensated.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_a_block_whose_output_lost_channels_is_skipped_loudly(caplog):
+    torch.manual_seed(0)
+    model = Stack().eval()
+    report = prune(model, torch.randn(2, 12), "variance", ratio=0.5, scope="local", calib_data=data(1, 256),
+                   compensate="mean", reconstruct_steps=5)  # no preset: the residual stream is pruned too
+    assert report.reconstruction and all(r["kept"] == "skipped: output pruned" for r in report.reconstruction)
+    assert "lost channels of the dense one" in caplog.text
+
+
+def test_reconstruction_needs_calibration_data():
+    with pytest.raises(ConfigError, match="reconstruct_steps=5 needs calibration data"):
+        prune(Stack(), torch.randn(2, 12), "l1", ratio=0.5, reconstruct_steps=5)
+
+
+def test_blocks_are_the_innermost_module_holding_a_group():
+    model = Stack()
+    groups = [GroupRecord("blocks.0.fc1", ["blocks.0.fc1"], ["blocks.0.fc2"], 48, 24),
+              GroupRecord("blocks.2.fc1", ["blocks.2.fc1"], ["blocks.2.fc2"], 48, 24),
+              GroupRecord("embed", ["embed"], ["blocks.0.fc1", "blocks.1.fc1", "head"], 16, 8)]  # meets at the root
+    assert blocks_of(model, groups) == {"blocks.0": ["blocks.0.fc1", "blocks.0.fc2"],
+                                        "blocks.2": ["blocks.2.fc1", "blocks.2.fc2"]}
+    # a group inside an already chosen block joins it; one spanning two blocks makes their parent the block
+    groups.append(GroupRecord("blocks.0.fc2", ["blocks.0.fc2"], ["blocks.1.fc1"], 16, 8))
+    assert blocks_of(model, groups) == {"blocks": ["blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1",
+                                                   "blocks.2.fc1", "blocks.2.fc2"]}
+
+
+def test_padding_positions_are_left_out_of_the_loss():
+    out = torch.zeros(2, 5, 3)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert torch.equal(_mask_of({"input_ids": mask, "attention_mask": mask}, out), mask.bool())
+    assert _mask_of({"attention_mask": mask}, torch.zeros(2, 3)) is None  # not a (batch, sequence) output
+    assert _mask_of(torch.zeros(2, 5), out) is None

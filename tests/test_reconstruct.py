@@ -114,6 +114,23 @@ def test_blocks_are_the_innermost_module_holding_a_group():
                                                    "blocks.2.fc1", "blocks.2.fc2"]}
 
 
+def test_a_group_inside_a_sub_module_takes_the_repeated_block_around_it():
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    class ViTBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.mlp = nn.LayerNorm(8), Mlp()
+
+    model = nn.Module()
+    model.blocks = nn.ModuleList([ViTBlock(), ViTBlock()])
+    g = GroupRecord("blocks.1.mlp.fc1", ["blocks.1.mlp.fc1"], ["blocks.1.mlp.fc2"], 16, 8)
+    assert blocks_of(model, [g]) == {"blocks.1": ["blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]}
+
+
 def test_padding_positions_are_left_out_of_the_loss():
     out = torch.zeros(2, 5, 3)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])

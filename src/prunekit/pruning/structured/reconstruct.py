@@ -13,8 +13,9 @@ The target is the dense model's output on the *dense* input, so each block also 
 (the sequential, error-correcting layer-wise reconstruction of post-training compression: AdaRound / BRECQ for
 quantisation, the layer-wise reconstruction of OBC / SparseGPT and of the "blocks" of ZipLM for pruning).
 
-A block is the innermost module that holds all the layers of a pruned group (a transformer layer for an FFN group, a
-ResNet block for its internal channels); a group whose layers only meet at the model's root is left to compensation
+A block is the repeated block (an element of a ``ModuleList`` / ``Sequential``) around the innermost module that
+holds all the layers of a pruned group: a transformer layer for an FFN group (so the target includes the residual
+path and the norm), a ResNet block for its internal channels; a group whose layers only meet at the model's root is left to compensation
 (reconstructing the whole model would be fine-tuning). Adam with a cosine decay, each parameter's step scaled by its
 own RMS (``lr`` is relative, so one value suits weights of any scale), one stored calibration batch per step.
 ``1/8`` of the batches (at least one) is held out: the block is checked every ``check_every`` steps and keeps its best
@@ -55,8 +56,9 @@ class _Stop(Exception):
 
 def blocks_of(model: nn.Module, groups: Sequence[Any]) -> dict[str, list[str]]:
     """Block name -> the pruned layers (conv/linear) inside it, from the engine's group records (``layers`` and
-    ``consumers``). The block is the innermost module holding all of a group's layers; groups meeting only at the
-    root are left out, and a block inside another chosen block is merged into the outer one."""
+    ``consumers``). The block is the repeated block (an element of a ``ModuleList`` / ``Sequential``) around the
+    innermost module holding all of a group's layers, else that module; groups meeting only at the root are left
+    out, and a block inside another chosen block is merged into the outer one."""
     named = dict(model.named_modules())
     found: dict[str, set[str]] = {}
     for g in groups:
@@ -74,6 +76,13 @@ def blocks_of(model: nn.Module, groups: Sequence[Any]) -> dict[str, list[str]]:
             common.pop()
         if not common:
             continue
+        # climb to the repeated block it sits in (an element of a ModuleList / Sequential: a transformer layer, a
+        # ResNet block), so the block's output includes its residual path: ViT's "blocks.3.mlp" -> "blocks.3"
+        for depth in range(len(common), 0, -1):
+            parent = named.get(".".join(common[:depth - 1]), model) if depth > 1 else model
+            if isinstance(parent, (nn.ModuleList, nn.Sequential)):
+                common = common[:depth]
+                break
         found.setdefault(".".join(common), set()).update(layers)
     out: dict[str, list[str]] = {}
     for name in sorted(found, key=len):

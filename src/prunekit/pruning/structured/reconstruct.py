@@ -15,18 +15,19 @@ quantisation, the layer-wise reconstruction of OBC / SparseGPT and of the "block
 
 A block is the repeated block (an element of a ``ModuleList`` / ``Sequential``) around the innermost module that
 holds all the layers of a pruned group: a transformer layer for an FFN group (so the target includes the residual
-path and the norm), a ResNet block for its internal channels; a group whose layers only meet at the model's root is left to compensation
-(reconstructing the whole model would be fine-tuning). Adam with a cosine decay, each parameter's step scaled by its
-own RMS (``lr`` is relative, so one value suits weights of any scale), one stored calibration batch per step.
-``1/8`` of the batches (at least one) is held out: the block is checked every ``check_every`` steps and keeps its best
-held-out state, and a block whose held-out error does not fall keeps its compensated weights (reported): the step
-cannot make a block worse on data it was not fitted on. When the calibration batches carry an ``attention_mask`` of
-the block output's (batch, sequence) shape, padding positions are left out of the loss. BatchNorm and dropout stay in
-eval mode.
+path and the norm), a ResNet block for its internal channels. A group whose layers only meet at the model's root is
+left to compensation (reconstructing the whole model would be fine-tuning), and a block whose output lost channels
+(the residual stream was pruned) has no dense target and is skipped, with a warning. Adam with a cosine decay, each
+parameter's step scaled by its own RMS (``lr`` is relative, so one value suits weights of any scale), one stored
+calibration batch per step. ``1/8`` of the batches (at least one) is held out: the block is checked every
+``check_every`` steps and keeps its best held-out state, and a block whose held-out error does not fall keeps its
+compensated weights (reported): the step cannot make a block worse on data it was not fitted on. When the
+calibration batches carry an ``attention_mask`` of the block output's (batch, sequence) shape, padding positions are
+left out of the loss. BatchNorm and dropout stay in eval mode (BatchNorm recalibration runs before, not after).
 
 Example:
     >>> dense = copy.deepcopy(model)
-    >>> prune(model, example, "variance", ratio=0.5, calib_data=batches, compensate="lstsq")
+    >>> report = prune(model, example, "variance", ratio=0.5, calib_data=batches, compensate="lstsq")
     >>> reconstruct(model, dense, batches, blocks_of(model, report.groups), steps=400)
 """
 
@@ -169,18 +170,22 @@ def _loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -
 
 def reconstruct(model: nn.Module, dense: nn.Module, calib_data: Iterable, blocks: dict[str, list[str]], *,
                 steps: int = 400, lr: float = 0.01, max_batches: int = 50, check_every: int = 50,
-                device: str | torch.device = "cpu", seed: int = 0) -> list[dict[str, Any]]:
+                device: str | torch.device = "cpu", seed: int = 0, train: str = "pruned") -> list[dict[str, Any]]:
     """Reconstruct each block of ``blocks`` (``blocks_of``) of the pruned ``model`` towards ``dense`` (the model before
     pruning, same module names), in forward order. Returns one record per block: ``block``, ``layers``,
-    ``batches``, ``loss_before``/``loss_after`` (held-out mean squared error), ``kept`` (``"reconstructed"`` or
-    ``"compensated"`` when the held-out error did not fall), ``seconds``.
+    ``batches``, ``loss_before``/``loss_after`` (held-out mean squared error; ``None`` when skipped), ``kept``
+    (``"reconstructed"``; ``"compensated"`` when the held-out error did not fall; ``"skipped: output pruned"``),
+    ``seconds``.
 
     Args:
         steps: optimisation steps per block (one calibration batch each).
         lr: Adam step relative to each parameter's RMS.
         max_batches: calibration batches used (stored on CPU: the block inputs and dense outputs).
         check_every: steps between held-out checks (the best state is kept).
+        train: ``"pruned"`` fits the block's pruned layers, ``"block"`` every parameter of the block.
     """
+    if train not in ("pruned", "block"):
+        raise ValueError(f"train={train!r}: choose 'pruned' or 'block'")
     if steps <= 0 or not blocks:
         return []
     data = []
@@ -201,7 +206,7 @@ def reconstruct(model: nn.Module, dense: nn.Module, calib_data: Iterable, blocks
             if name not in named_d:
                 raise PruningError(f"block {name!r} of the pruned model is missing from the dense model")
             records.append(_reconstruct_block(model, dense, named_p[name], named_d[name], name, blocks[name], data,
-                                              steps, lr, check_every, device, seed))
+                                              steps, lr, check_every, device, seed, train))
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -227,7 +232,7 @@ def _forward_order(model: nn.Module, inputs: Any, names: list[str]) -> list[str]
 
 def _reconstruct_block(model: nn.Module, dense: nn.Module, block: nn.Module, dense_block: nn.Module, name: str,
                        layers: list[str], data: list[Any], steps: int, lr: float, check_every: int,
-                       device: str | torch.device, seed: int) -> dict[str, Any]:
+                       device: str | torch.device, seed: int, train: str = "pruned") -> dict[str, Any]:
     t0 = time.perf_counter()
     stored, size = [], 0
     for x in data:
@@ -238,8 +243,8 @@ def _reconstruct_block(model: nn.Module, dense: nn.Module, block: nn.Module, den
             if shape != tuple(target.shape):
                 log.warning("reconstruction skips %s: its output (%s) lost channels of the dense one (%s), so it "
                             "has no dense target (compensation only)", name, shape, tuple(target.shape))
-                return {"block": name, "layers": layers, "batches": 0, "loss_before": float("nan"),
-                        "loss_after": float("nan"), "kept": "skipped: output pruned", "seconds": 0.0}
+                return {"block": name, "layers": layers, "batches": 0, "loss_before": None, "loss_after": None,
+                        "kept": "skipped: output pruned", "seconds": 0.0}
         size += _nbytes(inp) + _nbytes(target)
         if size > MEMORY_BUDGET and len(stored) >= 2:
             log.warning("reconstruction of %s stores %d of %d calibration batches (%.1f GiB budget of block inputs "
@@ -249,7 +254,11 @@ def _reconstruct_block(model: nn.Module, dense: nn.Module, block: nn.Module, den
     n_val = max(1, len(stored) // HELD_OUT)
     val, train = stored[:n_val], stored[n_val:]
     mods = dict(model.named_modules())
-    params = [p for n in layers if n in mods for p in mods[n].parameters(recurse=False) if p.dtype.is_floating_point]
+    if train == "block":
+        params = [p for p in block.parameters() if p.dtype.is_floating_point]
+    else:
+        params = [p for n in layers if n in mods for p in mods[n].parameters(recurse=False)
+                  if p.dtype.is_floating_point]
     if not params:
         raise PruningError(f"block {name!r}: none of its pruned layers has parameters to reconstruct")
     flags = [p.requires_grad for p in params]

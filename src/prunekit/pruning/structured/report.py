@@ -106,7 +106,7 @@ class PruneReport:
             lines.append(f"BatchNorm NOT recalibrated ({self.bn_recalibration['skipped']})")
         if self.reconstruction:
             gained = [r for r in self.reconstruction if r["kept"] == "reconstructed"]
-            ratios = [r["loss_after"] / r["loss_before"] for r in gained if r["loss_before"] > 0]
+            ratios = [r["loss_after"] / r["loss_before"] for r in gained if r["loss_before"]]
             skipped = sum(r["kept"].startswith("skipped") for r in self.reconstruction)
             lines.append(f"reconstructed {len(gained)} of {len(self.reconstruction)} blocks"
                          + (f" (held-out error x{min(ratios):.2f}-{max(ratios):.2f})" if ratios else "")

@@ -137,3 +137,48 @@ def test_padding_positions_are_left_out_of_the_loss():
     assert torch.equal(_mask_of({"input_ids": mask, "attention_mask": mask}, out), mask.bool())
     assert _mask_of({"attention_mask": mask}, torch.zeros(2, 3)) is None  # not a (batch, sequence) output
     assert _mask_of(torch.zeros(2, 5), out) is None
+
+
+class Encoder(nn.Module):
+    """A tiny random HF BERT returning its last hidden state (what a sentence embedder pools)."""
+
+    def __init__(self):
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        self.bert = transformers.AutoModel.from_config(transformers.BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=60,
+            max_position_embeddings=32))
+
+    def forward(self, input_ids, attention_mask):
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def token_batches(seed: int, n: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 60, (8, 12), generator=g)
+        lengths = torch.randint(4, 13, (8,), generator=g)
+        mask = (torch.arange(12)[None] < lengths[:, None]).long()  # right padding, as a tokenizer pads
+        out.append({"input_ids": ids * mask, "attention_mask": mask})
+    return out
+
+
+def test_hf_bert_layers_are_reconstructed_with_padding_masked():
+    torch.manual_seed(0)
+    dense = Encoder().eval()
+    calib, held = token_batches(1, 16), token_batches(2, 8)
+
+    def run(steps: int):
+        model = copy.deepcopy(dense)
+        rep = prune(model, {k: v[:2] for k, v in calib[0].items()}, "variance", ratio=0.6, preset="mlp-only",
+                    scope="local", calib_data=calib, compensate="lstsq", calib_batches=16, reconstruct_steps=steps)
+        with torch.no_grad():
+            err = sum(float((model(**b) - dense(**b))[b["attention_mask"].bool()].square().mean()) for b in held)
+        return rep, err
+
+    _, before = run(0)
+    rep, after = run(150)
+    assert [r["block"] for r in rep.reconstruction] == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
+    assert all(r["kept"] == "reconstructed" for r in rep.reconstruction)
+    assert after < 0.95 * before, (before, after)

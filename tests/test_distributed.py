@@ -37,8 +37,15 @@ def _batches(rank: int) -> list[torch.Tensor]:
 def _prune(model: nn.Module, batches: list[torch.Tensor], criterion: str, seed: int = 0) -> dict:
     from prunekit.pruning import prune
 
+    extra = {}
+    if criterion == "reconstruct":  # variance + mean, then the block "0" (both convs) reconstructed
+        model = nn.Sequential(model[:6], *model[6:])
+        criterion, extra = "variance", {"reconstruct_steps": 10, "ignore": [r"0\.3"]}
     report = prune(model, torch.randn(1, 1, 6, 6), criterion=criterion, ratio=0.5, calib_data=batches,
-                   compensate="mean" if criterion == "variance" else "none", seed=seed)
+                   compensate="mean" if criterion == "variance" else "none", seed=seed, **extra)
+    if extra:
+        assert [r["block"] for r in report.reconstruction] == ["0"], report.reconstruction
+        model = nn.Sequential(*model[0], *model[1:])  # the flat module order the callers index
     return {"kept": {g.name: g.after for g in report.groups},
             "removed": {g.name: g.removed for g in report.groups},
             "bias": model[3].bias.detach().double().tolist(),
@@ -73,6 +80,14 @@ def test_two_ranks_sync_statistics_and_prune_the_same_channels(tmp_path):
     # and it is not what rank 0 alone would have chosen and compensated
     alone = _prune(_model(), _batches(0), "variance")
     assert alone["removed"] != r0["removed"] or alone["bias"] != r0["bias"]
+
+
+def test_two_ranks_reconstruct_to_the_same_weights(tmp_path):
+    r0, r1 = _spawn(tmp_path, "reconstruct")  # each rank fits on its own batches; the fits are averaged
+    assert "error" not in r0 and "error" not in r1, (r0, r1)
+    assert r0["removed"] == r1["removed"] and r0["digest"] == r1["digest"]
+    alone = _prune(_model(), _batches(0), "reconstruct")
+    assert alone["digest"] != r0["digest"]
 
 
 def test_masks_that_differ_across_ranks_are_an_error_naming_the_group(tmp_path):

@@ -182,3 +182,22 @@ def test_hf_bert_layers_are_reconstructed_with_padding_masked():
     assert [r["block"] for r in rep.reconstruction] == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
     assert all(r["kept"] == "reconstructed" for r in rep.reconstruction)
     assert after < 0.95 * before, (before, after)
+
+
+def test_batchnorm_statistics_are_not_touched_even_for_a_model_in_training_mode():
+    def run(steps: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).train()
+        g = torch.Generator().manual_seed(5)
+        batches = [torch.randn(4, 3, 8, 8, generator=g) for _ in range(4)]
+        rep = prune(model, torch.randn(1, 3, 8, 8), "variance", ratio=0.5, calib_data=batches, compensate="mean",
+                    ignore=[r"0\.3"], reconstruct_steps=steps)
+        assert model.training and model[0][1].training  # the caller's modes are restored
+        assert [r["block"] for r in rep.reconstruction] == (["0"] if steps else [])
+        return {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+
+    plain, rebuilt = run(0), run(10)
+    for k in plain:
+        assert torch.equal(plain[k], rebuilt[k]), k

@@ -180,7 +180,9 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
     compensator = _compensator(model, s.compensate, ctx.stats) if s.compensate != "none" else None
     before = _out_channels(graph)
     dense = copy.deepcopy(model) if report.latency and s.latency_verify_runs else None  # for the paired check
-    reference = (dense or copy.deepcopy(model)) if s.reconstruct_steps else None  # reconstruction's targets
+    reference = None  # reconstruction's targets: the model before pruning (shared with the latency check)
+    if s.reconstruct_steps:
+        reference = dense if dense is not None else copy.deepcopy(model)
     report.groups, report.compensation = apply_selection(graph, units, sel, compensator)
     report.layers = {n: [b, a] for n, a in _out_channels(graph).items() if (b := before[n]) != a}
     if not report.groups:

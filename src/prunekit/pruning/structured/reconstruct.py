@@ -24,6 +24,8 @@ calibration batch per step. ``1/8`` of the batches (at least one) is held out: t
 compensated weights (reported): the step cannot make a block worse on data it was not fitted on. When the
 calibration batches carry an ``attention_mask`` of the block output's (batch, sequence) shape, padding positions are
 left out of the loss. BatchNorm and dropout stay in eval mode (BatchNorm recalibration runs before, not after).
+Under torchrun each rank fits a block on its own batches and the fitted weights are averaged across ranks before
+the next block, so every rank ends with the same model.
 
 Example:
     >>> dense = copy.deepcopy(model)
@@ -196,12 +198,12 @@ def reconstruct(model: nn.Module, dense: nn.Module, calib_data: Iterable, blocks
     if len(data) < 2:
         raise PruningError(f"reconstruction needs at least 2 calibration batches (one is held out), got {len(data)}")
     named_p, named_d = dict(model.named_modules()), dict(dense.named_modules())
-    order = _forward_order(model, data[0], [n for n in blocks if n in named_p])
     records = []
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
+    modes = {m: m.training for m in [*model.modules(), *dense.modules()]}
+    model.eval()  # before any forward pass: BatchNorm must not update its statistics
     dense.eval()
     try:
+        order = _forward_order(model, data[0], [n for n in blocks if n in named_p])
         for name in order:
             if name not in named_d:
                 raise PruningError(f"block {name!r} of the pruned model is missing from the dense model")
@@ -305,9 +307,22 @@ def _reconstruct_block(model: nn.Module, dense: nn.Module, block: nn.Module, den
             p.requires_grad_(f)
         for p, f in zip(params, flags):
             p.requires_grad_(f)
+    _sync_across_ranks(params)
     kept = "reconstructed" if best < before else "compensated"
     rec = {"block": name, "layers": layers, "batches": len(stored), "loss_before": before, "loss_after": best,
            "kept": kept, "seconds": round(time.perf_counter() - t0, 2)}
     log.info("reconstructed %s (%d layers, %d batches): held-out error %.4g -> %.4g%s", name, len(layers),
              len(stored), before, best, "" if kept == "reconstructed" else " (no gain: compensated weights kept)")
     return rec
+
+
+def _sync_across_ranks(params: list[torch.Tensor]) -> None:
+    """torchrun: every rank fitted the block on its own calibration batches; average the fitted weights so all ranks
+    hold one model (and the next block's inputs agree); a no-op in one process."""
+    from prunekit.train.distributed import all_reduce_mean, is_distributed
+
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for i, v in all_reduce_mean({f"{i:06d}": p for i, p in enumerate(params)}).items():
+            params[int(i)].copy_(v)

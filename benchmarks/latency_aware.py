@@ -158,6 +158,72 @@ def print_row(r: dict[str, Any]) -> None:
           f"{r['eff_min']:>5.2f}-{r['eff_max']:<5.2f} {r['dense_ms']:>9.2f}", flush=True)
 
 
+def block_of(module: str) -> str:
+    """``layer1.0.conv1`` -> ``layer1.0``, ``layer1.0.downsample.0`` -> ``layer1.0``, ``conv1`` -> ``conv1``."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 else parts[0]
+
+
+def call_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of the conv / linear modules in the order the forward pass calls them."""
+    seen: list[str] = []
+    hooks = [m.register_forward_hook(lambda *_a, n=n: seen.append(n)) for n, m in model.named_modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def explain_onnx(name: str, dense: nn.Module, pruned: nn.Module, x: torch.Tensor, threads: int, runs: int = 30
+                 ) -> None:
+    """Where the pruned model's ONNX Runtime latency falls short of its MACs cut, per block, from ORT's per-node
+    profile of each whole model (minimum kernel time per node over ``runs`` runs). ORT's optimised graph names its
+    nodes after values, not modules: its conv / gemm nodes (each one conv with its fused BN, ReLU and add) are
+    matched to the conv / linear modules in execution order, which keeps every node in its block. ``shortfall`` =
+    dense ms x MACs cut - (dense ms - pruned ms): what the block would save more if its latency fell with its MACs."""
+    from prunekit.measure.latency_table import TIMED_ONNX_OPS, onnx_node_times
+    from prunekit.measure.layers import module_macs
+
+    blocks: dict[str, dict[str, float]] = {}
+    totals = {}
+
+    def block(b: str) -> dict[str, float]:
+        return blocks.setdefault(b, {"dense": 0.0, "pruned": 0.0, "macs_dense": 0, "macs_pruned": 0})
+
+    for k, m in (("dense", dense), ("pruned", pruned)):
+        nodes = onnx_node_times(m, x, threads, runs)
+        convs = [(n, ms) for n, (ms, op) in nodes.items() if op in TIMED_ONNX_OPS]
+        order = call_order(m, x)
+        if len(convs) != len(order):
+            print(f"# {name}: {len(convs)} conv/gemm nodes for {len(order)} conv/linear modules; per-block figures "
+                  "need one node per module")
+            return
+        for (_, ms), module in zip(convs, order, strict=True):
+            block(block_of(module))[k] += ms
+        other = sum(ms for ms, op in nodes.values() if op not in TIMED_ONNX_OPS)
+        block("(other nodes)")[k] += other
+        for mod, v in module_macs(m, x).items():
+            if mod in order:
+                block(block_of(mod))[f"macs_{k}"] += v
+        totals[k] = sum(ms for ms, _ in nodes.values())
+    md = sum(b["macs_dense"] for b in blocks.values())
+    mp = sum(b["macs_pruned"] for b in blocks.values())
+    print(f"\n# {name}, ONNX Runtime per-node profile (sum of per-node minima over {runs} runs; the whole-model time "
+          f"adds dispatch between nodes): dense {totals['dense']:.2f} ms -> pruned {totals['pruned']:.2f} ms, latency "
+          f"cut {1 - totals['pruned'] / totals['dense']:.1%} for a MACs cut of {1 - mp / md:.1%} "
+          f"(efficiency {(1 - totals['pruned'] / totals['dense']) / (1 - mp / md):.2f})")
+    print(f"#   {'block':22} {'dense ms':>8} {'pruned ms':>9} {'lat. cut':>8} {'MACs cut':>8} {'shortfall ms':>12}")
+    rows = []
+    for b, t in blocks.items():
+        mc = 1 - t["macs_pruned"] / t["macs_dense"] if t["macs_dense"] else 0.0
+        rows.append((t["dense"] * mc - (t["dense"] - t["pruned"]), b, t, mc))
+    for short, b, t, mc in sorted(rows, key=lambda r: r[0], reverse=True):
+        print(f"#   {b:22} {t['dense']:8.2f} {t['pruned']:9.2f} {1 - t['pruned'] / max(t['dense'], 1e-9):8.1%} "
+              f"{mc:8.1%} {short:12.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
@@ -167,12 +233,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="repeats of the whole paired comparison")
     ap.add_argument("--target-latency", type=float, default=None, help="also prune with target_latency")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--explain", action="store_true", help="only the per-block ONNX Runtime profile of dense vs "
+                    "prunekit round_to R (where the latency falls short of the MACs cut), no timing table")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     print(f"# torch {torch.__version__}, {args.threads} threads, batch 1, load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}, "
           f"recommended_round_to: onnxruntime {recommended_round_to('onnxruntime')}, "
           f"eager {recommended_round_to('eager')}", flush=True)
+    if args.explain:
+        for name in args.models.split(","):
+            ref, kwargs, shape = MODELS[name]
+            torch.manual_seed(0)
+            dense = create_model(ref, **kwargs).eval()
+            x = torch.randn(1, *shape)
+            pruned = pk_prune(dense, x, target_macs=TARGET_KEEP, round_to=recommended_round_to("onnxruntime"))[0]
+            explain_onnx(name, dense, pruned, x, args.threads)
+        return
     rows = []
     for name in args.models.split(","):
         rows += run_model(name, args.backends.split(","), args.threads, args.repeats, args.target_latency)

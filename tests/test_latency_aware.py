@@ -234,3 +234,19 @@ def test_monotone_fit_averages_a_low_outlier():
     fit = lat._monotone({8: 1.0, 16: 1.0, 24: 2.0, 32: 1.2, 40: 3.0})
     assert list(fit.values()) == sorted(fit.values())
     assert fit[8] == fit[16] == 1.0 and fit[24] == fit[32] == pytest.approx(1.6) and fit[40] == 3.0
+
+
+def test_onnx_node_times_gives_each_node_of_the_whole_model_and_rest_is_its_non_conv_part():
+    pytest.importorskip("onnxruntime")
+    from prunekit.measure.latency_table import TIMED_ONNX_OPS, onnx_node_times, rest_latency_ms
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    nodes = onnx_node_times(model, x, threads=1, runs=3)
+    convs = [n for n, (_ms, op) in nodes.items() if op in TIMED_ONNX_OPS]
+    assert len(convs) == 3  # two convs (ReLU fused into the first) and the linear layer
+    assert all(ms >= 0 for ms, _ in nodes.values())
+    assert any(op not in TIMED_ONNX_OPS for _ms, op in nodes.values())  # the pooling at least
+    assert rest_latency_ms(model, x, "onnxruntime", threads=1, runs=3) >= 0

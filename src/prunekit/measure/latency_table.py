@@ -31,7 +31,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import os
 import platform
 import time
@@ -487,6 +486,16 @@ def rest_latency_ms(model: nn.Module, example_inputs: Any, backend: str, threads
             torch.set_num_threads(old)
     if backend != "onnxruntime":
         raise ConfigError(f"--latency-backend {backend!r}: valid: {', '.join(LUT_BACKENDS)}")
+    nodes = onnx_node_times(model, example_inputs, threads, runs)
+    return float(sum(ms for ms, op in nodes.values() if op not in TIMED_ONNX_OPS))
+
+
+def onnx_node_times(model: nn.Module, example_inputs: Any, threads: int,
+                    runs: int = 15) -> dict[str, tuple[float, str]]:
+    """Node name -> (minimum kernel time in ms over ``runs`` runs, op type) of ``model`` exported to ONNX and run by
+    ONNX Runtime (all graph optimisations, so the names are those of the optimised graph: fused and NCHWc nodes).
+    The names keep the exporter's module path (``/layer1/layer1.0/conv1/Conv``): what per-layer figures of a
+    whole-model ONNX Runtime run are read from."""
     import tempfile
 
     import onnxruntime as ort
@@ -494,7 +503,7 @@ def rest_latency_ms(model: nn.Module, example_inputs: Any, backend: str, threads
     from prunekit.export.core import ExportOptions, as_tensors, output_names, positional
     from prunekit.export.onnx import OnnxRunner, export_onnx
 
-    with tempfile.TemporaryDirectory(prefix="prunekit-rest-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="prunekit-nodes-") as tmp:
         path = f"{tmp}/model.onnx"
         m = copy.deepcopy(model).eval()
         module, names, args, prefix = positional(m, example_inputs)
@@ -515,11 +524,12 @@ def rest_latency_ms(model: nn.Module, example_inputs: Any, backend: str, threads
         for _ in range(runs + 2):
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
-    best: dict[str, float] = {}
+    best: dict[str, tuple[float, str]] = {}
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
-        if e.get("args", {}).get("op_name") in TIMED_ONNX_OPS:
-            continue
-        best[e["name"]] = min(best.get(e["name"], math.inf), e["dur"] / 1e3)
-    return float(sum(best.values()))
+        name = e["name"][: -len("_kernel_time")]
+        ms = e["dur"] / 1e3
+        if name not in best or ms < best[name][0]:
+            best[name] = (ms, e.get("args", {}).get("op_name", ""))
+    return best

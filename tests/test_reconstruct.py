@@ -96,9 +96,13 @@ def test_a_block_whose_output_lost_channels_is_skipped_loudly(caplog):
     assert "lost channels of the dense one" in caplog.text
 
 
-def test_reconstruction_needs_calibration_data():
+def test_reconstruction_needs_calibration_data_and_a_known_train_choice():
     with pytest.raises(ConfigError, match="reconstruct_steps=5 needs calibration data"):
         prune(Stack(), torch.randn(2, 12), "l1", ratio=0.5, reconstruct_steps=5)
+    from prunekit.pruning.structured.reconstruct import reconstruct
+
+    with pytest.raises(ConfigError, match="train='all'.*'pruned'.*'block'"):
+        reconstruct(Stack(), Stack(), data(1, 128), {"blocks.0": ["blocks.0.fc1"]}, train="all")
 
 
 def test_blocks_are_the_innermost_module_holding_a_group():

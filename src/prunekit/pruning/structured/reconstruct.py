@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -44,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.errors import PruningError
+from prunekit.errors import ConfigError, PruningError
 from prunekit.measure import call_model
 from prunekit.pruning.structured.criteria.base import split_batch, to_device
 
@@ -146,9 +147,8 @@ def _capture(model: nn.Module, block: nn.Module, inputs: Any, want: str) -> Any:
     h = (block.register_forward_pre_hook(pre, with_kwargs=True) if want == "input"
          else block.register_forward_hook(post, with_kwargs=True))
     try:
-        call_model(model, inputs)
-    except _Stop:
-        pass
+        with contextlib.suppress(_Stop):
+            call_model(model, inputs)
     finally:
         h.remove()
     if not got:
@@ -187,7 +187,8 @@ def reconstruct(model: nn.Module, dense: nn.Module, calib_data: Iterable, blocks
         train: ``"pruned"`` fits the block's pruned layers, ``"block"`` every parameter of the block.
     """
     if train not in ("pruned", "block"):
-        raise ValueError(f"train={train!r}: choose 'pruned' or 'block'")
+        raise ConfigError(f"reconstruct(train={train!r}) is not a choice: 'pruned' (the block's pruned layers) or "
+                          "'block' (every parameter of the block)")
     if steps <= 0 or not blocks:
         return []
     data = []

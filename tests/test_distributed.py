@@ -56,6 +56,7 @@ def _worker(rank: int, world: int, init: str, out: str, criterion: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         res = _prune(_model(), _batches(rank), criterion, seed=rank)  # the seed only matters for "random"
+        dist.barrier()  # gloo aborts a rank still finishing its last collective if its peer tears down first
     except Exception as e:  # noqa: BLE001 - reported to the parent
         res = {"error": f"{type(e).__name__}: {e}"}
     finally:

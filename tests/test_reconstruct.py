@@ -11,7 +11,7 @@ from torch import nn
 
 from prunekit.errors import ConfigError
 from prunekit.pruning import prune
-from prunekit.pruning.structured.reconstruct import _mask_of, blocks_of
+from prunekit.pruning.structured.reconstruct import _mask_of, blocks_of, reconstruct, token_noise
 from prunekit.pruning.structured.report import GroupRecord
 
 
@@ -99,8 +99,6 @@ def test_a_block_whose_output_lost_channels_is_skipped_loudly(caplog):
 def test_reconstruction_needs_calibration_data_and_a_known_train_choice():
     with pytest.raises(ConfigError, match="reconstruct_steps=5 needs calibration data"):
         prune(Stack(), torch.randn(2, 12), "l1", ratio=0.5, reconstruct_steps=5)
-    from prunekit.pruning.structured.reconstruct import reconstruct
-
     with pytest.raises(ConfigError, match="train='all'.*'pruned'.*'block'"):
         reconstruct(Stack(), Stack(), data(1, 128), {"blocks.0": ["blocks.0.fc1"]}, train="all")
 
@@ -205,3 +203,70 @@ def test_batchnorm_statistics_are_not_touched_even_for_a_model_in_training_mode(
     plain, rebuilt = run(0), run(10)
     for k in plain:
         assert torch.equal(plain[k], rebuilt[k]), k
+
+
+def test_train_block_fits_every_parameter_of_the_block_and_pruned_only_the_pruned_layers():
+    dense, compensated, report = pruned(0)
+    blocks = blocks_of(compensated, report.groups)
+    fitted = {}
+    for mode in ("pruned", "block"):
+        model = copy.deepcopy(compensated)
+        recs = reconstruct(model, dense, data(1, 1024), blocks, steps=60, train=mode)
+        assert all(r["kept"] == "reconstructed" for r in recs)
+        fitted[mode] = model
+    for name in ("blocks.0.norm.weight", "blocks.2.norm.bias"):
+        assert torch.equal(fitted["pruned"].state_dict()[name], compensated.state_dict()[name])
+        assert not torch.equal(fitted["block"].state_dict()[name], compensated.state_dict()[name])
+    assert torch.equal(fitted["block"].embed.weight, compensated.embed.weight)  # outside every block
+
+
+def test_token_noise_replaces_inner_real_tokens_with_the_batch_own_tokens():
+    batch = token_batches(3, 1)[0]
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    out = token_noise(0.5)(batch, torch.Generator().manual_seed(0))
+    new = out["input_ids"]
+    assert torch.equal(out["attention_mask"], batch["attention_mask"]) and torch.equal(ids, batch["input_ids"])
+    last = mask.long().cumsum(1).argmax(1)
+    rows = torch.arange(ids.shape[0])
+    assert torch.equal(new[:, 0], ids[:, 0]) and torch.equal(new[rows, last], ids[rows, last])
+    assert torch.equal(new[~mask], ids[~mask])  # padding untouched
+    changed = new != ids
+    inner = int(mask.sum()) - 2 * ids.shape[0]
+    assert 0.2 * inner < int(changed.sum()) < 0.6 * inner
+    assert set(new[changed].tolist()) <= set(ids[mask].tolist())  # drawn from the batch's own text
+    with pytest.raises(ConfigError, match="token_noise"):
+        token_noise(0.0)
+
+
+def test_augmented_copies_join_the_fit_but_not_the_held_out_batches():
+    torch.manual_seed(0)
+    dense = Encoder().eval()
+    calib = token_batches(1, 8)
+    model = copy.deepcopy(dense)
+    rep = prune(model, {k: v[:2] for k, v in calib[0].items()}, "variance", ratio=0.6, preset="mlp-only",
+                scope="local", calib_data=calib, compensate="lstsq", calib_batches=8)
+    blocks = blocks_of(model, rep.groups)
+    plain = reconstruct(copy.deepcopy(model), dense, calib, blocks, steps=20)
+    aug = reconstruct(copy.deepcopy(model), dense, calib, blocks, steps=20, augment=token_noise(0.2),
+                      augment_copies=2)
+    assert [r["batches"] for r in plain] == [8, 8] and [r["batches"] for r in aug] == [8 + 2 * 7] * 2
+    # the first block's held-out error before fitting is measured on the same clean batch in both runs
+    assert plain[0]["loss_before"] == aug[0]["loss_before"]
+    with pytest.raises(ConfigError, match="augment_copies=2"):
+        reconstruct(model, dense, calib, blocks, steps=5, augment_copies=2)
+
+
+def test_prune_reconstruct_augment_is_wired_and_refuses_what_it_cannot_do():
+    torch.manual_seed(0)
+    dense = Encoder().eval()
+    calib = token_batches(1, 8)
+    rep = prune(copy.deepcopy(dense), {k: v[:2] for k, v in calib[0].items()}, "variance", ratio=0.6,
+                preset="mlp-only", scope="local", calib_data=calib, compensate="lstsq", calib_batches=8,
+                reconstruct_steps=10, reconstruct_augment=1)
+    assert [r["batches"] for r in rep.reconstruction] == [8 + 7] * 2
+    with pytest.raises(ConfigError, match="reconstruct_augment=1.*reconstruct_steps=0"):
+        prune(copy.deepcopy(dense), {k: v[:2] for k, v in calib[0].items()}, "variance", ratio=0.6,
+              preset="mlp-only", calib_data=calib, reconstruct_augment=1)
+    with pytest.raises(ConfigError, match="token batches.*Tensor.*reconstruct_augment=0"):
+        prune(Stack(), torch.randn(2, 12), "variance", ratio=0.5, only=[r"blocks\.\d+\.fc1"], calib_data=data(1, 256),
+              compensate="mean", reconstruct_steps=5, reconstruct_augment=1)

@@ -45,7 +45,7 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
           ratio_caps: dict[str, float] | None = None, round_to: int | None = None,
           max_ratio: float = 0.9, heads: bool = False, normalize: str = "mean", calib_batches: int = 50,
           seed: int = 0, recalibrate_bn: bool | None = None, reconstruct_steps: int = 0,
-          reconstruct_lr: float = 0.01, loss_fn: Callable | None = None,
+          reconstruct_lr: float = 0.01, reconstruct_augment: int = 0, loss_fn: Callable | None = None,
           device: str | torch.device | None = None) -> PruneReport:
     """Prune ``model`` in place (structured: whole channels, optionally whole attention heads).
 
@@ -91,6 +91,10 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
             best state on held-out calibration batches and never one worse than compensation left it. No labels.
             ``reconstruct_lr``: the step, relative to each parameter's RMS. Reported in
             ``PruneReport.reconstruction``; see ``prunekit.pruning.structured.reconstruct``.
+            ``reconstruct_augment``: for token batches (dicts with ``input_ids``), this many perturbed copies of
+            every calibration batch (``token_noise``: 15% of the tokens swapped for other tokens of the calibration
+            text) join the fit, with the dense model's outputs on them as targets: less over-fitting of a few
+            hundred sentences. The held-out batches stay clean.
         loss_fn: ``loss_fn(outputs, labels)`` for gradient criteria (default cross-entropy).
         device: where calibration runs (default: the model's device).
 
@@ -106,7 +110,8 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
         ignore=list(ignore), only=list(only), ratio_overrides=dict(ratio_overrides or {}),
         ratio_caps=dict(ratio_caps or {}), round_to=round_to,
         max_ratio=max_ratio, heads=heads, normalize=normalize, calib_batches=calib_batches, seed=seed,
-        recalibrate_bn=recalibrate_bn, reconstruct_steps=reconstruct_steps, reconstruct_lr=reconstruct_lr),
+        recalibrate_bn=recalibrate_bn, reconstruct_steps=reconstruct_steps, reconstruct_lr=reconstruct_lr,
+        reconstruct_augment=reconstruct_augment),
         source="prune()")
     return prune_with_settings(model, example_inputs, settings, calib_data=calib_data, loss_fn=loss_fn, device=device)
 
@@ -197,7 +202,7 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
     # also in scope="adaptive"'s trials: their damage is then measured on the model the final pruning gives
     report.bn_recalibration = _recalibrate(model, s, calib_data, device)
     if reference is not None:
-        from prunekit.pruning.structured.reconstruct import blocks_of, reconstruct
+        from prunekit.pruning.structured.reconstruct import blocks_of, reconstruct, token_noise
 
         blocks = blocks_of(model, report.groups)
         if not blocks:
@@ -205,7 +210,8 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
                         "was reconstructed (compensation only)", s.reconstruct_steps)
         report.reconstruction = reconstruct(model, reference, calib_data, blocks, steps=s.reconstruct_steps,
                                             lr=s.reconstruct_lr, max_batches=s.calib_batches, device=device,
-                                            seed=s.seed)
+                                            seed=s.seed, augment_copies=s.reconstruct_augment,
+                                            augment=token_noise() if s.reconstruct_augment else None)
     report.seconds = time.perf_counter() - t0
     log.info(report.summary())
     return report
@@ -311,6 +317,9 @@ def _recalibrate(model: nn.Module, s: PruneSettings, calib_data: Iterable | None
 
 
 def _check_data(crit: Criterion, s: PruneSettings, calib_data: Iterable | None) -> None:
+    if s.reconstruct_augment and not s.reconstruct_steps:
+        raise ConfigError(f"reconstruct_augment={s.reconstruct_augment} augments the reconstruction's data, but "
+                          "reconstruct_steps=0 (off): set reconstruct_steps > 0 or reconstruct_augment=0")
     if s.reconstruct_steps and calib_data is None:
         raise ConfigError(f"reconstruct_steps={s.reconstruct_steps} needs calibration data (calib_data=...): "
                           "reconstruction fits each block to the dense model's output on it; pass batches or "

@@ -39,7 +39,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -172,7 +172,9 @@ def _loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -
 
 def reconstruct(model: nn.Module, dense: nn.Module, calib_data: Iterable, blocks: dict[str, list[str]], *,
                 steps: int = 400, lr: float = 0.01, max_batches: int = 50, check_every: int = 50,
-                device: str | torch.device = "cpu", seed: int = 0, train: str = "pruned") -> list[dict[str, Any]]:
+                device: str | torch.device = "cpu", seed: int = 0, train: str = "pruned",
+                augment: Callable[[Any, torch.Generator], Any] | None = None,
+                augment_copies: int = 0) -> list[dict[str, Any]]:
     """Reconstruct each block of ``blocks`` (``blocks_of``) of the pruned ``model`` towards ``dense`` (the model before
     pruning, same module names), in forward order. Returns one record per block: ``block``, ``layers``,
     ``batches``, ``loss_before``/``loss_after`` (held-out mean squared error; ``None`` when skipped), ``kept``
@@ -185,6 +187,9 @@ def reconstruct(model: nn.Module, dense: nn.Module, calib_data: Iterable, blocks
         max_batches: calibration batches used (stored on CPU: the block inputs and dense outputs).
         check_every: steps between held-out checks (the best state is kept).
         train: ``"pruned"`` fits the block's pruned layers, ``"block"`` every parameter of the block.
+        augment: ``augment(batch, generator) -> batch``, a perturbation of a calibration batch (e.g.
+            ``token_noise``): ``augment_copies`` perturbed copies of every *training* batch join the fit (the dense
+            model's outputs on them are the targets); the held-out batches stay clean.
     """
     if train not in ("pruned", "block"):
         raise ConfigError(f"reconstruct(train={train!r}) is not a choice: 'pruned' (the block's pruned layers) or "
@@ -198,6 +203,13 @@ def reconstruct(model: nn.Module, dense: nn.Module, calib_data: Iterable, blocks
         data.append(to_device(split_batch(batch)[0], device))
     if len(data) < 2:
         raise PruningError(f"reconstruction needs at least 2 calibration batches (one is held out), got {len(data)}")
+    n_val = max(1, len(data) // HELD_OUT)
+    if augment_copies < 0 or (augment_copies and augment is None):
+        raise ConfigError(f"reconstruct(augment_copies={augment_copies}) needs a non-negative count and an augment "
+                          "function (e.g. token_noise())")
+    if augment is not None and augment_copies:
+        gen = torch.Generator().manual_seed(seed + 1)
+        data = data + [augment(x, gen) for _ in range(augment_copies) for x in data[n_val:]]
     named_p, named_d = dict(model.named_modules()), dict(dense.named_modules())
     records = []
     modes = {m: m.training for m in [*model.modules(), *dense.modules()]}
@@ -209,7 +221,7 @@ def reconstruct(model: nn.Module, dense: nn.Module, calib_data: Iterable, blocks
             if name not in named_d:
                 raise PruningError(f"block {name!r} of the pruned model is missing from the dense model")
             records.append(_reconstruct_block(model, dense, named_p[name], named_d[name], name, blocks[name], data,
-                                              steps, lr, check_every, device, seed, train))
+                                              n_val, steps, lr, check_every, device, seed, train))
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -234,7 +246,7 @@ def _forward_order(model: nn.Module, inputs: Any, names: list[str]) -> list[str]
 
 
 def _reconstruct_block(model: nn.Module, dense: nn.Module, block: nn.Module, dense_block: nn.Module, name: str,
-                       layers: list[str], data: list[Any], steps: int, lr: float, check_every: int,
+                       layers: list[str], data: list[Any], n_val: int, steps: int, lr: float, check_every: int,
                        device: str | torch.device, seed: int, train: str = "pruned") -> dict[str, Any]:
     t0 = time.perf_counter()
     stored, size = [], 0
@@ -254,8 +266,8 @@ def _reconstruct_block(model: nn.Module, dense: nn.Module, block: nn.Module, den
                         "and targets)", name, len(stored), len(data), MEMORY_BUDGET / 2**30)
             break
         stored.append((inp, target, _mask_of(x, target)))
-    n_val = max(1, len(stored) // HELD_OUT)
-    val, train = stored[:n_val], stored[n_val:]
+    n_val = min(n_val, len(stored) - 1)
+    val, fit = stored[:n_val], stored[n_val:]
     mods = dict(model.named_modules())
     if train == "block":
         params = [p for p in block.parameters() if p.dtype.is_floating_point]
@@ -292,7 +304,7 @@ def _reconstruct_block(model: nn.Module, dense: nn.Module, block: nn.Module, den
         for step in range(steps):
             for g, b0 in zip(opt.param_groups, base):
                 g["lr"] = b0 * 0.5 * (1 + math.cos(math.pi * step / steps))
-            loss = run(train[int(torch.randint(len(train), (1,), generator=gen))])
+            loss = run(fit[int(torch.randint(len(fit), (1,), generator=gen))])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -327,3 +339,34 @@ def _sync_across_ranks(params: list[torch.Tensor]) -> None:
     with torch.no_grad():
         for i, v in all_reduce_mean({f"{i:06d}": p for i, p in enumerate(params)}).items():
             params[int(i)].copy_(v)
+
+
+def token_noise(p: float = 0.15, key: str = "input_ids", mask_key: str = "attention_mask"
+                ) -> Callable[[Any, torch.Generator], Any]:
+    """An ``augment`` for token batches (dicts with ``input_ids`` and ``attention_mask``, as tokenizers return
+    them): each real token except the first and the last of its row (``[CLS]`` / ``[SEP]``) is replaced, with
+    probability ``p``, by a token drawn from the batch's own real tokens (the calibration text's unigram
+    distribution, so no vocabulary is needed and the text stays in its domain)."""
+    if not 0.0 < p < 1.0:
+        raise ConfigError(f"token_noise(p={p}) must be in (0, 1)")
+
+    def apply(batch: Any, gen: torch.Generator) -> Any:
+        if not isinstance(batch, dict) or not isinstance(batch.get(key), torch.Tensor):
+            raise ConfigError(f"reconstruct_augment / token_noise perturbs token batches (dicts with {key!r}); the "
+                              f"calibration batches are {type(batch).__name__}: set reconstruct_augment=0")
+        ids = batch[key]
+        mask = batch.get(mask_key)
+        real = mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(ids, dtype=torch.bool)
+        inner = real.clone()
+        inner[:, 0] = False
+        last = real.long().cumsum(1).argmax(1)  # position of each row's last real token
+        inner[torch.arange(ids.shape[0]), last] = False
+        pool = ids[inner]
+        if pool.numel() == 0:
+            return dict(batch)
+        hit = inner & (torch.rand(ids.shape, generator=gen) < p)
+        new = ids.clone()
+        new[hit] = pool[torch.randint(pool.numel(), (int(hit.sum()),), generator=gen)]
+        return {**batch, key: new}
+
+    return apply

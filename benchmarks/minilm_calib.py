@@ -15,13 +15,15 @@ held-out sentences of the same domain (the "own" table, mean and min-max over dr
 model is scored on every domain's held-out set (the cross-domain table: calibrate on the row, evaluate on the column).
 ``mlp-only`` (the six ``intermediate.dense -> output.dense`` FFNs), no fine-tuning. Method 4 adds block-wise
 reconstruction (``reconstruct_steps``: each pruned transformer layer fitted to the dense layer's output on the
-calibration sentences, error-correcting, no labels; ``prunekit.pruning.structured.reconstruct``).
+calibration sentences, error-correcting, no labels; ``prunekit.pruning.structured.reconstruct``); method 5 fits
+longer on the calibration sentences plus four ``token_noise`` copies of each batch (``reconstruct_augment``).
 
     python benchmarks/minilm_calib.py --threads 1            # default grid, about an hour on one core
     python benchmarks/minilm_calib.py --threads 1 --sizes 100,300 --draws 1   # quick version (~15 minutes)
     python benchmarks/minilm_calib.py --threads 1 --domains debian,man,docstrings,fortunes --sizes 100,300,600,1500 \
         --draws 3 --methods 0,1,2,3                          # the bigger grid (hours)
     python benchmarks/minilm_calib.py --threads 1 --sizes 150,600 --methods 2,4   # reconstruction (about an hour)
+    python benchmarks/minilm_calib.py --threads 1 --sizes 600 --methods 5 --calib-domains fortunes  # ~45 minutes
 """
 
 from __future__ import annotations
@@ -117,12 +119,16 @@ DOMAINS: dict[str, Callable[[], Iterable[str]]] = {
     "debian": debian_texts, "man": man_texts, "docstrings": docstring_texts, "fortunes": fortune_texts}
 
 RECONSTRUCT_STEPS = 800  # --reconstruct-steps; its step size is the default reconstruct_lr
-METHODS = [  # (label, criterion, compensate, scope, reconstruct_steps)
-    ("variance + mean", "variance", "mean", "local", 0),
-    ("variance + lstsq", "variance", "lstsq", "local", 0),
-    ("variance_conditional + lstsq", "variance_conditional", "lstsq", "local", 0),
-    ("variance_conditional + lstsq, adaptive", "variance_conditional", "lstsq", "adaptive", 0),
-    ("variance_conditional + lstsq + reconstruct", "variance_conditional", "lstsq", "local", RECONSTRUCT_STEPS),
+AUGMENTED_STEPS = 1600  # with augmentation (more distinct batches to fit)
+AUGMENT = 4  # --reconstruct-augment: token_noise copies of every calibration batch
+METHODS = [  # (label, criterion, compensate, scope, reconstruct_steps, reconstruct_augment)
+    ("variance + mean", "variance", "mean", "local", 0, 0),
+    ("variance + lstsq", "variance", "lstsq", "local", 0, 0),
+    ("variance_conditional + lstsq", "variance_conditional", "lstsq", "local", 0, 0),
+    ("variance_conditional + lstsq, adaptive", "variance_conditional", "lstsq", "adaptive", 0, 0),
+    ("variance_conditional + lstsq + reconstruct", "variance_conditional", "lstsq", "local", RECONSTRUCT_STEPS, 0),
+    (f"... + reconstruct {AUGMENTED_STEPS}, augment {AUGMENT}", "variance_conditional", "lstsq", "local",
+     AUGMENTED_STEPS, AUGMENT),
 ]
 
 
@@ -202,12 +208,13 @@ def main() -> None:
                 calib = batches(tok, pool[:n], a.batch_size)
                 ntok.setdefault((d, n), []).append(tokens(calib))
                 example = {k: v[:2] for k, v in calib[0].items()}
-                for label, crit, comp, scope, steps in methods:
+                for label, crit, comp, scope, steps, augment in methods:
                     for k in keeps:
                         t0 = time.perf_counter()
                         model = copy.deepcopy(dense)
                         prune(model, example, crit, ratio=1 - k, preset="mlp-only", scope=scope, calib_data=calib,
-                              compensate=comp, calib_batches=len(calib), reconstruct_steps=steps)
+                              compensate=comp, calib_batches=len(calib), reconstruct_steps=steps,
+                              reconstruct_augment=augment)
                         evals = domains if n == sizes[-1] else [d]
                         for e in evals:
                             v = cosine(model, e)

@@ -92,9 +92,9 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
             ``reconstruct_lr``: the step, relative to each parameter's RMS. Reported in
             ``PruneReport.reconstruction``; see ``prunekit.pruning.structured.reconstruct``.
             ``reconstruct_augment``: for token batches (dicts with ``input_ids``), this many perturbed copies of
-            every calibration batch (``token_noise``: 15% of the tokens swapped for other tokens of the calibration
-            text) join the fit, with the dense model's outputs on them as targets: less over-fitting of a few
-            hundred sentences. The held-out batches stay clean.
+            every calibration batch (``token_noise``: each token swapped, with probability 0.3, for another token
+            of the calibration text) join the fit, with the dense model's outputs on them as targets: less
+            over-fitting of a few hundred sentences. The held-out batches stay clean.
         loss_fn: ``loss_fn(outputs, labels)`` for gradient criteria (default cross-entropy).
         device: where calibration runs (default: the model's device).
 

@@ -24,8 +24,12 @@ calibration batch per step. ``1/8`` of the batches (at least one) is held out: t
 compensated weights (reported): the step cannot make a block worse on data it was not fitted on. When the
 calibration batches carry an ``attention_mask`` of the block output's (batch, sequence) shape, padding positions are
 left out of the loss. BatchNorm and dropout stay in eval mode (BatchNorm recalibration runs before, not after).
-Under torchrun each rank fits a block on its own batches and the fitted weights are averaged across ranks before
-the next block, so every rank ends with the same model.
+A few hundred sentences are easy to over-fit (the calibration error falls far more than the error on unseen text):
+``augment`` (``token_noise``: each token swapped, with some probability, for another token of the calibration text)
+adds ``augment_copies`` perturbed copies of every training batch, whose targets are again the dense model's outputs,
+so the fit sees more of the input space around the user's text without any other data (``prune(...,
+reconstruct_augment=N)``). Under torchrun each rank fits a block on its own batches and the fitted weights are
+averaged across ranks before the next block, so every rank ends with the same model.
 
 Example:
     >>> dense = copy.deepcopy(model)
@@ -341,7 +345,7 @@ def _sync_across_ranks(params: list[torch.Tensor]) -> None:
             params[int(i)].copy_(v)
 
 
-def token_noise(p: float = 0.15, key: str = "input_ids", mask_key: str = "attention_mask"
+def token_noise(p: float = 0.3, key: str = "input_ids", mask_key: str = "attention_mask"
                 ) -> Callable[[Any, torch.Generator], Any]:
     """An ``augment`` for token batches (dicts with ``input_ids`` and ``attention_mask``, as tokenizers return
     them): each real token except the first and the last of its row (``[CLS]`` / ``[SEP]``) is replaced, with

@@ -61,7 +61,7 @@ class PruneSettings(Config):
                                    "See prunekit.pruning.structured.reconstruct")
     reconstruct_lr: float = Field(0.01, gt=0, description="reconstruction step size, relative to each parameter's RMS")
     reconstruct_augment: int = Field(0, ge=0, description="token batches only: this many perturbed copies of every "
-                                     "calibration batch (each token swapped, with probability 0.15, for another "
+                                     "calibration batch (each token swapped, with probability 0.3, for another "
                                      "token of the calibration text) join the reconstruction's fit, against "
                                      "over-fitting a small calibration set; the dense model's outputs on them are "
                                      "the targets; 0: off")

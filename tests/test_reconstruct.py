@@ -238,6 +238,14 @@ def test_token_noise_replaces_inner_real_tokens_with_the_batch_own_tokens():
         token_noise(0.0)
 
 
+def test_token_noise_keeps_the_first_real_token_of_left_padded_rows():
+    ids = torch.tensor([[0, 0, 101, 7, 8, 9, 10, 102], [101, 5, 6, 7, 8, 9, 10, 102]])
+    mask = (ids != 0).long()
+    new = token_noise(0.9)({"input_ids": ids, "attention_mask": mask}, torch.Generator().manual_seed(1))["input_ids"]
+    assert new[0, 2] == 101 and new[1, 0] == 101 and (new[:, -1] == 102).all() and (new[0, :2] == 0).all()
+    assert (new != ids).any()
+
+
 def test_augmented_copies_join_the_fit_but_not_the_held_out_batches():
     torch.manual_seed(0)
     dense = Encoder().eval()
@@ -246,27 +254,46 @@ def test_augmented_copies_join_the_fit_but_not_the_held_out_batches():
     rep = prune(model, {k: v[:2] for k, v in calib[0].items()}, "variance", ratio=0.6, preset="mlp-only",
                 scope="local", calib_data=calib, compensate="lstsq", calib_batches=8)
     blocks = blocks_of(model, rep.groups)
+    seen: list[torch.Tensor] = []
+    noise = token_noise(0.3)
+
+    def spy(batch, gen):
+        seen.append(batch["input_ids"])
+        return noise(batch, gen)
+
     plain = reconstruct(copy.deepcopy(model), dense, calib, blocks, steps=20)
-    aug = reconstruct(copy.deepcopy(model), dense, calib, blocks, steps=20, augment=token_noise(0.2),
-                      augment_copies=2)
+    aug = reconstruct(copy.deepcopy(model), dense, calib, blocks, steps=20, augment=spy, augment_copies=2)
     assert [r["batches"] for r in plain] == [8, 8] and [r["batches"] for r in aug] == [8 + 2 * 7] * 2
-    # the first block's held-out error before fitting is measured on the same clean batch in both runs
-    assert plain[0]["loss_before"] == aug[0]["loss_before"]
-    with pytest.raises(ConfigError, match="augment_copies=2"):
+    # every training batch (calib[1:]) was copied twice; the held-out one (calib[0], 8 // 8 = 1) never
+    assert len(seen) == 14 and not any(torch.equal(x, calib[0]["input_ids"]) for x in seen)
+    assert all(sum(torch.equal(x, b["input_ids"]) for x in seen) == 2 for b in calib[1:])
+    # the first block's held-out error before fitting is measured on the same clean batch in both runs; the fit differs
+    assert plain[0]["loss_before"] == aug[0]["loss_before"] and plain[0]["loss_after"] != aug[0]["loss_after"]
+    with pytest.raises(ConfigError, match="augment_copies=2.*needs augment="):
         reconstruct(model, dense, calib, blocks, steps=5, augment_copies=2)
+    with pytest.raises(ConfigError, match="augment_copies=0 would not augment"):
+        reconstruct(model, dense, calib, blocks, steps=5, augment=noise)
 
 
 def test_prune_reconstruct_augment_is_wired_and_refuses_what_it_cannot_do():
     torch.manual_seed(0)
     dense = Encoder().eval()
     calib = token_batches(1, 8)
-    rep = prune(copy.deepcopy(dense), {k: v[:2] for k, v in calib[0].items()}, "variance", ratio=0.6,
-                preset="mlp-only", scope="local", calib_data=calib, compensate="lstsq", calib_batches=8,
-                reconstruct_steps=10, reconstruct_augment=1)
+    example = {k: v[:2] for k, v in calib[0].items()}
+    rep = prune(copy.deepcopy(dense), example, "variance", ratio=0.6, preset="mlp-only", scope="local",
+                calib_data=calib, compensate="lstsq", calib_batches=8, reconstruct_steps=10, reconstruct_augment=1)
+    assert [r["batches"] for r in rep.reconstruction] == [8 + 7] * 2
+    # scope="adaptive"'s trials prune without reconstruction (and so without its augmentation)
+    rep = prune(copy.deepcopy(dense), example, "variance", ratio=0.6, preset="mlp-only", scope="adaptive",
+                calib_data=calib, compensate="lstsq", calib_batches=8, reconstruct_steps=5, reconstruct_augment=1)
     assert [r["batches"] for r in rep.reconstruction] == [8 + 7] * 2
     with pytest.raises(ConfigError, match="reconstruct_augment=1.*reconstruct_steps=0"):
-        prune(copy.deepcopy(dense), {k: v[:2] for k, v in calib[0].items()}, "variance", ratio=0.6,
-              preset="mlp-only", calib_data=calib, reconstruct_augment=1)
-    with pytest.raises(ConfigError, match="token batches.*Tensor.*reconstruct_augment=0"):
-        prune(Stack(), torch.randn(2, 12), "variance", ratio=0.5, only=[r"blocks\.\d+\.fc1"], calib_data=data(1, 256),
-              compensate="mean", reconstruct_steps=5, reconstruct_augment=1)
+        prune(copy.deepcopy(dense), example, "variance", ratio=0.6, preset="mlp-only", calib_data=calib,
+              reconstruct_augment=1)
+    model = Stack()
+    before = [p.shape for p in model.parameters()]
+    with pytest.raises(ConfigError, match=r"reconstruct_augment=1 perturbs token batches.*Tensor.*"
+                                          r"reconstruct_augment=0 \(--reconstruct-augment 0\)"):
+        prune(model, torch.randn(2, 12), "variance", ratio=0.5, only=[r"blocks\.\d+\.fc1"],
+              calib_data=data(1, 256), compensate="mean", reconstruct_steps=5, reconstruct_augment=1)
+    assert [p.shape for p in model.parameters()] == before  # refused before anything was pruned

@@ -92,9 +92,9 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
             ``reconstruct_lr``: the step, relative to each parameter's RMS. Reported in
             ``PruneReport.reconstruction``; see ``prunekit.pruning.structured.reconstruct``.
             ``reconstruct_augment``: for token batches (dicts with ``input_ids``), this many perturbed copies of
-            every calibration batch (``token_noise``: each token swapped, with probability 0.3, for another token
-            of the calibration text) join the fit, with the dense model's outputs on them as targets: less
-            over-fitting of a few hundred sentences. The held-out batches stay clean.
+            each batch the fit trains on (``token_noise``: each token but the first and last swapped, with
+            probability 0.3, for a token drawn from the same batch) join the fit, with the dense model's outputs
+            on them as targets: less over-fitting of a few hundred sentences. The held-out batches stay clean.
         loss_fn: ``loss_fn(outputs, labels)`` for gradient criteria (default cross-entropy).
         device: where calibration runs (default: the model's device).
 
@@ -128,6 +128,11 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
     _check_data(crit, s, calib_data)
     if calib_data is not None and iter(calib_data) is calib_data:  # a one-pass iterator: statistics, then BN
         calib_data = list(itertools.islice(calib_data, s.calib_batches))
+    if s.reconstruct_augment and calib_data is not None:
+        from prunekit.pruning.structured.reconstruct import check_token_batch
+
+        check_token_batch(next(iter(calib_data), None), "reconstruct_augment", s.reconstruct_augment,
+                          flag="--reconstruct-augment")
     device = device or _device_of(model)
     report = PruneReport(criterion=s.criterion, scope=s.scope, ratio=s.global_ratio, target_macs=s.target_macs,
                          preset=s.preset, heads=s.heads)

@@ -19,13 +19,13 @@ path and the norm), a ResNet block for its internal channels. A group whose laye
 left to compensation (reconstructing the whole model would be fine-tuning), and a block whose output lost channels
 (the residual stream was pruned) has no dense target and is skipped, with a warning. Adam with a cosine decay, each
 parameter's step scaled by its own RMS (``lr`` is relative, so one value suits weights of any scale), one stored
-calibration batch per step. ``1/8`` of the batches (at least one) is held out: the block is checked every
+calibration batch per step. ``1/8`` of the clean batches (at least one) is held out: the block is checked every
 ``check_every`` steps and keeps its best held-out state, and a block whose held-out error does not fall keeps its
 compensated weights (reported): the step cannot make a block worse on data it was not fitted on. When the
 calibration batches carry an ``attention_mask`` of the block output's (batch, sequence) shape, padding positions are
 left out of the loss. BatchNorm and dropout stay in eval mode (BatchNorm recalibration runs before, not after).
 A few hundred sentences are easy to over-fit (the calibration error falls far more than the error on unseen text):
-``augment`` (``token_noise``: each token swapped, with some probability, for another token of the calibration text)
+``augment`` (``token_noise``: each token swapped, with some probability, for another token of the same batch)
 adds ``augment_copies`` perturbed copies of every training batch, whose targets are again the dense model's outputs,
 so the fit sees more of the input space around the user's text without any other data (``prune(...,
 reconstruct_augment=N)``). Under torchrun each rank fits a block on its own batches and the fitted weights are
@@ -181,9 +181,9 @@ def reconstruct(model: nn.Module, dense: nn.Module, calib_data: Iterable, blocks
                 augment_copies: int = 0) -> list[dict[str, Any]]:
     """Reconstruct each block of ``blocks`` (``blocks_of``) of the pruned ``model`` towards ``dense`` (the model before
     pruning, same module names), in forward order. Returns one record per block: ``block``, ``layers``,
-    ``batches``, ``loss_before``/``loss_after`` (held-out mean squared error; ``None`` when skipped), ``kept``
-    (``"reconstructed"``; ``"compensated"`` when the held-out error did not fall; ``"skipped: output pruned"``),
-    ``seconds``.
+    ``batches`` (stored: held-out, training, augmented), ``loss_before``/``loss_after`` (held-out mean squared
+    error; ``None`` when skipped), ``kept`` (``"reconstructed"``; ``"compensated"`` when the held-out error did not
+    fall; ``"skipped: output pruned"``), ``seconds``.
 
     Args:
         steps: optimisation steps per block (one calibration batch each).
@@ -198,6 +198,13 @@ def reconstruct(model: nn.Module, dense: nn.Module, calib_data: Iterable, blocks
     if train not in ("pruned", "block"):
         raise ConfigError(f"reconstruct(train={train!r}) is not a choice: 'pruned' (the block's pruned layers) or "
                           "'block' (every parameter of the block)")
+    if augment_copies < 0:
+        raise ConfigError(f"reconstruct(augment_copies={augment_copies}) must be >= 0")
+    if augment_copies and augment is None:
+        raise ConfigError(f"reconstruct(augment_copies={augment_copies}) needs augment= (e.g. token_noise())")
+    if augment is not None and not augment_copies:
+        raise ConfigError("reconstruct(augment=...) with augment_copies=0 would not augment anything: give "
+                          "augment_copies >= 1 or leave augment out")
     if steps <= 0 or not blocks:
         return []
     data = []
@@ -207,11 +214,8 @@ def reconstruct(model: nn.Module, dense: nn.Module, calib_data: Iterable, blocks
         data.append(to_device(split_batch(batch)[0], device))
     if len(data) < 2:
         raise PruningError(f"reconstruction needs at least 2 calibration batches (one is held out), got {len(data)}")
-    n_val = max(1, len(data) // HELD_OUT)
-    if augment_copies < 0 or (augment_copies and augment is None):
-        raise ConfigError(f"reconstruct(augment_copies={augment_copies}) needs a non-negative count and an augment "
-                          "function (e.g. token_noise())")
-    if augment is not None and augment_copies:
+    n_val = max(1, len(data) // HELD_OUT)  # the first n_val (clean) batches are held out, never augmented
+    if augment is not None:
         gen = torch.Generator().manual_seed(seed + 1)
         data = data + [augment(x, gen) for _ in range(augment_copies) for x in data[n_val:]]
     named_p, named_d = dict(model.named_modules()), dict(dense.named_modules())
@@ -266,11 +270,11 @@ def _reconstruct_block(model: nn.Module, dense: nn.Module, block: nn.Module, den
                         "kept": "skipped: output pruned", "seconds": 0.0}
         size += _nbytes(inp) + _nbytes(target)
         if size > MEMORY_BUDGET and len(stored) >= 2:
-            log.warning("reconstruction of %s stores %d of %d calibration batches (%.1f GiB budget of block inputs "
-                        "and targets)", name, len(stored), len(data), MEMORY_BUDGET / 2**30)
+            log.warning("reconstruction of %s stores %d of %d batches (calibration and augmented; %.1f GiB budget "
+                        "of block inputs and targets)", name, len(stored), len(data), MEMORY_BUDGET / 2**30)
             break
         stored.append((inp, target, _mask_of(x, target)))
-    n_val = min(n_val, len(stored) - 1)
+    n_val = min(n_val, max(1, len(stored) // HELD_OUT))  # fewer stored (memory budget): still 1 in 8 held out
     val, fit = stored[:n_val], stored[n_val:]
     mods = dict(model.named_modules())
     if train == "block":
@@ -345,32 +349,42 @@ def _sync_across_ranks(params: list[torch.Tensor]) -> None:
             params[int(i)].copy_(v)
 
 
+def check_token_batch(batch: Any, field: str, value: Any, key: str = "input_ids", flag: str = "") -> None:
+    """``ConfigError`` naming ``field=value`` (and the CLI ``flag``) unless ``batch`` (its inputs) is a dict holding a
+    ``key`` tensor."""
+    x = split_batch(batch)[0] if batch is not None else None
+    if not isinstance(x, dict) or not isinstance(x.get(key), torch.Tensor):
+        raise ConfigError(f"{field}={value} perturbs token batches (dicts with {key!r}, as a tokenizer returns them); "
+                          f"the calibration batches are {type(x).__name__}: set {field}=0"
+                          + (f" ({flag} 0)" if flag else ""))
+
+
 def token_noise(p: float = 0.3, key: str = "input_ids", mask_key: str = "attention_mask"
                 ) -> Callable[[Any, torch.Generator], Any]:
     """An ``augment`` for token batches (dicts with ``input_ids`` and ``attention_mask``, as tokenizers return
-    them): each real token except the first and the last of its row (``[CLS]`` / ``[SEP]``) is replaced, with
-    probability ``p``, by a token drawn from the batch's own real tokens (the calibration text's unigram
-    distribution, so no vocabulary is needed and the text stays in its domain)."""
+    them): each real token except the first and the last of its row (``[CLS]`` / ``[SEP]``, ``<s>`` / ``</s>``;
+    left or right padding) is replaced, with probability ``p``, by a token drawn from the batch's own real tokens
+    (the calibration text's unigram distribution, so no vocabulary is needed and the text stays in its domain; a
+    token may be drawn in its own place, so slightly fewer than ``p`` change). The noise is drawn on the CPU
+    generator and moved to the batch's device: the same on CPU and GPU."""
     if not 0.0 < p < 1.0:
         raise ConfigError(f"token_noise(p={p}) must be in (0, 1)")
 
     def apply(batch: Any, gen: torch.Generator) -> Any:
-        if not isinstance(batch, dict) or not isinstance(batch.get(key), torch.Tensor):
-            raise ConfigError(f"reconstruct_augment / token_noise perturbs token batches (dicts with {key!r}); the "
-                              f"calibration batches are {type(batch).__name__}: set reconstruct_augment=0")
+        check_token_batch(batch, "token_noise: augment_copies", "N", key)
         ids = batch[key]
         mask = batch.get(mask_key)
         real = mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(ids, dtype=torch.bool)
+        rows = torch.arange(ids.shape[0], device=ids.device)
         inner = real.clone()
-        inner[:, 0] = False
-        last = real.long().cumsum(1).argmax(1)  # position of each row's last real token
-        inner[torch.arange(ids.shape[0]), last] = False
+        inner[rows, real.long().argmax(1)] = False  # each row's first real token
+        inner[rows, real.long().cumsum(1).argmax(1)] = False  # and its last
         pool = ids[inner]
         if pool.numel() == 0:
             return dict(batch)
-        hit = inner & (torch.rand(ids.shape, generator=gen) < p)
+        hit = inner & (torch.rand(ids.shape, generator=gen) < p).to(ids.device)
         new = ids.clone()
-        new[hit] = pool[torch.randint(pool.numel(), (int(hit.sum()),), generator=gen)]
+        new[hit] = pool[torch.randint(pool.numel(), (int(hit.sum()),), generator=gen).to(ids.device)]
         return {**batch, key: new}
 
     return apply

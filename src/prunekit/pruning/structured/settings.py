@@ -60,12 +60,13 @@ class PruneSettings(Config):
                                    "on the calibration data (no labels; the held-out error never rises); 0: off. "
                                    "See prunekit.pruning.structured.reconstruct")
     reconstruct_lr: float = Field(0.01, gt=0, description="reconstruction step size, relative to each parameter's RMS")
-    reconstruct_augment: int = Field(0, ge=0, description="token batches only: this many perturbed copies of every "
-                                     "calibration batch (each token swapped, with probability 0.3, for another "
-                                     "token of the calibration text) join the reconstruction's fit, against "
-                                     "over-fitting a small calibration set; the dense model's outputs on them are "
-                                     "the targets; 0: off")
-    seed: int = Field(0, description="seed of the random criterion and of the reconstruction's batch order")
+    reconstruct_augment: int = Field(0, ge=0, description="token batches only: this many perturbed copies of each "
+                                     "calibration batch the reconstruction fits on (each token but the first and "
+                                     "last swapped, with probability 0.3, for a token drawn from the same batch) "
+                                     "join the fit, against over-fitting a small calibration set; the dense model's "
+                                     "outputs on them are the targets; the held-out batches stay clean; 0: off")
+    seed: int = Field(0, description="seed of the random criterion and of the reconstruction's batch order "
+                      "and augmentation noise")
 
     @model_validator(mode="before")
     @classmethod

@@ -121,7 +121,8 @@ DOMAINS: dict[str, Callable[[], Iterable[str]]] = {
 RECONSTRUCT_STEPS = 800  # --reconstruct-steps; its step size is the default reconstruct_lr
 AUGMENTED_STEPS = 1600  # with augmentation (more distinct batches to fit)
 AUGMENT = 4  # --reconstruct-augment: token_noise copies of every calibration batch
-METHODS = [  # (label, criterion, compensate, scope, reconstruct_steps, reconstruct_augment)
+BLOCK_AUGMENT, INPUT_MIX = 16, 0.5  # method 6: every parameter of each block, 16 copies, dense inputs mixed in
+METHODS = [  # (label, criterion, compensate, scope, reconstruct_steps, reconstruct_augment[, extra prune() kwargs])
     ("variance + mean", "variance", "mean", "local", 0, 0),
     ("variance + lstsq", "variance", "lstsq", "local", 0, 0),
     ("variance_conditional + lstsq", "variance_conditional", "lstsq", "local", 0, 0),
@@ -129,6 +130,9 @@ METHODS = [  # (label, criterion, compensate, scope, reconstruct_steps, reconstr
     ("variance_conditional + lstsq + reconstruct", "variance_conditional", "lstsq", "local", RECONSTRUCT_STEPS, 0),
     (f"... + reconstruct {AUGMENTED_STEPS}, augment {AUGMENT}", "variance_conditional", "lstsq", "local",
      AUGMENTED_STEPS, AUGMENT),
+    (f"... + reconstruct {AUGMENTED_STEPS} whole blocks, augment {BLOCK_AUGMENT}, input mix {INPUT_MIX}",
+     "variance_conditional", "lstsq", "local", AUGMENTED_STEPS, BLOCK_AUGMENT,
+     {"reconstruct_train": "block", "reconstruct_input_mix": INPUT_MIX}),
 ]
 
 
@@ -208,13 +212,13 @@ def main() -> None:
                 calib = batches(tok, pool[:n], a.batch_size)
                 ntok.setdefault((d, n), []).append(tokens(calib))
                 example = {k: v[:2] for k, v in calib[0].items()}
-                for label, crit, comp, scope, steps, augment in methods:
+                for label, crit, comp, scope, steps, augment, *extra in methods:
                     for k in keeps:
                         t0 = time.perf_counter()
                         model = copy.deepcopy(dense)
                         prune(model, example, crit, ratio=1 - k, preset="mlp-only", scope=scope, calib_data=calib,
                               compensate=comp, calib_batches=len(calib), reconstruct_steps=steps,
-                              reconstruct_augment=augment)
+                              reconstruct_augment=augment, **(extra[0] if extra else {}))
                         evals = domains if n == sizes[-1] else [d]
                         for e in evals:
                             v = cosine(model, e)

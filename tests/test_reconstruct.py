@@ -297,3 +297,46 @@ def test_prune_reconstruct_augment_is_wired_and_refuses_what_it_cannot_do():
         prune(model, torch.randn(2, 12), "variance", ratio=0.5, only=[r"blocks\.\d+\.fc1"],
               calib_data=data(1, 256), compensate="mean", reconstruct_steps=5, reconstruct_augment=1)
     assert [p.shape for p in model.parameters()] == before  # refused before anything was pruned
+
+
+def test_prune_reconstruct_train_block_is_wired_and_validated():
+    _, pruned_only, rep_p = pruned(40)
+    _, whole, rep_b = pruned(40, reconstruct_train="block")
+    assert all(r["kept"] == "reconstructed" for r in rep_b.reconstruction)
+    assert torch.equal(pruned_only.blocks[1].norm.weight, pruned_only.blocks[1].norm.weight.new_ones(16))
+    assert not torch.equal(whole.blocks[1].norm.weight, pruned_only.blocks[1].norm.weight)  # the norm moved too
+    with pytest.raises(ConfigError, match="reconstruct_train"):
+        pruned(5, reconstruct_train="all")
+    _, _, rep_m = pruned(40, reconstruct_input_mix=0.5)  # wired: blocks after the first fit differently
+    assert rep_m.reconstruction[0]["loss_after"] == rep_p.reconstruction[0]["loss_after"]
+    assert rep_m.reconstruction[2]["loss_after"] != rep_p.reconstruction[2]["loss_after"]
+    with pytest.raises(ConfigError, match="reconstruct_input_mix"):
+        pruned(5, reconstruct_input_mix=1.0)
+
+
+def test_input_mix_feeds_dense_inputs_to_every_block_but_the_first_and_is_validated():
+    dense, compensated, report = pruned(0)
+    blocks = blocks_of(compensated, report.groups)
+    recs = {}
+    for mix in (0.0, 0.5):
+        model = copy.deepcopy(compensated)
+        recs[mix] = reconstruct(model, dense, data(1, 1024), blocks, steps=40, input_mix=mix)
+        assert all(r["kept"] == "reconstructed" for r in recs[mix])
+    # block 0's pruned and dense inputs are the same tensor: mixing changes nothing there; later blocks fit differently
+    assert recs[0.0][0]["loss_after"] == recs[0.5][0]["loss_after"]
+    assert recs[0.0][1]["loss_before"] == recs[0.5][1]["loss_before"] and \
+        recs[0.0][1]["loss_after"] != recs[0.5][1]["loss_after"]
+    with pytest.raises(ConfigError, match=r"input_mix=1.0\) must be in \[0, 1\)"):
+        reconstruct(compensated, dense, data(1, 256), blocks, steps=5, input_mix=1.0)
+
+
+def test_mix_takes_elements_from_both_inputs_and_leaves_other_leaves_alone():
+    from prunekit.pruning.structured.reconstruct import _mix
+
+    a, b = torch.zeros(200, 10), torch.ones(200, 10)
+    ids = torch.arange(5)
+    (x, y), kw = _mix(((a, ids), {"h": a, "flag": True}), ((b, ids + 1), {"h": b, "flag": False}), 0.3,
+                      torch.Generator().manual_seed(0))
+    assert 0.25 < float(x.mean()) < 0.35 and 0.25 < float(kw["h"].mean()) < 0.35
+    assert torch.equal(y, ids) and kw["flag"] is True  # integer tensors and non-tensors stay the pruned model's
+    assert torch.equal(_mix(a, torch.ones(3), 0.9, torch.Generator()), a)  # shapes differ: left alone

@@ -45,7 +45,8 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
           ratio_caps: dict[str, float] | None = None, round_to: int | None = None,
           max_ratio: float = 0.9, heads: bool = False, normalize: str = "mean", calib_batches: int = 50,
           seed: int = 0, recalibrate_bn: bool | None = None, reconstruct_steps: int = 0,
-          reconstruct_lr: float = 0.01, reconstruct_augment: int = 0, loss_fn: Callable | None = None,
+          reconstruct_lr: float = 0.01, reconstruct_augment: int = 0, reconstruct_train: str = "pruned",
+          reconstruct_input_mix: float = 0.0, loss_fn: Callable | None = None,
           device: str | torch.device | None = None) -> PruneReport:
     """Prune ``model`` in place (structured: whole channels, optionally whole attention heads).
 
@@ -95,6 +96,10 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
             each batch the fit trains on (``token_noise``: each token but the first and last swapped, with
             probability 0.3, for a token drawn from the same batch) join the fit, with the dense model's outputs
             on them as targets: less over-fitting of a few hundred sentences. The held-out batches stay clean.
+            ``reconstruct_train``: ``"pruned"`` (default) fits the block's pruned layers, ``"block"`` every
+            parameter of the block (its norms, attention and unpruned layers too). ``reconstruct_input_mix``:
+            probability that a training step takes each element of a block's input from the dense model instead
+            of the pruned one (QDrop's random drop; 0, the default: pruned inputs only).
         loss_fn: ``loss_fn(outputs, labels)`` for gradient criteria (default cross-entropy).
         device: where calibration runs (default: the model's device).
 
@@ -111,7 +116,8 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
         ratio_caps=dict(ratio_caps or {}), round_to=round_to,
         max_ratio=max_ratio, heads=heads, normalize=normalize, calib_batches=calib_batches, seed=seed,
         recalibrate_bn=recalibrate_bn, reconstruct_steps=reconstruct_steps, reconstruct_lr=reconstruct_lr,
-        reconstruct_augment=reconstruct_augment),
+        reconstruct_augment=reconstruct_augment, reconstruct_train=reconstruct_train,
+        reconstruct_input_mix=reconstruct_input_mix),
         source="prune()")
     return prune_with_settings(model, example_inputs, settings, calib_data=calib_data, loss_fn=loss_fn, device=device)
 
@@ -216,6 +222,7 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
         report.reconstruction = reconstruct(model, reference, calib_data, blocks, steps=s.reconstruct_steps,
                                             lr=s.reconstruct_lr, max_batches=s.calib_batches, device=device,
                                             seed=s.seed, augment_copies=s.reconstruct_augment,
+                                            train=s.reconstruct_train, input_mix=s.reconstruct_input_mix,
                                             augment=token_noise() if s.reconstruct_augment else None)
     report.seconds = time.perf_counter() - t0
     log.info(report.summary())

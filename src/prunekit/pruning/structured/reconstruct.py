@@ -28,7 +28,11 @@ A few hundred sentences are easy to over-fit (the calibration error falls far mo
 ``augment`` (``token_noise``: each token swapped, with some probability, for another token of the same batch)
 adds ``augment_copies`` perturbed copies of every training batch, whose targets are again the dense model's outputs,
 so the fit sees more of the input space around the user's text without any other data (``prune(...,
-reconstruct_augment=N)``). Under torchrun each rank fits a block on its own batches and the fitted weights are
+reconstruct_augment=N)``). Two more guards against it, for any block type: ``train="block"`` fits every parameter
+of the block (its norms and attention can absorb error the pruned layers cannot), and ``input_mix`` feeds, at each
+step, a random share of the elements of the *dense* model's block input in place of the pruned model's (QDrop's
+random drop, from quantisation reconstruction): the block is fitted on inputs between the clean and the damaged
+ones, not only on the latter. Under torchrun each rank fits a block on its own batches and the fitted weights are
 averaged across ranks before the next block, so every rank ends with the same model.
 
 Example:
@@ -178,7 +182,7 @@ def reconstruct(model: nn.Module, dense: nn.Module, calib_data: Iterable, blocks
                 steps: int = 400, lr: float = 0.01, max_batches: int = 50, check_every: int = 50,
                 device: str | torch.device = "cpu", seed: int = 0, train: str = "pruned",
                 augment: Callable[[Any, torch.Generator], Any] | None = None,
-                augment_copies: int = 0) -> list[dict[str, Any]]:
+                augment_copies: int = 0, input_mix: float = 0.0) -> list[dict[str, Any]]:
     """Reconstruct each block of ``blocks`` (``blocks_of``) of the pruned ``model`` towards ``dense`` (the model before
     pruning, same module names), in forward order. Returns one record per block: ``block``, ``layers``,
     ``batches`` (stored: held-out, training, augmented), ``loss_before``/``loss_after`` (held-out mean squared
@@ -194,6 +198,10 @@ def reconstruct(model: nn.Module, dense: nn.Module, calib_data: Iterable, blocks
         augment: ``augment(batch, generator) -> batch``, a perturbation of a calibration batch (e.g.
             ``token_noise``): ``augment_copies`` perturbed copies of every *training* batch join the fit (the dense
             model's outputs on them are the targets); the held-out batches stay clean.
+        input_mix: probability that a training step feeds an element of the *dense* model's block input in place
+            of the pruned model's (QDrop's random drop, for pruning): the block learns both to map clean inputs and to
+            correct the error its input carries, and sees inputs between the two (any block type). ``0``: pruned
+            inputs only. The held-out check always uses the pruned inputs.
     """
     if train not in ("pruned", "block"):
         raise ConfigError(f"reconstruct(train={train!r}) is not a choice: 'pruned' (the block's pruned layers) or "
@@ -205,6 +213,8 @@ def reconstruct(model: nn.Module, dense: nn.Module, calib_data: Iterable, blocks
     if augment is not None and not augment_copies:
         raise ConfigError("reconstruct(augment=...) with augment_copies=0 would not augment anything: give "
                           "augment_copies >= 1 or leave augment out")
+    if not 0.0 <= input_mix < 1.0:
+        raise ConfigError(f"reconstruct(input_mix={input_mix}) must be in [0, 1)")
     if steps <= 0 or not blocks:
         return []
     data = []
@@ -229,7 +239,7 @@ def reconstruct(model: nn.Module, dense: nn.Module, calib_data: Iterable, blocks
             if name not in named_d:
                 raise PruningError(f"block {name!r} of the pruned model is missing from the dense model")
             records.append(_reconstruct_block(model, dense, named_p[name], named_d[name], name, blocks[name], data,
-                                              n_val, steps, lr, check_every, device, seed, train))
+                                              n_val, steps, lr, check_every, device, seed, train, input_mix))
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -255,7 +265,8 @@ def _forward_order(model: nn.Module, inputs: Any, names: list[str]) -> list[str]
 
 def _reconstruct_block(model: nn.Module, dense: nn.Module, block: nn.Module, dense_block: nn.Module, name: str,
                        layers: list[str], data: list[Any], n_val: int, steps: int, lr: float, check_every: int,
-                       device: str | torch.device, seed: int, train: str = "pruned") -> dict[str, Any]:
+                       device: str | torch.device, seed: int, train: str = "pruned",
+                       input_mix: float = 0.0) -> dict[str, Any]:
     t0 = time.perf_counter()
     stored, size = [], 0
     for x in data:
@@ -268,12 +279,13 @@ def _reconstruct_block(model: nn.Module, dense: nn.Module, block: nn.Module, den
                             "has no dense target (compensation only)", name, shape, tuple(target.shape))
                 return {"block": name, "layers": layers, "batches": 0, "loss_before": None, "loss_after": None,
                         "kept": "skipped: output pruned", "seconds": 0.0}
-        size += _nbytes(inp) + _nbytes(target)
+        dense_inp = _capture(dense, dense_block, x, "input") if input_mix and len(stored) >= n_val else None
+        size += _nbytes(inp) + _nbytes(target) + _nbytes(dense_inp)
         if size > MEMORY_BUDGET and len(stored) >= 2:
             log.warning("reconstruction of %s stores %d of %d batches (calibration and augmented; %.1f GiB budget "
                         "of block inputs and targets)", name, len(stored), len(data), MEMORY_BUDGET / 2**30)
             break
-        stored.append((inp, target, _mask_of(x, target)))
+        stored.append((inp, target, _mask_of(x, target), dense_inp))
     n_val = min(n_val, max(1, len(stored) // HELD_OUT))  # fewer stored (memory budget): still 1 in 8 held out
     val, fit = stored[:n_val], stored[n_val:]
     mods = dict(model.named_modules())
@@ -288,8 +300,12 @@ def _reconstruct_block(model: nn.Module, dense: nn.Module, block: nn.Module, den
     all_params = list(model.parameters())
     frozen = [p.requires_grad for p in all_params]
 
-    def run(batch: tuple) -> torch.Tensor:
-        (args, kwargs), target, mask = batch
+    mix_gen = torch.Generator().manual_seed(seed + 2)
+
+    def run(batch: tuple, train_step: bool = False) -> torch.Tensor:
+        (args, kwargs), target, mask, dense_inp = batch
+        if train_step and dense_inp is not None:
+            args, kwargs = _mix((args, kwargs), dense_inp, input_mix, mix_gen)
         out = _first_tensor(block(*to_device(args, device), **to_device(kwargs, device)))
         return _loss(out, target.to(out.device), None if mask is None else mask.to(out.device))
 
@@ -312,7 +328,7 @@ def _reconstruct_block(model: nn.Module, dense: nn.Module, block: nn.Module, den
         for step in range(steps):
             for g, b0 in zip(opt.param_groups, base):
                 g["lr"] = b0 * 0.5 * (1 + math.cos(math.pi * step / steps))
-            loss = run(fit[int(torch.randint(len(fit), (1,), generator=gen))])
+            loss = run(fit[int(torch.randint(len(fit), (1,), generator=gen))], train_step=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -335,6 +351,20 @@ def _reconstruct_block(model: nn.Module, dense: nn.Module, block: nn.Module, den
     log.info("reconstructed %s (%d layers, %d batches): held-out error %.4g -> %.4g%s", name, len(layers),
              len(stored), before, best, "" if kept == "reconstructed" else " (no gain: compensated weights kept)")
     return rec
+
+
+def _mix(pruned: Any, dense: Any, p: float, gen: torch.Generator) -> Any:
+    """``pruned`` with each element of its floating tensors taken, with probability ``p``, from the same-shaped
+    tensor at the same place in ``dense`` (other leaves: the pruned model's)."""
+    if isinstance(pruned, torch.Tensor):
+        if (pruned.is_floating_point() and isinstance(dense, torch.Tensor) and dense.shape == pruned.shape):
+            return torch.where(torch.rand(pruned.shape, generator=gen) < p, dense, pruned)
+        return pruned
+    if isinstance(pruned, dict) and isinstance(dense, dict):
+        return {k: _mix(v, dense.get(k), p, gen) for k, v in pruned.items()}
+    if isinstance(pruned, (tuple, list)) and isinstance(dense, (tuple, list)) and len(dense) == len(pruned):
+        return type(pruned)(_mix(a, b, p, gen) for a, b in zip(pruned, dense))
+    return pruned
 
 
 def _sync_across_ranks(params: list[torch.Tensor]) -> None:

@@ -60,6 +60,14 @@ class PruneSettings(Config):
                                    "on the calibration data (no labels; the held-out error never rises); 0: off. "
                                    "See prunekit.pruning.structured.reconstruct")
     reconstruct_lr: float = Field(0.01, gt=0, description="reconstruction step size, relative to each parameter's RMS")
+    reconstruct_train: Literal["pruned", "block"] = Field(
+        "pruned", description="what the reconstruction fits: pruned (the block's pruned layers) or block (every "
+        "parameter of the block: norms, attention, unpruned layers too; fits more, needs --reconstruct-augment "
+        "on a small calibration set)")
+    reconstruct_input_mix: float = Field(0.0, ge=0, lt=1, description="probability that a reconstruction step "
+                                         "feeds each element of the dense model's block input instead of the "
+                                         "pruned model's (QDrop-style; any block type): the fit sees inputs "
+                                         "between the two, against over-fitting; 0: pruned inputs only")
     reconstruct_augment: int = Field(0, ge=0, description="token batches only: this many perturbed copies of each "
                                      "calibration batch the reconstruction fits on (each token but the first and "
                                      "last swapped, with probability 0.3, for a token drawn from the same batch) "

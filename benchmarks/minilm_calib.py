@@ -162,6 +162,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="50,100,300,600", help="calibration sentences per run (N)")
     ap.add_argument("--keeps", default="0.5,0.3", help="fractions of FFN hidden units kept")
     ap.add_argument("--draws", type=int, default=2, help="calibration draws (seeds) per setting")
+    ap.add_argument("--first-draw", type=int, default=0, help="seed of the first draw (draws first-draw .. "
+                    "first-draw + draws - 1); to split a run in parts")
     ap.add_argument("--methods", default="0,1,2",
                     help="indices: " + "; ".join(f"{i}={m[0]}" for i, m in enumerate(METHODS)))
     ap.add_argument("--eval", type=int, default=200, help="held-out sentences per domain")
@@ -206,7 +208,7 @@ def main() -> None:
     t_start = time.perf_counter()
     for d in calib_domains:
         for n in sizes:
-            for draw in range(a.draws):
+            for draw in range(a.first_draw, a.first_draw + a.draws):
                 pool = list(pools[d])
                 random.Random(draw).shuffle(pool)
                 calib = batches(tok, pool[:n], a.batch_size)

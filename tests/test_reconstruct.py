@@ -312,6 +312,11 @@ def test_prune_reconstruct_train_block_is_wired_and_validated():
     assert rep_m.reconstruction[2]["loss_after"] != rep_p.reconstruction[2]["loss_after"]
     with pytest.raises(ConfigError, match="reconstruct_input_mix"):
         pruned(5, reconstruct_input_mix=1.0)
+    # either option without reconstruct_steps would silently do nothing: refused
+    with pytest.raises(ConfigError, match="reconstruct_input_mix=0.5 shapes the reconstruction.*reconstruct_steps=0"):
+        pruned(0, reconstruct_input_mix=0.5)
+    with pytest.raises(ConfigError, match="reconstruct_train='block' shapes the reconstruction"):
+        pruned(0, reconstruct_train="block")
 
 
 def test_input_mix_feeds_dense_inputs_to_every_block_but_the_first_and_is_validated():

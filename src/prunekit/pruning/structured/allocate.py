@@ -203,7 +203,8 @@ def adaptive_overrides(model: nn.Module, example_inputs: Any, units: list[Unit],
                           f"({settings.target_macs}): give --ratio, or use scope global/local with --target-macs")
     ratio = settings.global_ratio
     trial_settings = settings.model_copy(update={"scope": "local", "ratio_overrides": {}, "reconstruct_steps": 0,
-                                                     "reconstruct_augment": 0})
+                                                     "reconstruct_augment": 0, "reconstruct_input_mix": 0.0,
+                                                     "reconstruct_train": "pruned"})
     damage_of = OutputDamage(model, calib_data, device)
     damage: dict[str, list[tuple[float, float]]] = {}
     t0 = time.perf_counter()

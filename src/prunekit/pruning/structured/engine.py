@@ -332,6 +332,11 @@ def _check_data(crit: Criterion, s: PruneSettings, calib_data: Iterable | None) 
     if s.reconstruct_augment and not s.reconstruct_steps:
         raise ConfigError(f"reconstruct_augment={s.reconstruct_augment} augments the reconstruction's data, but "
                           "reconstruct_steps=0 (off): set reconstruct_steps > 0 or reconstruct_augment=0")
+    if not s.reconstruct_steps and (s.reconstruct_input_mix or s.reconstruct_train != "pruned"):
+        what = (f"reconstruct_input_mix={s.reconstruct_input_mix}" if s.reconstruct_input_mix
+                else f"reconstruct_train={s.reconstruct_train!r}")
+        raise ConfigError(f"{what} shapes the reconstruction, but reconstruct_steps=0 (off): set "
+                          "reconstruct_steps > 0, or leave reconstruct_input_mix=0 and reconstruct_train='pruned'")
     if s.reconstruct_steps and calib_data is None:
         raise ConfigError(f"reconstruct_steps={s.reconstruct_steps} needs calibration data (calib_data=...): "
                           "reconstruction fits each block to the dense model's output on it; pass batches or "

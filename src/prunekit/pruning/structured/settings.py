@@ -62,8 +62,8 @@ class PruneSettings(Config):
     reconstruct_lr: float = Field(0.01, gt=0, description="reconstruction step size, relative to each parameter's RMS")
     reconstruct_train: Literal["pruned", "block"] = Field(
         "pruned", description="what the reconstruction fits: pruned (the block's pruned layers) or block (every "
-        "parameter of the block: norms, attention, unpruned layers too; fits more, needs --reconstruct-augment "
-        "on a small calibration set)")
+        "parameter of the block: norms, attention, unpruned layers too; fits more: pair it with "
+        "--reconstruct-augment on a small calibration set)")
     reconstruct_input_mix: float = Field(0.0, ge=0, lt=1, description="probability that a reconstruction step "
                                          "feeds each element of the dense model's block input instead of the "
                                          "pruned model's (QDrop-style; any block type): the fit sees inputs "

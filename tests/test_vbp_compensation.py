@@ -287,7 +287,7 @@ def test_compensation_errors_name_the_layer():
 
     lone = NoConsumer().eval()
     lone_stats = collect_stats(lone, batches, ["fc1"])
-    with pytest.raises(PruningError, match="from 'fc1' can be compensated \\(no conv/linear consumer\\)"):
+    with pytest.raises(PruningError, match="from 'fc1' can be compensated \\(no conv, linear or grouped-conv layer"):
         _prune_direct(lone, lone.fc1, [0], Compensator(lone, "mean", lone_stats), batches[0])
 
 
@@ -361,3 +361,90 @@ def test_auto_ridge_falls_back_to_mean_when_no_refit_generalises():
     assert rec[0]["mode"] == "mean" and rec[0]["ridge"] == float("inf"), rec
     torch.testing.assert_close(m_l.fc2.weight, m_m.fc2.weight, rtol=0, atol=0)
     torch.testing.assert_close(m_l.fc2.bias, m_m.fc2.bias, rtol=1e-6, atol=1e-6)
+
+
+class GroupedConsumer(nn.Module):
+    """conv1 -> ReLU -> a grouped 3x3 conv2 (2 groups, no padding) -> spatial mean -> fc (RegNet / ResNeXt style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 1)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=0, groups=2)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv2(F.relu(self.conv1(x))).mean((2, 3)))
+
+
+def test_grouped_conv_consumer_gets_mean_compensation_per_group():
+    """Channels 0, 1, 4, 5 of conv1 are constant after the ReLU (zero weights, a bias): the variance criterion takes
+    them, and a grouped conv2 reading them keeps every output exactly when each group's kernels, summed, fold the
+    means into the bias; conv2's own removed outputs go to fc as means, so the mean output is exact too."""
+    torch.manual_seed(0)
+    model = GroupedConsumer().eval()
+    with torch.no_grad():
+        for c in (0, 1, 4, 5):
+            model.conv1.weight[c] = 0
+            model.conv1.bias[c] = 0.5 + c / 10
+    batches = [torch.randn(8, 3, 6, 6) for _ in range(3)]
+    dense = _mean_out(model, batches)
+    comp, report = _pruned(model, batches[0], batches, "mean")
+    plain, _ = _pruned(model, batches[0], batches, "none")
+    assert comp.conv1.out_channels == 4 and comp.conv2.groups == 2
+    assert {r["name"]: r["channels"] for r in report.compensation} == {"conv2": 4, "fc": 2}
+    torch.testing.assert_close(_mean_out(comp, batches), dense, rtol=0, atol=1e-5)
+    assert (_mean_out(plain, batches) - dense).abs().max() > 0.1
+    lsq, report = _pruned(model, batches[0], batches, "lstsq")  # no refit of a grouped conv: its mean instead
+    assert {r["name"]: r["mode"] for r in report.compensation}["conv2"] == "mean"
+    torch.testing.assert_close(_mean_out(lsq, batches), dense, rtol=0, atol=1e-4)
+
+
+def test_a_group_nothing_can_compensate_fails_before_any_group_is_pruned(monkeypatch):
+    """fc2's group (read by fc3) finds no statistics: the error comes before fc1's group, earlier in the model, is
+    pruned, so a failed call leaves the model as it was."""
+    from prunekit.pruning.structured import compensation
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+    real = compensation.input_stats
+    monkeypatch.setattr(compensation, "input_stats", lambda st, name: None if name == "fc3" else real(st, name))
+    torch.manual_seed(0)
+    model = Chain().eval()
+    batches = [torch.randn(16, 6) for _ in range(2)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningError, match="from 'fc2' can be compensated: fc3 \\(no statistics of its input\\)"):
+        prune(model, batches[0], "l1", ratio=0.5, calib_data=batches, compensate="mean")
+    after = model.state_dict()
+    assert model.fc1.out_features == 8 and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_calibration_batches_the_model_cannot_take_are_refused_before_pruning():
+    model = ConvPair().eval()  # 3 input channels
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wrong = [torch.randn(4, 1, 6, 6)]
+    for criterion in ("l1", "variance"):
+        with pytest.raises(ConfigError, match=r"calib_data: the first batch does not run through the model: inputs "
+                                              r"tensor\[4, 1, 6, 6\] gave RuntimeError"):
+            prune(model, torch.randn(1, 3, 6, 6), criterion, ratio=0.5, calib_data=wrong)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+    class TwoIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x, v):
+            return self.b(F.relu(self.a(x)) * v.mean(-1, keepdim=True))
+
+    pair = [(torch.randn(3, 4), torch.randn(3, 8))]  # read as (inputs, labels): forward misses v
+    with pytest.raises(ConfigError, match=r"a 2-tuple batch is read as \(inputs, labels\)"):
+        prune(TwoIn(), (torch.randn(1, 4), torch.randn(1, 8)), "l1", ratio=0.5, calib_data=pair)
+    report = prune(TwoIn(), (torch.randn(1, 4), torch.randn(1, 8)), "variance", ratio=0.5,
+                   calib_data=[(pair[0],)])  # ((x, v),): one batch of two inputs
+    assert report.groups

@@ -8,7 +8,8 @@ from prunekit.models import create_model, list_models, register_model  # noqa: E
 from prunekit.runs import load_model, save_model  # noqa: E402
 
 _LAZY = {"prune": "prunekit.pruning.structured", "PruneReport": "prunekit.pruning.structured",
-         "fit": "prunekit.train", "evaluate": "prunekit.train", "TrainSettings": "prunekit.train"}
+         "fit": "prunekit.train", "evaluate": "prunekit.train", "TrainSettings": "prunekit.train",
+         "recalibrate_bn": "prunekit.pruning"}
 
 
 def __getattr__(name: str):
@@ -20,7 +21,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
 
 
-__all__ = ["prune", "PruneReport", "fit", "evaluate", "TrainSettings",
+__all__ = ["prune", "PruneReport", "recalibrate_bn", "fit", "evaluate", "TrainSettings",
     "ConfigError", "DataNotFoundError", "PruningError", "PrunekitError", "RunDirError",
     "count_macs", "count_params", "create_model", "list_models", "register_model", "load_model", "save_model",
 ]

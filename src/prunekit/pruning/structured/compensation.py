@@ -45,6 +45,7 @@ from prunekit.pruning.structured.stats import (
     Consumer,
     channels_in,
     consumers,
+    is_grouped,
     lstsq_supported,
 )
 
@@ -109,12 +110,9 @@ class Compensator:
         """
         if self.mode == "none":
             return []
-        records, skipped = [], []
-        for c in consumers(group, self.names):
-            st = input_stats(self.stats, c.name)
-            if st is None:
-                skipped.append(f"{c.name} (no statistics of its input)")
-                continue
+        found, skipped = self._found(group)
+        records = []
+        for c, st in found:
             alive = self._alive.get(c.name)
             if alive is None:  # first time: the statistics must describe the layer's current input
                 check_channels(st, c, channels_in(c.module))
@@ -125,13 +123,33 @@ class Compensator:
             records.append(self._compensate(c, st, alive, group._DG))
             removed = set(c.idxs)
             self._alive[c.name] = [o for i, o in enumerate(alive) if i not in removed]
-        if not records:
-            raise PruningError(f"compensate={self.mode!r}: no layer consuming the channels removed from "
-                               f"{root_name(group)!r} can be compensated"
-                               + (f": {'; '.join(skipped)}" if skipped else " (no conv/linear consumer)"))
         for why in skipped:
             log.warning("compensation skipped for %s", why)
         return records
+
+    def check(self, group: Any) -> None:
+        """Raise the ``PruningError`` that ``apply`` would raise for ``group`` (no layer consuming its channels can
+        be compensated), without changing anything: the engine checks every group before it prunes any."""
+        if self.mode != "none":
+            self._found(group)
+
+    def _found(self, group: Any) -> tuple[list[tuple[Consumer, ChannelStats]], list[str]]:
+        """(consumers with input statistics, why the others are skipped); none at all is a ``PruningError``."""
+        found, skipped = [], []
+        for c in consumers(group, self.names, grouped=True):
+            st = input_stats(self.stats, c.name)
+            if st is None:
+                skipped.append(f"{c.name} (no statistics of its input)")
+            else:
+                found.append((c, st))
+        if not found:
+            raise PruningError(f"compensate={self.mode!r}: no layer consuming the channels removed from "
+                               f"{root_name(group)!r} can be compensated"
+                               + (f": {'; '.join(skipped)}" if skipped else " (no conv, linear or grouped-conv layer "
+                                  "reads them; the group ends at the model's output or in a depthwise conv whose "
+                                  "consumers are not in the group)")
+                               + "; use compensate='none' or leave the group out (ignore=...)")
+        return found, skipped
 
     @torch.no_grad()
     def _compensate(self, c: Consumer, st: ChannelStats, alive: list[int], dg: Any) -> dict[str, Any]:
@@ -160,7 +178,14 @@ class Compensator:
                 mode = "mean"
                 record.update(ridge=ridge)
         if mode == "mean":
-            delta = W2[:, P].sum(-1) @ mu[P]  # (O,)
+            if is_grouped(m):  # output o reads the inputs of its group only: W2 is (O, D / groups, k2)
+                gi, go = W2.shape[1], W2.shape[0] // m.groups
+                full = torch.zeros(W2.shape[0], len(alive), dtype=W2.dtype, device=W2.device)
+                for g in range(m.groups):
+                    full[g * go:(g + 1) * go, g * gi:(g + 1) * gi] = W2[g * go:(g + 1) * go].sum(-1)
+                delta = full[:, P] @ mu[P]
+            else:
+                delta = W2[:, P].sum(-1) @ mu[P]  # (O,)
         else:
             mu_f = fs.mean.to(W.device)[cur_f.to(W.device)]
             D_K = _regress(_sub(fs.cov, cur_f, W.device), W_P, P_f, K_f, ridge)  # (O, |K_f|): W_P x_P on x_K

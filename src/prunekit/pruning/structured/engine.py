@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: float | None = None, *,
           keep: float | None = None, target_macs: float | None = None, target_latency: float | None = None,
           latency_backend: str | None = None, scope: str = "global", calib_data: Iterable | None = None,
-          compensate: str = "none", preset: str | None = None, ignore: Iterable[str] = (),
-          only: Iterable[str] = (), ratio_overrides: dict[str, float] | None = None,
+          compensate: str = "none", preset: str | None = None, ignore: str | Iterable[str] = (),
+          only: str | Iterable[str] = (), ratio_overrides: dict[str, float] | None = None,
           ratio_caps: dict[str, float] | None = None, round_to: int | None = None,
           max_ratio: float = 0.9, heads: bool = False, normalize: str = "mean", calib_batches: int = 50,
           seed: int = 0, recalibrate_bn: bool | None = None, reconstruct_steps: int = 0,
@@ -112,7 +112,8 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
     settings = PruneSettings.build(dict(
         criterion=criterion, ratio=ratio, keep=keep, target_macs=target_macs, target_latency=target_latency,
         latency_backend=latency_backend, scope=scope, compensate=compensate, preset=preset,
-        ignore=list(ignore), only=list(only), ratio_overrides=dict(ratio_overrides or {}),
+        ignore=[ignore] if isinstance(ignore, str) else list(ignore),
+        only=[only] if isinstance(only, str) else list(only), ratio_overrides=dict(ratio_overrides or {}),
         ratio_caps=dict(ratio_caps or {}), round_to=round_to,
         max_ratio=max_ratio, heads=heads, normalize=normalize, calib_batches=calib_batches, seed=seed,
         recalibrate_bn=recalibrate_bn, reconstruct_steps=reconstruct_steps, reconstruct_lr=reconstruct_lr,
@@ -134,12 +135,14 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
     _check_data(crit, s, calib_data)
     if calib_data is not None and iter(calib_data) is calib_data:  # a one-pass iterator: statistics, then BN
         calib_data = list(itertools.islice(calib_data, s.calib_batches))
+    device = device or _device_of(model)
+    if calib_data is not None:
+        _check_first_batch(model, calib_data, device)
     if s.reconstruct_augment and calib_data is not None:
         from prunekit.pruning.structured.reconstruct import check_token_batch
 
         check_token_batch(next(iter(calib_data), None), "reconstruct_augment", s.reconstruct_augment,
                           flag="--reconstruct-augment")
-    device = device or _device_of(model)
     report = PruneReport(criterion=s.criterion, scope=s.scope, ratio=s.global_ratio, target_macs=s.target_macs,
                          preset=s.preset, heads=s.heads)
     graph = PruningGraph(model, example_inputs)
@@ -194,6 +197,10 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
     report.left_whole = dict(graph.left_whole)
     check_mapping_same_on_all_ranks(selection_digests(sel), "pruning masks")
     compensator = _compensator(model, s.compensate, ctx.stats) if s.compensate != "none" else None
+    if compensator is not None:  # a group nothing can compensate fails here, before any group is pruned
+        for u in units:
+            if sel.removed.get(u.name):
+                compensator.check(u.group)
     before = _out_channels(graph)
     dense = copy.deepcopy(model) if report.latency and s.latency_verify_runs else None  # for the paired check
     reference = None  # reconstruction's targets: the model before pruning (shared with the latency check)
@@ -326,6 +333,31 @@ def _recalibrate(model: nn.Module, s: PruneSettings, calib_data: Iterable | None
         return {"skipped": why}
     n = recalibrate_bn(model, calib_data, s.calib_batches, device)
     return {"layers": len(bns), "batches": n}
+
+
+@torch.no_grad()
+def _check_first_batch(model: nn.Module, calib_data: Iterable, device: torch.device) -> None:
+    """Run the first calibration batch through the model before anything is changed: a batch the model cannot take
+    is a ``ConfigError`` naming ``calib_data``, not a raw error from the middle of pruning (after some groups)."""
+    from prunekit.measure.macs import call_model
+    from prunekit.pruning.structured.criteria.base import split_batch, to_device
+    from prunekit.pruning.structured.graph import describe_inputs
+
+    batch = next(iter(calib_data), None)
+    if batch is None:
+        raise ConfigError("calib_data is empty: pass at least one batch (or calib_data=None where no data is needed)")
+    x, _ = split_batch(batch)
+    was_training = model.training
+    model.eval()
+    try:
+        call_model(model, to_device(x, device))
+    except Exception as e:
+        pair = (" (a 2-tuple batch is read as (inputs, labels): for a model of several inputs pass "
+                "((x1, x2), labels) or ((x1, x2),))" if isinstance(batch, (tuple, list)) and len(batch) == 2 else "")
+        raise ConfigError(f"calib_data: the first batch does not run through the model: inputs "
+                          f"{describe_inputs(x)} gave {type(e).__name__}: {str(e).strip()[:400]}{pair}") from None
+    finally:
+        model.train(was_training)
 
 
 def _check_data(crit: Criterion, s: PruneSettings, calib_data: Iterable | None) -> None:

@@ -131,6 +131,17 @@ def deadline(seconds: int, message: str) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+def describe_inputs(x: Any) -> str:
+    """Shapes of a model input for messages: ``tensor[1, 3, 32, 32]``, ``(tensor[..], ...)``, ``{'k': tensor[..]}``."""
+    if isinstance(x, torch.Tensor):
+        return f"tensor{list(x.shape)}"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k!r}: {describe_inputs(v)}" for k, v in x.items()) + "}"
+    if isinstance(x, (tuple, list)):
+        return "(" + ", ".join(describe_inputs(v) for v in x) + ("," if len(x) == 1 else "") + ")"
+    return type(x).__name__
+
+
 # torch-pruning's channel inference gives up after this many recursive calls in all (its default, 500, is too few
 # where residual adds or dense concats multiply the paths back from a concat: torchvision's Swin-S/B and timm's
 # DPN fail to trace with it; DPN-68 needs about 20 000, which take 0.4 s)
@@ -185,7 +196,10 @@ class PruningGraph:
         except PruningError:
             raise
         except Exception as e:  # tracing failures come in every type
-            raise PruningError(f"torch-pruning could not trace {type(model).__name__}: {type(e).__name__}: {e}") from e
+            raise PruningError(f"torch-pruning could not trace {type(model).__name__} on example_inputs "
+                               f"{describe_inputs(example_inputs)}: {type(e).__name__}: {e} (example_inputs must be "
+                               "what the model's forward takes: a tensor, a tuple of positional inputs or a dict of "
+                               "keyword inputs)") from e
         finally:
             model.train(was_training)
         self.modules: dict[str, nn.Module] = dict(model.named_modules())

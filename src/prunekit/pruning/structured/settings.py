@@ -112,6 +112,12 @@ class PruneSettings(Config):
             PRESETS.get(v)
         return v
 
+    @field_validator("ignore", "only", mode="before")
+    @classmethod
+    def _one_regex(cls, v: Any) -> Any:
+        """``only="layer3"`` is one regex, not a list of one-letter regexes."""
+        return [v] if isinstance(v, str) else v
+
     @field_validator("ignore", "only")
     @classmethod
     def _regexes(cls, v: list[str]) -> list[str]:

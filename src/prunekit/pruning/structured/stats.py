@@ -357,11 +357,12 @@ class _Finder:
         return None
 
     def consumers(self, layer: str) -> list[str]:
-        """Conv / linear layers whose input channels are coupled to ``layer``'s output channels."""
+        """Conv / linear layers (grouped convs too) whose input channels are coupled to ``layer``'s output
+        channels."""
         m = self.modules[layer]
         pruner = self.dg.get_pruner_of_module(m)
         group = self.dg.get_pruning_group(m, pruner.prune_out_channels, list(range(channels_out(m))))
-        return [c.name for c in consumers(group, self.names)]
+        return [c.name for c in consumers(group, self.names, grouped=True)]
 
 
 def _data_inputs(node: Any) -> list[Any]:
@@ -380,8 +381,15 @@ class Consumer:
     root_idxs: list[int]
 
 
-def consumers(group: Any, names: Mapping[nn.Module, str] | None = None) -> list[Consumer]:
-    """The conv (groups=1, not transposed) and linear layers of a torch-pruning group that lose input channels."""
+def is_grouped(m: nn.Module) -> bool:
+    """A grouped conv whose output channels each read several input channels (1 < groups < in_channels); a
+    depthwise conv (groups = in_channels) loses an output channel with each input channel instead."""
+    return isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups < m.in_channels
+
+
+def consumers(group: Any, names: Mapping[nn.Module, str] | None = None, grouped: bool = False) -> list[Consumer]:
+    """The conv (groups=1, not transposed) and linear layers of a torch-pruning group that lose input channels;
+    ``grouped=True`` adds grouped convs (``is_grouped``), which bias compensation handles and the criteria do not."""
     dg = group._DG
     names = names if names is not None else dg._module2name
     out: dict[str, Consumer] = {}
@@ -389,7 +397,8 @@ def consumers(group: Any, names: Mapping[nn.Module, str] | None = None) -> list[
         m = item.dep.target.module
         if not isinstance(m, LAYERS) or dg.is_out_channel_pruning_fn(item.dep.handler):
             continue
-        if isinstance(m, nn.modules.conv._ConvNd) and (m.groups != 1 or m.transposed):
+        if isinstance(m, nn.modules.conv._ConvNd) and (m.transposed or (m.groups != 1
+                                                                       and not (grouped and is_grouped(m)))):
             continue
         name = names.get(m, type(m).__name__)
         root = getattr(item, "root_idxs", None) or list(item.idxs)

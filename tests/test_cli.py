@@ -143,6 +143,49 @@ def test_refuses_to_overwrite_a_finished_run(trained_run, capsys):
     assert "already holds a run" in err and "--resume" in err
 
 
+def test_resume_of_a_finished_run_is_refused_and_leaves_it_alone(trained_run, tmp_path, capsys):
+    """--resume on a finished run (no last.ckpt) has nothing to continue: refused, not trained again over it."""
+    before = {f: (trained_run / f).read_bytes() for f in runs.RUN_FILES}
+    err = _err(["train", "--model", "smallcnn", "--epochs", "1", "--out", str(trained_run), "--resume"], capsys)
+    assert "holds a finished run" in err and "--resume has nothing to continue" in err and "--overwrite" in err
+    assert {f: (trained_run / f).read_bytes() for f in runs.RUN_FILES} == before
+    import shutil
+
+    taken = tmp_path / "taken"
+    shutil.copytree(trained_run, taken)
+    err = _err(["export", "--from", str(trained_run), "--out", str(taken)], capsys)  # export has no --resume
+    assert "already holds a run" in err and "--resume" not in err and "--overwrite" in err
+
+
+def test_flag_mistakes_are_one_line_naming_the_flag(trained_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # argparse's own check
+        main(["prune", "--from", str(trained_run), "--compensate", "foo"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--compensate" in err and "'foo'" in err and "'lstsq'" in err
+    assert "usage:" not in err
+    err = _err(["profile"], capsys)  # two required flags: one line, the flags named, no dict of values
+    assert err == ("prunekit profile: error: --baseline and --pruned are required (on the command line, or as "
+                   "'baseline', 'pruned' in --config FILE.yaml)\n")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    assert "is a file, not a run directory" in _err(["eval", "--from", str(a_file)], capsys)
+    err = _err(["run", str(tmp_path / "nope.yaml")], capsys)
+    assert "recipe: file" in err and "--config" not in err
+
+
+def test_run_files_get_the_umask_permissions(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        assert main(["train", "--model", "smallcnn", "--epochs", "1", "--train-samples", "200",
+                     "--out", str(tmp_path / "r")]) == 0
+    finally:
+        os.umask(old)
+    modes = {f: (tmp_path / "r" / f).stat().st_mode & 0o777 for f in TRAIN_FILES}
+    assert set(modes.values()) == {0o644}, modes
+
+
 def _scalars(event_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -165,3 +165,19 @@ def test_overrides_accept_the_short_stage_form(tmp_path):
     assert short.stages["prune"] == {"criterion": "l2", "ratio": 0.3} and short.seed == 3
     with pytest.raises(ConfigError, match="criterion"):
         load_recipe(p, {"prune.criterion": "l7"})
+
+
+def test_a_bad_override_is_blamed_on_set_and_a_data_typo_is_not_dropped(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("stages:\n  baseline: {model: smallcnn, epochs: 1}\n  prune: {criterion: l1, ratio: 0.4}\n")
+    for key, said in (("sed", r"--set sed: unknown recipe key 'sed'; did you mean 'seed'"),
+                      ("stages.prnue.ratio", r"--set stages.prnue.ratio: unknown stage 'prnue'; did you mean 'prune'"),
+                      ("prune.ratoi", r"--set prune.ratoi: unknown prune option 'ratoi'; did you mean 'ratio'"),
+                      ("data.batchsize", r"--set data.batchsize: unknown data option 'batchsize'; did you mean "
+                                         r"'batch_size'")):
+        with pytest.raises(ConfigError, match=said) as e:
+            load_recipe(p, {key: 1})
+        assert str(p) not in str(e.value)  # the file is fine
+    p.write_text("data: {batchsize: 32}\nstages:\n  baseline: {model: smallcnn, epochs: 1}\n")
+    with pytest.raises(ConfigError, match=r"recipe data: unknown data option 'batchsize'; did you mean 'batch_size'"):
+        load_recipe(p)

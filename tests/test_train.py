@@ -69,6 +69,36 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     assert (tmp_path / "cut" / runs.HISTORY).read_text().count("\n") == 3
 
 
+def test_resume_refuses_other_settings_a_damaged_checkpoint_and_another_model(tmp_path):
+    """A checkpoint continues only the run that wrote it: other settings, a truncated file or a model it does not fit
+    are each one clear error (a resumed run with other epochs or lr would silently mix two schedules)."""
+    from prunekit.errors import ConfigError, RunDirError
+
+    s = TrainSettings(epochs=3, lr=0.05)
+    tr, va = _loaders(64)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_net(), tr, va, s, run_dir=tmp_path, callbacks=[_Kill2()])
+    ck = tmp_path / runs.CKPT
+    assert torch.load(ck, weights_only=True)["settings"]["lr"] == 0.05
+    with pytest.raises(ConfigError, match=r"other settings \(epochs: 3 in the checkpoint, 6 now; lr: 0.05 in the "
+                                          r"checkpoint, 0.5 now\).*--overwrite"):
+        fit(_net(), tr, va, TrainSettings(epochs=6, lr=0.5), run_dir=tmp_path, resume=True)
+    other = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with pytest.raises(ConfigError, match="does not fit this model.*--model"):
+        fit(other, tr, va, s, run_dir=tmp_path, resume=True)
+    ck.write_bytes(ck.read_bytes()[:500])
+    with pytest.raises(RunDirError, match="last.ckpt' cannot be read.*damaged.*--overwrite"):
+        fit(_net(), tr, va, s, run_dir=tmp_path, resume=True)
+
+
+class _Kill2:
+    """A kill after the first epoch's checkpoint of a 64-sample loader (2 steps per epoch)."""
+
+    def on_after_optimizer_step(self, model, step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+
 def test_early_stopping_stops_after_patience():
     tr, va = _loaders(64)
     model = _net()

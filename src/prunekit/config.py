@@ -56,7 +56,14 @@ def flag_name(field: str) -> str:
 
 def format_validation_error(e: ValidationError, source: str, values: dict[str, Any]) -> str:
     lines = []
+    missing = [str(err["loc"][0]) for err in e.errors() if err["type"] == "missing" and err["loc"]]
+    if missing:  # not given anywhere: no value to show, and no source to blame
+        flags = [flag_name(k) for k in missing]
+        lines.append(f"{' and '.join(flags)} {'is' if len(flags) == 1 else 'are'} required (on the command line, or "
+                     f"as {', '.join(repr(k) for k in missing)} in --config FILE.yaml)")
     for err in e.errors():
+        if err["type"] == "missing" and err["loc"]:
+            continue
         loc = [str(p) for p in err["loc"]]
         msg = err["msg"]
         if msg.startswith("Value error, "):
@@ -71,17 +78,22 @@ def format_validation_error(e: ValidationError, source: str, values: dict[str, A
     return "\n".join(lines)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or bad YAML is a ``ConfigError`` naming the file."""
+def read_yaml(path: str | Path, what: str = "--config") -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or bad YAML is a ``ConfigError`` naming ``what`` (the flag or argument
+    that gave the file) and the file."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what}: {str(p)!r} is a directory, not a YAML file")
     if not p.is_file():
-        raise ConfigError(f"--config: file {str(p)!r} does not exist")
+        raise ConfigError(f"{what}: file {str(p)!r} does not exist")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config: {str(p)!r} is not valid YAML: {e}") from None
+        raise ConfigError(f"{what}: {str(p)!r} is not valid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: {str(p)!r} is not a text (YAML) file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"--config: {str(p)!r} must hold a mapping of keys to values, got {type(data).__name__}")
+        raise ConfigError(f"{what}: {str(p)!r} must hold a mapping of keys to values, got {type(data).__name__}")
     return data

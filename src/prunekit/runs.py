@@ -201,7 +201,7 @@ def save_model(run_dir: str | Path, model: nn.Module, spec: ModelSpec | None = N
 def read_spec(run_dir: str | Path) -> ModelSpec:
     p = Path(run_dir) / SPEC
     if not Path(run_dir).is_dir():
-        raise RunDirError(f"run directory {str(run_dir)!r} does not exist")
+        raise RunDirError(_not_a_dir(run_dir))
     if not p.is_file():
         raise RunDirError(f"{str(run_dir)!r} is not a run directory: it has no {SPEC}")
     try:
@@ -355,11 +355,17 @@ def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
+def _not_a_dir(run_dir: str | Path) -> str:
+    if Path(run_dir).exists():
+        return f"{str(run_dir)!r} is a file, not a run directory (give the folder that holds {SPEC} and {WEIGHTS})"
+    return f"run directory {str(run_dir)!r} does not exist"
+
+
 def check_run_dir(run_dir: str | Path) -> Path:
     """A finished run directory (all of RUN_FILES present) or a ``RunDirError`` naming what is missing."""
     p = Path(run_dir)
     if not p.is_dir():
-        raise RunDirError(f"run directory {str(run_dir)!r} does not exist")
+        raise RunDirError(_not_a_dir(run_dir))
     missing = sorted(f for f in RUN_FILES if not (p / f).is_file())
     if missing:
         raise RunDirError(f"{str(run_dir)!r} is not a finished run directory: missing {', '.join(missing)}")
@@ -397,8 +403,14 @@ class run_log:  # noqa: N801  (a context manager used like a function)
             logger.setLevel(self._old_level)
 
 
-def prepare_out_dir(out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
-    """Create a stage's output folder; refuse to clobber a finished run unless ``overwrite`` (nothing is lost)."""
+def prepare_out_dir(out: str | Path, resume: bool = False, overwrite: bool | None = False,
+                    resumable: bool = True) -> Path:
+    """Create a stage's output folder; refuse to clobber a finished run unless ``overwrite`` (nothing is lost).
+
+    ``resumable``: the stage has a ``--resume`` (training stages); ``overwrite=None``: it has no ``--overwrite``
+    (eval); the refusal points only to the flags the stage has. ``resume`` on a
+    finished run (all of ``RUN_FILES``, no ``last.ckpt``) is refused too: there is nothing to continue, and training
+    it again would replace it."""
     import shutil
 
     from prunekit.train.distributed import barrier, rank
@@ -406,12 +418,18 @@ def prepare_out_dir(out: str | Path, resume: bool = False, overwrite: bool = Fal
     p = Path(out)
     not_dir = p.exists() and not p.is_dir()
     held = p.is_dir() and any(p.iterdir())
+    finished = held and all((p / f).is_file() for f in RUN_FILES) and not (p / CKPT).exists()
     barrier()  # torchrun: every rank looks before rank 0 changes anything
     if not_dir:
         raise RunDirError(f"--out {str(p)!r} exists and is not a directory")
+    if held and resume and finished and not overwrite:
+        raise RunDirError(f"--out {str(p)!r} holds a finished run (no {CKPT} to resume from): --resume has nothing "
+                          "to continue; pass --overwrite to run it again, or choose another --out")
     if held and not overwrite and not resume:
-        raise RunDirError(f"--out {str(p)!r} already holds a run; pass --resume to continue it, "
-                          "--overwrite to replace it, or choose another --out")
+        hints = [h for h, ok in (("pass --resume to continue it", resumable),
+                                 ("pass --overwrite to replace it", overwrite is not None)) if ok]
+        raise RunDirError(f"--out {str(p)!r} already holds a run; " + ", ".join([*hints, "or choose another --out"])
+                          if hints else f"--out {str(p)!r} already holds a run; choose another --out")
     if rank() == 0:
         if held and overwrite:
             shutil.rmtree(p)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from prunekit import runs
 from prunekit.cli.args import command
@@ -37,6 +37,13 @@ class GraphConfig(Config):
     only: list[str] = Field(default_factory=list, description="regexes of module names: show only these groups")
     ignore: list[str] = Field(default_factory=list, description="regexes of module names never pruned")
     heads: bool = Field(False, description="show attention heads as prunable groups")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str | None) -> str | None:
+        from prunekit.models import check_model_name
+
+        return v if v is None else check_model_name(v)
 
 
 def draw(cfg: GraphConfig) -> Path:

@@ -24,11 +24,19 @@ def _discover() -> None:
             importlib.import_module(f"prunekit.cli.{m.name}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A flag mistake is one line naming the command, the flag, the value and the choices (argparse says those),
+    plus where the help is; not the whole usage block (its sub-command parsers are of this class too)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from prunekit import __version__
 
     _discover()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="prunekit",
         description="Prune trained PyTorch networks end to end: measure, prune, recover, prove, export.",
     )
@@ -96,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     except PrunekitError as e:
         if ns.debug:
             traceback.print_exc()
-        print(f"prunekit {ns.command}: error: {e}", file=sys.stderr)
+        for line in str(e).splitlines() or [""]:  # every line says whose error it is
+            print(f"prunekit {ns.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"prunekit {ns.command}: interrupted", file=sys.stderr)

@@ -203,7 +203,7 @@ def export_run(cfg: ExportConfig) -> dict[str, Any]:
         if Path(cfg.out).resolve() == src.resolve():
             raise ConfigError(f"--out {str(cfg.out)!r} is the same folder as --from; leave --out out to export "
                               f"into {str(src / EXPORT_DIR)!r}")
-        run_dir = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite)
+        run_dir = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite, resumable=False)
         _copy_run(src, run_dir)
         log_dir = run_dir
     else:

@@ -25,6 +25,14 @@ def list_models() -> list[str]:
     return MODELS.names()
 
 
+def check_model_name(name: str) -> str:
+    """``name`` if it is a built-in model or has a source prefix (``tv:``, ``timm:``, ``hf:``, checked when built);
+    else the ``ConfigError`` (a ``ValueError``, so config validators can use it) listing the built-in names."""
+    if ":" not in name:
+        MODELS.get(name)
+    return name
+
+
 def create_model(name: str, *, in_channels: int = 3, num_classes: int = 10, pretrained: bool = False,
                  weights: str | None = None, **kwargs: Any) -> nn.Module:
     """Build a model by name and attach its rebuild spec (``model.prunekit_spec``).

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from prunekit import runs
 from prunekit._io import atomic_write_json
@@ -31,6 +31,13 @@ class DemoConfig(Config):
     finetune_epochs: int | None = Field(None, ge=0, description="fine-tuning epochs (default 6)")
     latency_runs: int = Field(30, gt=0, description="timed runs per model for the latency comparison")
     seed: int = Field(0, description="random seed")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str | None) -> str | None:
+        from prunekit.models import check_model_name
+
+        return v if v is None else check_model_name(v)
 
 
 def _overrides(cfg: DemoConfig) -> dict[str, Any]:

@@ -121,7 +121,7 @@ def prune_llm_run(cfg: PruneLLMConfig) -> dict[str, Any]:
         metrics["ppl_after"] = perplexity(model, ev, seq_len=cfg.seq_len)
         log.info("perplexity after: %.4f", metrics["ppl_after"])
     metrics.update(params_before=report["params_before"], params_after=report["params_after"])
-    out = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite)
+    out = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite, resumable=False)
     save_pruned(model, out, report)
     for f in TOKENIZER_FILES:
         if (Path(cfg.model) / f).exists():
@@ -157,6 +157,6 @@ def text_perplexity_run(cfg: Any) -> dict[str, Any]:
     if cfg.out is not None:
         from prunekit import runs
 
-        out = runs.prepare_out_dir(cfg.out)
+        out = runs.prepare_out_dir(cfg.out, overwrite=None, resumable=False)
         (out / "metrics.json").write_text(json.dumps(m, indent=1))
     return m

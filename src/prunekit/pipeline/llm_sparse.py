@@ -85,7 +85,7 @@ def sparsify_llm_run(cfg: Any) -> dict[str, Any]:
     log.info("sparsify: report\n%s", report.table())
     metrics.update(report.metrics())
     metrics["layers"] = {lr.name: lr.sparsity for lr in report.layers}
-    out = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite)
+    out = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite, resumable=False)
     model.to("cpu").save_pretrained(out)
     for f in TOKENIZER_FILES:
         if (Path(cfg.from_dir) / f).exists():

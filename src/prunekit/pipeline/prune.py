@@ -62,7 +62,7 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
     runs.check_run_dir(cfg.from_dir)
     if Path(cfg.out).resolve() == Path(cfg.from_dir).resolve():
         raise ConfigError(f"--out {str(cfg.out)!r} is the same folder as --from; choose another --out")
-    out = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite)
+    out = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite, resumable=False)
     data = data_settings(cfg, runs.read_config(cfg.from_dir))
     with runs.run_log(out):
         torch.manual_seed(cfg.seed)

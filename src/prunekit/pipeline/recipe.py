@@ -82,12 +82,36 @@ class Recipe(Config):
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
-    data = read_yaml(path)
+    data = read_yaml(path, what="recipe")
     for k, v in (overrides or {}).items():
+        check_override(k, data)
         set_dotted(data, k, v)
     recipe = Recipe.build(data, source=str(path))
     stage_configs(recipe)  # validate every stage's options now, before anything runs
     return recipe
+
+
+def check_override(key: str, recipe: dict[str, Any], flag: str = "--set") -> None:
+    """A ``ConfigError`` naming ``flag`` and the key when ``key`` (dotted, as ``set_dotted`` reads it) names no
+    option: an unknown top-level key, stage, stage option or data option. The recipe file is not to blame."""
+    from prunekit.data import DataArgs
+
+    parts = key.split(".")
+    if len(parts) > 1 and parts[0] not in Recipe.model_fields and (
+            parts[0] in (recipe.get("stages") or {}) or parts[0] in STAGES.names()):
+        parts = ["stages", *parts]
+    top = Recipe.keys()
+    if parts[0] not in top:
+        raise ConfigError(f"{flag} {key}: " + unknown_name_message("recipe key", parts[0], top))
+    if parts[0] == "stages" and len(parts) > 1:
+        if parts[1] not in STAGES.names():
+            raise ConfigError(f"{flag} {key}: " + unknown_name_message("stage", parts[1], STAGES.names()))
+        keys = STAGES.get(parts[1]).config.keys()
+        if len(parts) > 2 and parts[2] not in keys:
+            raise ConfigError(f"{flag} {key}: " + unknown_name_message(f"{parts[1]} option", parts[2], keys))
+    if parts[0] == "data" and len(parts) > 1 and parts[1] not in DataArgs.model_fields:
+        raise ConfigError(f"{flag} {key}: "
+                          + unknown_name_message("data option", parts[1], list(DataArgs.model_fields)))
 
 
 def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
@@ -110,6 +134,12 @@ def stage_dirs(recipe: Recipe) -> dict[str, Path]:
 
 def stage_configs(recipe: Recipe) -> dict[str, Config]:
     """Each stage's validated config, with ``from``/``out``/seed/device/data filled in by the pipeline."""
+    from prunekit.data import DataArgs
+
+    unknown = [k for k in recipe.data if k not in DataArgs.model_fields]
+    if unknown:  # shared data options go to the stages that take them: a typo would be dropped silently
+        raise ConfigError("recipe data: "
+                          + unknown_name_message("data option", unknown[0], list(DataArgs.model_fields)))
     dirs = stage_dirs(recipe)
     prev: Path | None = None
     out: dict[str, Config] = {}

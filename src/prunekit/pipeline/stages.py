@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from prunekit import runs
 from prunekit.config import Config
@@ -44,6 +44,13 @@ class TrainConfig(StageOut, TrainSettings):
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments")
     resume: bool = Field(False, description="continue an interrupted run in --out from its last checkpoint")
     out: Path = Field(Path("runs/train"), description="output run directory")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from prunekit.models import check_model_name
+
+        return check_model_name(v)
 
 
 class KDArgs(Config):
@@ -219,7 +226,7 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, Any]:
     metrics = {**evaluate(model, ld["val"], cfg.device, cfg.max_batches), **model_metrics(model, spec, cfg.device),
                "stage": "eval", "from": str(cfg.from_dir), **data}
     if cfg.out is not None:
-        out = runs.prepare_out_dir(cfg.out)
+        out = runs.prepare_out_dir(cfg.out, overwrite=None, resumable=False)
         with runs.run_log(out):
             log.info("eval: %s: %s", cfg.from_dir, _fmt(metrics))
         for f in (runs.WEIGHTS, runs.SPEC):

@@ -49,7 +49,16 @@ from prunekit import runs
 from prunekit._io import atomic_write_json, atomic_write_text
 from prunekit.config import read_yaml
 from prunekit.errors import ConfigError, RunDirError, closest
-from prunekit.pipeline.recipe import DEMO_RECIPE, STAGES, Recipe, is_finished, set_dotted, stage_configs, stage_dirs
+from prunekit.pipeline.recipe import (
+    DEMO_RECIPE,
+    STAGES,
+    Recipe,
+    check_override,
+    is_finished,
+    set_dotted,
+    stage_configs,
+    stage_dirs,
+)
 from prunekit.report.pareto import pareto_front
 from prunekit.report.targets import DEFAULT_TARGETS, TARGETS, check_targets, describe_targets, meets_targets
 
@@ -248,8 +257,9 @@ class _Sweep:
     def __init__(self, recipe: str | Path | None, space: Mapping[str, Sequence[Any]], out: Path, search: str,
                  overrides: Mapping[str, Any] | None):
         self.path = Path(recipe) if recipe is not None else DEMO_RECIPE
-        self.data = read_yaml(self.path)
+        self.data = read_yaml(self.path, what="recipe")
         for k, v in (overrides or {}).items():
+            check_override(k, self.data)
             set_dotted(self.data, k, v)
         self.out = Path(out).resolve()
         self.base = self._build({}, "recipe")

@@ -251,9 +251,9 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable, settings
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     start, best, best_state, bad_epochs = 0, None, None, 0
+    fingerprint = resume_fingerprint(s)
     if resume and ckpt_path is not None and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(ck["model"])
+        ck = load_checkpoint(ckpt_path, device, fingerprint, model)
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         if ema is not None and "ema" in ck:
@@ -295,7 +295,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable, settings
                 runs.append_history(run_dir, row)
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best": best,
-                         "best_model": best_state, "bad_epochs": bad_epochs}
+                         "best_model": best_state, "bad_epochs": bad_epochs, "settings": fingerprint}
                 if ema is not None:
                     state["ema"] = ema.state_dict()
                 atomic_write(ckpt_path, lambda tmp, st=state: torch.save(st, tmp))
@@ -307,6 +307,48 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable, settings
     result = dict(best or evaluate(model, val_loader, device))
     result["epochs_run"] = s.epochs - start
     return result
+
+
+# settings that may change between a run and its resumption without changing what is trained
+RESUME_FREE = frozenset({"resume", "overwrite", "out", "device", "workers", "tensorboard", "download", "data_dir"})
+
+
+def resume_fingerprint(s: Any) -> dict[str, Any]:
+    """The settings a checkpoint was trained with (JSON values), less ``RESUME_FREE``: resuming with other values
+    (epochs, lr, model, data...) would silently mix two runs."""
+    d = s.to_dict() if hasattr(s, "to_dict") else dict(vars(s))
+    return {k: v for k, v in d.items() if k not in RESUME_FREE}
+
+
+def load_checkpoint(path: Path, device: torch.device, fingerprint: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``last.ckpt`` for ``--resume`` (``weights_only``), checked: readable, written with these settings, for this
+    model. Each failure is a ``RunDirError`` / ``ConfigError`` that says what differs and what to do."""
+    from prunekit.errors import ConfigError, RunDirError
+
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated or not a checkpoint at all
+        raise RunDirError(f"--resume: {str(path)!r} cannot be read ({type(e).__name__}: {e}); it is damaged: pass "
+                          "--overwrite to start the run again, or choose another --out") from None
+    if not isinstance(ck, dict) or not {"model", "optimizer", "scheduler", "epoch"} <= set(ck):
+        raise RunDirError(f"--resume: {str(path)!r} is not a prunekit training checkpoint (keys "
+                          f"{sorted(ck) if isinstance(ck, dict) else type(ck).__name__}); pass --overwrite to start "
+                          "again")
+    saved = ck.get("settings")  # absent in checkpoints of older versions: not checked
+    if saved is not None:
+        diff = {k: (saved.get(k), fingerprint.get(k)) for k in sorted(set(saved) | set(fingerprint))
+                if saved.get(k) != fingerprint.get(k)}
+        if diff:
+            said = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diff.items())
+            raise ConfigError(f"--resume: {str(path)!r} was written with other settings ({said}); resume with the "
+                              "checkpoint's values, or pass --overwrite to start again with the new ones")
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[:2]
+        raise ConfigError(f"--resume: {str(path)!r} does not fit this model ({' '.join(first)[:300]}); resume with "
+                          "the --model the run was started with, or pass --overwrite") from None
+    return ck
 
 
 def finish_run(run_dir: str | Path | None) -> None:

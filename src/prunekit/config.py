@@ -57,10 +57,14 @@ def flag_name(field: str) -> str:
 def format_validation_error(e: ValidationError, source: str, values: dict[str, Any]) -> str:
     lines = []
     missing = [str(err["loc"][0]) for err in e.errors() if err["type"] == "missing" and err["loc"]]
-    if missing:  # not given anywhere: no value to show, and no source to blame
+    if missing and (source in ("command line", "config") or source.endswith((".yaml", ".yml"))):
+        # the CLI: not given anywhere, so no value to show and no source to blame
         flags = [flag_name(k) for k in missing]
         lines.append(f"{' and '.join(flags)} {'is' if len(flags) == 1 else 'are'} required (on the command line, or "
                      f"as {', '.join(repr(k) for k in missing)} in --config FILE.yaml)")
+    elif missing:  # a recipe stage, a Python call
+        lines.append(f"{source}: {', '.join(repr(k) for k in missing)} {'is' if len(missing) == 1 else 'are'} "
+                     "required")
     for err in e.errors():
         if err["type"] == "missing" and err["loc"]:
             continue

@@ -322,6 +322,19 @@ def test_gradual_schedule_reaches_the_final_sparsity_during_training(method):
         assert sp.method.steps == 2 * len(dl)
 
 
+def test_gradual_schedule_recalibrates_before_an_evaluation_that_follows_mask_updates():
+    """Masks change in epoch 1 only (the ramp ends halfway): the recalibration runs before epoch 1's evaluation, on
+    the model being evaluated, and not again in epoch 2."""
+    model = tiny()
+    sp = Sparsifier(model, method="l1", sparsity=0.75, example_inputs=X)
+    dl = loader()
+    calls = []
+    sched = GradualSchedule(sp, total_steps=2 * len(dl), final=0.75, end=0.5, every=1,
+                            recalibrate=lambda m: calls.append((m, sp.sparsity())))
+    fit(model, dl, loader(32, seed=9), TrainSettings(epochs=2, lr=0.05), callbacks=[sp, sched])
+    assert len(calls) == 1 and calls[0][0] is model and calls[0][1] == pytest.approx(0.75, abs=1e-3)
+
+
 def test_schedules_values():
     assert cubic_sparsity(0, 0, 100, 0.8) == 0.0 and cubic_sparsity(100, 0, 100, 0.8) == 0.8
     assert cubic_sparsity(50, 0, 100, 0.8, 0.2) == pytest.approx(0.8 + (0.2 - 0.8) * 0.125)

@@ -126,6 +126,21 @@ def test_permanent_gives_the_same_outputs_without_mask_buffers(base_run, tmp_pat
     assert json.loads((folded / runs.SPEC).read_text())["extra"]["sparsity"]["permanent"] is True
 
 
+def test_finetuning_a_permanent_sparse_run_warns_and_records_its_sparsity(base_run, tmp_path, caplog):
+    from prunekit.pipeline.stages import FinetuneConfig, finetune
+    from prunekit.report.collect import _method
+
+    folded, ft = tmp_path / "folded", tmp_path / "ft"
+    sparsify(base_run, folded, method="l1", sparsity=0.5, permanent=True)
+    with caplog.at_level("WARNING"):
+        m = finetune(FinetuneConfig.build({"from": str(folded), "out": str(ft), "epochs": 1, "lr": 0.05}))
+    assert "holds no masks (sparsified with --permanent): fine-tuning fills the zeros in" in caplog.text
+    assert m["model_sparsity"] < 0.05 and m["nonzero_params"] > 0.95 * m["params"]  # the zeros are gone, and said
+    assert _method([folded]) == "l1 s=0.50" and _method([ft, folded]) == "l1 s=0.50"
+    sparsify(base_run, tmp_path / "nm", method="nm", nm="2:8")
+    assert _method([tmp_path / "nm"]) == "nm 2:8"
+
+
 def test_a_later_finetune_stage_keeps_the_masks(base_run, tmp_path):
     from prunekit.pipeline.stages import FinetuneConfig, finetune
 
@@ -192,6 +207,8 @@ def test_masks_survive_a_fresh_process_also_after_structured_pruning_then_2to4(b
     (["--method", "movement", "--schedule", "gradual"], "needs a training phase"),
     (["--method", "l1", "--schedule", "iterative"], "needs --epochs >= 1"),
     (["--method", "nm", "--schedule", "gradual", "--epochs", "1"], "use --schedule oneshot"),
+    (["--method", "kernel", "--nm", "1:4"], "--nm 1:4 does not apply to method 'kernel'"),
+    (["--method", "l1", "--pattern-keep", "3"], "--pattern-keep 3 does not apply to method 'l1'"),
 ])
 def test_bad_values_give_one_clear_message(base_run, tmp_path, capsys, args, msg):
     assert main(["sparsify", "--from", str(base_run), "--out", str(tmp_path / "x"), *args]) == 2

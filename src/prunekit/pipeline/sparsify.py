@@ -155,8 +155,12 @@ def sparsify_run(cfg: SparsifyConfig) -> dict[str, Any]:
         elif cfg.schedule == "iterative":
             sp = _iterative(cfg, sp, out, pruned, train)
         else:
+            recal = None
+            if cfg.recalibrate_bn and batchnorms(sp.model):
+                def recal(m: torch.nn.Module) -> None:
+                    recalibrate_bn(m, calib, cfg.calib_batches, device)
             sched = GradualSchedule(sp, cfg.epochs * len(ld["train"]), cfg.target(), cfg.initial_sparsity, 0.0,
-                                    cfg.gradual_end, cfg.prune_every)
+                                    cfg.gradual_end, cfg.prune_every, recalibrate=recal)
             sched.start()
             train([sp, sched], out, "sparsify-gradual")
             sched.finish()

@@ -163,11 +163,17 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         log.info("finetune: %s from %s (top1 %.2f%%), %d epochs, %s lr %g", spec.name, cfg.from_dir,
                  before.get("top1", float("nan")), cfg.epochs, cfg.optimizer, cfg.lr)
         loss_fn, teacher_dir = kd_setup(cfg, "finetune")
+        sparse = isinstance(before.get("model_sparsity"), (int, float)) and before["model_sparsity"] > 0
+        if sparse and not _has_masks(model):
+            log.warning("finetune: %s is %.1f%% zeros but holds no masks (sparsified with --permanent): fine-tuning "
+                        "fills the zeros in; sparsify without --permanent to keep them through training",
+                        cfg.from_dir, 100 * before["model_sparsity"])
         ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download)
         t0 = time.perf_counter()
         best = fit(model, ld["train"], ld["val"], cfg, run_dir=out, resume=cfg.resume, phase="finetune",
                    loss_fn=loss_fn)
         metrics = {**evaluate(model, ld["val"], cfg.device), **model_metrics(model, spec, cfg.device),
+                   **(_zeros(model) if sparse else {}),
                    "best_epoch": best.get("epoch"), "train_seconds": round(time.perf_counter() - t0, 2),
                    "stage": "finetune", "from": str(cfg.from_dir),
                    **({"teacher": str(teacher_dir)} if teacher_dir else {}), **data}
@@ -175,6 +181,20 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         write_run(out, model, {**cfg.to_dict(), **data}, metrics, spec)
     finish_run(out)
     return metrics
+
+
+def _has_masks(model: torch.nn.Module) -> bool:
+    """Whether a sparsified model still carries its masks (``prunekit.pruning.unstructured`` mask buffers)."""
+    from prunekit.pruning.unstructured.masks import masked_layers
+
+    return bool(masked_layers(model))
+
+
+def _zeros(model: torch.nn.Module) -> dict[str, Any]:
+    """``model_sparsity`` (exact zeros / parameters) and ``nonzero_params``, as ``prunekit sparsify`` writes them."""
+    total = sum(p.numel() for p in model.parameters())
+    nonzero = sum(int(p.count_nonzero()) for p in model.parameters())
+    return {"model_sparsity": 1 - nonzero / total if total else 0.0, "nonzero_params": nonzero}
 
 
 def kd_setup(cfg: Any, stage: str) -> tuple[Any, Path | None]:

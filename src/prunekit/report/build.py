@@ -103,8 +103,14 @@ def _summary(records: list[RunRecord], res: ReportResult) -> tuple[str, str]:
     headers, cells = text_table([r.row for r in records])
     classes = ["base" if r.is_baseline else ("miss" if r.missed else "met") for r in records]
     text_cols = 4
+    backends = sorted({next(iter(profile_latency_reduction(r.profile)), "") for r in records} - {""})
+    lat = (f"`latency cut` is the {' / '.join(backends)} figure of the run's `profile.json` (timed alternately with "
+           "its baseline; every backend in the latency section)" if backends else
+           "`latency cut` compares the latency each run measured on its own")
     lines = ["Reductions and the top-1 drop are against the baseline each run descends from (its `stage: train` "
-             "ancestor, found through `from`); `Pareto` marks the runs no other run beats on both top-1 and MACs."]
+             "ancestor, found through `from`); `Pareto` marks the runs no other run beats on both top-1 and MACs; "
+             "`sparsity` is the fraction of exact zeros among the weights of the conv and linear layers (biases and "
+             f"norms not counted); {lat}."]
     body = H.table(headers, cells, text_cols, classes) + H.para(lines[0])
     dirs = [[r.label, str(r.dir), str(r.baseline_dir) if r.baseline_dir else "-"] for r in records]
     body += H.table(["run", "directory", "baseline"], dirs, text_cols=3)

@@ -153,6 +153,13 @@ def _method(chain: Sequence[Path]) -> str:
             return how
         if m.get("stage") == "pat":
             return "pat"
+        if m.get("stage") == "sparsify" and m.get("method"):  # unstructured, N:M, kernel
+            how = m["method"]
+            if how == "nm":
+                how += f" {_config_value(d, 'nm') or ''}".rstrip()
+            elif isinstance(m.get("target_sparsity"), (int, float)):
+                how += f" s={m['target_sparsity']:.2f}"
+            return how + (f" {m['schedule']}" if m.get("schedule") not in (None, "oneshot") else "")
     return "-"
 
 

@@ -276,6 +276,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable, settings
             train_loss = train_one_epoch(net, train_loader, optimizer, scheduler, s, epoch, loss_fn, callbacks, scaler,
                                          step0=epoch * steps_per_epoch, ema=ema, phase=phase)
             eval_model = ema if ema is not None else model
+            _call(callbacks, "on_before_eval", eval_model, epoch + 1)  # e.g. BatchNorm re-estimated after a prune
             sync_buffers(eval_model)  # torchrun: BatchNorm statistics drifted apart in each rank's last steps
             m = evaluate(eval_model, val_loader, device)
             secs = time.perf_counter() - t0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,6 +62,9 @@ class GradualSchedule:
         initial: ``s_i``, applied before training starts (``start()``); 0 for movement (it has no scores yet).
         start, end: the ramp ``[t0, t1]`` as fractions of ``total_steps``.
         every: optimizer steps between mask updates (default: 20 updates over the ramp).
+        recalibrate: called with the model before an epoch's evaluation when masks changed during the epoch
+            (BatchNorm re-estimation: running statistics lag a mask update, and an evaluation right after a large
+            one reads a model near chance).
 
     Pass it after the sparsifier in the callbacks: ``fit(..., callbacks=[sp, schedule])``. Because ``fit`` keeps the
     best epoch by accuracy, which may predate the final sparsity, ``on_epoch_end`` keeps the best state among epochs
@@ -72,7 +76,7 @@ class GradualSchedule:
     """
 
     def __init__(self, sparsifier: Any, total_steps: int, final: float, initial: float = 0.0, start: float = 0.0,
-                 end: float = 0.75, every: int | None = None):
+                 end: float = 0.75, every: int | None = None, recalibrate: Callable[[nn.Module], Any] | None = None):
         if not isinstance(total_steps, int) or total_steps < 1:
             raise ConfigError(f"gradual schedule: total_steps={total_steps!r} must be an integer >= 1 (epochs x "
                               "batches per epoch); gradual pruning needs a training phase (--epochs >= 1)")
@@ -90,6 +94,7 @@ class GradualSchedule:
         self.t1 = max(self.t0 + 1, round(end * total_steps))
         self.every = every or max(1, math.ceil((self.t1 - self.t0) / 20))
         self.updates = 0
+        self.recalibrate, self._changed = recalibrate, False
         self.final_zeros: float | None = None  # sparsity reached at the final update
         self._best: tuple[float, dict[str, torch.Tensor]] | None = None
 
@@ -116,8 +121,14 @@ class GradualSchedule:
         if target > (self.sp.current or 0.0):
             self.sp.step(target)
             self.updates += 1
+            self._changed = True
             if target >= self.final:
                 self.final_zeros = self.sp.sparsity()
+
+    def on_before_eval(self, model: nn.Module, epoch: int) -> None:
+        if self._changed and self.recalibrate is not None:
+            self.recalibrate(model)
+        self._changed = False
 
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, Any]) -> None:
         if self.final_zeros is None:

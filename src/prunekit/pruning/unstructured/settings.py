@@ -88,6 +88,13 @@ class SparsifySettings(Config):
             if self.scope == "global":
                 raise ConfigError(f"{source}: method {self.method!r} prunes each layer to the sparsity (Wanda: each "
                                   "output row); --scope global is not supported, drop it")
+        given = self.model_fields_set
+        for key, used_by in (("nm", "nm"), ("nm_fallback", "nm"), ("pattern_keep", "pattern"), ("patterns", "pattern")):
+            if key in given and structure != used_by:
+                flag = "--" + key.replace("_", "-")
+                raise ConfigError(f"{source}: {flag} {getattr(self, key)} does not apply to method {self.method!r} "
+                                  f"(it shapes {'N:M' if used_by == 'nm' else 'intra-kernel'} pruning only); drop "
+                                  f"{flag}")
         if structure in FIXED_BY_PATTERN and self.sparsity is not None and abs(self.sparsity - self.fixed()) > 1e-9:
             how = f"--nm {self.nm}" if structure == "nm" else f"--pattern-keep {self.pattern_keep} (of 9 for 3x3)"
             raise ConfigError(f"{source}: --sparsity {self.sparsity} does not apply to method {self.method!r}: its "

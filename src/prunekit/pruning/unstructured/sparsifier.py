@@ -102,7 +102,8 @@ class Sparsifier:
                     if s.nm_fallback == "pad":
                         self.padded.append(name)
                     else:
-                        why = f"input size {w.shape[1]} is not a multiple of {mm}: left dense (--nm-fallback pad)"
+                        why = (f"input size {w.shape[1]} is not a multiple of {mm}: left dense (--nm-fallback dense; "
+                               "--nm-fallback pad would zero-pad it)")
             elif structure in ("kernel", "pattern") and w.dim() < 3:
                 why = f"not a convolution ({type(m).__name__}): {s.method} pruning acts on conv kernels"
             elif structure == "pattern":

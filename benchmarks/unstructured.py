@@ -94,7 +94,8 @@ def main() -> None:
             raw = pruned = None
             if method == "movement":
                 total = a.movement_ramp + a.ft_epochs
-                sched = GradualSchedule(sp, total * len(train), settings.target(), end=a.movement_ramp / total)
+                sched = GradualSchedule(sp, total * len(train), settings.target(), end=a.movement_ramp / total,
+                                        recalibrate=lambda m: recalibrate_bn(m, calib, a.bn_batches))  # as the CLI
                 fit(model, train, val, ft.model_copy(update={"epochs": total}), callbacks=[sp, sched])
                 sched.finish()
             else:

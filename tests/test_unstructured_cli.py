@@ -255,3 +255,12 @@ def test_an_interrupted_iterative_run_resumes_after_its_last_finished_step(base_
     for name in SPARSIFIED:
         assert _zeros(model, name) == round(0.75 * model.get_submodule(name).weight.numel())
     assert m["sparsity"] == pytest.approx(0.75, abs=1e-3) and not (out / "steps").exists()
+
+
+def test_the_summary_line_gives_the_whole_model_sparsity_too(base_run, tmp_path, capsys):
+    assert main(["sparsify", "--from", str(base_run), "--out", str(tmp_path / "s"), "--method", "l1",
+                 "--sparsity", "0.5"]) == 0
+    m = json.loads((tmp_path / "s" / runs.METRICS).read_text())
+    out = capsys.readouterr().out
+    assert f"({m['sparsified_layers']} layers; whole model {m['model_sparsity']:.4f})" in out
+    assert m["model_sparsity"] < m["sparsity"]  # the first and last layers stay dense

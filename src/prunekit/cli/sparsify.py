@@ -15,6 +15,7 @@ def sparsify_cmd(cfg: SparsifyConfig) -> None:
               f"params {m['nonzero_params'] / 1e6:.2f} M of {m['params'] / 1e6:.2f} M")
         return
     was = f" (was {m['top1_before']:.2f}%)" if m.get("top1_before") is not None else ""
-    print(f"wrote {cfg.out}: top1 {m['top1']:.2f}%{was}  sparsity {m['sparsity']:.4f} of the sparsified weights  "
+    print(f"wrote {cfg.out}: top1 {m['top1']:.2f}%{was}  sparsity {m['sparsity']:.4f} of the sparsified weights "
+          f"({m['sparsified_layers']} layers; whole model {m['model_sparsity']:.4f})  "
           f"non-zero params {m['nonzero_params'] / 1e3:.1f} K of {m['params'] / 1e3:.1f} K  "
           f"(dense MACs unchanged: {m['macs'] / 1e6:.2f} M)")

@@ -259,8 +259,10 @@ def _drop_broken(graph: PruningGraph, units: list[Unit], scores: dict[str, torch
         return units
     kept = [u for u in units if u.name not in bad]
     graph.left_whole.update(dict.fromkeys(bad, "breaks the forward pass"))
-    log.warning("%d groups left unpruned: torch-pruning cannot map their channels consistently (pruning them breaks "
-                "the forward pass): %s", len(bad), ", ".join(bad[:8]) + (" ..." if len(bad) > 8 else ""))
+    log.warning("%d groups left unpruned: pruning them breaks the forward pass or changes the shape of an output "
+                "(torch-pruning cannot map their channels consistently, or they feed an output it did not see as "
+                "one, e.g. inside a dict or tuple): %s", len(bad),
+                ", ".join(bad[:8]) + (" ..." if len(bad) > 8 else ""))
     if not kept:
         raise PruningError(f"every prunable group of {type(graph.model).__name__} breaks the forward pass when "
                            "pruned (torch-pruning cannot map its channels); nothing can be pruned")

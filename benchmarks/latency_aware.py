@@ -89,8 +89,8 @@ def timed_models(models: dict[str, nn.Module], x: torch.Tensor, backend: str) ->
     return models, x, "eager" if backend == "eager-plain" else backend
 
 
-def run_model(name: str, backends: list[str], threads: int, repeats: int, target_latency: float | None
-              ) -> list[dict[str, Any]]:
+def run_model(name: str, backends: list[str], threads: int, repeats: int, target_latency: float | None,
+              wide: bool = False) -> list[dict[str, Any]]:
     ref, kwargs, shape = MODELS[name]
     torch.manual_seed(0)
     dense = create_model(ref, **kwargs).eval()
@@ -108,6 +108,19 @@ def run_model(name: str, backends: list[str], threads: int, repeats: int, target
             rounded[r] = (tp_prune(dense, x, r), pk_prune(dense, x, target_macs=TARGET_KEEP, round_to=r)[:2])
         variants[f"tp round_to {r}"], keeps[f"tp round_to {r}"] = rounded[r][0]
         variants[f"prunekit round_to {r}"], keeps[f"prunekit round_to {r}"] = rounded[r][1]
+        if wide:  # four SIMD blocks: a whole filter set of ONNX Runtime's NCHWc convolutions
+            w = 4 * r
+            if w not in rounded:
+                try:
+                    rounded[w] = (tp_prune(dense, x, w), pk_prune(dense, x, target_macs=TARGET_KEEP, round_to=w)[:2],
+                                  pk_prune(dense, x, target_macs=TARGET_KEEP, round_to=r, round_to_wide=w)[:2])
+                except PruningError as e:  # a narrow model: nothing keeps 4 blocks
+                    print(f"# {name}: round_to {w}: {e}", flush=True)
+                    rounded[w] = None
+            if rounded[w] is not None:
+                variants[f"tp round_to {w}"], keeps[f"tp round_to {w}"] = rounded[w][0]
+                variants[f"prunekit round_to {w}"], keeps[f"prunekit round_to {w}"] = rounded[w][1]
+                variants[f"prunekit round_to {r}/{w}"], keeps[f"prunekit round_to {r}/{w}"] = rounded[w][2]
         label = f"prunekit LUT {lut}"
         variants[label], keeps[label], infos[label] = pk_prune(dense, x, target_macs=TARGET_KEEP, latency_backend=lut)
         if target_latency is not None:
@@ -233,6 +246,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="repeats of the whole paired comparison")
     ap.add_argument("--target-latency", type=float, default=None, help="also prune with target_latency")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--wide", action="store_true", help="also round to 4 SIMD blocks (R = 4 x block: torch-pruning "
+                    "and prunekit), and prunekit round_to block with round_to_wide 4 x block")
     ap.add_argument("--explain", action="store_true", help="only the per-block ONNX Runtime profile of dense vs "
                     "prunekit round_to R (where the latency falls short of the MACs cut), no timing table")
     args = ap.parse_args()
@@ -252,7 +267,7 @@ def main() -> None:
         return
     rows = []
     for name in args.models.split(","):
-        rows += run_model(name, args.backends.split(","), args.threads, args.repeats, args.target_latency)
+        rows += run_model(name, args.backends.split(","), args.threads, args.repeats, args.target_latency, args.wide)
     print(f"\n# load average at the end: {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[2]:.1f} (15 min); "
           "latency cut and efficiency: median over repeats (range)")
     print(HEADER)

@@ -148,6 +148,22 @@ def test_round_to_and_overrides():
     assert len(sel.removed["a"]) == 8 and len(sel.removed["b"]) == 4
 
 
+def test_round_to_wide_rounds_wide_units_to_whole_sets_and_narrow_ones_to_round_to():
+    """round_to 16 with round_to_wide 64: a unit keeping >= 64 channels gets a multiple of 64, a narrower one a
+    multiple of 16 (ONNX Runtime's NCHWc convolutions: filter sets of 4 blocks of 16 channels)."""
+    units = [unit("wide", 256), unit("narrow", 96)]
+    scores = {u.name: torch.arange(float(u.size)) for u in units}
+    kept = lambda sel: {u.name: u.size - len(sel.removed.get(u.name, [])) for u in units}  # noqa: E731
+    assert kept(select(units, scores, ratio=0.55, scope="local", round_to=16)) == {"wide": 112, "narrow": 48}
+    assert kept(select(units, scores, ratio=0.55, scope="local", round_to=16, round_to_wide=64)) == {
+        "wide": 128, "narrow": 48}  # 115.2 -> 128 (nearest multiple of 64); 43.2 -> 48
+    assert kept(select(units, scores, ratio=0.3, scope="local", round_to=16, round_to_wide=64)) == {
+        "wide": 192, "narrow": 64}  # 179.2 -> 192; 67.2 -> 64
+    with pytest.raises(ConfigError, match="`round_to_wide` \\(40\\) must be a multiple of `round_to` \\(16\\)"):
+        prune(prunekit.create_model("smallcnn", in_channels=1, num_classes=10), torch.randn(1, 1, 8, 8),
+              ratio=0.5, round_to=16, round_to_wide=40)
+
+
 def test_shortfall_is_an_error_for_an_explicit_ratio():
     model = prunekit.create_model("smallcnn", in_channels=1, num_classes=10)
     with pytest.raises(PruningError, match="cannot be reached"):

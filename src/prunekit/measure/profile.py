@@ -87,7 +87,8 @@ def verdict(macs_reduction: float, latency_reduction: float, backend: str, batch
             text = head + ("latency follows MACs only in part; the rest of the time goes to work that does not "
                            "shrink with channels (memory traffic, element-wise ops, per-layer overhead) or to "
                            f"channel counts its kernels handle poorly (try --round-to "
-                           f"{recommended_round_to(backend)}).")
+                           f"{recommended_round_to(backend)}; for a wide CNN on a CPU, --round-to "
+                           f"{4 * recommended_round_to(backend)}, four SIMD blocks).")
         elif eff > 0:
             text = head + (f"MACs overstate the gain; at batch {batch_size} this backend is bound by overhead and "
                            "memory traffic more than by arithmetic (try a larger batch, --round-to "

@@ -42,7 +42,7 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
           latency_backend: str | None = None, scope: str = "global", calib_data: Iterable | None = None,
           compensate: str = "none", preset: str | None = None, ignore: str | Iterable[str] = (),
           only: str | Iterable[str] = (), ratio_overrides: dict[str, float] | None = None,
-          ratio_caps: dict[str, float] | None = None, round_to: int | None = None,
+          ratio_caps: dict[str, float] | None = None, round_to: int | None = None, round_to_wide: int | None = None,
           max_ratio: float = 0.9, heads: bool = False, normalize: str = "mean", calib_batches: int = 50,
           seed: int = 0, recalibrate_bn: bool | None = None, reconstruct_steps: int = 0,
           reconstruct_lr: float = 0.01, reconstruct_augment: int = 0, reconstruct_train: str = "pruned",
@@ -72,6 +72,8 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
         ratio_caps: ``{regex: max ratio}`` per-layer caps (e.g. ``prunekit.report.ratio_caps`` of a sensitivity
             analysis); a cap of 0 leaves the group unpruned.
         round_to: kept channels rounded to a multiple of this.
+        round_to_wide: layers keeping at least this many channels are rounded to a multiple of it instead
+            (ONNX Runtime on CPU: ``4 * recommended_round_to("onnxruntime")``, its sets of four SIMD blocks).
         max_ratio: no group loses more than this fraction of its channels (never all of them).
         heads: remove whole attention heads (timm / HF BERT-style attention), ranked within each attention
             layer at that layer's ratio; without it attention projections keep all their channels.
@@ -114,7 +116,7 @@ def prune(model: nn.Module, example_inputs: Any, criterion: str = "l1", ratio: f
         latency_backend=latency_backend, scope=scope, compensate=compensate, preset=preset,
         ignore=[ignore] if isinstance(ignore, str) else list(ignore),
         only=[only] if isinstance(only, str) else list(only), ratio_overrides=dict(ratio_overrides or {}),
-        ratio_caps=dict(ratio_caps or {}), round_to=round_to,
+        ratio_caps=dict(ratio_caps or {}), round_to=round_to, round_to_wide=round_to_wide,
         max_ratio=max_ratio, heads=heads, normalize=normalize, calib_batches=calib_batches, seed=seed,
         recalibrate_bn=recalibrate_bn, reconstruct_steps=reconstruct_steps, reconstruct_lr=reconstruct_lr,
         reconstruct_augment=reconstruct_augment, reconstruct_train=reconstruct_train,
@@ -184,7 +186,8 @@ def prune_with_settings(model: nn.Module, example_inputs: Any, settings: PruneSe
         if s.target_macs is not None:
             report.ratio, scores, report.search = search_ratio(graph, example_inputs, units, scores, s, overrides,
                                                                report.macs_before)
-        sel = select(units, scores, report.ratio, _selection_scope(s), overrides, s.max_ratio, s.round_to)
+        sel = select(units, scores, report.ratio, _selection_scope(s), overrides, s.max_ratio, s.round_to,
+                     s.round_to_wide)
     if sel.shortfall and s.target_macs is None and s.target_latency is None:
         pooled = sum(u.size for u in units if u.name not in overrides and u.attention is None)
         raise PruningError(f"ratio {report.ratio} cannot be reached with max_ratio {s.max_ratio}: every group hits "
@@ -253,7 +256,7 @@ def _drop_broken(graph: PruningGraph, units: list[Unit], scores: dict[str, torch
     from prunekit.pruning.structured.verify import broken_units
 
     trial = select(units, scores, s.global_ratio if s.target_macs is None else 0.5, _selection_scope(s), overrides,
-                   s.max_ratio, s.round_to)
+                   s.max_ratio, s.round_to, s.round_to_wide)
     bad = broken_units(graph, units, trial, example_inputs)
     if not bad:
         return units

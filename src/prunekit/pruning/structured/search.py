@@ -63,7 +63,7 @@ def search_ratio(graph: PruningGraph, example_inputs: Any, units: list[Unit], sc
     scores = {k: v.clone().double() for k, v in scores.items()}
 
     def probe(r: float) -> tuple[float, Selection]:
-        sel = select(units, scores, r, s.scope, overrides, s.max_ratio, s.round_to)
+        sel = select(units, scores, r, s.scope, overrides, s.max_ratio, s.round_to, s.round_to_wide)
         kept = macs_kept(graph, example_inputs, units, sel, macs_before)
         probes.append((r, kept))
         log.debug("target_macs search: ratio %.5f keeps %.4f of MACs", r, kept)
@@ -92,7 +92,7 @@ def search_ratio(graph: PruningGraph, example_inputs: Any, units: list[Unit], sc
     else:  # bisect the number of pooled channels removed, in ranking order
         ratio_of = lambda n: n / total  # noqa: E731  (select() removes round(ratio * total) pooled channels)
         lo, hi, skips = 0, total, 0
-        sel_lo = select(units, scores, 0.0, s.scope, overrides, s.max_ratio, s.round_to)
+        sel_lo = select(units, scores, 0.0, s.scope, overrides, s.max_ratio, s.round_to, s.round_to_wide)
         while len(probes) < MAX_PROBES and not ok(best[1]):
             if hi - lo > 1:
                 mid = (lo + hi) // 2
@@ -106,7 +106,8 @@ def search_ratio(graph: PruningGraph, example_inputs: Any, units: list[Unit], sc
             if skips == MAX_SKIPS:
                 break
             # removing one more channel jumps over the target: keep that channel, continue down the ranking
-            sel_hi = select(units, scores, ratio_of(hi), s.scope, overrides, s.max_ratio, s.round_to)
+            sel_hi = select(units, scores, ratio_of(hi), s.scope, overrides, s.max_ratio, s.round_to,
+                            s.round_to_wide)
             jump = {(u, e) for u, es in sel_hi.removed.items() for e in es} - \
                 {(u, e) for u, es in sel_lo.removed.items() for e in es}
             if not jump:

@@ -37,11 +37,14 @@ def max_removable(unit: Unit, max_ratio: float) -> int:
     return max(0, unit.size - min_keep)
 
 
-def _round_kept(unit: Unit, kept: int, cap: int, round_to: int | None) -> int:
-    """Round the kept element count so that kept channels are a multiple of round_to (and of unit.multiple_of)."""
+def _round_kept(unit: Unit, kept: int, cap: int, round_to: int | None, round_to_wide: int | None = None) -> int:
+    """Round the kept element count so that kept channels are a multiple of round_to (and of unit.multiple_of);
+    a unit keeping at least ``round_to_wide`` channels is rounded to a multiple of ``round_to_wide`` instead."""
     if unit.attention is not None:
         return kept
     step_ch = math.lcm(round_to or 1, unit.multiple_of)
+    if round_to_wide and kept * (unit.channels // unit.size) >= round_to_wide:
+        step_ch = math.lcm(round_to_wide, unit.multiple_of)
     step = step_ch // math.gcd(step_ch, unit.ch_groups)  # in elements
     if step <= 1:
         return kept
@@ -54,7 +57,8 @@ def _round_kept(unit: Unit, kept: int, cap: int, round_to: int | None) -> int:
 
 
 def select(units: list[Unit], scores: dict[str, torch.Tensor], ratio: float, scope: str = "global",
-           overrides: dict[str, float] | None = None, max_ratio: float = 0.9, round_to: int | None = None) -> Selection:
+           overrides: dict[str, float] | None = None, max_ratio: float = 0.9, round_to: int | None = None,
+           round_to_wide: int | None = None) -> Selection:
     """Elements to remove per unit.
 
     Args:
@@ -65,6 +69,8 @@ def select(units: list[Unit], scores: dict[str, torch.Tensor], ratio: float, sco
         overrides: unit name -> its own ratio (ranked locally).
         max_ratio: no unit loses more than this fraction of its elements.
         round_to: kept channels rounded to a multiple of this.
+        round_to_wide: units keeping at least this many channels are rounded to a multiple of it instead (ONNX
+            Runtime's CPU convolutions compute output channels in sets of four SIMD blocks).
     """
     overrides = overrides or {}
     counts: dict[str, int] = {}
@@ -107,7 +113,7 @@ def select(units: list[Unit], scores: dict[str, torch.Tensor], ratio: float, sco
     removed: dict[str, list[int]] = {}
     for u in units:
         n = counts[u.name]
-        kept = _round_kept(u, u.size - n, caps[u.name], round_to)
+        kept = _round_kept(u, u.size - n, caps[u.name], round_to, round_to_wide)
         n = u.size - kept
         if n > 0:
             order = torch.sort(scores[u.name].float(), stable=True).indices

@@ -47,6 +47,10 @@ class PruneSettings(Config):
     ratio_caps: dict[str, float] = Field(default_factory=dict, description="per-layer maximum ratios by module-name "
                                          "regex (e.g. from `prunekit sensitivity`); 0 = never prune it")
     round_to: int | None = Field(None, ge=1, description="round kept channels to a multiple of this")
+    round_to_wide: int | None = Field(None, ge=1, description="layers keeping at least this many channels are "
+                                      "rounded to a multiple of it instead of --round-to (ONNX Runtime's CPU "
+                                      "convolutions compute output channels in sets of 4 SIMD blocks: 64 with "
+                                      "AVX-512, 32 with AVX2, i.e. 4 x recommended_round_to('onnxruntime'))")
     max_ratio: float = Field(0.9, gt=0, le=1, description="no layer loses more than this fraction of its channels")
     heads: bool = Field(False, description="remove whole attention heads (timm and HF BERT-style attention)")
     calib_batches: int = Field(50, ge=1, description="calibration batches (data-driven criteria, statistics, "
@@ -149,6 +153,9 @@ class PruneSettings(Config):
         if cfg.ratio is not None and cfg.target_macs is not None:
             raise ConfigError(f"{source}: can't provide both `ratio` ({cfg.ratio}) and `target_macs` "
                               f"({cfg.target_macs}). Choose one.")
+        if cfg.round_to_wide is not None and cfg.round_to is not None and cfg.round_to_wide % cfg.round_to:
+            raise ConfigError(f"{source}: `round_to_wide` ({cfg.round_to_wide}) must be a multiple of `round_to` "
+                              f"({cfg.round_to}), e.g. {4 * cfg.round_to}")
         if cfg.target_latency is not None:
             for other in ("ratio", "target_macs"):
                 if getattr(cfg, other) is not None:

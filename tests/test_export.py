@@ -270,3 +270,15 @@ def test_export_model_rejects_non_tensor_inputs(tmp_path):
         export_model(nn.Linear(2, 2), "text", tmp_path, ["onnx"])
     with pytest.raises(ConfigError, match="unknown export format 'onnxx'; did you mean 'onnx'"):
         export_model(nn.Linear(2, 2), torch.randn(2, 2), tmp_path, ["onnxx"])
+
+
+def test_a_batch_1_example_exports_with_a_dynamic_batch(tmp_path):
+    """The example a model is pruned with is usually batch 1; torch.export would fix that size (it specialises
+    size-1 dimensions), so the export traces on the example repeated to batch 2 and the batch axis stays dynamic."""
+    torch.manual_seed(0)
+    model = prunekit.create_model("resnet20", in_channels=1, num_classes=10).eval()
+    manifest = export_model(model, torch.randn(1, 1, 16, 16), tmp_path, ["onnx", "exported"],
+                            verify_inputs=torch.randn(3, 1, 16, 16))
+    assert all(info["verify"]["ok"] and info["verify"]["batch_size"] == 3 for info in manifest["formats"].values())
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"

@@ -289,3 +289,45 @@ def test_cli_prune_llm_and_eval_text(tmp_path, capsys):
     assert main(["prune-llm", "--model", str(tmp_path / "dense"), "--calib-text", str(text), "--seq-len", "32",
                  "--mlp-sparsity", "0.25", "--ridge", "0.1", "--out", str(tmp_path / "r")]) == 0
     assert json.loads((tmp_path / "r" / "prune_report.json").read_text())["layers"][0]["ridge"] == 0.1
+
+
+def test_cli_refuses_an_empty_text_an_encoder_a_damaged_model_and_a_taken_out_before_any_work(tmp_path, capsys,
+                                                                                            monkeypatch):
+    from prunekit.cli.main import main
+    from prunekit.pipeline import llm
+
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64))
+    model.save_pretrained(tmp_path / "dense")
+    text, empty = tmp_path / "t.txt", tmp_path / "empty.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 40)
+    empty.write_text("\n  \n")
+    args = ["--calib-text", str(text), "--seq-len", "32", "--calib-samples", "4"]
+
+    def err(argv):
+        assert main(argv) == 2
+        e = capsys.readouterr().err
+        assert "Traceback" not in e
+        return e
+
+    assert "is empty" in err(["prune-llm", "--model", str(tmp_path / "dense"), "--calib-text", str(empty),
+                              "--mlp-sparsity", "0.5", "--out", str(tmp_path / "a")])
+    transformers.BertModel(transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=48)
+                           ).save_pretrained(tmp_path / "bert")
+    assert "holds BertModel, not a causal (decoder) LM" in err(
+        ["sparsify", "--from", str(tmp_path / "bert"), "--method", "wanda", "--sparsity", "0.5", *args,
+         "--out", str(tmp_path / "b")])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_bytes((tmp_path / "dense" / "config.json").read_bytes())
+    (broken / "model.safetensors").write_bytes(b"\xff" * 64)
+    assert "its weights cannot be loaded" in err(["prune-llm", "--model", str(broken), *args, "--mlp-sparsity", "0.5",
+                                                  "--out", str(tmp_path / "c")])
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("x")
+    monkeypatch.setattr(llm, "load_causal_lm", lambda *a, **k: pytest.fail("loaded before --out was checked"))
+    assert "already holds a run" in err(["prune-llm", "--model", str(tmp_path / "dense"), *args, "--mlp-sparsity",
+                                         "0.5", "--out", str(taken)])

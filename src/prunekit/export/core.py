@@ -149,6 +149,10 @@ def shared_exports() -> Iterator[None]:
 def torch_export(module: nn.Module, args: tuple[torch.Tensor, ...], axes: list[dict[int, str]]) -> Any:
     """``torch.export.export(module, args)`` with ``axes`` dynamic. When torch.export suggests tighter ranges
     (``sequence <= 512``) they are applied and the export retried once; a batch axis it would fix is an error."""
+    # torch.export specialises a size-1 dimension to 1: a dynamic batch is traced on a batch of 2 (the example
+    # repeated), so the batch-1 example a user prunes with also exports with a dynamic batch
+    args = tuple(a.expand(2, *a.shape[1:]).clone() if ax.get(0) == "batch" and a.dim() and a.shape[0] == 1 else a
+                 for a, ax in zip(args, axes))
     key = (id(module), tuple((tuple(a.shape), a.dtype) for a in args), repr(axes))
     if _EP_CACHE is not None and key in _EP_CACHE:
         return _EP_CACHE[key]
@@ -164,7 +168,7 @@ def torch_export(module: nn.Module, args: tuple[torch.Tensor, ...], axes: list[d
         fixes = [f.strip() for f in msg.split("Suggested fixes:", 1)[1].strip().splitlines() if f.strip()]
         if any(re.match(r"batch = \d+$", f) for f in fixes):
             raise ExportError(f"the model fixes the batch axis to its example size ({'; '.join(fixes)}); "
-                              "export with --no-dynamic-batch") from None
+                              "export with a fixed batch: --no-dynamic-batch (Python: dynamic_batch=False)") from None
         log.info("torch.export: applying its suggested dynamic-shape fixes: %s", "; ".join(fixes))
         shapes = refine_dynamic_shapes_from_suggested_fixes(msg, shapes)
         ep = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)

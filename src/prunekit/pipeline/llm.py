@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from prunekit.errors import ConfigError, DataNotFoundError
+from prunekit.errors import ConfigError, DataNotFoundError, RunDirError
 from prunekit.pruning.llm.width import WidthSettings, prune_width, save_pruned
 
 log = logging.getLogger("prunekit.prune_llm")
@@ -44,12 +44,25 @@ def load_causal_lm(path: str | Path, device: str = "cpu") -> torch.nn.Module:
     if not is_hf_folder(path):
         raise DataNotFoundError(f"--model/--from {str(path)!r}: not a Hugging Face model folder (needs config.json "
                                 f"and *.safetensors, as save_pretrained writes)")
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--model/--from {str(path)!r}: its config.json cannot be read: {e}") from None
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise ConfigError(f"--model/--from {str(path)!r} holds {', '.join(archs)}, not a causal (decoder) LM: these "
+                          "commands load it with AutoModelForCausalLM, which would swap its head; for an encoder "
+                          "(BERT-style) use the Python API (prunekit.prune on the model, or prunekit.create_model"
+                          "('hf:PATH'))")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     except ValueError as e:
-        raise ConfigError(f"--model {str(path)!r}: not a causal LM that transformers can load: {e}") from None
+        raise ConfigError(f"--model/--from {str(path)!r}: not a causal LM that transformers can load: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged safetensors file raises its own error types
+        raise RunDirError(f"--model/--from {str(path)!r}: its weights cannot be loaded ({type(e).__name__}: "
+                          f"{str(e)[:300]}); the files may be damaged") from None
     return model.to(device).eval()
 
 
@@ -60,6 +73,8 @@ def tokenize_file(path: str | Path, model_dir: str | Path, model: torch.nn.Modul
     if not p.is_file():
         raise DataNotFoundError(f"text file {str(p)!r} does not exist")
     raw = p.read_bytes()
+    if not raw.strip():
+        raise DataNotFoundError(f"text file {str(p)!r} is empty: calibration and perplexity need text")
     has_tok = any((Path(model_dir) / f).exists() for f in TOKENIZER_FILES)
     vocab = int(getattr(model.config, "vocab_size", 0))
     if tokenizer == "bytes" or (tokenizer == "auto" and not has_tok):
@@ -107,6 +122,7 @@ def prune_llm_run(cfg: PruneLLMConfig) -> dict[str, Any]:
 
     if Path(cfg.out).resolve() == Path(cfg.model).resolve():
         raise ConfigError(f"--out {str(cfg.out)!r} is the --model folder; choose another --out")
+    out = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite, resumable=False)  # before hours of pruning
     model = load_causal_lm(cfg.model, cfg.device)
     calib = calibration_windows(tokenize_file(cfg.calib_text, cfg.model, model, cfg.tokenizer), cfg.calib_samples,
                                 cfg.seq_len, cfg.seed)
@@ -121,7 +137,6 @@ def prune_llm_run(cfg: PruneLLMConfig) -> dict[str, Any]:
         metrics["ppl_after"] = perplexity(model, ev, seq_len=cfg.seq_len)
         log.info("perplexity after: %.4f", metrics["ppl_after"])
     metrics.update(params_before=report["params_before"], params_after=report["params_after"])
-    out = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite, resumable=False)
     save_pruned(model, out, report)
     for f in TOKENIZER_FILES:
         if (Path(cfg.model) / f).exists():

@@ -60,6 +60,7 @@ def sparsify_llm_run(cfg: Any) -> dict[str, Any]:
     check_llm_config(cfg)
     if Path(cfg.out).resolve() == Path(cfg.from_dir).resolve():
         raise ConfigError(f"--out {str(cfg.out)!r} is the same folder as --from; choose another --out")
+    out = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite, resumable=False)  # before the pruning, not after
     torch.manual_seed(cfg.seed)
     model = load_causal_lm(cfg.from_dir, cfg.device)
     ids = tokenize_file(cfg.calib_text, cfg.from_dir, model, cfg.tokenizer)
@@ -85,7 +86,6 @@ def sparsify_llm_run(cfg: Any) -> dict[str, Any]:
     log.info("sparsify: report\n%s", report.table())
     metrics.update(report.metrics())
     metrics["layers"] = {lr.name: lr.sparsity for lr in report.layers}
-    out = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite, resumable=False)
     model.to("cpu").save_pretrained(out)
     for f in TOKENIZER_FILES:
         if (Path(cfg.from_dir) / f).exists():

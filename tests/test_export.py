@@ -282,3 +282,17 @@ def test_a_batch_1_example_exports_with_a_dynamic_batch(tmp_path):
     assert all(info["verify"]["ok"] and info["verify"]["batch_size"] == 3 for info in manifest["formats"].values())
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_cli_exports_a_folder_written_by_save_model(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = prunekit.create_model("resnet20", in_channels=1, num_classes=10).eval()
+    model.prunekit_spec.input = {"kind": "image", "shape": [1, 1, 16, 16]}
+    prunekit.save_model(tmp_path / "saved", model)
+    assert main(["export", "--from", str(tmp_path / "saved"), "--format", "onnx", "--verify",
+                 "--out", str(tmp_path / "exp")]) == 0
+    assert json.loads((tmp_path / "exp" / runs.METRICS).read_text()) == {"exported_from": str(tmp_path / "saved")}
+    assert (tmp_path / "exp" / "export" / "model.onnx").is_file()
+    (tmp_path / "empty").mkdir()
+    assert main(["export", "--from", str(tmp_path / "empty"), "--format", "onnx"]) == 2
+    assert "holds no model: missing model.json, model.safetensors" in capsys.readouterr().err

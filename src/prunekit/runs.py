@@ -361,6 +361,19 @@ def _not_a_dir(run_dir: str | Path) -> str:
     return f"run directory {str(run_dir)!r} does not exist"
 
 
+def check_model_dir(run_dir: str | Path) -> Path:
+    """A folder holding a rebuildable model (``model.json`` + ``model.safetensors``: a run directory, or what
+    ``save_model`` wrote), or a ``RunDirError`` naming what is missing; for stages that need only the model."""
+    p = Path(run_dir)
+    if not p.is_dir():
+        raise RunDirError(_not_a_dir(run_dir))
+    missing = sorted(f for f in (SPEC, WEIGHTS) if not (p / f).is_file())
+    if missing:
+        raise RunDirError(f"{str(run_dir)!r} holds no model: missing {', '.join(missing)} (a run directory, or a "
+                          "folder written by prunekit.save_model)")
+    return p
+
+
 def check_run_dir(run_dir: str | Path) -> Path:
     """A finished run directory (all of RUN_FILES present) or a ``RunDirError`` naming what is missing."""
     p = Path(run_dir)

@@ -186,7 +186,7 @@ def _copy_run(src: Path, out: Path) -> None:
     for f in sorted(runs.RUN_FILES | {runs.HISTORY}):
         if (src / f).is_file() and f != runs.METRICS:
             shutil.copy2(src / f, out / f)
-    metrics = runs.read_metrics(src)
+    metrics = runs.read_metrics(src) if (src / runs.METRICS).is_file() else {}  # save_model writes none
     runs.write_metrics(out, {**metrics, "exported_from": str(src)})
 
 
@@ -198,7 +198,7 @@ def export_run(cfg: ExportConfig) -> dict[str, Any]:
     Example:
         >>> export_run(ExportConfig.build({"from": "runs/pruned", "format": ["onnx"], "verify": True}))
     """
-    src = runs.check_run_dir(cfg.from_dir)
+    src = runs.check_model_dir(cfg.from_dir)  # a run directory, or a folder of prunekit.save_model
     if cfg.out is not None:
         if Path(cfg.out).resolve() == src.resolve():
             raise ConfigError(f"--out {str(cfg.out)!r} is the same folder as --from; leave --out out to export "

@@ -331,3 +331,12 @@ def test_cli_refuses_an_empty_text_an_encoder_a_damaged_model_and_a_taken_out_be
     monkeypatch.setattr(llm, "load_causal_lm", lambda *a, **k: pytest.fail("loaded before --out was checked"))
     assert "already holds a run" in err(["prune-llm", "--model", str(tmp_path / "dense"), *args, "--mlp-sparsity",
                                          "0.5", "--out", str(taken)])
+
+
+def test_a_head_sparsity_between_whole_groups_is_said(caplog):
+    model = tiny("llama")  # 8 heads in 4 key-value groups
+    with caplog.at_level("INFO"):
+        prune_width(model, ids(), head_sparsity=0.3, criterion="magnitude")
+    assert "head_sparsity=0.3 removes whole key-value groups: 3 of 4 kept, i.e. a head sparsity of 0.250" in caplog.text
+    assert "heads 8 -> 6 (4 -> 3 key-value groups)" in caplog.text
+    assert model.config.num_key_value_heads == 3 and model.config.num_attention_heads == 6

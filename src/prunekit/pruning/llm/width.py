@@ -289,11 +289,17 @@ def prune_width(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], sett
         if keep_groups == nkv:
             raise ConfigError(f"head_sparsity={settings.head_sparsity} keeps all {nkv} key-value groups; "
                               f"the smallest step is {1 / nkv:.3f}")
+        done = 1 - keep_groups / nkv
+        if abs(done - settings.head_sparsity) > 1e-9:  # whole GQA groups only: say what it becomes
+            log.warning("head_sparsity=%s removes whole key-value groups: %d of %d kept, i.e. a head sparsity of "
+                        "%.3f", settings.head_sparsity, keep_groups, nkv, done)
     batches = calibration_batches(calib, batch_size)
     params_before = sum(p.numel() for p in lm.parameters())
     t0 = time.perf_counter()
-    log.info("width pruning %s: MLP %d -> %d, %s, compensate %s, %d calibration tokens", config.model_type, inter,
-             keep_mlp, settings.criterion, settings.compensate, sum(b.numel() for b in batches))
+    heads = (f"heads {nq} -> {nq // nkv * keep_groups} ({nkv} -> {keep_groups} key-value groups)" if keep_groups
+             else "heads kept")
+    log.info("width pruning %s: MLP %d -> %d, %s, %s, compensate %s, %d calibration tokens", config.model_type,
+             inter, keep_mlp, heads, settings.criterion, settings.compensate, sum(b.numel() for b in batches))
     pruner = _Pruner(lm, fam, settings, batches)
     if settings.mlp_sparsity > 0 or settings.head_sparsity > 0:
         pruner.run(keep_mlp, keep_groups)

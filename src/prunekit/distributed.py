@@ -1,4 +1,5 @@
-"""torchrun support (ground floor: used by the pruning engine, training and run directories): process-group set-up from the environment, rank helpers, and cross-rank agreement checks.
+"""torchrun support: process-group set-up from the environment, rank helpers, and cross-rank agreement checks.
+The ground floor: the pruning engine, the training loops and the run directories all use it.
 
 ``torchrun --nproc_per_node N -m prunekit run RECIPE.yaml`` (or ``train``/``finetune``): every rank runs the same
 stages; the training batches are split with a DistributedSampler, gradients are averaged by DDP, validation runs on

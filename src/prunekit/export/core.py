@@ -281,7 +281,7 @@ def compare_outputs(ref: list[torch.Tensor], got: list[torch.Tensor], atol: floa
 def verify_runner(fmt: str, runner: Callable[..., list[torch.Tensor]], model: nn.Module, example_inputs: Any,
                   atol: float = 1e-4, rtol: float = 0.0, inputs_desc: str = "example inputs") -> Verification:
     """Run ``runner`` (a loaded export) and ``model`` on ``example_inputs`` and compare the outputs."""
-    from prunekit.measure.macs import batch_size_of, call_model
+    from prunekit.batch import batch_size_of, call_model
 
     was_training = model.training
     model.eval()

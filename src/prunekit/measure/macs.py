@@ -12,22 +12,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` with a tensor, a tuple/list of positional tensors, or a dict of keyword tensors."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def batch_size_of(inputs: Any) -> int:
-    if isinstance(inputs, dict):
-        inputs = next(iter(inputs.values()))
-    elif isinstance(inputs, (tuple, list)):
-        inputs = inputs[0]
-    return int(inputs.shape[0])
+from prunekit.batch import batch_size_of, call_model  # re-exported: the batch helpers live in prunekit.batch
 
 
 @torch.no_grad()

@@ -1,7 +1,9 @@
 """Dataset registry: ``digits`` (embedded default), ``fashion-mnist``, ``mnist``, ``cifar10``, ``cifar100``,
 ``imagenet``, ``imagefolder``.
 
-Splits: ``train`` (augmented), ``calib`` (the training images without augmentation, for statistics) and ``val``.
+Splits: ``train`` (augmented), ``calib`` (the training images without augmentation, for statistics), ``val`` (a
+seeded, stratified share of the training data, disjoint from train and calib: it picks epochs) and ``test`` (the
+held-out set: it is what is reported).
 
 Example:
     >>> ds = prunekit.data.get_dataset("digits", "train")
@@ -11,14 +13,17 @@ Example:
 from prunekit.data import sources  # noqa: F401  (registers the datasets)
 from prunekit.data.core import (
     DATASETS,
+    SPLITS,
     DataArgs,
     DatasetInfo,
     dataset_info,
+    dataset_labels,
     get_dataset,
     list_datasets,
     make_loader,
     register_dataset,
+    val_split_indices,
 )
 
-__all__ = ["DATASETS", "DataArgs", "DatasetInfo", "dataset_info", "get_dataset", "list_datasets", "make_loader",
-           "register_dataset"]
+__all__ = ["DATASETS", "SPLITS", "DataArgs", "DatasetInfo", "dataset_info", "dataset_labels", "get_dataset",
+           "list_datasets", "make_loader", "register_dataset", "val_split_indices"]

@@ -15,8 +15,12 @@ from torch.utils.data import DataLoader, Dataset
 from prunekit.config import Config
 from prunekit.registry import Registry
 
-Split = Literal["train", "calib", "val"]
-SPLITS = ("train", "calib", "val")
+Split = Literal["train", "calib", "val", "test"]
+SPLITS = ("train", "calib", "val", "test")
+# train / calib / val are read from the training source; val is carved out of it (seeded, stratified)
+TRAIN_SOURCE = ("train", "calib", "val")
+VAL_FRACTION = 0.1  # default share of the training data held out as the validation split
+VAL_SEED = 0  # default seed of that split (one split for a whole pipeline: it is recorded and inherited)
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,9 @@ class DatasetInfo:
 @dataclass(frozen=True)
 class DatasetEntry:
     info: DatasetInfo
-    build: Callable[..., Dataset]  # build(split, data_dir, image_size, download) -> Dataset
+    # build(split, data_dir, image_size, download) -> Dataset: the whole training source for train / calib / val
+    # (augmented for train only), the held-out source for test
+    build: Callable[..., Dataset]
 
 
 DATASETS: Registry[DatasetEntry] = Registry("dataset")
@@ -57,8 +63,15 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 def get_dataset(name: str, split: str = "train", data_dir: str | Path | None = None, image_size: int | None = None,
-                download: bool = False, limit: int | None = None, seed: int = 0) -> Dataset:
-    """A dataset split; ``limit`` keeps a fixed random subset of that many samples (seeded)."""
+                download: bool = False, limit: int | None = None, seed: int = 0,
+                val_fraction: float = VAL_FRACTION, val_seed: int = VAL_SEED) -> Dataset:
+    """A dataset split: ``train`` (augmented), ``calib`` (the same images, not augmented), ``val`` (a seeded,
+    stratified ``val_fraction`` of the training source, disjoint from train and calib) or ``test`` (the held-out
+    set). ``limit`` keeps a fixed random subset of that many samples (seeded by ``seed``).
+
+    Example:
+        >>> len(get_dataset("digits", "val")), len(get_dataset("digits", "test"))  # (144, 360)
+    """
     from prunekit.errors import ConfigError
 
     entry = DATASETS.get(name)
@@ -66,11 +79,52 @@ def get_dataset(name: str, split: str = "train", data_dir: str | Path | None = N
         raise ConfigError(f"split {split!r} is not valid; choose from {', '.join(SPLITS)}")
     ds = entry.build(split=split, data_dir=Path(data_dir) if data_dir else None,
                      image_size=image_size or entry.info.image_size, download=download)
+    if split in TRAIN_SOURCE:
+        train_idx, val_idx = val_split_indices(dataset_labels(ds), val_fraction, val_seed)
+        ds = torch.utils.data.Subset(ds, val_idx if split == "val" else train_idx)
     if limit is not None and limit < len(ds):
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(ds), generator=g)[:limit].tolist()
         ds = torch.utils.data.Subset(ds, idx)
     return ds
+
+
+def dataset_labels(ds: Dataset) -> torch.Tensor | int:
+    """The labels of a dataset as a long tensor when it holds them (``labels`` / ``targets``), else its length."""
+    labels = getattr(ds, "labels", None)
+    if labels is None:
+        labels = getattr(ds, "targets", None)
+    if labels is None:
+        return len(ds)  # type: ignore[arg-type]
+    return torch.as_tensor(labels, dtype=torch.long)
+
+
+def val_split_indices(labels: torch.Tensor | int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) indices: ``round(fraction * n_c)`` samples of each class ``c`` go to val (stratified), drawn with a
+    generator seeded by ``seed``; ``labels`` may be a sample count (no labels: one random draw). Both are sorted.
+
+    Raises:
+        ConfigError: the fraction leaves the validation or the training split empty.
+    """
+    from prunekit.errors import ConfigError
+
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(labels, int):
+        labels = torch.zeros(labels, dtype=torch.long)
+    val: list[torch.Tensor] = []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        k = int(round(fraction * len(members)))
+        val.append(members[torch.randperm(len(members), generator=g)[:k]])
+    val_idx = torch.cat(val).sort().values if val else torch.zeros(0, dtype=torch.long)
+    n = len(labels)
+    if len(val_idx) == 0 or len(val_idx) == n:
+        empty = "validation" if len(val_idx) == 0 else "training"
+        raise ConfigError(f"--val-fraction {fraction:g} leaves no {empty} samples out of {n}; choose a value in "
+                          "(0, 1) that keeps both")
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[val_idx] = False
+    return torch.nonzero(keep).flatten().tolist(), val_idx.tolist()
 
 
 class TensorImageDataset(Dataset):
@@ -166,6 +220,11 @@ class DataArgs(Config):
     workers: int = Field(0, ge=0, description="data-loading worker processes")
     train_samples: int | None = Field(None, gt=0, description="train on a fixed random subset of this many "
                                       "training samples (the same subset in every run; default: all)")
+    val_fraction: float | None = Field(None, gt=0, lt=1, description="share of the training data held out as the "
+                                       f"validation split that picks epochs (default: the source run's, else "
+                                       f"{VAL_FRACTION}); test figures come from the dataset's test split")
+    val_seed: int | None = Field(None, description="seed of the validation split (default: the source run's, else "
+                                 f"{VAL_SEED})")
 
     @field_validator("dataset")
     @classmethod
@@ -176,10 +235,20 @@ class DataArgs(Config):
 
 
 def data_settings(cfg: Any, source_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Dataset name, data_dir and image_size for a stage: its own flags, else the source run's, else defaults."""
+    """Dataset name, data_dir, image_size and the validation split (``val_fraction``, ``val_seed``) for a stage: its
+    own flags, else the source run's, else the defaults. A fine-tune inherits its source's split, so its validation
+    images are ones the source never trained on."""
     src = source_config or {}
     name = getattr(cfg, "dataset", None) or src.get("dataset") or "digits"
     data_dir = getattr(cfg, "data_dir", None) or src.get("data_dir")
     size = getattr(cfg, "image_size", None) or src.get("image_size") or dataset_info(name).image_size
     train_samples = getattr(cfg, "train_samples", None) or src.get("train_samples")
-    return {"dataset": name, "data_dir": data_dir, "image_size": int(size), "train_samples": train_samples}
+    val_fraction = _first(getattr(cfg, "val_fraction", None), src.get("val_fraction"), VAL_FRACTION)
+    val_seed = _first(getattr(cfg, "val_seed", None), src.get("val_seed"), VAL_SEED)
+    return {"dataset": name, "data_dir": data_dir, "image_size": int(size), "train_samples": train_samples,
+            "val_fraction": float(val_fraction), "val_seed": int(val_seed)}
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not ``None`` (0 is a value: a seed of 0 given on the command line wins)."""
+    return next(v for v in values if v is not None)

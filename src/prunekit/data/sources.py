@@ -24,15 +24,16 @@ _CACHE = Path.home() / ".cache" / "prunekit"
 # --------------------------------------------------------------------------------------------- digits (embedded)
 @register_dataset(DatasetInfo("digits", 10, 1, 16, (0.3125,), (0.3780,)))
 def digits(split: str, data_dir: Path | None, image_size: int, download: bool) -> Dataset:
-    """scikit-learn's bundled 8x8 handwritten digits (1797 images), upsampled; fixed seeded 80/20 stratified split."""
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images), upsampled; a fixed seeded 80/20 stratified split
+    into the training source (train / calib / val) and test."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0)  # (1797, 8, 8) in [0, 1]
     y = torch.from_numpy(d.target.astype(np.int64))
-    idx_train, idx_val = train_test_split(np.arange(len(y)), test_size=0.2, random_state=0, stratify=d.target)
-    idx = idx_train if split in ("train", "calib") else idx_val
+    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.2, random_state=0, stratify=d.target)
+    idx = idx_test if split == "test" else idx_train
     return TensorImageDataset(x[idx], y[idx], (0.3125,), (0.3780,), image_size=image_size,
                               augment="crop" if split == "train" else None, pad=max(1, image_size // 8))
 
@@ -62,7 +63,7 @@ def _find_idx(stem: str, dirs: list[Path]) -> Path | None:
 
 def _mnist_like(name: str, tv_class: str, split: str, data_dir: Path | None, image_size: int, download: bool,
                 mean: float, std: float, flip: bool, system_dirs: list[Path], install_hint: str) -> Dataset:
-    prefix = "train" if split in ("train", "calib") else "t10k"
+    prefix = "t10k" if split == "test" else "train"
     dirs: list[Path] = []
     if data_dir:
         dirs += [data_dir, data_dir / tv_class, data_dir / name]
@@ -110,7 +111,7 @@ def _cifar(tv_class: str, split: str, data_dir: Path | None, image_size: int, do
 
     root = data_dir or _CACHE
     try:
-        ds = getattr(torchvision.datasets, tv_class)(str(root), train=split != "val", download=download)
+        ds = getattr(torchvision.datasets, tv_class)(str(root), train=split != "test", download=download)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
         raise DataNotFoundError(
             f"{tv_class}: not found under {root} ({e}). Put the python version of the dataset there "
@@ -141,7 +142,7 @@ def _image_folder(name: str, split: str, data_dir: Path | None, image_size: int)
     if data_dir is None:
         raise ConfigError(f"--data-dir is required for dataset {name!r}: a folder with train/ and val/ "
                           "subfolders, one folder per class inside each")
-    sub = data_dir / ("val" if split == "val" else "train")
+    sub = data_dir / ("val" if split == "test" else "train")  # the held-out folder is the test split
     if not sub.is_dir():
         raise DataNotFoundError(f"{name}: {sub} does not exist; --data-dir must hold train/ and val/ class folders")
     norm = transforms.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)
@@ -149,7 +150,7 @@ def _image_folder(name: str, split: str, data_dir: Path | None, image_size: int)
     if split == "train":
         tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
                                  transforms.ToTensor(), norm])
-    else:  # val and calib: the standard centre crop
+    else:  # calib, val and test: the standard centre crop
         tf = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size), transforms.ToTensor(),
                                  norm])
     return datasets.ImageFolder(str(sub), transform=tf)
@@ -157,11 +158,13 @@ def _image_folder(name: str, split: str, data_dir: Path | None, image_size: int)
 
 @register_dataset(DatasetInfo("imagenet", 1000, 3, 224, _IMAGENET_MEAN, _IMAGENET_STD))
 def imagenet(split: str, data_dir: Path | None, image_size: int, download: bool) -> Dataset:
-    """ImageNet-1k in folder form (``train/nXXXXXXXX/*.JPEG``, ``val/nXXXXXXXX/*.JPEG``); never downloaded."""
+    """ImageNet-1k in folder form (``train/nXXXXXXXX/*.JPEG``, ``val/nXXXXXXXX/*.JPEG``); never downloaded. The
+    ``val/`` folder is the test split; the validation split is carved from ``train/``."""
     return _image_folder("imagenet", split, data_dir, image_size)
 
 
 @register_dataset(DatasetInfo("imagefolder", 0, 3, 224, _IMAGENET_MEAN, _IMAGENET_STD))
 def imagefolder(split: str, data_dir: Path | None, image_size: int, download: bool) -> Dataset:
-    """Any folder with ``train/`` and ``val/`` of class subfolders (number of classes read from it)."""
+    """Any folder with ``train/`` and ``val/`` of class subfolders (number of classes read from it); ``val/`` is the
+    test split, the validation split is carved from ``train/``."""
     return _image_folder("imagefolder", split, data_dir, image_size)

@@ -12,6 +12,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from prunekit import runs
 from prunekit._io import atomic_write, atomic_write_text
 from prunekit.data.core import set_loader_epoch
 from prunekit.measure.macs import call_model
+from prunekit.train.checkpoint import RESUME_FREE, finish_run, load_checkpoint, resume_fingerprint  # noqa: F401
 from prunekit.train.distributed import is_distributed, rank, sync_buffers
 from prunekit.train.settings import TrainSettings
 
@@ -216,145 +218,169 @@ def default_loss(s: TrainSettings) -> LossFn:
     return lambda out, y, x: F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
 
 
-def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable, settings: TrainSettings,
-        run_dir: str | Path | None = None, resume: bool = False, callbacks: Sequence[Any] = (),
-        loss_fn: LossFn | None = None, phase: str = "train") -> dict[str, Any]:
-    """Train with a per-batch cosine schedule, keep the best model (by val top-1), checkpoint every epoch.
+@dataclass
+class _Best:
+    """The best candidate so far (highest val top-1; a tie keeps the earlier one) and the epochs since it improved."""
 
-    The checkpoint (``run_dir/last.ckpt``) is written atomically and holds the model, optimizer, scheduler and
-    best-so-far state; ``resume=True`` continues from it, giving the same weights as an uninterrupted run (batch order
-    and augmentation are seeded by (seed, epoch)). On return the model holds the best weights and the checkpoint is
-    removed. Returns the best epoch's metrics plus ``epochs_run``.
+    metrics: dict[str, Any] | None = None
+    state: dict[str, torch.Tensor] | None = None
+    bad_epochs: int = 0
 
-    Example:
-        >>> fit(model, train_loader, val_loader, TrainSettings(epochs=5, lr=0.05), run_dir="runs/base")
-    """
-    s = settings
-    device = torch.device(s.device)
+    def offer(self, m: dict[str, Any], epoch: int, model: nn.Module) -> bool:
+        improved = self.metrics is None or m["top1"] > self.metrics["top1"]
+        if improved:
+            self.metrics = {**m, "epoch": epoch}
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        return improved
+
+
+@dataclass
+class _Run:
+    """What one ``fit`` call trains with: the model (and its DDP wrapper), optimizer, schedule, scaler and EMA."""
+
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    ema: nn.Module | None
+    steps_per_epoch: int
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema if self.ema is not None else self.model
+
+
+def _setup(model: nn.Module, train_loader: Iterable, s: TrainSettings, device: torch.device) -> _Run:
     model.to(device)
-    loss_fn = loss_fn or default_loss(s)
     net = model
     if is_distributed():  # torchrun: gradients averaged across ranks; `model` stays the plain module
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    steps = len(train_loader)  # type: ignore[arg-type]
     optimizer = make_optimizer(model, s)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(s.epochs * steps_per_epoch, int(s.warmup_epochs * steps_per_epoch), s.min_lr / s.lr))
+        optimizer, _lr_lambda(s.epochs * steps, int(s.warmup_epochs * steps), s.min_lr / s.lr))
     scaler = None
     if s.amp:
         if device.type == "cuda":
             scaler = torch.amp.GradScaler("cuda")
         else:
-            warnings.warn("--amp is for CUDA; training in fp32 on the CPU", stacklevel=2)
+            warnings.warn("--amp is for CUDA; training in fp32 on the CPU", stacklevel=3)
     ema = copy.deepcopy(model).eval() if s.ema else None
+    return _Run(model, net, optimizer, scheduler, scaler, ema, steps)
+
+
+def _resume(r: _Run, run_dir: str | Path, device: torch.device, fingerprint: dict[str, Any], phase: str,
+            epochs: int) -> tuple[int, _Best, dict[str, Any] | None]:
+    """Load ``last.ckpt`` into ``r``: (epochs done, best so far, the start candidate's val metrics)."""
+    ck = load_checkpoint(Path(run_dir) / runs.CKPT, device, fingerprint, r.model)
+    r.optimizer.load_state_dict(ck["optimizer"])
+    r.scheduler.load_state_dict(ck["scheduler"])
+    if r.ema is not None and "ema" in ck:
+        r.ema.load_state_dict(ck["ema"])
+    start = ck["epoch"]
+    log.info("%s: resuming from %s at epoch %d/%d", phase, Path(run_dir) / runs.CKPT, start + 1, epochs)
+    # a kill between the history line and the checkpoint would leave a line for an epoch that is redone
+    kept = [h for h in runs.read_history(run_dir) if h.get("phase") != phase or h.get("epoch", 0) <= start]
+    atomic_write_text(Path(run_dir) / runs.HISTORY, "".join(json.dumps(h) + "\n" for h in kept))
+    return start, _Best(ck["best"], ck["best_model"], ck["bad_epochs"]), ck.get("start")
+
+
+def _save_checkpoint(r: _Run, path: Path, epoch: int, best: _Best, start_m: dict[str, Any] | None,
+                     fingerprint: dict[str, Any]) -> None:
+    state = {"model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(),
+             "scheduler": r.scheduler.state_dict(), "epoch": epoch, "best": best.metrics, "best_model": best.state,
+             "bad_epochs": best.bad_epochs, "settings": fingerprint}
+    if start_m is not None:
+        state["start"] = start_m
+    if r.ema is not None:
+        state["ema"] = r.ema.state_dict()
+    atomic_write(path, lambda tmp, st=state: torch.save(st, tmp))
+
+
+def _epoch(r: _Run, train_loader: Iterable, val_loader: Iterable, s: TrainSettings, epoch: int, loss_fn: LossFn,
+           callbacks: Sequence[Any], phase: str, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One training epoch then the val evaluation: (val metrics, history row)."""
+    t0 = time.perf_counter()
+    torch.manual_seed(s.seed * 1000 + epoch)  # augmentation / dropout randomness: a function of (seed, epoch)
+    set_loader_epoch(train_loader, epoch)  # type: ignore[arg-type]
+    lr = r.optimizer.param_groups[0]["lr"]
+    train_loss = train_one_epoch(r.net, train_loader, r.optimizer, r.scheduler, s, epoch, loss_fn, callbacks,
+                                 r.scaler, step0=epoch * r.steps_per_epoch, ema=r.ema, phase=phase)
+    _call(callbacks, "on_before_eval", r.eval_model, epoch + 1)  # e.g. BatchNorm re-estimated after a prune
+    sync_buffers(r.eval_model)  # torchrun: BatchNorm statistics drifted apart in each rank's last steps
+    m = evaluate(r.eval_model, val_loader, device)
+    row = {"epoch": epoch + 1, "phase": phase, "train_loss": train_loss, "val_loss": m["val_loss"], "top1": m["top1"],
+           "top5": m["top5"], "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
+    return m, row
+
+
+def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable, settings: TrainSettings,
+        run_dir: str | Path | None = None, resume: bool = False, callbacks: Sequence[Any] = (),
+        loss_fn: LossFn | None = None, phase: str = "train", start_candidate: bool = False) -> dict[str, Any]:
+    """Train with a per-batch cosine schedule, keep the best model by top-1 on ``val_loader`` (the validation split,
+    never the test split), checkpoint every epoch; ``settings.patience`` stops early on the same figure.
+
+    With ``start_candidate=True`` (every fine-tune) the model as given is evaluated first (epoch 0) and stays unless
+    an epoch beats it on val; keeping it is logged as a warning. The checkpoint (``run_dir/last.ckpt``) is written
+    atomically and holds the model, optimizer, scheduler and best-so-far state; ``resume=True`` continues from it,
+    giving the same weights as an uninterrupted run. On return the model holds the best weights.
+
+    Returns:
+        The best candidate's val metrics (``top1``, ``top5``, ``val_loss``, ``epoch``: 0 for the start), plus
+        ``epochs_run``, and with ``start_candidate`` ``start`` (the start's val metrics) and ``kept_start``.
+
+    Example:
+        >>> fit(model, train_loader, val_loader, TrainSettings(epochs=5, lr=0.05), run_dir="runs/base")
+    """
+    s, device = settings, torch.device(settings.device)
+    r = _setup(model, train_loader, s, device)
+    loss_fn = loss_fn or default_loss(s)
     ckpt_path = Path(run_dir) / runs.CKPT if run_dir else None
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-    start, best, best_state, bad_epochs = 0, None, None, 0
+    start, best, start_m = 0, _Best(), None
     fingerprint = resume_fingerprint(s)
     if resume and ckpt_path is not None and ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path, device, fingerprint, model)
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        if ema is not None and "ema" in ck:
-            ema.load_state_dict(ck["ema"])
-        start, best, best_state, bad_epochs = ck["epoch"], ck["best"], ck["best_model"], ck["bad_epochs"]
-        log.info("%s: resuming from %s at epoch %d/%d", phase, ckpt_path, start + 1, s.epochs)
-        # a kill between the history line and the checkpoint would leave a line for an epoch that is redone
-        kept = [r for r in runs.read_history(run_dir) if r.get("phase") != phase or r.get("epoch", 0) <= start]
-        atomic_write_text(Path(run_dir) / runs.HISTORY, "".join(json.dumps(r) + "\n" for r in kept))
+        start, best, start_m = _resume(r, run_dir, device, fingerprint, phase, s.epochs)  # type: ignore[arg-type]
     elif resume and ckpt_path is not None:
         log.warning("%s: --resume given but %s does not exist; starting from the beginning", phase, ckpt_path)
-
+    if start_candidate and start == 0:
+        start_m = evaluate(r.eval_model, val_loader, device)
+        best.offer(start_m, 0, r.eval_model)
+        log.info("%s 0/%d: start model: val_loss %.4f top1 %.2f top5 %.2f (a candidate)", phase, s.epochs,
+                 start_m["val_loss"], start_m["top1"], start_m["top5"])
     mirror = runs.tensorboard_mirror(run_dir, s.tensorboard) if run_dir is not None else contextlib.nullcontext()
     with mirror:  # --tensorboard: the history lines also go to TensorBoard
         for epoch in range(start, s.epochs):
-            t0 = time.perf_counter()
-            torch.manual_seed(s.seed * 1000 + epoch)  # augmentation / dropout randomness: a function of (seed, epoch)
-            set_loader_epoch(train_loader, epoch)  # type: ignore[arg-type]
-            lr = optimizer.param_groups[0]["lr"]
-            train_loss = train_one_epoch(net, train_loader, optimizer, scheduler, s, epoch, loss_fn, callbacks, scaler,
-                                         step0=epoch * steps_per_epoch, ema=ema, phase=phase)
-            eval_model = ema if ema is not None else model
-            _call(callbacks, "on_before_eval", eval_model, epoch + 1)  # e.g. BatchNorm re-estimated after a prune
-            sync_buffers(eval_model)  # torchrun: BatchNorm statistics drifted apart in each rank's last steps
-            m = evaluate(eval_model, val_loader, device)
-            secs = time.perf_counter() - t0
-            row = {"epoch": epoch + 1, "phase": phase, "train_loss": train_loss, "val_loss": m["val_loss"],
-                   "top1": m["top1"], "top5": m["top5"], "lr": lr, "seconds": round(secs, 3)}
-            improved = best is None or m["top1"] > best["top1"]
-            if improved:
-                best = {**m, "epoch": epoch + 1}
-                best_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
-            log.info("%s %d/%d: train_loss %.4f val_loss %.4f top1 %.2f top5 %.2f (%.1fs)%s", phase, epoch + 1,
-                     s.epochs, train_loss, m["val_loss"], m["top1"], m["top5"], secs, " *best*" if improved else "")
+            m, row = _epoch(r, train_loader, val_loader, s, epoch, loss_fn, callbacks, phase, device)
+            improved = best.offer(m, epoch + 1, r.eval_model)
+            log.info("%s %d/%d: train_loss %.4f val_loss %.4f val top1 %.2f top5 %.2f (%.1fs)%s", phase, epoch + 1,
+                     s.epochs, row["train_loss"], m["val_loss"], m["top1"], m["top5"], row["seconds"],
+                     " *best*" if improved else "")
             _call(callbacks, "on_epoch_end", model, epoch + 1, m)
             if run_dir is not None and is_main_process():
                 runs.append_history(run_dir, row)
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best": best,
-                         "best_model": best_state, "bad_epochs": bad_epochs, "settings": fingerprint}
-                if ema is not None:
-                    state["ema"] = ema.state_dict()
-                atomic_write(ckpt_path, lambda tmp, st=state: torch.save(st, tmp))
-            if s.patience and bad_epochs >= s.patience:
-                log.info("%s: early stopping after %d epochs without improvement", phase, bad_epochs)
+                _save_checkpoint(r, ckpt_path, epoch + 1, best, start_m, fingerprint)  # type: ignore[arg-type]
+            if s.patience and best.bad_epochs >= s.patience:
+                log.info("%s: early stopping after %d epochs without improvement on val", phase, best.bad_epochs)
                 break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    result = dict(best or evaluate(model, val_loader, device))
-    result["epochs_run"] = s.epochs - start
+    return _finish(model, best, start_m, val_loader, device, s.epochs - start, phase)
+
+
+def _finish(model: nn.Module, best: _Best, start_m: dict[str, Any] | None, val_loader: Iterable,
+            device: torch.device, epochs_run: int, phase: str) -> dict[str, Any]:
+    if best.state is not None:
+        model.load_state_dict(best.state)
+    result = dict(best.metrics or evaluate(model, val_loader, device))
+    result["epochs_run"] = epochs_run
+    if start_m is not None:
+        result["start"] = start_m
+        result["kept_start"] = result.get("epoch") == 0
+        if result["kept_start"] and epochs_run > 0:
+            log.warning("%s: NO EPOCH BEAT THE STARTING MODEL on val (top1 %.2f%%): keeping the start model, "
+                        "the fine-tuning changed nothing", phase, start_m["top1"])
     return result
-
-
-# settings that may change between a run and its resumption without changing what is trained
-RESUME_FREE = frozenset({"resume", "overwrite", "out", "device", "workers", "tensorboard", "download", "data_dir"})
-
-
-def resume_fingerprint(s: Any) -> dict[str, Any]:
-    """The settings a checkpoint was trained with (JSON values), less ``RESUME_FREE``: resuming with other values
-    (epochs, lr, model, data...) would silently mix two runs."""
-    d = s.to_dict() if hasattr(s, "to_dict") else dict(vars(s))
-    return {k: v for k, v in d.items() if k not in RESUME_FREE}
-
-
-def load_checkpoint(path: Path, device: torch.device, fingerprint: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-    """``last.ckpt`` for ``--resume`` (``weights_only``), checked: readable, written with these settings, for this
-    model. Each failure is a ``RunDirError`` / ``ConfigError`` that says what differs and what to do."""
-    from prunekit.errors import ConfigError, RunDirError
-
-    try:
-        ck = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated or not a checkpoint at all
-        raise RunDirError(f"--resume: {str(path)!r} cannot be read ({type(e).__name__}: {e}); it is damaged: pass "
-                          "--overwrite to start the run again, or choose another --out") from None
-    if not isinstance(ck, dict) or not {"model", "optimizer", "scheduler", "epoch"} <= set(ck):
-        raise RunDirError(f"--resume: {str(path)!r} is not a prunekit training checkpoint (keys "
-                          f"{sorted(ck) if isinstance(ck, dict) else type(ck).__name__}); pass --overwrite to start "
-                          "again")
-    saved = ck.get("settings")  # absent in checkpoints of older versions: not checked
-    if saved is not None:
-        diff = {k: (saved.get(k), fingerprint.get(k)) for k in sorted(set(saved) | set(fingerprint))
-                if saved.get(k) != fingerprint.get(k)}
-        if diff:
-            said = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diff.items())
-            raise ConfigError(f"--resume: {str(path)!r} was written with other settings ({said}); resume with the "
-                              "checkpoint's values, or pass --overwrite to start again with the new ones")
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[:2]
-        raise ConfigError(f"--resume: {str(path)!r} does not fit this model ({' '.join(first)[:300]}); resume with "
-                          "the --model the run was started with, or pass --overwrite") from None
-    return ck
-
-
-def finish_run(run_dir: str | Path | None) -> None:
-    """Remove the resume checkpoint once the stage's final files are written."""
-    if run_dir is not None and is_main_process():
-        p = Path(run_dir) / runs.CKPT
-        if p.exists():
-            p.unlink()

@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 from prunekit import runs
 from prunekit.config import Config
 from prunekit.data import DataArgs, dataset_info, get_dataset, make_loader
-from prunekit.data.core import data_settings
+from prunekit.data.core import VAL_FRACTION, VAL_SEED, data_settings
 from prunekit.errors import ConfigError
 from prunekit.measure import count_macs, count_params
 from prunekit.models import create_model
@@ -86,16 +86,36 @@ class EvalConfig(DataArgs):
 
 # ------------------------------------------------------------------------------------------------ shared pieces
 def loaders(data: dict[str, Any], batch_size: int, seed: int = 0, workers: int = 0, download: bool = False,
-            splits: tuple[str, ...] = ("train", "val")) -> dict[str, torch.utils.data.DataLoader]:
+            splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, torch.utils.data.DataLoader]:
+    """One loader per split of ``data`` (``data_settings``): ``val`` picks epochs, ``test`` is what stages report."""
     out = {}
     for split in splits:
         ds = get_dataset(data["dataset"], split, data_dir=data["data_dir"], image_size=data["image_size"],
-                         download=download, limit=data.get("train_samples") if split == "train" else None)
+                         download=download, limit=data.get("train_samples") if split == "train" else None,
+                         val_fraction=data.get("val_fraction", VAL_FRACTION), val_seed=data.get("val_seed", VAL_SEED))
         # under torchrun only the training set is split across ranks; every rank validates on the full set
         # calib is shuffled too (seeded): its first N batches must be a fair sample of every class
         out[split] = make_loader(ds, batch_size, shuffle=split in ("train", "calib"), seed=seed, drop_last=False,
                                  workers=workers, distributed=is_distributed() and split == "train")
     return out
+
+
+def test_metrics(model: torch.nn.Module, loader: Any, device: str = "cpu",
+                 max_batches: int | None = None) -> dict[str, Any]:
+    """``top1``, ``top5`` (percent), ``test_loss`` and ``test_samples`` of ``model`` on the test loader."""
+    m = evaluate(model, loader, device, max_batches)
+    return {"top1": m["top1"], "top5": m["top5"], "test_loss": m["val_loss"], "test_samples": m["samples"]}
+
+
+def val_metrics(best: dict[str, Any]) -> dict[str, Any]:
+    """``val_top1``, ``val_top5``, ``val_loss`` of the candidate ``fit`` kept (its result)."""
+    return {"val_top1": best["top1"], "val_top5": best["top5"], "val_loss": best["val_loss"]}
+
+
+def split_record(data: dict[str, Any], ld: dict[str, torch.utils.data.DataLoader]) -> dict[str, Any]:
+    """The split recipe a run used (for metrics.json): validation fraction and seed, and each split's size."""
+    return {"val_fraction": data.get("val_fraction", VAL_FRACTION), "val_seed": data.get("val_seed", VAL_SEED),
+            **{k: len(v.dataset) for k, v in ld.items()}}  # type: ignore[arg-type]
 
 
 def model_metrics(model: torch.nn.Module, spec: runs.ModelSpec, device: str = "cpu") -> dict[str, int]:
@@ -115,7 +135,9 @@ def write_run(out: Path, model: torch.nn.Module, cfg: Any, metrics: dict[str, An
 
 
 def _fmt(m: dict[str, Any]) -> str:
-    return (f"top1 {m['top1']:.2f}%  top5 {m['top5']:.2f}%  val_loss {m['val_loss']:.4f}  "
+    val = f"val top1 {m['val_top1']:.2f}%  " if "val_top1" in m else ""
+    loss = m.get("test_loss", float("nan"))
+    return (f"test top1 {m['top1']:.2f}%  top5 {m['top5']:.2f}%  test_loss {loss:.4f}  {val}"
             f"MACs {m['macs'] / 1e6:.2f} M  params {m['params'] / 1e3:.1f} K")
 
 
@@ -127,7 +149,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     info = dataset_info(data["dataset"])
     with runs.run_log(out):
         torch.manual_seed(cfg.seed)
-        num_classes = info.num_classes or len(get_dataset(data["dataset"], "val", data["data_dir"]).classes)
+        num_classes = info.num_classes or len(get_dataset(data["dataset"], "test", data["data_dir"]).classes)
         model = create_model(cfg.model, in_channels=info.in_channels, num_classes=num_classes,
                              pretrained=cfg.pretrained, weights=str(cfg.weights) if cfg.weights else None,
                              **cfg.model_kwargs)
@@ -139,9 +161,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download)
         t0 = time.perf_counter()
         best = fit(model, ld["train"], ld["val"], cfg, run_dir=out, resume=cfg.resume)
-        metrics = {**evaluate(model, ld["val"], cfg.device), **model_metrics(model, spec, cfg.device),
-                   "best_epoch": best.get("epoch"), "train_seconds": round(time.perf_counter() - t0, 2),
-                   "stage": "train", **data}
+        metrics = {**test_metrics(model, ld["test"], cfg.device), **val_metrics(best),
+                   **model_metrics(model, spec, cfg.device), "best_epoch": best.get("epoch"),
+                   "train_seconds": round(time.perf_counter() - t0, 2), "stage": "train", **data,
+                   "splits": split_record(data, ld)}
         log.info("train: done: %s", _fmt(metrics))
         write_run(out, model, {**cfg.to_dict(), **data}, metrics, spec)
     finish_run(out)
@@ -169,18 +192,36 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                         "fills the zeros in; sparsify without --permanent to keep them through training",
                         cfg.from_dir, 100 * before["model_sparsity"])
         ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download)
+        start = test_metrics(model, ld["test"], cfg.device)  # the start is a candidate: its test figure is kept
         t0 = time.perf_counter()
         best = fit(model, ld["train"], ld["val"], cfg, run_dir=out, resume=cfg.resume, phase="finetune",
-                   loss_fn=loss_fn)
-        metrics = {**evaluate(model, ld["val"], cfg.device), **model_metrics(model, spec, cfg.device),
-                   **(_zeros(model) if sparse else {}),
+                   loss_fn=loss_fn, start_candidate=True)
+        metrics = {**test_metrics(model, ld["test"], cfg.device), **val_metrics(best),
+                   **model_metrics(model, spec, cfg.device), **(_zeros(model) if sparse else {}),
                    "best_epoch": best.get("epoch"), "train_seconds": round(time.perf_counter() - t0, 2),
                    "stage": "finetune", "from": str(cfg.from_dir),
-                   **({"teacher": str(teacher_dir)} if teacher_dir else {}), **data}
+                   **({"teacher": str(teacher_dir)} if teacher_dir else {}), **data, "splits": split_record(data, ld)}
+        metrics.update(start_check(start, best, metrics["top1"], "finetune"))
         log.info("finetune: done: %s", _fmt(metrics))
         write_run(out, model, {**cfg.to_dict(), **data}, metrics, spec)
     finish_run(out)
     return metrics
+
+
+def start_check(start: dict[str, Any], best: dict[str, Any], top1: float, stage: str) -> dict[str, Any]:
+    """``start_top1`` (test), ``start_val_top1``, ``kept_start`` and ``below_start`` of a fine-tune whose start was a
+    candidate (``start``: its test metrics, ``best``: ``fit``'s result, ``top1``: the test top-1 reported). Says so
+    loudly when the start was kept or when the reported test top-1 is below the start's."""
+    kept = bool(best.get("kept_start"))
+    start_val = (best.get("start") or {}).get("top1", float("nan"))
+    below = top1 < start["top1"]
+    if kept:
+        log.warning("%s: KEPT THE START MODEL: no epoch beat it on val (val top1 %.2f%%); test top1 stays %.2f%%",
+                    stage, start_val, start["top1"])
+    if below:
+        log.warning("%s: TEST TOP1 %.2f%% IS BELOW THE START'S %.2f%%: epoch %s won on val (val top1 %.2f%%, start "
+                    "%.2f%%) but not on test", stage, top1, start["top1"], best.get("epoch"), best["top1"], start_val)
+    return {"start_top1": start["top1"], "start_val_top1": start_val, "kept_start": kept, "below_start": below}
 
 
 def _has_masks(model: torch.nn.Module) -> bool:
@@ -242,8 +283,8 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, Any]:
     data = data_settings(cfg, runs.read_config(cfg.from_dir))
     model = runs.load_model(cfg.from_dir, cfg.device)
     spec = model.prunekit_spec
-    ld = loaders(data, cfg.batch_size, splits=("val",), workers=cfg.workers, download=cfg.download)
-    metrics = {**evaluate(model, ld["val"], cfg.device, cfg.max_batches), **model_metrics(model, spec, cfg.device),
+    ld = loaders(data, cfg.batch_size, splits=("test",), workers=cfg.workers, download=cfg.download)
+    metrics = {**test_metrics(model, ld["test"], cfg.device, cfg.max_batches), **model_metrics(model, spec, cfg.device),
                "stage": "eval", "from": str(cfg.from_dir), **data}
     if cfg.out is not None:
         out = runs.prepare_out_dir(cfg.out, overwrite=None, resumable=False)

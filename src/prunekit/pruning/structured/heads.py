@@ -6,11 +6,18 @@ Known layouts (``kind``):
     ``llama``  ``q_proj``/``k_proj``/``v_proj``/``o_proj`` with ``head_dim`` (HF LLaMA-style; rotary, maybe GQA)
     ``torch``  ``nn.MultiheadAttention`` (torchvision ViT): torch-pruning prunes its embedding dim with the
                residual stream; head removal is not supported there.
-    ``other``  any other module with a head-count attribute (``num_heads``, ``n_heads``, ...) and 3+ Linear
+    ``custom`` a class declared with ``register_attention`` (a user's own attention): its layout names the
+               projections and the head-count attributes, so ``heads=True`` removes whole heads from it.
+    ``other``  any other module with a head-count attribute (``num_heads``, ``n_heads``, ...) and 2+ Linear
                children: every Linear child but the last (the output projection) is treated as head-carrying,
-               so it is left alone; head removal is refused.
+               so it is left alone; head removal is refused until its layout is declared.
 The projections' output channels are never pruned piecemeal: either whole heads go (``heads=True``) or the
 attention internals are left untouched.
+
+Example (a user's attention doing ``self.to_qkv(x).reshape(B, N, 3, self.heads, self.dim_head)``):
+    >>> prunekit.register_attention(MyAttention, qkv="to_qkv", proj="to_out", num_heads_attr="heads",
+    ...                             head_dim_attr="dim_head")
+    >>> prunekit.prune(model, x, ratio=0.3, heads=True)
 """
 
 from __future__ import annotations
@@ -19,7 +26,58 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from prunekit.errors import PruningError
+from prunekit.errors import ConfigError, PruningError
+from prunekit.pruning.structured.families import sync_families
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where a multi-head attention class keeps its heads.
+
+    Args:
+        qkv: the fused Linear whose outputs are ``(3, num_heads, head_dim)`` (q, k, v blocks, heads inside each),
+            or the names of three Linears (q, k, v) whose outputs are ``(num_heads, head_dim)``.
+        proj: the output projection Linear (reads ``num_heads * head_dim`` channels).
+        num_heads_attr: the attribute holding the head count (updated after head pruning).
+        head_dim_attr: the attribute holding the per-head width; ``None``: derived from ``qkv``.
+        width_attrs: attributes holding ``num_heads * head_dim`` (updated after head pruning), e.g. ``("inner_dim",)``.
+    """
+
+    qkv: str | tuple[str, ...] = "qkv"
+    proj: str = "proj"
+    num_heads_attr: str = "num_heads"
+    head_dim_attr: str | None = "head_dim"
+    width_attrs: tuple[str, ...] = ()
+
+    @property
+    def projections(self) -> list[str]:
+        return [self.qkv] if isinstance(self.qkv, str) else list(self.qkv)
+
+
+LAYOUTS: dict[type, AttentionLayout] = {}  # declared attention classes (``register_attention``)
+
+
+def register_attention(cls: type, layout: AttentionLayout | None = None, **fields: object) -> AttentionLayout:
+    """Declare the head layout of an attention class, so ``prune(..., heads=True)`` removes whole heads from it.
+
+    Example:
+        >>> prunekit.register_attention(MyAttention, qkv="to_qkv", proj="to_out", num_heads_attr="heads",
+        ...                             head_dim_attr="dim_head")
+    """
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise ConfigError(f"register_attention: {cls!r} is not an nn.Module class; pass the class itself")
+    if layout is not None and fields:
+        raise ConfigError("register_attention: pass a layout=AttentionLayout(...) or its fields, not both")
+    try:
+        layout = layout or AttentionLayout(**fields)  # type: ignore[arg-type]
+    except TypeError as e:
+        raise ConfigError(f"register_attention({cls.__name__}): {e}; fields: qkv, proj, num_heads_attr, "
+                          "head_dim_attr, width_attrs") from None
+    if not isinstance(layout.qkv, str) and len(layout.qkv) != 3:
+        raise ConfigError(f"register_attention({cls.__name__}): qkv={layout.qkv!r}: one fused Linear name or "
+                          "three names (q, k, v)")
+    LAYOUTS[cls] = layout
+    return layout
 
 
 @dataclass
@@ -32,13 +90,16 @@ class Attention:
     head_dim: int = 0
     num_kv_heads: int = 0
     bias_per_head: bool = False  # a relative-position bias table with one column per head (Swin)
+    layout: AttentionLayout | None = None  # declared with register_attention (kind "custom")
 
     def supports_head_pruning(self) -> str | None:
         """``None`` when whole heads can be removed, else the reason they cannot."""
         if self.bias_per_head and not callable(getattr(self.module, "remove_heads", None)):
             return "its relative-position bias table has one column per head, which torch-pruning does not prune"
         if self.kind == "other":
-            return f"unknown attention layout {type(self.module).__name__}"
+            return (f"unknown attention layout {type(self.module).__name__}; declare it with prunekit."
+                    f"register_attention({type(self.module).__name__}, qkv=..., proj=..., num_heads_attr=..., "
+                    "head_dim_attr=...)")
         if self.kind == "torch":
             return "nn.MultiheadAttention keeps its heads (torch-pruning prunes its embedding dim only)"
         if self.kind == "llama":
@@ -53,7 +114,11 @@ class Attention:
         m = self.module
         if removed is not None and callable(getattr(m, "remove_heads", None)):
             m.remove_heads(list(removed))
-        if self.kind == "fused":
+        if self.layout is not None:
+            setattr(m, self.layout.num_heads_attr, num_heads)
+            for attr in self.layout.width_attrs:
+                setattr(m, attr, num_heads * self.head_dim)
+        elif self.kind == "fused":
             m.num_heads = num_heads
             if hasattr(m, "attn_dim"):
                 m.attn_dim = num_heads * self.head_dim
@@ -73,7 +138,10 @@ def find_attention(model: nn.Module) -> list[Attention]:
     found: list[Attention] = []
     for name, m in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(m, nn.MultiheadAttention):
+        layout = next((LAYOUTS[c] for c in type(m).__mro__ if c in LAYOUTS), None)
+        if layout is not None:
+            found.append(_declared(name, m, layout))
+        elif isinstance(m, nn.MultiheadAttention):
             found.append(Attention(name, m, "torch", [], m.num_heads, m.head_dim, m.num_heads))
         elif _linear(m, "qkv") is not None and isinstance(getattr(m, "num_heads", None), int):
             heads = m.num_heads
@@ -94,7 +162,7 @@ def find_attention(model: nn.Module) -> list[Attention]:
         else:
             heads = next((getattr(m, a) for a in HEAD_ATTRS if isinstance(getattr(m, a, None), int)), None)
             linears = [n for n, c in m.named_children() if isinstance(c, nn.Linear)]
-            if heads and len(linears) >= 3:
+            if heads and len(linears) >= 2:
                 found.append(Attention(name, m, "other", [prefix + n for n in linears[:-1]], heads, 0, heads))
     return found
 
@@ -102,9 +170,30 @@ def find_attention(model: nn.Module) -> list[Attention]:
 HEAD_ATTRS = ("num_heads", "n_heads", "num_attention_heads", "n_head", "heads")
 
 
+def _declared(name: str, m: nn.Module, layout: AttentionLayout) -> Attention:
+    """The ``Attention`` of a module whose class was declared with ``register_attention``."""
+    where = f"attention {name!r} ({type(m).__name__}, declared with register_attention)"
+    linears = {}
+    for attr in [*layout.projections, layout.proj]:
+        sub = _linear(m, attr)
+        if sub is None:
+            raise PruningError(f"{where}: it has no nn.Linear {attr!r}; its Linear children: "
+                               f"{[n for n, c in m.named_children() if isinstance(c, nn.Linear)]}")
+        linears[attr] = sub
+    heads = getattr(m, layout.num_heads_attr, None)
+    if not isinstance(heads, int) or heads < 1:
+        raise PruningError(f"{where}: num_heads_attr={layout.num_heads_attr!r} is {heads!r}, not a head count")
+    blocks = 3 if isinstance(layout.qkv, str) else 1
+    width = linears[layout.projections[0]].out_features
+    hd = getattr(m, layout.head_dim_attr, None) if layout.head_dim_attr else width // (blocks * heads)
+    if not isinstance(hd, int) or any(linears[p].out_features != blocks * heads * hd for p in layout.projections):
+        raise PruningError(f"{where}: {layout.projections} have {width} outputs, expected {blocks} * {heads} heads "
+                           f"* {hd} dims (head_dim_attr={layout.head_dim_attr!r})")
+    prefix = f"{name}." if name else ""
+    return Attention(name, m, "custom", [prefix + p for p in layout.projections], heads, hd, heads, layout=layout)
+
+
 def sync_attributes(model: nn.Module) -> None:
-    """Update attributes that a model reads in ``forward`` and torch-pruning does not know about."""
-    for m in model.modules():
-        # torchvision ViT reshapes the patch embedding with self.hidden_dim
-        if type(m).__name__ == "VisionTransformer" and isinstance(getattr(m, "conv_proj", None), nn.Conv2d):
-            m.hidden_dim = m.conv_proj.out_channels
+    """Update attributes that a model reads in ``forward`` (or ``reset_classifier``, or its config) and
+    torch-pruning does not know about: see ``prunekit.pruning.structured.families``."""
+    sync_families(model)

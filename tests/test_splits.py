@@ -186,3 +186,19 @@ def test_a_finetune_below_its_start_on_test_says_so(caplog):
     assert got == {"start_top1": 90.0, "start_val_top1": 80.0, "kept_start": False, "below_start": True}
     assert "TEST TOP1 88.00% IS BELOW THE START'S 90.00%" in caplog.text
     assert not start_check({"top1": 90.0}, best, 91.0, "finetune")["below_start"]
+
+
+def test_report_says_which_figures_are_not_test_figures_and_which_fine_tunes_kept_their_start():
+    from prunekit.report.collect import RunRecord, split_notes
+
+    def rec(label, **m):
+        return RunRecord(dir=Path(label), label=label, metrics={"top1": 90.0, **m}, spec={}, lineage=[],
+                         baseline_dir=None, baseline=None)
+
+    notes = split_notes([rec("base", test_loss=0.1), rec("old"), rec("kept", test_loss=0.2, kept_start=True),
+                         rec("worse", test_loss=0.3, below_start=True, start_top1=91.5)])
+    assert len(notes) == 3
+    assert "old is not marked as a test-split figure" in notes[0] and "base" not in notes[0]
+    assert "start model on val for kept" in notes[1]
+    assert "worse (90.00 < 91.50)" in notes[2]
+    assert split_notes([rec("base", test_loss=0.1)]) == []

@@ -19,7 +19,7 @@ from prunekit._io import atomic_write_text
 from prunekit.errors import ConfigError
 from prunekit.report import html as H
 from prunekit.report import plots
-from prunekit.report.collect import RunRecord, collect_runs, find_sensitivity, profile_latency_reduction
+from prunekit.report.collect import RunRecord, collect_runs, find_sensitivity, profile_latency_reduction, split_notes
 from prunekit.report.table import markdown_table, text_table
 from prunekit.report.targets import DEFAULT_TARGETS, check_targets, describe_targets
 
@@ -107,14 +107,16 @@ def _summary(records: list[RunRecord], res: ReportResult) -> tuple[str, str]:
     lat = (f"`latency cut` is the {' / '.join(backends)} figure of the run's `profile.json` (timed alternately with "
            "its baseline; every backend in the latency section)" if backends else
            "`latency cut` compares the latency each run measured on its own")
-    lines = ["Reductions and the top-1 drop are against the baseline each run descends from (its `stage: train` "
+    lines = ["`top1` / `top5` are on each dataset's test split (the validation split, carved from the training data, "
+             "only picked epochs). Reductions and the top-1 drop are against the baseline each run descends from (its "
+             "`stage: train` "
              "ancestor, found through `from`); `Pareto` marks the runs no other run beats on both top-1 and MACs; "
              "`sparsity` is the fraction of exact zeros among the weights of the conv and linear layers (biases and "
-             f"norms not counted); {lat}."]
-    body = H.table(headers, cells, text_cols, classes) + H.para(lines[0])
+             f"norms not counted); {lat}.", *split_notes(records)]
+    body = H.table(headers, cells, text_cols, classes) + "".join(H.para(line) for line in lines)
     dirs = [[r.label, str(r.dir), str(r.baseline_dir) if r.baseline_dir else "-"] for r in records]
     body += H.table(["run", "directory", "baseline"], dirs, text_cols=3)
-    md = markdown_table(headers, cells) + "\n\n" + lines[0] + "\n\n" + markdown_table(
+    md = markdown_table(headers, cells) + "\n\n" + "\n\n".join(lines) + "\n\n" + markdown_table(
         ["run", "directory", "baseline"], dirs)
     return body, md
 

@@ -276,6 +276,26 @@ def _row(rec: RunRecord, sparsity: float | None) -> dict[str, Any]:
     return {k: row.get(k) for k in ROW_KEYS if k not in ("pareto", "goal")}
 
 
+def split_notes(records: Sequence[RunRecord]) -> list[str]:
+    """Sentences for the summary about the split behind each top-1: runs whose ``metrics.json`` does not mark its
+    top-1 as a test figure (no ``test_loss``: an older prunekit picked their epochs on the split it reported), and
+    fine-tunes that kept their start model or ended below it on test."""
+    notes = []
+    unmarked = [r.label for r in records if "test_loss" not in r.metrics]
+    if unmarked:
+        notes.append(f"The top-1 of {', '.join(unmarked)} is not marked as a test-split figure (their metrics.json "
+                     "has no `test_loss`: written before prunekit had a validation split, or by a stage that "
+                     "evaluated on another split); it may be optimistic.")
+    kept = [r.label for r in records if r.metrics.get("kept_start")]
+    if kept:
+        notes.append(f"No fine-tuning epoch beat the start model on val for {', '.join(kept)}: the start was kept.")
+    below = [f"{r.label} ({r.metrics['top1']:.2f} < {r.metrics['start_top1']:.2f})" for r in records
+             if r.metrics.get("below_start") and isinstance(r.metrics.get("start_top1"), (int, float))]
+    if below:
+        notes.append(f"Fine-tuned below their start on test: {', '.join(below)}.")
+    return notes
+
+
 def profile_latency_reduction(profile: Mapping[str, Any] | None) -> dict[str, float]:
     """``{backend: latency_reduction}`` of a ``profile.json`` (backends that failed are left out)."""
     if not profile:

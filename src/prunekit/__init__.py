@@ -9,7 +9,11 @@ from prunekit.runs import load_model, save_model  # noqa: E402
 
 _LAZY = {"prune": "prunekit.pruning.structured", "PruneReport": "prunekit.pruning.structured",
          "fit": "prunekit.train", "evaluate": "prunekit.train", "TrainSettings": "prunekit.train",
-         "recalibrate_bn": "prunekit.pruning"}
+         "recalibrate_bn": "prunekit.pruning",
+         "ModelSpec": "prunekit.runs", "save_exported": "prunekit.export.exported",
+         "register_attention": "prunekit.pruning.structured.declare",
+         "AttentionLayout": "prunekit.pruning.structured.declare",
+         "register_channel_mapping": "prunekit.pruning.structured.declare"}
 
 
 def __getattr__(name: str):
@@ -24,4 +28,5 @@ def __getattr__(name: str):
 __all__ = ["prune", "PruneReport", "recalibrate_bn", "fit", "evaluate", "TrainSettings",
     "ConfigError", "DataNotFoundError", "PruningError", "PrunekitError", "RunDirError",
     "count_macs", "count_params", "create_model", "list_models", "register_model", "load_model", "save_model",
+    "ModelSpec", "save_exported", "register_attention", "AttentionLayout", "register_channel_mapping",
 ]

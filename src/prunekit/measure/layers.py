@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from prunekit.batch import call_model
 from prunekit.measure.latency import torch_threads
-from prunekit.measure.macs import call_model
 
 _PREFIX = "prunekit.module:"
 ROOT = "<root>"
@@ -74,6 +74,31 @@ def layer_times_many(models: dict[str, nn.Module], example_inputs: Any, runs: in
                      threads: int | None = None) -> dict[str, dict[str, Any]]:
     """:func:`layer_times` of several models, profiled *alternately* (forward by forward) in one profiler session,
     so that a machine slowing down hits them alike. Each module's time is the median over its calls."""
+    timed = {k: _timed_modules(m) for k, m in models.items()}
+    own, wall = _own_times(_profile(models, timed, example_inputs, runs, warmup, threads))
+    out = {}
+    for k, m in models.items():
+        rows = []
+        macs = module_macs(m, example_inputs)
+        for name, mod in timed[k].items():
+            ts = own.get(f"{k}:{name or ROOT}")
+            if ts:
+                calls = max(1, round(len(ts) / runs))
+                rows.append({"name": name or ROOT, "type": type(mod).__name__,
+                             "ms": statistics.median(ts) * calls, "calls": calls, "macs": macs.get(name, 0)})
+        total = math.fsum(r["ms"] for r in rows)
+        for r in rows:
+            r["share"] = r["ms"] / total if total > 0 else 0.0
+        rows.sort(key=lambda r: -r["ms"])
+        root_wall = wall.get(f"{k}:{ROOT}")
+        out[k] = {"total_ms": total, "forward_ms": statistics.median(root_wall) if root_wall else None,
+                  "runs": runs, "layers": rows}
+    return out
+
+
+def _profile(models: dict[str, nn.Module], timed: dict[str, dict[str, nn.Module]], example_inputs: Any, runs: int,
+             warmup: int, threads: int | None) -> Any:
+    """The profiler of ``runs`` alternating forwards of ``models``, each timed module inside a labelled range."""
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
 
@@ -96,7 +121,6 @@ def layer_times_many(models: dict[str, nn.Module], example_inputs: Any, runs: in
         if stack:
             stack.pop().__exit__(None, None, None)
 
-    timed = {k: _timed_modules(m) for k, m in models.items()}
     try:
         with torch_threads(threads):
             for k, m in models.items():
@@ -117,8 +141,15 @@ def layer_times_many(models: dict[str, nn.Module], example_inputs: Any, runs: in
             stack.pop().__exit__(None, None, None)
         for k, m in models.items():
             m.train(modes[k])
-    # a module's own time = the torch ops directly inside its range (not in a child module's range); the Python
-    # between ops (and the profiler's hooks) is left out, so the rows add up to the op time of the forward
+    return prof
+
+
+def _own_times(prof: Any) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(label -> own ms per call, label -> wall ms per call) of every labelled range.
+
+    A module's own time = the torch ops directly inside its range (not in a child module's range); the Python
+    between ops (and the profiler's hooks) is left out, so the rows add up to the op time of the forward.
+    """
     own: dict[str, list[float]] = {}
     wall: dict[str, list[float]] = {}
     for ev in prof.events():
@@ -127,24 +158,7 @@ def layer_times_many(models: dict[str, nn.Module], example_inputs: Any, runs: in
             ops = [c for c in ev.cpu_children if not c.name.startswith(_PREFIX)]
             own.setdefault(label, []).append(math.fsum(c.cpu_time_total for c in ops) / 1e3)  # us -> ms
             wall.setdefault(label, []).append(ev.cpu_time_total / 1e3)
-    out = {}
-    for k, m in models.items():
-        rows = []
-        macs = module_macs(m, example_inputs)
-        for name, mod in timed[k].items():
-            ts = own.get(f"{k}:{name or ROOT}")
-            if ts:
-                calls = max(1, round(len(ts) / runs))
-                rows.append({"name": name or ROOT, "type": type(mod).__name__,
-                             "ms": statistics.median(ts) * calls, "calls": calls, "macs": macs.get(name, 0)})
-        total = math.fsum(r["ms"] for r in rows)
-        for r in rows:
-            r["share"] = r["ms"] / total if total > 0 else 0.0
-        rows.sort(key=lambda r: -r["ms"])
-        root_wall = wall.get(f"{k}:{ROOT}")
-        out[k] = {"total_ms": total, "forward_ms": statistics.median(root_wall) if root_wall else None,
-                  "runs": runs, "layers": rows}
-    return out
+    return own, wall
 
 
 def layer_times(model: nn.Module, example_inputs: Any, runs: int = 5, warmup: int = 2,

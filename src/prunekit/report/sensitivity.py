@@ -26,13 +26,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,8 @@ from prunekit.measure import count_macs
 from prunekit.pruning.structured.bn import batchnorms
 from prunekit.pruning.structured.bn import recalibrate_bn as recal
 from prunekit.pruning.structured.criteria import get_criterion
-from prunekit.pruning.structured.criteria.base import CalibContext, to_device
+from prunekit.batch import to_device
+from prunekit.pruning.structured.criteria.base import CalibContext
 from prunekit.pruning.structured.engine import apply_selection, score_units
 from prunekit.pruning.structured.graph import PruningGraph, Unit, copy_graph
 from prunekit.pruning.structured.plan import plan_units
@@ -134,42 +136,54 @@ def layer_sensitivity(model: nn.Module, example_inputs: Any, val_data: Iterable,
     if not val:
         raise ConfigError("val_data is empty: sensitivity needs validation batches to evaluate on")
     t0 = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
-        graph = PruningGraph(model, example_inputs)
-        units = plan_units(graph, s)
-        ctx = CalibContext(model=model, example_inputs=example_inputs, calib_data=calib_data,
-                           max_batches=calib_batches, device=device, loss_fn=loss_fn,
-                           targets=sorted({n for u in units for n in u.layers}))
-        if crit.needs_stats:
-            from prunekit.pruning.structured.stats import collect_stats
-
-            ctx.stats = collect_stats(model, calib_data, ctx.targets, max_batches=calib_batches, device=device,
-                                      graph=graph)
-        crit.calibrate(ctx)
-        scores = score_units(crit, units)  # local scope: raw scores, as the engine uses them
-        macs0 = count_macs(model, example_inputs)
-        base = _evaluate(model, val, device)
-    finally:
-        model.train(was_training)
+    ctx = CalibContext(model=model, example_inputs=example_inputs, calib_data=calib_data,
+                       max_batches=calib_batches, device=device, loss_fn=loss_fn)
+    graph, units, scores, macs0, base = _score(ctx, s, crit, val)
     log.info("sensitivity: %d groups x %d ratios, %s, baseline top1 %.2f%% on %d samples", len(units), len(ratios),
              criterion, base["top1"], base["samples"])
-    groups = []
-    bn_log = logging.getLogger("prunekit.pruning.structured.bn")  # one "recalibrated" line per copy is noise here
-    bn_level = bn_log.level
-    bn_log.setLevel(max(bn_level, logging.WARNING))
-    try:
-        for k, u in enumerate(units, start=1):
-            groups.append(_group(u, k, len(units), ratios, scores, graph, base, macs0, example_inputs, val,
-                                 calib_data, calib_batches, recalibrate_bn, device, progress))
-    finally:
-        bn_log.setLevel(bn_level)
+    with _quiet_bn():
+        groups = [_group(u, k, len(units), ratios, scores, graph, base, macs0, example_inputs, val, calib_data,
+                         calib_batches, recalibrate_bn, device, progress) for k, u in enumerate(units, start=1)]
     groups.sort(key=lambda grp: -math.inf if grp["mean_drop"] is None else -grp["mean_drop"])
     return {"format": FORMAT, "criterion": criterion, "ratios": ratios, "recalibrate_bn": recalibrate_bn,
             "calib_batches": calib_batches if calib_data is not None else 0, "baseline": base,
             "samples": base["samples"], "macs": macs0, "groups": groups,
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _score(ctx: CalibContext, s: PruneSettings, crit: Any, val: list) -> tuple:
+    """(graph, units, raw local scores, MACs, baseline metrics) of the unpruned model, in eval mode."""
+    model = ctx.model
+    was_training = model.training
+    model.eval()
+    try:
+        graph = PruningGraph(model, ctx.example_inputs)
+        units = plan_units(graph, s)
+        ctx.targets = sorted({n for u in units for n in u.layers})
+        if crit.needs_stats:
+            from prunekit.pruning.structured.stats import collect_stats
+
+            ctx.stats = collect_stats(model, ctx.calib_data, ctx.targets, max_batches=ctx.max_batches,
+                                      device=ctx.device, graph=graph)
+        crit.calibrate(ctx)
+        scores = score_units(crit, units)  # local scope: raw scores, as the engine uses them
+        macs0 = count_macs(model, ctx.example_inputs)
+        base = _evaluate(model, val, ctx.device)
+    finally:
+        model.train(was_training)
+    return graph, units, scores, macs0, base
+
+
+@contextlib.contextmanager
+def _quiet_bn() -> Iterator[None]:
+    """One "recalibrated" line per pruned copy is noise here: BatchNorm recalibration logs warnings only."""
+    bn_log = logging.getLogger("prunekit.pruning.structured.bn")
+    bn_level = bn_log.level
+    bn_log.setLevel(max(bn_level, logging.WARNING))
+    try:
+        yield
+    finally:
+        bn_log.setLevel(bn_level)
 
 
 def _group(u: Unit, k: int, n: int, ratios: list[float], scores: dict[str, torch.Tensor], graph: PruningGraph,

@@ -41,12 +41,12 @@ import torch
 from torch import nn
 
 from prunekit._io import atomic_write_json, atomic_write_text
+from prunekit.batch import to_device
 from prunekit.errors import ConfigError, PruningError, RunDirError
 from prunekit.measure import count_macs
 from prunekit.pruning.structured.bn import batchnorms
 from prunekit.pruning.structured.bn import recalibrate_bn as recal
 from prunekit.pruning.structured.criteria import get_criterion
-from prunekit.batch import to_device
 from prunekit.pruning.structured.criteria.base import CalibContext
 from prunekit.pruning.structured.engine import apply_selection, score_units
 from prunekit.pruning.structured.graph import PruningGraph, Unit, copy_graph

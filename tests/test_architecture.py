@@ -75,7 +75,6 @@ LONG_FUNCTIONS: dict[str, int] = {
     "pruning/llm/hidden.py::prune_hidden": 82,
     "pruning/llm/sparse.py::prune_decoder": 88,
     "pruning/llm/width.py::prune_width": 79,
-    "pruning/sparse_train/channels.py::unit_channels": 66,
     "pipeline/pat.py::pat": 63,
     "pruning/structured/engine.py::prune": 86,
     "pruning/structured/engine.py::prune_with_settings": 112,

@@ -11,7 +11,7 @@ computes exactly what the physically pruned model computes).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -149,34 +149,39 @@ def unit_channels(graph: PruningGraph, unit: Unit) -> UnitChannels:
             continue
         if not isinstance(m, nn.Module) or next(m.parameters(recurse=False), None) is None:
             continue
-        out = graph.DG.is_out_channel_pruning_fn(dep.handler)
-        if isinstance(m, nn.modules.conv._ConvNd):
-            if m.transposed and m.groups != 1:
-                log.debug("sparse: skipping grouped transposed conv %s", graph.name(m))
-                continue
-            if out:
-                add(m, "weight", 1 if m.transposed else 0, idxs, root, "out")
-                add(m, "bias", 0, idxs, root, "out")
-            elif m.transposed:
-                add(m, "weight", 0, idxs, root, "in")
-            elif m.groups == 1:
-                add(m, "weight", 1, idxs, root, "in")
-            elif m.groups == m.in_channels == m.out_channels:  # depthwise: input channel c is output channel c
-                add(m, "weight", 0, idxs, root, "out")
-            else:
-                add(m, "weight", 1, idxs, root, "in", groups=m.groups)
-        elif isinstance(m, nn.Linear):
-            if out:
-                add(m, "weight", 0, idxs, root, "out")
-                add(m, "bias", 0, idxs, root, "out")
-            else:
-                add(m, "weight", 1, idxs, root, "in")
-        elif isinstance(m, NORMS):
-            for pname in ("weight", "bias"):
-                p = getattr(m, pname, None)
-                if isinstance(p, torch.Tensor) and p.dim() == 1 and p.numel() > 1:
-                    add(m, pname, 0, idxs, root, "out")
-        else:
-            log.debug("sparse: %s (%s) has parameters of a kind not regularised per channel",
-                      graph.name(m), type(m).__name__)
+        _add_module(graph, m, graph.DG.is_out_channel_pruning_fn(dep.handler), idxs, root, add)
     return UnitChannels(unit, slices)
+
+
+def _add_module(graph: PruningGraph, m: nn.Module, out: bool, idxs: list[int], root: list[int],
+                add: Callable[..., None]) -> None:
+    """The slices of module ``m`` in a group: its output channels (``out``) or its input channels."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        if m.transposed and m.groups != 1:
+            log.debug("sparse: skipping grouped transposed conv %s", graph.name(m))
+            return
+        if out:
+            add(m, "weight", 1 if m.transposed else 0, idxs, root, "out")
+            add(m, "bias", 0, idxs, root, "out")
+        elif m.transposed:
+            add(m, "weight", 0, idxs, root, "in")
+        elif m.groups == 1:
+            add(m, "weight", 1, idxs, root, "in")
+        elif m.groups == m.in_channels == m.out_channels:  # depthwise: input channel c is output channel c
+            add(m, "weight", 0, idxs, root, "out")
+        else:
+            add(m, "weight", 1, idxs, root, "in", groups=m.groups)
+    elif isinstance(m, nn.Linear):
+        if out:
+            add(m, "weight", 0, idxs, root, "out")
+            add(m, "bias", 0, idxs, root, "out")
+        else:
+            add(m, "weight", 1, idxs, root, "in")
+    elif isinstance(m, NORMS):
+        for pname in ("weight", "bias"):
+            p = getattr(m, pname, None)
+            if isinstance(p, torch.Tensor) and p.dim() == 1 and p.numel() > 1:
+                add(m, pname, 0, idxs, root, "out")
+    else:
+        log.debug("sparse: %s (%s) has parameters of a kind not regularised per channel",
+                  graph.name(m), type(m).__name__)

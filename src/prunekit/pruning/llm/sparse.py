@@ -47,16 +47,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.errors import ConfigError, PruningError, compile_patterns
-from prunekit.pruning.unstructured.layers import LayerSelection, execution_order, gemm_weight, is_transposed
+from prunekit.errors import ConfigError, PruningError
+
+# the criteria and the decoder structure live in their own modules; their names stay importable from here
+from prunekit.pruning.llm.decoder import (  # noqa: F401
+    BLOCK_LISTS,
+    _linears,
+    decoder_blocks,
+    decoder_linears,
+    is_gemm,
+    select_decoder_layers,
+    transformers_model,
+)
+from prunekit.pruning.llm.sparse_criteria import (  # noqa: F401
+    _inverse_cholesky,
+    magnitude_mask,
+    row_lowest,
+    sparsegpt_prune,
+    wanda_mask,
+    wanda_scores,
+)
+from prunekit.pruning.unstructured.layers import gemm_weight, is_transposed
 from prunekit.pruning.unstructured.masks import get_mask, set_mask
-from prunekit.pruning.unstructured.patterns import nm_mask, prune_lowest
 
 log = logging.getLogger(__name__)
 
 LLM_METHODS = ("magnitude", "wanda", "sparsegpt")
 NEEDS_DATA = ("wanda", "sparsegpt")
-BLOCK_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.blocks")
 
 
 @dataclass
@@ -103,190 +120,6 @@ def check_method(method: str) -> str:
     if method not in LLM_METHODS:
         raise ConfigError(f"decoder sparsity: unknown method {method!r}; valid: {', '.join(LLM_METHODS)}")
     return method
-
-
-# ----------------------------------------------------------------------------------------------- criteria
-def magnitude_mask(w: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None) -> torch.Tensor:
-    """Keep-mask of ``w`` (out, in) by ``|w|``: the whole layer ranked at once, or N:M groups."""
-    if nm is not None:
-        return nm_mask(w.abs(), *nm)
-    return prune_lowest(w.abs(), round(sparsity * w.numel()))
-
-
-def row_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask with the ``k`` lowest scores of every row removed (stable: lower column index first on ties)."""
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    if k > 0:
-        keep.scatter_(1, torch.argsort(scores.float(), dim=1, stable=True)[:, :k], False)
-    return keep
-
-
-def wanda_scores(w: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
-    """``|W_ij| * ||X_j||_2``: ``sq_norm[j] = sum_t x_tj^2`` over the calibration tokens."""
-    return w.abs().float() * sq_norm.float().clamp_min(0).sqrt()[None, :]
-
-
-def wanda_mask(w: torch.Tensor, sq_norm: torch.Tensor, sparsity: float,
-               nm: tuple[int, int] | None = None) -> torch.Tensor:
-    """Wanda's keep-mask of ``w`` (out, in): per output row, or N:M groups along the input."""
-    scores = wanda_scores(w, sq_norm)
-    if nm is not None:
-        return nm_mask(scores, *nm)
-    return row_lowest(scores, round(sparsity * w.shape[1]))
-
-
-def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + lambda I)^-1`` with ``lambda = damp * mean(diag H)``; the damping grows
-    tenfold (with a warning) until the factorisation succeeds."""
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    scale = float(torch.diag(h).mean()) or 1.0
-    for attempt in range(6):
-        lam = damp * 10**attempt * scale
-        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
-        if int(info) == 0:
-            inv = torch.cholesky_inverse(chol)
-            u, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if int(info) == 0:
-                if attempt:
-                    log.warning("sparsegpt: Hessian needed damping %.3g (x%d of the asked one) to factorise",
-                                damp * 10**attempt, 10**attempt)
-                return u
-    raise PruningError("sparsegpt: the input Hessian X^T X is not positive definite even with 1e5 times the asked "
-                       "damping; give more calibration tokens or a larger damp")
-
-
-@torch.no_grad()
-def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
-                    blocksize: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseGPT on one weight ``w`` (out, in) with input Hessian ``h`` (in, in) = ``sum_t x_t x_t^T``.
-
-    Columns are visited left to right in blocks of ``blocksize``; within a block each column's pruned weights are
-    zeroed and their error ``(w - q) / [U]_jj`` is spread over the later columns through the row ``U[j, j:]`` of the
-    upper Cholesky factor ``U`` of ``H^-1`` (the OBS update); after a block its accumulated error updates all later
-    columns at once. Returns the new weight (float32, pruned entries exactly zero) and the keep-mask.
-    """
-    rows, cols = w.shape
-    if nm is not None and blocksize % nm[1]:
-        blocksize = max(nm[1], blocksize - blocksize % nm[1])
-    w = w.detach().float().clone()
-    h = h.detach().float().clone()
-    dead = torch.diag(h) == 0  # inputs that were always zero: any weight there is free to prune
-    h[dead, dead] = 1.0
-    u = _inverse_cholesky(h, damp)
-    keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
-    total, pruned = w.numel(), 0
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
-        d1 = torch.diag(u1)  # (count,)
-        mask1 = torch.zeros_like(w1, dtype=torch.bool)  # True = pruned
-        if nm is None:  # adaptive mask of this block: lowest w^2 / d^2 over all its rows, cumulative count exact
-            n_here = round(sparsity * rows * i2) - pruned
-            mask1 = ~prune_lowest(w1.pow(2) / d1.pow(2)[None, :], n_here)
-            pruned += n_here
-        for i in range(i2 - i1):
-            col = w1[:, i]
-            if nm is not None and i % nm[1] == 0:
-                n, m = nm
-                score = w1[:, i:i + m].pow(2) / d1[i:i + m].pow(2)[None, :]
-                mask1[:, i:i + m].scatter_(1, score.topk(m - n, dim=1, largest=False).indices, True)
-            q = col.masked_fill(mask1[:, i], 0.0)
-            e = (col - q) / d1[i]
-            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]  # OBS: the remaining columns absorb the error
-            w1[:, i] = q
-            err1[:, i] = e
-        w[:, i1:i2] = w1
-        keep[:, i1:i2] = ~mask1
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    if nm is None and pruned != round(sparsity * total):  # cannot happen: the cumulative counts end at the total
-        raise PruningError(f"sparsegpt: pruned {pruned} weights instead of {round(sparsity * total)}")
-    w.mul_(keep)
-    return w, keep
-
-
-# ----------------------------------------------------------------------------------------------- model structure
-def transformers_model(model: nn.Module) -> nn.Module:
-    """The transformers ``PreTrainedModel`` in ``model`` (itself, or the one inside prunekit's ``HFModel``)."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        raise ConfigError("decoder sparsity needs the transformers package: pip install 'prunekit[hf]'") from None
-    for m in model.modules():
-        if isinstance(m, PreTrainedModel):
-            return m
-    raise PruningError(f"{type(model).__name__} is not (and does not hold) a transformers model: decoder sparsity "
-                       "runs on Hugging Face causal LMs (LlamaForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel, ...)")
-
-
-def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Qualified name (in ``model``) and the ``ModuleList`` of the decoder blocks: a known attribute path of the
-    transformers model (``model.layers``, ``transformer.h``, ...), else its longest list of same-typed modules that
-    hold linear layers."""
-    hf = transformers_model(model)
-    prefix = next(n for n, m in model.named_modules() if m is hf)
-    for path in BLOCK_LISTS:
-        obj: Any = hf
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, nn.ModuleList) and len(obj) and _linears(obj[0]):
-            return ".".join(p for p in (prefix, path) if p), obj
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, m in hf.named_modules():
-        if (isinstance(m, nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1 and _linears(m[0])
-                and (best is None or len(m) > len(best[1]))):
-            best = (name, m)
-    if best is None:
-        raise PruningError(f"{type(hf).__name__}: found no list of decoder blocks (tried {', '.join(BLOCK_LISTS)})")
-    return ".".join(p for p in (prefix, best[0]) if p), best[1]
-
-
-def _linears(block: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in block.named_modules() if is_gemm(m)}
-
-
-def is_gemm(m: nn.Module) -> bool:
-    """nn.Linear or transformers' ``Conv1D`` (GPT-2: the same GEMM with the weight stored ``(in, out)``)."""
-    return isinstance(m, nn.Linear) or (is_transposed(m) and isinstance(m._parameters.get("weight"), torch.Tensor))
-
-
-def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """Every linear layer inside the decoder blocks, by qualified name in ``model``, in block order."""
-    prefix, blocks = decoder_blocks(model)
-    return {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in _linears(b).items()}
-
-
-def select_decoder_layers(model: nn.Module, only: Iterable[str] = (), ignore: Iterable[str] = (),
-                          example_inputs: Any = None) -> LayerSelection:
-    """The ``LayerSelection`` of the ``wanda``/``sparsegpt`` sparsify methods: the linear layers inside the decoder
-    blocks that match an ``only`` regex (all when empty) and no ``ignore`` regex; every other linear layer is listed
-    as skipped. With ``example_inputs`` the layers' per-sample MACs are traced too."""
-    only_re, ignore_re = compile_patterns(only, "--only"), compile_patterns(ignore, "--ignore")
-    inside = decoder_linears(model)
-    for pat in only_re:
-        if not any(pat.search(n) for n in inside):
-            raise ConfigError(f"--only {pat.pattern!r} matches no linear layer of the decoder blocks; they are: "
-                              f"{', '.join(list(inside)[:12])}{' ...' if len(inside) > 12 else ''}")
-    layers: dict[str, nn.Module] = {}
-    skipped = {n: "outside the decoder blocks: embeddings and the LM head stay dense (Wanda / SparseGPT practice)"
-               for n, m in model.named_modules() if is_gemm(m) and n not in inside}
-    for n, m in inside.items():
-        if only_re and not any(p.search(n) for p in only_re):
-            skipped[n] = "not matched by --only"
-        elif any(p.search(n) for p in ignore_re):
-            skipped[n] = "matched by --ignore"
-        else:
-            layers[n] = m
-    if not layers:
-        raise PruningError("no decoder layer left to sparsify after --only/--ignore")
-    order, macs = list(layers), {}
-    if example_inputs is not None:
-        order, macs = execution_order(model, example_inputs, layers)
-        for n in macs:  # execution_order counts fan-in as weight[0].numel(), the output size for a Conv1D
-            m = layers[n]
-            if is_transposed(m):
-                macs[n] = macs[n] * m.weight.shape[0] // m.weight.shape[1]
-    return LayerSelection(layers=layers, skipped=skipped, order=order, macs=macs)
 
 
 # ----------------------------------------------------------------------------------------------- calibration
@@ -451,6 +284,43 @@ def prune_decoder(model: nn.Module, method: str, sparsity: float | None = None, 
     """
     t0 = time.perf_counter()
     method, target = check_method(method), check_target(sparsity, nm)
+    prefix, blocks, chosen, skipped = _choose_layers(model, method, layers, nm)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    result = DecoderSparsity(method=method, target=target, nm=nm, layers={}, skipped=skipped)
+    pattern = f"{nm[0]}:{nm[1]}" if nm else f"{target:.4g}"
+    was_training = model.training
+    model.eval()
+    try:
+        captured, result.tokens = [], 0
+        if method in NEEDS_DATA:
+            if calib_data is None:
+                raise PruningError(f"method {method!r} needs calibration data: pass calib_data (token-id batches)")
+            captured, result.tokens = capture_block_inputs(model, calib_data, dev, max_batches)
+        hidden = [args[0] for args, _ in captured]
+        for b, block in enumerate(blocks):
+            tb = time.perf_counter()
+            here = {n: m for n, m in chosen.items() if n.startswith(f"{prefix}.{b}.")}
+            groups = _input_groups(block, here, hidden[0], captured[0]) if sequential and captured else [here]
+            for group in groups:  # sequential: pruned groups feed the next ones of the same block
+                _prune_group(method, block, group, hidden, captured, result, blocksize, damp)
+            if captured and b + 1 < len(blocks):  # the next block sees what the pruned block outputs
+                hidden = [_run_block(block, h, args, kwargs) for h, (args, kwargs) in zip(hidden, captured)]
+            if here:
+                log.info("%s %s: block %d/%d pruned (%d layers, sparsity %.4f .. %.4f) in %.1f s", method, pattern,
+                         b + 1, len(blocks), len(here), min(result.layers[n] for n in here),
+                         max(result.layers[n] for n in here), time.perf_counter() - tb)
+    finally:
+        model.train(was_training)
+    result.seconds = time.perf_counter() - t0
+    log.info("%s %s: %d layers pruned, sparsity %.4f, %d calibration tokens, %.1f s", method, pattern,
+             len(result.layers), result.sparsity, result.tokens, result.seconds)
+    return result
+
+
+def _choose_layers(model: nn.Module, method: str, layers: dict[str, nn.Module] | None,
+                   nm: tuple[int, int] | None) -> tuple[str, nn.ModuleList, dict[str, nn.Module], dict[str, str]]:
+    """(blocks' prefix, blocks, the dense layers to prune, layers left dense -> why); refuses layers outside the
+    blocks and layers already sparse."""
     prefix, blocks = decoder_blocks(model)
     inside = decoder_linears(model)
     chosen = inside if layers is None else dict(layers)
@@ -472,42 +342,19 @@ def prune_decoder(model: nn.Module, method: str, sparsity: float | None = None, 
     if sparse:
         raise PruningError(f"layers {', '.join(sparse[:4])} are already sparse (they have a weight_mask): {method} "
                            "prunes dense layers one-shot; start from the dense model")
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    result = DecoderSparsity(method=method, target=target, nm=nm, layers={}, skipped=skipped)
-    was_training = model.training
-    model.eval()
-    try:
-        captured, result.tokens = [], 0
-        if method in NEEDS_DATA:
-            if calib_data is None:
-                raise PruningError(f"method {method!r} needs calibration data: pass calib_data (token-id batches)")
-            captured, result.tokens = capture_block_inputs(model, calib_data, dev, max_batches)
-        hidden = [args[0] for args, _ in captured]
-        pattern = f"{nm[0]}:{nm[1]}" if nm else f"{target:.4g}"
-        for b, block in enumerate(blocks):
-            tb = time.perf_counter()
-            here = {n: m for n, m in chosen.items() if n.startswith(f"{prefix}.{b}.")}
-            groups = _input_groups(block, here, hidden[0], captured[0]) if sequential and captured else [here]
-            for group in groups:  # sequential: pruned groups feed the next ones of the same block
-                stats = _block_stats(method, block, group, hidden, captured) if method in NEEDS_DATA else {}
-                for n, m in group.items():
-                    keep = _prune_layer(method, m, stats.get(n), target, nm, blocksize, damp)
-                    set_mask(m, keep, n)
-                    result.masks[n] = keep
-                    zeros = int((m.weight == 0).sum())
-                    result.layers[n] = zeros / m.weight.numel()
-                    result._zeros += zeros
-                    result._numel += m.weight.numel()
-                stats.clear()
-            if captured and b + 1 < len(blocks):  # the next block sees what the pruned block outputs
-                hidden = [_run_block(block, h, args, kwargs) for h, (args, kwargs) in zip(hidden, captured)]
-            if here:
-                log.info("%s %s: block %d/%d pruned (%d layers, sparsity %.4f .. %.4f) in %.1f s", method, pattern,
-                         b + 1, len(blocks), len(here), min(result.layers[n] for n in here),
-                         max(result.layers[n] for n in here), time.perf_counter() - tb)
-    finally:
-        model.train(was_training)
-    result.seconds = time.perf_counter() - t0
-    log.info("%s %s: %d layers pruned, sparsity %.4f, %d calibration tokens, %.1f s", method, pattern,
-             len(result.layers), result.sparsity, result.tokens, result.seconds)
-    return result
+    return prefix, blocks, chosen, skipped
+
+
+def _prune_group(method: str, block: nn.Module, group: dict[str, nn.Module], hidden: list[torch.Tensor],
+                 captured: list, result: DecoderSparsity, blocksize: int, damp: float) -> None:
+    """Calibrate and prune the layers of ``group`` (of one block), masks attached, counts added to ``result``."""
+    stats = _block_stats(method, block, group, hidden, captured) if method in NEEDS_DATA else {}
+    for n, m in group.items():
+        keep = _prune_layer(method, m, stats.get(n), result.target, result.nm, blocksize, damp)
+        set_mask(m, keep, n)
+        result.masks[n] = keep
+        zeros = int((m.weight == 0).sum())
+        result.layers[n] = zeros / m.weight.numel()
+        result._zeros += zeros
+        result._numel += m.weight.numel()
+    stats.clear()

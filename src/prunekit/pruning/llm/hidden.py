@@ -143,12 +143,7 @@ def prune_hidden(model: nn.Module, calib: torch.Tensor | list[torch.Tensor] | No
         raise ConfigError(f"prune_hidden: model_type {lm.config.model_type!r} derives head_dim from the hidden size "
                           "(hidden = heads x head_dim), so the hidden size cannot shrink on its own; supported: "
                           "llama, mistral, qwen2")
-    if criterion not in CRITERIA:
-        raise ConfigError(f"prune_hidden: criterion {criterion!r} is not one of {', '.join(CRITERIA)}")
-    if not 0 < keep < 1:
-        raise ConfigError(f"prune_hidden: keep={keep} must be in (0, 1)")
-    if round_to < 1:
-        raise ConfigError(f"prune_hidden: round_to={round_to} must be >= 1")
+    _check_args(criterion, keep, round_to)
     d = int(lm.config.hidden_size)
     k = kept_count(d, 1.0 - keep, round_to)  # the rule of the MLP widths
     if k >= d:
@@ -165,12 +160,32 @@ def prune_hidden(model: nn.Module, calib: torch.Tensor | list[torch.Tensor] | No
     scores = _scores(lm, criterion, sq_out, seed)
     kept = scores.argsort(descending=True)[:k].sort().values
 
-    nq, nkv, hd = head_layout(lm.config)
+    corrections, tied = _apply(lm, norms, kept, sq_in if rms_correction else None)
+    log.info("hidden size %d -> %d (%s%s)", d, k, criterion, ", RMS corrected" if rms_correction else "")
+    return {"hidden_size": [d, k], "criterion": criterion, "rms_correction": corrections, "tied_embeddings": tied,
+            "kept": kept.tolist(), "params_after": sum(p.numel() for p in lm.parameters()),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _check_args(criterion: str, keep: float, round_to: int) -> None:
+    if criterion not in CRITERIA:
+        raise ConfigError(f"prune_hidden: criterion {criterion!r} is not one of {', '.join(CRITERIA)}")
+    if not 0 < keep < 1:
+        raise ConfigError(f"prune_hidden: keep={keep} must be in (0, 1)")
+    if round_to < 1:
+        raise ConfigError(f"prune_hidden: round_to={round_to} must be >= 1")
+
+
+def _apply(lm: nn.Module, norms: dict[str, nn.Module], kept: torch.Tensor,
+           sq_in: dict[str, torch.Tensor] | None) -> tuple[dict[str, float], bool]:
+    """Keep the hidden channels ``kept`` in every norm, reader, writer, the embedding and the head; RMSNorm weights
+    rescaled when ``sq_in`` (the norms' mean squared inputs) is given. (RMS correction factors, tied embeddings)."""
+    _, _, hd = head_layout(lm.config)
     lm.config.head_dim = hd  # explicit: it no longer equals hidden_size / heads
     corrections = {}
     for name, m in norms.items():
         w = m.weight.detach()[kept.to(m.weight.device)].clone()
-        if rms_correction:
+        if sq_in is not None:
             full, part = float(sq_in[name].mean()), float(sq_in[name][kept].mean())
             f = math.sqrt(part / full) if full > 0 else 1.0
             w *= f
@@ -185,7 +200,7 @@ def prune_hidden(model: nn.Module, calib: torch.Tensor | list[torch.Tensor] | No
     tied = head is not None and head.weight is emb.weight
     emb.weight = nn.Parameter(emb.weight.detach()[:, kept.to(emb.weight.device)].clone(),
                               requires_grad=emb.weight.requires_grad)
-    emb.embedding_dim = k
+    emb.embedding_dim = k = len(kept)
     if head is not None:
         if tied:
             head.weight = emb.weight
@@ -195,7 +210,4 @@ def prune_hidden(model: nn.Module, calib: torch.Tensor | list[torch.Tensor] | No
     lm.config.hidden_size = k
     if lm.model.embed_tokens.weight.shape[1] != k:
         raise PruningError("prune_hidden: the embedding was not resized")
-    log.info("hidden size %d -> %d (%s%s)", d, k, criterion, ", RMS corrected" if rms_correction else "")
-    return {"hidden_size": [d, k], "criterion": criterion, "rms_correction": corrections, "tied_embeddings": tied,
-            "kept": kept.tolist(), "params_after": sum(p.numel() for p in lm.parameters()),
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return corrections, tied

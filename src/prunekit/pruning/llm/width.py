@@ -260,39 +260,14 @@ def prune_width(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], sett
     lm = unwrap(model)
     fam = get_family(lm)
     config = lm.config
-    if settings.mlp_sparsity == 0 and settings.head_sparsity == 0 and settings.hidden_sparsity == 0:
-        raise ConfigError("prune_width: mlp_sparsity, head_sparsity and hidden_sparsity are all 0, nothing would be "
-                          "pruned; set mlp_sparsity (e.g. 0.5), head_sparsity and/or hidden_sparsity")
-    if settings.hidden_sparsity > 0 and fam.attn is None:
-        raise ConfigError(f"hidden_sparsity={settings.hidden_sparsity}: model_type {config.model_type!r} derives "
-                          "head_dim from the hidden size, so the hidden size cannot shrink on its own; use "
-                          "hidden_sparsity=0")
-    if settings.hidden_sparsity > 0 and kept_count(config.hidden_size, settings.hidden_sparsity) >= config.hidden_size:
-        raise ConfigError(f"hidden_sparsity={settings.hidden_sparsity} keeps all {config.hidden_size} hidden "
-                          f"channels; the smallest step is {1 / config.hidden_size:.4f}")
-    if settings.criterion not in list_criteria():
-        raise ConfigError(f"criterion {settings.criterion!r}: valid: {', '.join(list_criteria())}")
+    _check_settings(settings, fam, config)
     blocks = fam.blocks(lm)
     inter = out_features(_modules(lm)[blocks[0].producers[0]])
     keep_mlp = kept_count(inter, settings.mlp_sparsity, settings.round_to)
     if settings.mlp_sparsity > 0 and keep_mlp == inter:
         raise ConfigError(f"mlp_sparsity={settings.mlp_sparsity} keeps all {inter} MLP channels "
                           f"(round_to={settings.round_to}); raise it or lower round_to")
-    keep_groups = 0
-    if settings.head_sparsity > 0:
-        if fam.attn is None:
-            raise ConfigError(f"head_sparsity={settings.head_sparsity}: model_type {config.model_type!r} derives "
-                              f"head_dim from the hidden size, so a model with fewer heads cannot be reloaded from its "
-                              f"config; use head_sparsity=0 (MLP pruning works)")
-        nq, nkv, hd = head_layout(config)
-        keep_groups = kept_count(nkv, settings.head_sparsity)
-        if keep_groups == nkv:
-            raise ConfigError(f"head_sparsity={settings.head_sparsity} keeps all {nkv} key-value groups; "
-                              f"the smallest step is {1 / nkv:.3f}")
-        done = 1 - keep_groups / nkv
-        if abs(done - settings.head_sparsity) > 1e-9:  # whole GQA groups only: say what it becomes
-            log.warning("head_sparsity=%s removes whole key-value groups: %d of %d kept, i.e. a head sparsity of "
-                        "%.3f", settings.head_sparsity, keep_groups, nkv, done)
+    nq, nkv, keep_groups = _kept_groups(settings, fam, config)
     batches = calibration_batches(calib, batch_size)
     params_before = sum(p.numel() for p in lm.parameters())
     t0 = time.perf_counter()
@@ -314,11 +289,53 @@ def prune_width(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], sett
         from prunekit.models.hf import config_to_dict
 
         kw["hf_config"] = config_to_dict(config)
-    return {"settings": settings.to_dict(), "model_type": config.model_type, "intermediate_size": [inter, keep_mlp],
-            "kv_groups": [head_layout(config)[1] if fam.attn else None, keep_groups or None],
-            "params_before": params_before, "params_after": sum(p.numel() for p in lm.parameters()),
-            "calib_tokens": sum(b.numel() for b in batches), "seconds": time.perf_counter() - t0,
-            "layers": pruner.records,
+    kv_groups = [head_layout(config)[1] if fam.attn else None, keep_groups or None]
+    return _report(settings, lm, [inter, keep_mlp], kv_groups, params_before, batches, t0, pruner.records, hidden)
+
+
+def _check_settings(settings: WidthSettings, fam: Any, config: Any) -> None:
+    """Refuse settings that would prune nothing or that the model's config cannot express."""
+    if settings.mlp_sparsity == 0 and settings.head_sparsity == 0 and settings.hidden_sparsity == 0:
+        raise ConfigError("prune_width: mlp_sparsity, head_sparsity and hidden_sparsity are all 0, nothing would be "
+                          "pruned; set mlp_sparsity (e.g. 0.5), head_sparsity and/or hidden_sparsity")
+    if settings.hidden_sparsity > 0 and fam.attn is None:
+        raise ConfigError(f"hidden_sparsity={settings.hidden_sparsity}: model_type {config.model_type!r} derives "
+                          "head_dim from the hidden size, so the hidden size cannot shrink on its own; use "
+                          "hidden_sparsity=0")
+    if settings.hidden_sparsity > 0 and kept_count(config.hidden_size, settings.hidden_sparsity) >= config.hidden_size:
+        raise ConfigError(f"hidden_sparsity={settings.hidden_sparsity} keeps all {config.hidden_size} hidden "
+                          f"channels; the smallest step is {1 / config.hidden_size:.4f}")
+    if settings.criterion not in list_criteria():
+        raise ConfigError(f"criterion {settings.criterion!r}: valid: {', '.join(list_criteria())}")
+
+
+def _kept_groups(settings: WidthSettings, fam: Any, config: Any) -> tuple[int, int, int]:
+    """(query heads, key-value groups, key-value groups kept); zeros when heads are not pruned."""
+    if settings.head_sparsity <= 0:
+        return 0, 0, 0
+    if fam.attn is None:
+        raise ConfigError(f"head_sparsity={settings.head_sparsity}: model_type {config.model_type!r} derives "
+                          f"head_dim from the hidden size, so a model with fewer heads cannot be reloaded from its "
+                          f"config; use head_sparsity=0 (MLP pruning works)")
+    nq, nkv, hd = head_layout(config)
+    keep_groups = kept_count(nkv, settings.head_sparsity)
+    if keep_groups == nkv:
+        raise ConfigError(f"head_sparsity={settings.head_sparsity} keeps all {nkv} key-value groups; "
+                          f"the smallest step is {1 / nkv:.3f}")
+    done = 1 - keep_groups / nkv
+    if abs(done - settings.head_sparsity) > 1e-9:  # whole GQA groups only: say what it becomes
+        log.warning("head_sparsity=%s removes whole key-value groups: %d of %d kept, i.e. a head sparsity of "
+                    "%.3f", settings.head_sparsity, keep_groups, nkv, done)
+    return nq, nkv, keep_groups
+
+
+def _report(settings: WidthSettings, lm: nn.Module, inter: list[int], kv_groups: list[int | None],
+            params_before: int, batches: list[torch.Tensor], t0: float, layers: list[dict[str, Any]],
+            hidden: dict[str, Any] | None) -> dict[str, Any]:
+    return {"settings": settings.to_dict(), "model_type": lm.config.model_type, "intermediate_size": inter,
+            "kv_groups": kv_groups, "params_before": params_before,
+            "params_after": sum(p.numel() for p in lm.parameters()), "calib_tokens": sum(b.numel() for b in batches),
+            "seconds": time.perf_counter() - t0, "layers": layers,
             **({"hidden_size": hidden["hidden_size"], "hidden_criterion": hidden["criterion"],
                 "rms_correction": hidden["rms_correction"]} if hidden else {})}
 

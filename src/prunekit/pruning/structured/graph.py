@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-import signal
 import sys
-import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,9 +20,26 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from prunekit.errors import ConfigError, PruningError, closest, compile_patterns
+from prunekit.errors import PruningError
 from prunekit.models.prunable import make_prunable
 from prunekit.pruning.structured.heads import Attention, find_attention
+
+# the regex matching and the torch-pruning guards live in their own modules; their names stay importable from here
+from prunekit.pruning.structured.layer_patterns import (  # noqa: F401
+    _ancestors,
+    first_override,
+    match_layers,
+    matches,
+    no_match_message,
+)
+from prunekit.pruning.structured.tp_guards import (  # noqa: F401
+    _empties,
+    _GroupTooLarge,
+    deadline,
+    describe_inputs,
+    index_budget,
+    sync_split_offsets,
+)
 from prunekit.pruning.structured.trace import CUSTOMIZED_PRUNERS, channel_trace_forms, link_permutations
 
 log = logging.getLogger(__name__)
@@ -82,64 +96,6 @@ class Unit:
 GROUP_INDEX_BUDGET = 1_000_000  # index entries: the floor of PruningGraph.group_budget()
 GROUP_DEPENDENCY_BUDGET = 5_000  # dependencies added: the floor
 GROUP_ROOT_TIMEOUT_S = 120
-
-
-class _GroupTooLarge(Exception):
-    pass
-
-
-@contextmanager
-def index_budget(entries: int, dependencies: int) -> Iterator[list[int]]:
-    """While active, a torch-pruning group raises ``_GroupTooLarge`` once more than ``entries`` index entries or
-    ``dependencies`` dependencies were added to it. Yields the counters ``[entries, dependencies]``, which the
-    caller resets before each group."""
-    group_cls = tp.dependency.group.Group
-    add_dep = group_cls.add_dep
-    used = [0, 0]
-
-    def counted(self: Any, dep: Any, idxs: Any) -> None:
-        used[0] += len(idxs)
-        used[1] += 1
-        if used[0] > entries or used[1] > dependencies:
-            raise _GroupTooLarge
-        add_dep(self, dep, idxs)
-
-    group_cls.add_dep = counted
-    try:
-        yield used
-    finally:
-        group_cls.add_dep = add_dep
-
-
-@contextmanager
-def deadline(seconds: int, message: str) -> Iterator[None]:
-    """Raise ``PruningError(message)`` if the block runs longer than ``seconds`` (main thread on Unix only;
-    elsewhere the block simply runs)."""
-    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _expired(signum: int, frame: Any) -> None:
-        raise PruningError(message)
-
-    previous = signal.signal(signal.SIGALRM, _expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def describe_inputs(x: Any) -> str:
-    """Shapes of a model input for messages: ``tensor[1, 3, 32, 32]``, ``(tensor[..], ...)``, ``{'k': tensor[..]}``."""
-    if isinstance(x, torch.Tensor):
-        return f"tensor{list(x.shape)}"
-    if isinstance(x, dict):
-        return "{" + ", ".join(f"{k!r}: {describe_inputs(v)}" for k, v in x.items()) + "}"
-    if isinstance(x, (tuple, list)):
-        return "(" + ", ".join(describe_inputs(v) for v in x) + ("," if len(x) == 1 else "") + ")"
-    return type(x).__name__
 
 
 # torch-pruning's channel inference gives up after this many recursive calls in all (its default, 500, is too few
@@ -386,74 +342,6 @@ class PruningGraph:
             log.warning("%s: %d channel(s) kept that the selection removed, so that no layer of its group loses all "
                         "its channels (its layers also read channels of other groups)", unit.name, len(spared))
         return group, channels
-
-
-def _empties(dg: Any, item: Any) -> bool:
-    """The group item removes every remaining channel (input or output side) of its layer."""
-    m, fn = item.dep.target.module, item.dep.handler
-    n = dg.get_out_channels(m) if dg.is_out_channel_pruning_fn(fn) else \
-        dg.get_in_channels(m) if dg.is_in_channel_pruning_fn(fn) else None
-    return n is not None and n <= len(item.idxs)
-
-
-def sync_split_offsets(dg: Any) -> None:
-    """Recompute every split node's offsets from its sizes. torch-pruning 1.6's ``SplitPruner`` updates a split's
-    ``split_sizes`` when a group prunes it but writes the new offsets onto itself, not the split, so the index
-    mapping of every later group would still use the unpruned offsets (ShuffleNetV2's split of the stream)."""
-    for node in dg.module2node.values():
-        sizes = getattr(node.module, "split_sizes", None)
-        if node.type == tp.ops.OPTYPE.SPLIT and sizes and None not in sizes:
-            offsets = [0]
-            for c in sizes:
-                offsets.append(offsets[-1] + c)
-            node.module.offsets = offsets
-
-
-# ----------------------------------------------------------------------------------------------- regexes
-def _ancestors(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
-
-
-def matches(name: str, pattern: re.Pattern) -> bool:
-    """``pattern`` fully matches the module name or the name of one of its parents (``layer1`` covers
-    ``layer1.0.conv1``)."""
-    return any(pattern.fullmatch(a) for a in _ancestors(name))
-
-
-def match_layers(names: Iterable[str], patterns: Iterable[str], option: str, all_names: Iterable[str]) -> set[str]:
-    """Names matched by any of ``patterns``; a pattern that matches no module at all is a ``ConfigError``."""
-    names, all_names = list(names), list(all_names)
-    hit: set[str] = set()
-    for pat in compile_patterns(patterns, option):
-        mine = {n for n in names if matches(n, pat)}
-        if not mine and not any(matches(n, pat) for n in all_names if n):
-            raise ConfigError(no_match_message(option, pat.pattern, all_names))
-        hit |= mine
-    return hit
-
-
-def no_match_message(option: str, pattern: str, names: list[str]) -> str:
-    searched = [n for n in names if n and re.search(pattern, n)] if _valid(pattern) else []
-    near = searched[:5] or closest(pattern, [n for n in names if n], n=5)
-    hint = f"; near candidates: {', '.join(near)}" if near else ""
-    return (f"{option}: regex {pattern!r} matches no module name (it must match a whole name, e.g. "
-            f"'layer1\\..*' or 'layer1'){hint}")
-
-
-def _valid(p: str) -> bool:
-    try:
-        re.compile(p)
-        return True
-    except re.error:
-        return False
-
-
-def first_override(name: str, overrides: dict[str, float], compiled: dict[str, re.Pattern]) -> float | None:
-    for key, value in overrides.items():
-        if matches(name, compiled[key]):
-            return value
-    return None
 
 
 def copy_graph(graph: PruningGraph, meta: bool = False) -> PruningGraph:

@@ -189,8 +189,8 @@ def test_bad_settings(values, match):
 
 
 def test_target_latency_defaults_to_eager_and_bad_table_backend():
-    assert PruneSettings.build({"target_latency": 0.6}).latency_backend == "eager"
-    assert PruneSettings.build({"target_latency": 0.6, "latency_backend": "onnxruntime"}).latency_backend \
+    assert PruneSettings.build({"target_latency": 0.6}).latency.backend == "eager"
+    assert PruneSettings.build({"target_latency": 0.6, "latency_backend": "onnxruntime"}).latency.backend \
         == "onnxruntime"
     with pytest.raises(ConfigError, match="latency-backend 'cuda'.*eager, onnxruntime"):
         LatencyTable("cuda", 2)

@@ -55,22 +55,22 @@ def test_seed_recipes_carry_the_seeds_values(name):
         keep = want.pop("keep_yaml", None)
         if keep is not None:  # the recipe says keep, as the paper does; the stage runs at ratio = 1 - keep
             assert raw["stages"][stage]["keep"] == keep and "ratio" not in raw["stages"][stage]
-        got = {k: getattr(cfgs[stage], k) for k in want}
+        got = {k: cfgs[stage].flat()[k] for k in want}
         assert got == pytest.approx(want), (name, stage)
 
 
 def test_resnet18_cifar10_recipe_cuts_at_least_40_percent_of_the_macs():
     cfgs = stage_configs(load_recipe(Path(__file__).parents[1] / "configs" / "resnet18_cifar10.yaml"))
-    assert cfgs["prune"].target_macs <= 0.6 and cfgs["finetune"].kd
+    assert cfgs["prune"].prune.target.macs <= 0.6 and cfgs["finetune"].kd
 
 
 def test_keep_is_ratio_spelled_as_kept_fraction():
     from prunekit.pruning.structured import PruneSettings
 
-    assert PruneSettings.build({"keep": 0.65}).ratio == pytest.approx(0.35)
-    assert PruneSettings.build({"keep": 0.65}).keep is None  # one stored value: ratio
-    assert PruneSettings.build({"keep": 0.7, "ratio": 0.3}).ratio == pytest.approx(0.3)
-    assert PruneSettings.build({"keep": "0.6"}, source="command line").ratio == pytest.approx(0.4)  # CLI strings
+    assert PruneSettings.build({"keep": 0.65}).target.ratio == pytest.approx(0.35)
+    assert PruneSettings.build({"keep": 0.65}).target.keep is None  # one stored value: ratio
+    assert PruneSettings.build({"keep": 0.7, "ratio": 0.3}).target.ratio == pytest.approx(0.3)
+    assert PruneSettings.build({"keep": "0.6"}, source="command line").target.ratio == pytest.approx(0.4)  # CLI strings
     with pytest.raises(ConfigError, match=r"`keep` = 'abc' is invalid"):
         PruneSettings.build({"keep": "abc"})
     with pytest.raises(ConfigError, match=r"both `keep` \(0.6\) and `target_macs` \(0.5\)"):

@@ -107,7 +107,7 @@ def test_fast_path_equals_engine_prune_only(fragile_result):
             if row["ratio"] not in (0.5, 0.9):
                 continue
             m = copy.deepcopy(model)
-            rep = prune(m, x, "l1", row["ratio"], scope="local", only=[g["regex"]])
+            rep = prune(m, x, "l1", ratio=row["ratio"], scope="local", only=[g["regex"]])
             assert [gr.name for gr in rep.groups] == [g["name"]]
             got = evaluate(m, val)
             torch.testing.assert_close(got["top1"], row["top1"], rtol=0, atol=1e-9)
@@ -130,7 +130,7 @@ def test_data_driven_criterion_matches_engine():
                             calib_batches=2)
     g = next(g for g in res["groups"] if g["name"] == "conv2")
     m = copy.deepcopy(model)
-    prune(m, torch.randn(1, 1, 8, 8), "taylor", 0.5, scope="local", only=[g["regex"]], calib_data=val,
+    prune(m, torch.randn(1, 1, 8, 8), "taylor", ratio=0.5, scope="local", only=[g["regex"]], calib_data=val,
           calib_batches=2)
     torch.testing.assert_close(evaluate(m, val)["val_loss"], g["results"][0]["val_loss"], rtol=1e-5, atol=1e-6)
 

@@ -325,11 +325,11 @@ def test_lstsq_warns_with_too_few_calibration_tokens_and_names_the_need(caplog, 
     batches = [torch.randn(rows, 6) for _ in range(n_batches)]
     with caplog.at_level(logging.WARNING, logger=COMP_LOG):
         _pruned(model, batches[0], batches, "lstsq", calib_batches=n_batches)
-    msgs = [r.getMessage() for r in caplog.records if r.name == COMP_LOG and "calibration tokens" in r.message]
+    msgs = [r.getMessage() for r in caplog.records if r.name == COMP_LOG and "calibration samples" in r.message]
     assert TOKENS_PER_FEATURE == 4
     if warns:
         assert len(msgs) == 1, msgs
-        assert "'fc2'" in msgs[0] and "30 calibration tokens" in msgs[0] and "12 input features" in msgs[0]
+        assert "'fc2'" in msgs[0] and "30 calibration samples" in msgs[0] and "12 input features" in msgs[0]
         assert "needs about 48" in msgs[0] and "compensate='mean'" in msgs[0], msgs[0]
     else:
         assert msgs == []
@@ -340,7 +340,7 @@ def test_mean_compensation_does_not_warn_about_lstsq_sizes(caplog):
     batches = [torch.randn(10, 6) for _ in range(3)]
     with caplog.at_level(logging.WARNING, logger=COMP_LOG):
         _pruned(MLP(d=6, h=12).eval(), batches[0], batches, "mean", calib_batches=3)
-    assert not [r for r in caplog.records if "calibration tokens" in r.getMessage()]
+    assert not [r for r in caplog.records if "calibration samples" in r.getMessage()]
 
 
 def test_auto_ridge_falls_back_to_mean_when_no_refit_generalises():
@@ -399,9 +399,9 @@ def test_grouped_conv_consumer_gets_mean_compensation_per_group():
     torch.testing.assert_close(_mean_out(lsq, batches), dense, rtol=0, atol=1e-4)
 
 
-def test_a_group_nothing_can_compensate_fails_before_any_group_is_pruned(monkeypatch):
-    """fc2's group (read by fc3) finds no statistics: the error comes before fc1's group, earlier in the model, is
-    pruned, so a failed call leaves the model as it was."""
+def test_a_group_nothing_can_compensate_is_left_whole_and_the_rest_is_pruned(monkeypatch, caplog):
+    """fc2's group (read by fc3) finds no statistics: that group stays whole with a warning naming it, and fc1's
+    group is pruned and compensated; with fc2's group alone the call fails and leaves the model as it was."""
     from prunekit.pruning.structured import compensation
 
     class Chain(nn.Module):
@@ -417,11 +417,18 @@ def test_a_group_nothing_can_compensate_fails_before_any_group_is_pruned(monkeyp
     torch.manual_seed(0)
     model = Chain().eval()
     batches = [torch.randn(16, 6) for _ in range(2)]
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(PruningError, match="from 'fc2' can be compensated: fc3 \\(no statistics of its input\\)"):
-        prune(model, batches[0], "l1", ratio=0.5, calib_data=batches, compensate="mean")
-    after = model.state_dict()
-    assert model.fc1.out_features == 8 and all(torch.equal(after[k], v) for k, v in before.items())
+    with caplog.at_level(logging.WARNING):
+        report = prune(model, batches[0], "l1", ratio=0.5, scope="local", calib_data=batches, compensate="mean")
+    assert model.fc2.out_features == 8 and model.fc1.out_features == 4
+    assert "fc2" in report.left_whole and "can be compensated" in report.left_whole["fc2"]
+    assert any("left unpruned" in r.getMessage() and "fc2" in r.getMessage() for r in caplog.records)
+    assert [c["name"] for c in report.compensation] == ["fc2"]  # fc1's removed channels compensated in fc2
+
+    alone = Chain().eval()
+    before = {k: v.clone() for k, v in alone.state_dict().items()}
+    with pytest.raises(PruningError, match="no consumer can be compensated.*model is unchanged"):
+        prune(alone, batches[0], "l1", ratio=0.5, only="fc2", calib_data=batches, compensate="mean")
+    assert alone.fc2.out_features == 8 and all(torch.equal(alone.state_dict()[k], v) for k, v in before.items())
 
 
 def test_calibration_batches_the_model_cannot_take_are_refused_before_pruning():

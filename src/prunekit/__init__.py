@@ -7,7 +7,10 @@ from prunekit.measure import count_macs, count_params  # noqa: E402
 from prunekit.models import create_model, list_models, register_model  # noqa: E402
 from prunekit.runs import load_model, save_model  # noqa: E402
 
-_LAZY = {"prune": "prunekit.pruning.structured", "PruneReport": "prunekit.pruning.structured",
+_LAZY = {"prune": "prunekit.pruning", "PruneReport": "prunekit.pruning", "StructuredConfig": "prunekit.pruning",
+         "SparsityConfig": "prunekit.pruning", "WidthConfig": "prunekit.pruning", "Target": "prunekit.pruning",
+         "Layers": "prunekit.pruning", "Calibration": "prunekit.pruning", "Compensation": "prunekit.pruning",
+         "Reconstruction": "prunekit.pruning", "Latency": "prunekit.pruning", "StructuredPruner": "prunekit.pruning",
          "fit": "prunekit.train", "evaluate": "prunekit.train", "TrainSettings": "prunekit.train",
          "recalibrate_bn": "prunekit.pruning",
          "ModelSpec": "prunekit.runs", "save_exported": "prunekit.export.exported",
@@ -25,7 +28,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
 
 
-__all__ = ["prune", "PruneReport", "recalibrate_bn", "fit", "evaluate", "TrainSettings",
+__all__ = ["prune", "PruneReport", "StructuredConfig", "SparsityConfig", "WidthConfig", "Target", "Layers",
+    "Calibration", "Compensation", "Reconstruction", "Latency", "StructuredPruner", "recalibrate_bn", "fit", "evaluate", "TrainSettings",
     "ConfigError", "DataNotFoundError", "PruningError", "PrunekitError", "RunDirError",
     "count_macs", "count_params", "create_model", "list_models", "register_model", "load_model", "save_model",
     "ModelSpec", "save_exported", "register_attention", "AttentionLayout", "register_channel_mapping",

@@ -70,8 +70,8 @@ def _split_dict(s: str) -> dict[str, str]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Config], positional: tuple[str, ...] = ()) -> None:
-    for fname, field in cls.model_fields.items():
-        name = field.alias or fname
+    """One flag per flat key of ``cls`` (sections flattened: ``--reconstruct-steps`` is ``reconstruction.steps``)."""
+    for name, (_, field) in cls.flat_fields().items():
         tp = _unwrap(field.annotation)
         origin = typing.get_origin(tp)
         help_ = field.description or ""

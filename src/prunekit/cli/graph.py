@@ -20,7 +20,7 @@ from prunekit.errors import ConfigError
 from prunekit.pruning.structured.draw import to_dot, write_drawing
 from prunekit.pruning.structured.graph import PruningGraph
 from prunekit.pruning.structured.plan import plan_units
-from prunekit.pruning.structured.settings import PruneSettings
+from prunekit.pruning.structured.settings import StructuredConfig
 
 log = logging.getLogger("prunekit.graph")
 
@@ -62,7 +62,7 @@ def draw(cfg: GraphConfig) -> Path:
     model.eval()
     x = runs.example_inputs(model.prunekit_spec, 1)
     graph = PruningGraph(model, x)
-    settings = PruneSettings.build({"preset": cfg.preset, "only": cfg.only, "ignore": cfg.ignore, "heads": cfg.heads})
+    settings = StructuredConfig.build({"preset": cfg.preset, "only": cfg.only, "ignore": cfg.ignore, "heads": cfg.heads})
     units = plan_units(graph, settings)
     out = write_drawing(to_dot(graph, units, title), cfg.out)
     log.info("graph: %d layers, %d prunable groups -> %s", len(graph.layers), len(units), out)

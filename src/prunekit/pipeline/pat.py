@@ -24,15 +24,17 @@ from prunekit.data.core import data_settings
 from prunekit.errors import ConfigError
 from prunekit.measure import count_macs
 from prunekit.pipeline.stages import KDArgs, StageOut, kd_setup, loaders, model_metrics, write_run
-from prunekit.pruning.structured import PruneSettings, prune_with_settings, recalibrate_bn
+from prunekit.pruning.structured import StructuredConfig, prune_with_settings, recalibrate_bn
 from prunekit.pruning.structured.bn import batchnorms
 from prunekit.train import TrainSettings, evaluate, finish_run, fit
 
 log = logging.getLogger(__name__)
 
 
-class PATConfig(StageOut, KDArgs, TrainSettings, PruneSettings):
-    """``pat`` recipe stage: pruning-aware training."""
+class PATConfig(StageOut, KDArgs, TrainSettings):
+    """``pat`` recipe stage: pruning-aware training (the pruning options are the ``prune`` section's flat keys)."""
+
+    shared_keys = ("seed",)
 
     from_dir: Path = Field(alias="from", description="run directory of the model to prune")
     steps: int = Field(5, ge=1, description="pruning steps")
@@ -42,6 +44,8 @@ class PATConfig(StageOut, KDArgs, TrainSettings, PruneSettings):
     bn_batches: int = Field(50, ge=0, description="batches for BatchNorm recalibration after each step (0: off)")
     resume: bool = Field(False, description="continue from the last finished step")
     out: Path = Field(Path("runs/pat"), description="output run directory")
+    prune: StructuredConfig = Field(default_factory=StructuredConfig, description="each step's pruning; its "
+                                    "ratio / keep / target_macs is the final target")
 
 
 def kept_after(step: int, steps: int, keep: float, schedule: str) -> float:
@@ -51,7 +55,7 @@ def kept_after(step: int, steps: int, keep: float, schedule: str) -> float:
     return 1.0 - (1.0 - keep) * step / steps
 
 
-def prunable_channels(model: torch.nn.Module, example_inputs: Any, s: PruneSettings) -> int:
+def prunable_channels(model: torch.nn.Module, example_inputs: Any, s: StructuredConfig) -> int:
     """Size of the channel pool the engine's ``ratio`` refers to (all prunable non-attention channels)."""
     from prunekit.pruning.structured.graph import PruningGraph
     from prunekit.pruning.structured.plan import plan_units
@@ -60,20 +64,21 @@ def prunable_channels(model: torch.nn.Module, example_inputs: Any, s: PruneSetti
     return sum(u.size for u in units if u.attention is None)
 
 
-def step_settings(cfg: PATConfig, step: int, model: torch.nn.Module, x: Any, pool0: int, macs0: int) -> PruneSettings:
+def step_settings(cfg: PATConfig, step: int, model: torch.nn.Module, x: Any, pool0: int,
+                  macs0: int) -> StructuredConfig:
     """The engine settings of one step: a ratio (or MAC target) relative to the current model."""
-    base = {k: getattr(cfg, k) for k in PruneSettings.model_fields}
-    if cfg.target_macs is not None:
-        want = kept_after(step, cfg.steps, cfg.target_macs, cfg.schedule) * macs0
-        base.update(target_macs=min(0.999, want / count_macs(model, x)), ratio=None)
+    p = cfg.prune
+    if p.target.macs is not None:
+        want = kept_after(step, cfg.steps, p.target.macs, cfg.schedule) * macs0
+        update = {"target_macs": min(0.999, want / count_macs(model, x)), "ratio": None}
     else:
-        want = round(kept_after(step, cfg.steps, 1.0 - cfg.global_ratio, cfg.schedule) * pool0)
-        cur = prunable_channels(model, x, cfg)
+        want = round(kept_after(step, cfg.steps, 1.0 - p.global_ratio, cfg.schedule) * pool0)
+        cur = prunable_channels(model, x, p)
         if want >= cur:
             raise ConfigError(f"pat step {step}: nothing left to prune ({cur} channels, target {want}); "
                               "use fewer --steps or a larger --ratio")
-        base.update(ratio=1.0 - want / cur, target_macs=None)
-    return PruneSettings.build(base, source=f"pat step {step}")
+        update = {"ratio": 1.0 - want / cur, "target_macs": None}
+    return p.updated(update, source=f"pat step {step}")
 
 
 def pat(cfg: PATConfig) -> dict[str, Any]:
@@ -87,7 +92,7 @@ def pat(cfg: PATConfig) -> dict[str, Any]:
         model = runs.load_model(cfg.from_dir, cfg.device)
         spec = model.prunekit_spec
         x = runs.example_inputs(spec, 1, cfg.device)
-        pool0 = prunable_channels(model, x, cfg)
+        pool0 = prunable_channels(model, x, cfg.prune)
         macs0 = count_macs(model, x)
         ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download, splits=("train", "calib", "val"))
         loss_fn, teacher_dir = kd_setup(cfg, "pat")
@@ -107,9 +112,9 @@ def pat(cfg: PATConfig) -> dict[str, Any]:
                 r = runs.read_metrics(pruned_dir)
             else:
                 # BatchNorm is recalibrated below, on its own --bn-batches
-                s = step_settings(cfg, step, model, x, pool0, macs0).model_copy(update={"recalibrate_bn": False})
-                log.info("pat step %d/%d: prune %s", step, cfg.steps,
-                         f"to {s.target_macs:.3f} of the current MACs" if s.target_macs else f"ratio {s.ratio:.4f}")
+                s = step_settings(cfg, step, model, x, pool0, macs0).updated({"recalibrate_bn": False})
+                log.info("pat step %d/%d: prune %s", step, cfg.steps, f"to {s.target.macs:.3f} of the current MACs"
+                         if s.target.macs else f"ratio {s.target.ratio:.4f}")
                 report = prune_with_settings(model, x, s, calib_data=ld["calib"], device=cfg.device)
                 if cfg.bn_batches and batchnorms(model):
                     recalibrate_bn(model, ld["calib"], cfg.bn_batches, cfg.device)

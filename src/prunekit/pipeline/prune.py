@@ -26,29 +26,29 @@ from prunekit.data import DataArgs
 from prunekit.data.core import data_settings
 from prunekit.errors import ConfigError
 from prunekit.pipeline.stages import loaders
-from prunekit.pruning.structured import PruneSettings, prune_with_settings
+from prunekit.pruning.structured import StructuredConfig, prune_with_settings
 
 log = logging.getLogger("prunekit.prune")
 REPORT = "prune_report.json"
 
 
-class _FromOut(Config):
+class PruneConfig(Config):
+    """``prunekit prune``: structured pruning of a run directory's model. Composed of the stage's own options, the
+    data section (``DataArgs``) and the pruning section (``StructuredConfig``); flags and YAML keys are their flat
+    keys (``--criterion``, ``--target-macs``, ``--compensate``, ``--dataset`` ...)."""
+
+    shared_keys = ("seed",)
     from_dir: Path = Field(alias="from", description="run directory of the model to prune")
     out: Path = Field(Path("runs/prune"), description="output run directory")
     overwrite: bool = Field(False, description="replace --out if it already holds a run")
-
-
-class PruneConfig(DataArgs, PruneSettings, _FromOut):
-    """``prunekit prune``: structured pruning of a run directory's model (flags: --from/--out first, then the
-    pruning settings, then the data options)."""
-
-    recalibrate_bn: bool = Field(True, description="re-estimate BatchNorm statistics on --calib-batches clean "
-                                 "training batches after pruning (and after compensation)")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
+    seed: int = Field(0, description="random seed (data order, the random criterion, reconstruction)")
     sensitivity: Path | None = Field(None, description="a sensitivity.json (prunekit sensitivity) turned into "
                                      "per-layer ratio caps with --max-drop")
     max_drop: float = Field(1.0, ge=0, description="with --sensitivity: a group may lose at most the largest tested "
                             "ratio that cost it at most this many top-1 points")
+    prune: StructuredConfig = Field(default_factory=StructuredConfig, description="the pruning")
+    data: DataArgs = Field(default_factory=DataArgs, description="the data (calibration and evaluation)")
 
 
 def prune_run(cfg: PruneConfig) -> dict[str, Any]:
@@ -63,40 +63,42 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
     if Path(cfg.out).resolve() == Path(cfg.from_dir).resolve():
         raise ConfigError(f"--out {str(cfg.out)!r} is the same folder as --from; choose another --out")
     out = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite, resumable=False)
-    data = data_settings(cfg, runs.read_config(cfg.from_dir))
+    data = data_settings(cfg.data, runs.read_config(cfg.from_dir))
+    p = cfg.prune
     with runs.run_log(out):
         torch.manual_seed(cfg.seed)
         model = runs.load_model(cfg.from_dir, device)
         spec = model.prunekit_spec
         before = runs.read_metrics(cfg.from_dir)
         x = runs.example_inputs(spec, 1, device)
-        ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download, splits=("calib", "val"))
+        ld = loaders(data, cfg.data.batch_size, cfg.seed, cfg.data.workers, cfg.data.download,
+                     splits=("calib", "test"))
         calib = ld["calib"]
-        goal = f"target_macs {cfg.target_macs}" if cfg.target_macs is not None else f"ratio {cfg.global_ratio}"
-        if cfg.target_latency is not None:
-            goal = f"target_latency {cfg.target_latency} ({cfg.latency_backend})"
+        goal = f"target_macs {p.target.macs}" if p.target.macs is not None else f"ratio {p.global_ratio}"
+        if p.target.latency is not None:
+            goal = f"target_latency {p.target.latency} ({p.latency.backend})"
         log.info("prune: %s from %s (top1 %.2f%%), %s %s, %s", spec.name, cfg.from_dir,
-                 before.get("top1", float("nan")), cfg.criterion, cfg.scope, goal)
+                 before.get("top1", float("nan")), p.criterion, p.layers.scope, goal)
         t0 = time.perf_counter()
-        settings = PruneSettings.model_validate(cfg.model_dump(include=set(PruneSettings.model_fields)))
+        settings = p
         if cfg.sensitivity is not None:
             from prunekit.report.sensitivity import ratio_caps
 
             caps = ratio_caps(cfg.sensitivity, cfg.max_drop)
             log.info("prune: %d per-group ratio caps from %s (max drop %g points), %d of them 0", len(caps),
                      cfg.sensitivity, cfg.max_drop, sum(c == 0 for c in caps.values()))
-            settings = settings.model_copy(update={"ratio_caps": {**caps, **settings.ratio_caps}})
+            settings = settings.updated({"ratio_caps": {**caps, **settings.layers.ratio_caps}})
         report = prune_with_settings(model, x, settings, calib_data=calib, device=device)  # BN recalibrated there
         recalibrated = report.bn_recalibration.get("batches", 0)
         seconds = time.perf_counter() - t0
-        metrics = {**evaluate(model, ld["val"], device), "macs": report.macs_after, "params": report.params_after,
+        metrics = {**evaluate(model, ld["test"], device), "macs": report.macs_after, "params": report.params_after,
                    "macs_before": report.macs_before, "params_before": report.params_before,
                    "macs_kept": report.macs_kept, "params_kept": report.params_kept, "ratio": report.ratio,
-                   "target_macs": cfg.target_macs, "target_latency": cfg.target_latency,
+                   "target_macs": p.target.macs, "target_latency": p.target.latency,
                    "latency": {k: v for k, v in report.latency.items() if k != "per_layer"},
-                   "criterion": cfg.criterion, "scope": cfg.scope,
-                   "compensate": cfg.compensate,
-                   "groups_pruned": report.groups_pruned, "bn_recalibration_batches": recalibrated,
+                   "criterion": p.criterion, "scope": p.layers.scope, "compensate": report.compensate,
+                   "groups_pruned": report.groups_pruned, "groups_left_whole": len(report.left_whole),
+                   "bn_recalibration_batches": recalibrated,
                    "top1_before": before.get("top1"), "prune_seconds": round(seconds, 2), "stage": "prune",
                    "from": str(cfg.from_dir), **data}
         log.info("prune: done: top1 %.2f%% (was %.2f%%), MACs %.2f M -> %.2f M (%.1f%% kept), params %.1f K",

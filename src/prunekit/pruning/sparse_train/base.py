@@ -20,7 +20,7 @@ from torch import nn
 from prunekit.errors import ConfigError, PruningError
 from prunekit.pruning.structured.graph import PruningGraph, Unit
 from prunekit.pruning.structured.plan import plan_units
-from prunekit.pruning.structured.settings import PruneSettings
+from prunekit.pruning.structured.settings import StructuredConfig
 from prunekit.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class SparseMethod:
             self.lam = 0.0
         else:
             self.lam = check_lam(self.name, self.default_lam if lam is None else lam)
-        self.targets = PruneSettings.build(dict(preset=preset, only=list(only), ignore=list(ignore)),
+        self.targets = StructuredConfig.build(dict(preset=preset, only=list(only), ignore=list(ignore)),
                                            source=f"sparse method {self.name!r}")
         self.model: nn.Module | None = None
         self.units: list[Unit] = []

@@ -198,24 +198,24 @@ def adaptive_overrides(model: nn.Module, example_inputs: Any, units: list[Unit],
 
     ``prune_fn(model, example_inputs, settings, calib_data=..., loss_fn=..., device=..., units_only=...)`` prunes
     a copy (the engine's ``prune_with_settings``)."""
-    if settings.target_macs is not None:
+    if settings.target.macs is not None:
         raise ConfigError("scope='adaptive' allocates a channel ratio; it cannot be combined with target_macs "
-                          f"({settings.target_macs}): give --ratio, or use scope global/local with --target-macs")
+                          f"({settings.target.macs}): give --ratio, or use scope global/local with --target-macs")
     ratio = settings.global_ratio
-    trial_settings = settings.model_copy(update={"scope": "local", "ratio_overrides": {}, "reconstruct_steps": 0,
-                                                     "reconstruct_augment": 0, "reconstruct_input_mix": 0.0,
-                                                     "reconstruct_train": "pruned"})
+    trial_settings = settings.updated({"scope": "local", "ratio_overrides": {}, "reconstruct_steps": 0,
+                                       "reconstruct_augment": 0, "reconstruct_input_mix": 0.0,
+                                       "reconstruct_train": "pruned"})
     damage_of = OutputDamage(model, calib_data, device)
     damage: dict[str, list[tuple[float, float]]] = {}
     t0 = time.perf_counter()
     left_whole: list[str] = []
     for i, u in enumerate(units):
-        cap = min(settings.max_ratio, u.max_ratio if u.max_ratio is not None else 1.0)
+        cap = min(settings.layers.max_ratio, u.max_ratio if u.max_ratio is not None else 1.0)
         trials = sorted({round(min(f * ratio, cap), 4) for f in TRIAL_FACTORS} - {0.0})
         damage[u.name] = []
         for r in trials:
             trial = copy.deepcopy(model)
-            s = trial_settings.model_copy(update={"ratio": r})
+            s = trial_settings.updated({"ratio": r})
             try:
                 with _quiet():
                     prune_fn(trial, example_inputs, s, calib_data=calib_data, loss_fn=loss_fn, device=device,

@@ -66,7 +66,7 @@ def recalibrate_bn(model: nn.Module, data: Iterable, max_batches: int = 50, devi
 def _sync_across_ranks(bns: list[nn.Module]) -> None:
     """torchrun: average the re-estimated statistics over ranks (each rank saw its own, equally many batches, so the
     average is the cumulative average over all of them); a no-op in one process."""
-    from prunekit.train.distributed import all_reduce_mean, is_distributed
+    from prunekit.distributed import all_reduce_mean, is_distributed
 
     if not is_distributed():
         return
@@ -76,3 +76,22 @@ def _sync_across_ranks(bns: list[nn.Module]) -> None:
         for key, value in all_reduce_mean(bufs).items():
             i, k = key.split(".", 1)
             getattr(bns[int(i)], k).copy_(value)
+
+
+def recalibrate_after_pruning(model: nn.Module, enabled: bool | None, calib_data: Iterable | None, max_batches: int,
+                              device: str | torch.device) -> dict:
+    """The engine's step: re-estimate BatchNorm statistics unless ``enabled`` is False (``None``: whenever there
+    is calibration data). Returns what ``PruneReport.bn_recalibration`` records."""
+    bns = batchnorms(model)
+    if not bns:
+        return {}
+    if enabled is False or calib_data is None:
+        why = "recalibrate_bn=False" if enabled is False else "no calib_data"
+        # a caller that turned it off (PAT recalibrates on its own batches) is told; one that gave no data is warned
+        log.log(logging.INFO if enabled is False else logging.WARNING,
+                "the %d BatchNorm layers keep the statistics of the unpruned model (%s): accuracy is usually far "
+                "below what it is once they are re-estimated; call prunekit.recalibrate_bn(model, batches) before "
+                "evaluating", len(bns), why)
+        return {"skipped": why}
+    n = recalibrate_bn(model, calib_data, max_batches, device)
+    return {"layers": len(bns), "batches": n}

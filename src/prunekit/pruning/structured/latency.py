@@ -318,36 +318,36 @@ def search_latency(units: list[Unit], scores: dict[str, torch.Tensor], scope: st
 def latency_selection(model: nn.Module, graph: PruningGraph, example_inputs: Any, units: list[Unit],
                       scores: dict[str, torch.Tensor], s: Any, overrides: dict[str, float], macs_before: int,
                       scope: str) -> tuple[Selection, float, list[tuple[float, float]], dict[str, Any]]:
-    """What the engine calls when ``s.latency_backend`` is set: build/load the table, choose the widths for
+    """What the engine calls when ``s.latency.backend`` is set: build/load the table, choose the widths for
     ``ratio``, ``target_macs`` or ``target_latency``. Returns ``(selection, ratio, probes, latency_info)``."""
     from prunekit.pruning.structured.search import macs_kept
 
-    backend = s.latency_backend or "eager"
-    table = LatencyTable(backend, s.latency_threads)
+    backend = s.latency.backend or "eager"
+    table = LatencyTable(backend, s.latency.threads)
     try:
-        rest_ms = rest_latency_ms(model, example_inputs, backend, s.latency_threads)
+        rest_ms = rest_latency_ms(model, example_inputs, backend, s.latency.threads)
     except Exception as e:  # an export or stub failure must not stop pruning: predict the timed layers only
         log.warning("latency-aware pruning: could not time the rest of the model on %s (%s: %s); predicted latency "
                     "fractions cover the conv/linear layers only", backend, type(e).__name__, str(e)[:200])
         rest_ms = 0.0
-    lm = LatencyModel(graph, units, example_inputs, table, s.max_ratio, s.round_to, rest_ms)
-    info: dict[str, Any] = {"backend": backend, "threads": s.latency_threads, "target_latency": s.target_latency,
+    lm = LatencyModel(graph, units, example_inputs, table, s.layers.max_ratio, s.layers.round_to, rest_ms)
+    info: dict[str, Any] = {"backend": backend, "threads": s.latency.threads, "target_latency": s.target.latency,
                             "table": str(table.path),
                             "table_entries_timed": table.measured, "table_entries_cached": table.hits,
                             "table_seconds": round(table.build_seconds, 1),
                             "layers_ms": lm.layer_ms, "rest_ms": lm.rest_ms}
     if backend == "eager":
         info["eager"] = "LUT and timings on the inference copy: BatchNorm folded into convs, channels_last"
-    if s.target_latency is not None:
-        ratio, sel, _, probes = search_latency(units, scores, scope, overrides, s.max_ratio, lm, s.target_latency)
-    elif s.target_macs is not None:
+    if s.target.latency is not None:
+        ratio, sel, _, probes = search_latency(units, scores, scope, overrides, s.layers.max_ratio, lm, s.target.latency)
+    elif s.target.macs is not None:
         def macs_metric(sel: Selection) -> float:
             return macs_kept(graph, example_inputs, units, sel, macs_before)
-        ratio, sel, _, probes = search_latency(units, scores, scope, overrides, s.max_ratio, lm, s.target_macs,
+        ratio, sel, _, probes = search_latency(units, scores, scope, overrides, s.layers.max_ratio, lm, s.target.macs,
                                                macs_metric, closest=True)
     else:
         ratio, probes = s.global_ratio, []
-        sel = latency_select(units, scores, ratio, scope, overrides, s.max_ratio, lm)
+        sel = latency_select(units, scores, ratio, scope, overrides, s.layers.max_ratio, lm)
     kept = kept_channels(units, sel)
     info["predicted_kept"] = lm.predict(kept) / lm.dense_ms
     pruned = lm.per_layer(kept)
@@ -355,7 +355,7 @@ def latency_selection(model: nn.Module, graph: PruningGraph, example_inputs: Any
     info["per_layer"] = {n: [round(lc.full_ms, 4), round(pruned[n], 4), lc.spec.cin, lc.spec.cout]
                          for n, lc in lm.layers.items()}  # name -> [dense ms, pruned ms (table), cin, cout]
     log.info("latency-aware widths (%s, %d threads): predicted latency kept %.3f (table: %d timed, %d cached, "
-             "%.0f s)", backend, s.latency_threads, info["predicted_kept"], table.measured, table.hits,
+             "%.0f s)", backend, s.latency.threads, info["predicted_kept"], table.measured, table.hits,
              table.build_seconds)
     return sel, ratio, probes, info
 

@@ -47,6 +47,7 @@ class PruneReport:
     target_macs: float | None = None
     preset: str | None = None
     heads: bool = False
+    compensate: str = "none"  # the compensation used (compensate='auto' resolved)
     layers: dict[str, list[int]] = field(default_factory=dict)
     groups: list[GroupRecord] = field(default_factory=list)
     macs_before: int = 0

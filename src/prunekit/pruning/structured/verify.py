@@ -32,7 +32,7 @@ def output_shapes(out: Any) -> list[tuple[int, ...]]:
 
 
 def _runs(graph: PruningGraph, units: list[Unit], sel: Selection, x: Any, expect: list, meta: bool = True) -> bool:
-    from prunekit.pruning.structured.engine import apply_selection
+    from prunekit.pruning.structured.apply import apply_selection
 
     try:
         g = copy_graph(graph, meta=meta)

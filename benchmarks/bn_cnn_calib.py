@@ -120,7 +120,7 @@ def main() -> None:
     cfg = runs.read_config(a.baseline)
     dataset, data_dir = cfg.get("dataset", "fashion-mnist"), cfg.get("data_dir")
     x = runs.example_inputs(dense.prunekit_spec, 1, "cpu")
-    val = make_loader(get_dataset(dataset, "val", data_dir=data_dir), 500, shuffle=False, seed=0, drop_last=False)
+    val = make_loader(get_dataset(dataset, "test", data_dir=data_dir), 500, shuffle=False, seed=0, drop_last=False)
     base = evaluate(dense, val, "cpu")["top1"]
     m0 = count_macs(dense, x)
     logging.info("dense %s: top-1 %.2f%%, %.2f M MACs", dense.prunekit_spec.name, base, m0 / 1e6)

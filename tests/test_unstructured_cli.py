@@ -100,7 +100,7 @@ def test_oneshot_writes_a_full_run_directory(l1_run):
     out = l1_run
     assert {p.name for p in out.iterdir()} == SPARSE_FILES
     m = json.loads((out / runs.METRICS).read_text())
-    assert {"top1", "top5", "val_loss", "macs", "params", "nonzero_params", "sparsity", "model_sparsity",
+    assert {"top1", "top5", "test_loss", "macs", "params", "nonzero_params", "sparsity", "model_sparsity",
             "macs_nonzero", "size_dense", "size_csr", "size_bitmask", "size_file"} <= set(m)
     assert m["macs"] == json.loads((out / REPORT).read_text())["macs"]
     report = json.loads((out / REPORT).read_text())
@@ -126,9 +126,26 @@ def test_permanent_gives_the_same_outputs_without_mask_buffers(base_run, tmp_pat
     assert json.loads((folded / runs.SPEC).read_text())["extra"]["sparsity"]["permanent"] is True
 
 
-def test_finetuning_a_permanent_sparse_run_warns_and_records_its_sparsity(base_run, tmp_path, caplog):
+def _trained_epoch_wins(monkeypatch) -> None:
+    """Make every epoch of a fine-tune beat the start model on val (each val evaluation scores above the last), so
+    that the trained weights are the ones kept: these tests are about what training does to masks and zeros, not
+    about which candidate val picks (tests/test_splits.py)."""
+    from prunekit.train import loop
+
+    real, calls = loop.evaluate, []
+
+    def rising(*args, **kwargs):
+        calls.append(1)
+        return {**real(*args, **kwargs), "top1": float(len(calls))}
+
+    monkeypatch.setattr(loop, "evaluate", rising)
+
+
+def test_finetuning_a_permanent_sparse_run_warns_and_records_its_sparsity(base_run, tmp_path, caplog, monkeypatch):
     from prunekit.pipeline.stages import FinetuneConfig, finetune
     from prunekit.report.collect import _method
+
+    _trained_epoch_wins(monkeypatch)
 
     folded, ft = tmp_path / "folded", tmp_path / "ft"
     sparsify(base_run, folded, method="l1", sparsity=0.5, permanent=True)
@@ -141,8 +158,10 @@ def test_finetuning_a_permanent_sparse_run_warns_and_records_its_sparsity(base_r
     assert _method([tmp_path / "nm"]) == "nm 2:8"
 
 
-def test_a_later_finetune_stage_keeps_the_masks(base_run, tmp_path):
+def test_a_later_finetune_stage_keeps_the_masks(base_run, tmp_path, monkeypatch):
     from prunekit.pipeline.stages import FinetuneConfig, finetune
+
+    _trained_epoch_wins(monkeypatch)
 
     sparse, ft = tmp_path / "sparse", tmp_path / "ft"
     sparsify(base_run, sparse, method="l1", sparsity=0.5)

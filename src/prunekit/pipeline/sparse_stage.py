@@ -12,9 +12,9 @@ from pydantic import Field
 
 from prunekit import runs
 from prunekit.data.core import data_settings
-from prunekit.pipeline.stages import StageOut, loaders, model_metrics, write_run
+from prunekit.pipeline.stages import StageOut, loaders, model_metrics, test_metrics, val_metrics, write_run
 from prunekit.pruning.sparse_train import SparseSettings, make_sparse_training
-from prunekit.train import TrainSettings, evaluate, finish_run, fit
+from prunekit.train import TrainSettings, finish_run, fit
 from prunekit.train.loop import default_loss
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ def sparse(cfg: SparseConfig) -> dict[str, Any]:
         best = fit(model, ld["train"], ld["val"], cfg, run_dir=out, resume=cfg.resume, phase="sparse",
                    loss_fn=loss_fn, callbacks=callbacks)
         extra = st.finalize()
-        metrics = {**evaluate(model, ld["val"], cfg.device), **model_metrics(model, spec, cfg.device), **extra,
+        metrics = {**test_metrics(model, ld["test"], cfg.device), **val_metrics(best),
+                   **model_metrics(model, spec, cfg.device), **extra,
                    "best_epoch": best.get("epoch"), "train_seconds": round(time.perf_counter() - t0, 2),
                    "stage": "sparse", "method": cfg.method, "from": str(cfg.from_dir), **data}
         write_run(out, model, {**cfg.to_dict(), **data}, metrics, spec)

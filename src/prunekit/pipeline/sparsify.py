@@ -28,7 +28,7 @@ from prunekit._io import atomic_write_json
 from prunekit.data import DataArgs
 from prunekit.data.core import data_settings
 from prunekit.errors import ConfigError
-from prunekit.pipeline.stages import loaders
+from prunekit.pipeline.stages import loaders, test_metrics
 from prunekit.pruning.structured import recalibrate_bn
 from prunekit.pruning.structured.bn import batchnorms
 from prunekit.pruning.unstructured import (
@@ -124,7 +124,7 @@ def sparsify_run(cfg: SparsifyConfig) -> dict[str, Any]:
         before = runs.read_metrics(cfg.from_dir)
         x = runs.example_inputs(spec, 1, device)
         ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download,
-                     splits=("train", "calib", "val") if cfg.epochs else ("calib", "val"))
+                     splits=("train", "calib", "val", "test") if cfg.epochs else ("calib", "test"))
         calib = ld["calib"]
         log.info("sparsify: %s from %s (top1 %.2f%%): %s to %.4f, %s schedule, %d epochs", spec.name, cfg.from_dir,
                  before.get("top1", float("nan")), cfg.method, cfg.target(), cfg.schedule, cfg.epochs)
@@ -135,7 +135,7 @@ def sparsify_run(cfg: SparsifyConfig) -> dict[str, Any]:
             """BatchNorm recalibration and an evaluation right after a pruning step (before any fine-tuning)."""
             if cfg.recalibrate_bn and batchnorms(sp.model):
                 recalibrate_bn(sp.model, calib, cfg.calib_batches, device)
-            m = evaluate(sp.model, ld["val"], device)
+            m = evaluate(sp.model, ld["test"], device)  # reported: the test split
             row = {"step": step, "sparsity": sp.sparsity(), "top1": m["top1"], "top5": m["top5"]}
             retention.append(row)
             runs.append_history(out, {"phase": "sparsify-prune", **row})
@@ -174,7 +174,7 @@ def sparsify_run(cfg: SparsifyConfig) -> dict[str, Any]:
             if not report.latency.get("measured"):
                 report.notes.append(f"no 2:4 speed-up claimed: {report.latency['reason']}")
         sp.finalize(permanent=cfg.permanent)
-        metrics = {**evaluate(model, ld["val"], device), **report.metrics(), "schedule": cfg.schedule,
+        metrics = {**test_metrics(model, ld["test"], device), **report.metrics(), "schedule": cfg.schedule,
                    "permanent": cfg.permanent, "retention": retention, "top1_before": before.get("top1"),
                    "sparsify_seconds": round(seconds, 2), "stage": "sparsify", "from": str(cfg.from_dir), **data}
         if report.latency and report.latency.get("measured"):

@@ -3,13 +3,14 @@ top-level packages, no source file over 400 lines, no function over 60.
 
 Every ``import`` / ``from ... import`` in ``src/prunekit`` is read with ``ast.walk``: module level, inside functions
 and under ``TYPE_CHECKING`` alike, relative imports resolved. The size checks keep an explicit allowlist of today's
-offenders with their current length: a new offender or a longer one fails, and so does an entry that is no longer
-needed (remove it), so the lists only shrink.
+offenders with their current length: a new offender or a longer one fails; an entry no longer needed is a warning
+(delete it), so the lists only shrink.
 """
 
 from __future__ import annotations
 
 import ast
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ FACADE = "prunekit"  # the lazy public API (src/prunekit/__init__.py): it import
 FACADE_NAMES = {"__version__"}  # ...except for these names
 
 # Upward imports that exist today and are not fixed yet: (importing module, imported module) -> what to do.
-# An entry that no longer matches an import fails the test: delete it when its import is gone.
+# An entry that no longer matches an import is reported as a warning: delete it when its import is gone.
 KNOWN_UPWARD: dict[tuple[str, str], str] = {
     ("prunekit.models", "prunekit.runs"):
         "create_model attaches runs.ModelSpec: move ModelSpec to models/ (e.g. models/spec.py), runs.py re-exports it",
@@ -152,8 +153,9 @@ def test_imports_point_down() -> None:
             continue
         bad.append(f"{e.where}: {e.source} ({src}) imports {e.target} ({dst}), a layer above it")
     stale = sorted(set(KNOWN_UPWARD) - used)
+    if stale:  # a warning, not a failure: the fix and the list may land in different commits
+        warnings.warn(f"KNOWN_UPWARD entries no longer needed, delete them: {stale}", stacklevel=1)
     assert not bad, "imports pointing up the layer order:\n" + "\n".join(bad)
-    assert not stale, f"KNOWN_UPWARD entries no longer needed, delete them: {stale}"
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -228,11 +230,12 @@ def sizes() -> tuple[dict[str, int], dict[str, int]]:
 
 
 def _ratchet(found: dict[str, int], allowed: dict[str, int], limit: int, what: str) -> list[str]:
-    errors = [f"{k}: {n} lines (limit {limit}{f', allowlisted at {allowed[k]}' if k in allowed else ''})"
-              for k, n in sorted(found.items()) if n > allowed.get(k, limit)]
-    errors += [f"{k}: allowlisted at {n} lines but now within the limit or gone: delete it from {what}"
-               for k, n in sorted(allowed.items()) if k not in found]
-    return errors
+    """The offenders that are new or grew; entries no longer needed are warned about (delete them)."""
+    stale = [k for k in sorted(allowed) if k not in found]
+    if stale:
+        warnings.warn(f"{what}: now within the limit or gone, delete from the allowlist: {stale}", stacklevel=1)
+    return [f"{k}: {n} lines (limit {limit}{f', allowlisted at {allowed[k]}' if k in allowed else ''})"
+            for k, n in sorted(found.items()) if n > allowed.get(k, limit)]
 
 
 @pytest.mark.parametrize("kind", ["files", "functions"])

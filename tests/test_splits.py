@@ -195,10 +195,11 @@ def test_report_says_which_figures_are_not_test_figures_and_which_fine_tunes_kep
         return RunRecord(dir=Path(label), label=label, metrics={"top1": 90.0, **m}, spec={}, lineage=[],
                          baseline_dir=None, baseline=None)
 
-    notes = split_notes([rec("base", test_loss=0.1), rec("old"), rec("kept", test_loss=0.2, kept_start=True),
+    notes = split_notes([rec("base", test_loss=0.1, stage="train"), rec("old", stage="finetune"),
+                         rec("pruned", stage="prune"), rec("kept", test_loss=0.2, kept_start=True),
                          rec("worse", test_loss=0.3, below_start=True, start_top1=91.5)])
     assert len(notes) == 3
-    assert "old is not marked as a test-split figure" in notes[0] and "base" not in notes[0]
+    assert "The top-1 of old is not marked as a test-split figure" in notes[0]  # no epochs picked: pruned is fine
     assert "start model on val for kept" in notes[1]
     assert "worse (90.00 < 91.50)" in notes[2]
     assert split_notes([rec("base", test_loss=0.1)]) == []

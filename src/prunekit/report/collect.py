@@ -34,6 +34,7 @@ SENSITIVITY = "sensitivity.json"
 # where a run directory may keep a sensitivity result: beside its files, or where `prunekit sensitivity` writes it
 SENSITIVITY_PLACES = (SENSITIVITY, f"sensitivity/{SENSITIVITY}")
 _LATENCY_BACKENDS = ("eager", "onnxruntime", "compile", "cuda")
+_TRAINED = ("train", "finetune", "sparse", "pat")  # stages that keep a best epoch
 
 
 @dataclass
@@ -277,15 +278,16 @@ def _row(rec: RunRecord, sparsity: float | None) -> dict[str, Any]:
 
 
 def split_notes(records: Sequence[RunRecord]) -> list[str]:
-    """Sentences for the summary about the split behind each top-1: runs whose ``metrics.json`` does not mark its
-    top-1 as a test figure (no ``test_loss``: an older prunekit picked their epochs on the split it reported), and
+    """Sentences for the summary about the split behind each top-1: trained runs whose ``metrics.json`` does not mark
+    its top-1 as a test figure (no ``test_loss``: an older prunekit picked their epochs on the split it reported), and
     fine-tunes that kept their start model or ended below it on test."""
     notes = []
-    unmarked = [r.label for r in records if "test_loss" not in r.metrics]
+    unmarked = [r.label for r in records if "test_loss" not in r.metrics
+                and ("best_epoch" in r.metrics or r.metrics.get("stage") in _TRAINED)]
     if unmarked:
         notes.append(f"The top-1 of {', '.join(unmarked)} is not marked as a test-split figure (their metrics.json "
-                     "has no `test_loss`: written before prunekit had a validation split, or by a stage that "
-                     "evaluated on another split); it may be optimistic.")
+                     "has no `test_loss`: written before prunekit had a validation split, their best epoch was "
+                     "picked on the split they report); it may be optimistic.")
     kept = [r.label for r in records if r.metrics.get("kept_start")]
     if kept:
         notes.append(f"No fine-tuning epoch beat the start model on val for {', '.join(kept)}: the start was kept.")

@@ -22,7 +22,7 @@ def test_prune_cli_writes_a_full_run_directory(trained_run, tmp_path, capsys):
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.json", "config.yaml", "metrics.json",
                                                "log.txt", "prune_report.json"}
     m = runs.read_metrics(out)
-    assert {"top1", "top5", "val_loss", "macs", "params", "macs_before", "params_before", "ratio",
+    assert {"top1", "top5", "test_loss", "macs", "params", "macs_before", "params_before", "ratio",
             "criterion"} <= set(m)
     assert m["macs"] < m["macs_before"] and m["params"] < m["params_before"] and m["ratio"] == 0.35
     assert m["bn_recalibration_batches"] == 3 and m["from"] == str(trained_run)

@@ -29,7 +29,8 @@ def __getattr__(name: str):
 
 
 __all__ = ["prune", "PruneReport", "StructuredConfig", "SparsityConfig", "WidthConfig", "Target", "Layers",
-    "Calibration", "Compensation", "Reconstruction", "Latency", "StructuredPruner", "recalibrate_bn", "fit", "evaluate", "TrainSettings",
+    "Calibration", "Compensation", "Reconstruction", "Latency", "StructuredPruner", "recalibrate_bn", "fit",
+    "evaluate", "TrainSettings",
     "ConfigError", "DataNotFoundError", "PruningError", "PrunekitError", "RunDirError",
     "count_macs", "count_params", "create_model", "list_models", "register_model", "load_model", "save_model",
     "ModelSpec", "save_exported", "register_attention", "AttentionLayout", "register_channel_mapping",

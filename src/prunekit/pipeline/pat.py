@@ -23,10 +23,10 @@ from prunekit import runs
 from prunekit.data.core import data_settings
 from prunekit.errors import ConfigError
 from prunekit.measure import count_macs
-from prunekit.pipeline.stages import KDArgs, StageOut, kd_setup, loaders, model_metrics, write_run
+from prunekit.pipeline.stages import KDArgs, StageOut, kd_setup, loaders, model_metrics, test_metrics, write_run
 from prunekit.pruning.structured import StructuredConfig, prune_with_settings, recalibrate_bn
 from prunekit.pruning.structured.bn import batchnorms
-from prunekit.train import TrainSettings, evaluate, finish_run, fit
+from prunekit.train import TrainSettings, finish_run, fit
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ def pat(cfg: PATConfig) -> dict[str, Any]:
         x = runs.example_inputs(spec, 1, cfg.device)
         pool0 = prunable_channels(model, x, cfg.prune)
         macs0 = count_macs(model, x)
-        ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download, splits=("train", "calib", "val"))
+        ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download,
+                     splits=("train", "calib", "val", "test"))
         loss_fn, teacher_dir = kd_setup(cfg, "pat")
         start, retention = 1, []
         if cfg.resume and steps_dir.is_dir():
@@ -118,7 +119,7 @@ def pat(cfg: PATConfig) -> dict[str, Any]:
                 report = prune_with_settings(model, x, s, calib_data=ld["calib"], device=cfg.device)
                 if cfg.bn_batches and batchnorms(model):
                     recalibrate_bn(model, ld["calib"], cfg.bn_batches, cfg.device)
-                r = {**evaluate(model, ld["val"], cfg.device), "step": step, "macs": report.macs_after,
+                r = {**test_metrics(model, ld["test"], cfg.device), "step": step, "macs": report.macs_after,
                      "macs_kept_total": report.macs_after / macs0}
                 log.info("pat step %d/%d: retention top1 %.2f%% at %.1f%% of the MACs", step, cfg.steps, r["top1"],
                          100 * r["macs_kept_total"])
@@ -134,7 +135,7 @@ def pat(cfg: PATConfig) -> dict[str, Any]:
             retention = [*retention, {"step": step, "top1": r["top1"], "macs": r["macs"]}]
             runs.save_model(steps_dir / f"{step}-done", model)
             runs.write_metrics(steps_dir / f"{step}-done", {"retention": retention})
-        metrics = {**evaluate(model, ld["val"], cfg.device), **model_metrics(model, spec, cfg.device),
+        metrics = {**test_metrics(model, ld["test"], cfg.device), **model_metrics(model, spec, cfg.device),
                    "retention": retention, "stage": "pat", "from": str(cfg.from_dir),
                    "train_seconds": round(time.perf_counter() - t0, 2),
                    **({"teacher": str(teacher_dir)} if teacher_dir else {}), **data}

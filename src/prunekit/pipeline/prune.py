@@ -25,7 +25,7 @@ from prunekit.config import Config
 from prunekit.data import DataArgs
 from prunekit.data.core import data_settings
 from prunekit.errors import ConfigError
-from prunekit.pipeline.stages import loaders
+from prunekit.pipeline.stages import loaders, test_metrics
 from prunekit.pruning.structured import StructuredConfig, prune_with_settings
 
 log = logging.getLogger("prunekit.prune")
@@ -56,7 +56,7 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
 
     Returns the metrics written to ``metrics.json``.
     """
-    from prunekit.train import check_device, evaluate
+    from prunekit.train import check_device
 
     device = check_device(cfg.device)
     runs.check_run_dir(cfg.from_dir)
@@ -91,7 +91,7 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
         report = prune_with_settings(model, x, settings, calib_data=calib, device=device)  # BN recalibrated there
         recalibrated = report.bn_recalibration.get("batches", 0)
         seconds = time.perf_counter() - t0
-        metrics = {**evaluate(model, ld["test"], device), "macs": report.macs_after, "params": report.params_after,
+        metrics = {**test_metrics(model, ld["test"], device), "macs": report.macs_after, "params": report.params_after,
                    "macs_before": report.macs_before, "params_before": report.params_before,
                    "macs_kept": report.macs_kept, "params_kept": report.params_kept, "ratio": report.ratio,
                    "target_macs": p.target.macs, "target_latency": p.target.latency,

@@ -91,8 +91,10 @@ def prune(model: nn.Module, example_inputs: Any = None, config: Any = None, *, c
         if family == "sparsity":
             from prunekit.pruning.unstructured.sparsifier import sparsify
 
+            given = {k: v for k, v in cfg.model_dump().items() if v != type(cfg).model_fields[k].get_default(
+                call_default_factory=True)}  # the options set, not every default (nm of a non-N:M method)
             return sparsify(model, example_inputs=example_inputs, calib_data=calib_data, loss_fn=loss_fn,
-                            device=device, **cfg.to_dict())
+                            device=device, **given)
         from prunekit.pruning.llm.width import prune_width
 
         if calib_data is None:

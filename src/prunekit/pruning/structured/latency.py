@@ -339,12 +339,13 @@ def latency_selection(model: nn.Module, graph: PruningGraph, example_inputs: Any
     if backend == "eager":
         info["eager"] = "LUT and timings on the inference copy: BatchNorm folded into convs, channels_last"
     if s.target.latency is not None:
-        ratio, sel, _, probes = search_latency(units, scores, scope, overrides, s.layers.max_ratio, lm, s.target.latency)
+        ratio, sel, _, probes = search_latency(units, scores, scope, overrides, s.layers.max_ratio, lm,
+                                               s.target.latency)
     elif s.target.macs is not None:
         def macs_metric(sel: Selection) -> float:
             return macs_kept(graph, example_inputs, units, sel, macs_before)
-        ratio, sel, _, probes = search_latency(units, scores, scope, overrides, s.layers.max_ratio, lm, s.target.macs,
-                                               macs_metric, closest=True)
+        ratio, sel, _, probes = search_latency(units, scores, scope, overrides, s.layers.max_ratio, lm,
+                                               s.target.macs, macs_metric, closest=True)
     else:
         ratio, probes = s.global_ratio, []
         sel = latency_select(units, scores, ratio, scope, overrides, s.layers.max_ratio, lm)

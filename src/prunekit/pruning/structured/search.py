@@ -58,12 +58,12 @@ def search_ratio(graph: PruningGraph, example_inputs: Any, units: list[Unit], sc
     Returns ``(ratio, scores, probes)``: the ratio and the scores to select with (channels that were skipped
     because their MAC step overshoots the target get an infinite score), and the ``(ratio, macs_kept)`` probes.
     """
-    target = float(s.target.macs)
+    target, lay = float(s.target.macs), s.layers
     probes: list[tuple[float, float]] = []
     scores = {k: v.clone().double() for k, v in scores.items()}
 
     def probe(r: float) -> tuple[float, Selection]:
-        sel = select(units, scores, r, s.layers.scope, overrides, s.layers.max_ratio, s.layers.round_to, s.layers.round_to_wide)
+        sel = select(units, scores, r, lay.scope, overrides, lay.max_ratio, lay.round_to, lay.round_to_wide)
         kept = macs_kept(graph, example_inputs, units, sel, macs_before)
         probes.append((r, kept))
         log.debug("target_macs search: ratio %.5f keeps %.4f of MACs", r, kept)
@@ -72,7 +72,7 @@ def search_ratio(graph: PruningGraph, example_inputs: Any, units: list[Unit], sc
     floor, _ = probe(1.0)  # every group at max_ratio: the fewest MACs this selection can reach
     if floor > target * (1 + tol):
         raise PruningError(f"target_macs {target} is out of reach: pruning every selected group to max_ratio "
-                           f"{s.layers.max_ratio} still keeps {floor:.1%} of the MACs; raise max_ratio or prune more layers")
+                           f"{lay.max_ratio} still keeps {floor:.1%} of the MACs; raise max_ratio or prune more layers")
     pooled = [u for u in units if u.name not in overrides and u.attention is None]
     total = sum(u.size for u in pooled)
     best = (1.0, floor, scores)
@@ -82,7 +82,7 @@ def search_ratio(graph: PruningGraph, example_inputs: Any, units: list[Unit], sc
         nonlocal best
         if abs(kept - target) < abs(best[1] - target):
             best = (r, kept, {k: v.clone() for k, v in scores.items()})
-    if s.layers.scope == "local" or total == 0:  # bisect the ratio itself
+    if lay.scope == "local" or total == 0:  # bisect the ratio itself
         lo, hi = 0.0, 1.0
         while len(probes) < MAX_PROBES and not ok(best[1]) and hi - lo > 1e-6:
             mid = (lo + hi) / 2
@@ -92,7 +92,7 @@ def search_ratio(graph: PruningGraph, example_inputs: Any, units: list[Unit], sc
     else:  # bisect the number of pooled channels removed, in ranking order
         ratio_of = lambda n: n / total  # noqa: E731  (select() removes round(ratio * total) pooled channels)
         lo, hi, skips = 0, total, 0
-        sel_lo = select(units, scores, 0.0, s.layers.scope, overrides, s.layers.max_ratio, s.layers.round_to, s.layers.round_to_wide)
+        sel_lo = select(units, scores, 0.0, lay.scope, overrides, lay.max_ratio, lay.round_to, lay.round_to_wide)
         while len(probes) < MAX_PROBES and not ok(best[1]):
             if hi - lo > 1:
                 mid = (lo + hi) // 2
@@ -106,8 +106,8 @@ def search_ratio(graph: PruningGraph, example_inputs: Any, units: list[Unit], sc
             if skips == MAX_SKIPS:
                 break
             # removing one more channel jumps over the target: keep that channel, continue down the ranking
-            sel_hi = select(units, scores, ratio_of(hi), s.layers.scope, overrides, s.layers.max_ratio, s.layers.round_to,
-                            s.layers.round_to_wide)
+            sel_hi = select(units, scores, ratio_of(hi), lay.scope, overrides, lay.max_ratio, lay.round_to,
+                            lay.round_to_wide)
             jump = {(u, e) for u, es in sel_hi.removed.items() for e in es} - \
                 {(u, e) for u, es in sel_lo.removed.items() for e in es}
             if not jump:

@@ -271,7 +271,7 @@ def test_cli_prune_llm_and_eval_text(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 40)
     out = tmp_path / "pruned"
-    assert main(["prune-llm", "--model", str(tmp_path / "dense"), "--calib-text", str(text), "--seq-len", "32",
+    assert main(["prune-llm", "--from", str(tmp_path / "dense"), "--calib-text", str(text), "--seq-len", "32",
                  "--calib-samples", "8", "--mlp-sparsity", "0.5", "--head-sparsity", "0.5", "--compensate", "mean",
                  "--eval-text", str(text), "--out", str(out)]) == 0
     assert {"config.json", "model.safetensors", "prune_report.json", "metrics.json"} <= {p.name for p in out.iterdir()}
@@ -283,10 +283,10 @@ def test_cli_prune_llm_and_eval_text(tmp_path, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert math.isclose(shown["perplexity"], metrics["ppl_after"], rel_tol=1e-5)
     with pytest.raises(SystemExit):
-        main(["prune-llm", "--model", str(tmp_path / "dense"), "--calib-text", str(text), "--mlp-sparsity", "0.5",
+        main(["prune-llm", "--from", str(tmp_path / "dense"), "--calib-text", str(text), "--mlp-sparsity", "0.5",
               "--criterion", "l9", "--out", str(tmp_path / "x")])
     assert "choose from 'variance', 'magnitude', 'wanda', 'random'" in capsys.readouterr().err
-    assert main(["prune-llm", "--model", str(tmp_path / "dense"), "--calib-text", str(text), "--seq-len", "32",
+    assert main(["prune-llm", "--from", str(tmp_path / "dense"), "--calib-text", str(text), "--seq-len", "32",
                  "--mlp-sparsity", "0.25", "--ridge", "0.1", "--out", str(tmp_path / "r")]) == 0
     assert json.loads((tmp_path / "r" / "prune_report.json").read_text())["layers"][0]["ridge"] == 0.1
 
@@ -311,7 +311,7 @@ def test_cli_refuses_an_empty_text_an_encoder_a_damaged_model_and_a_taken_out_be
         assert "Traceback" not in e
         return e
 
-    assert "is empty" in err(["prune-llm", "--model", str(tmp_path / "dense"), "--calib-text", str(empty),
+    assert "is empty" in err(["prune-llm", "--from", str(tmp_path / "dense"), "--calib-text", str(empty),
                               "--mlp-sparsity", "0.5", "--out", str(tmp_path / "a")])
     transformers.BertModel(transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
                                                    num_attention_heads=2, intermediate_size=48)
@@ -323,13 +323,13 @@ def test_cli_refuses_an_empty_text_an_encoder_a_damaged_model_and_a_taken_out_be
     broken.mkdir()
     (broken / "config.json").write_bytes((tmp_path / "dense" / "config.json").read_bytes())
     (broken / "model.safetensors").write_bytes(b"\xff" * 64)
-    assert "its weights cannot be loaded" in err(["prune-llm", "--model", str(broken), *args, "--mlp-sparsity", "0.5",
+    assert "its weights cannot be loaded" in err(["prune-llm", "--from", str(broken), *args, "--mlp-sparsity", "0.5",
                                                   "--out", str(tmp_path / "c")])
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("x")
     monkeypatch.setattr(llm, "load_causal_lm", lambda *a, **k: pytest.fail("loaded before --out was checked"))
-    assert "already holds a run" in err(["prune-llm", "--model", str(tmp_path / "dense"), *args, "--mlp-sparsity",
+    assert "already holds a run" in err(["prune-llm", "--from", str(tmp_path / "dense"), *args, "--mlp-sparsity",
                                          "0.5", "--out", str(taken)])
 
 

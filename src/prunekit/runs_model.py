@@ -171,7 +171,11 @@ def _apply_and_load(model: nn.Module, spec: ModelSpec, weights: Path, device: st
     try:
         missing, unexpected = st_load(model, weights, strict=False, device=str(device))
     except (SafetensorError, RuntimeError, OSError, ValueError) as e:
-        raise RunDirError(f"{weights} is corrupt or does not match model.json: {e}") from None
+        from prunekit.models.weights import file_mismatch
+
+        shapes = file_mismatch(model, weights)  # one line, not one line per key
+        raise RunDirError(f"{weights} does not match model.json: {shapes}" if shapes else
+                          f"{weights} is corrupt or does not match model.json: {e}") from None
     if missing or unexpected:
         raise RunDirError(f"{weights} does not match model.json: missing {sorted(missing)[:5]}, "
                           f"unexpected {sorted(unexpected)[:5]}")

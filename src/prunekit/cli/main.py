@@ -11,9 +11,10 @@ import sys
 import traceback
 
 from prunekit.cli.args import COMMANDS, add_config_arguments, resolve_config
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, closest
 
 log = logging.getLogger("prunekit")
+MAX_ERROR_LINES = 12  # a longer message is cut: the rest is noise on a terminal
 
 
 def _discover() -> None:
@@ -31,6 +32,17 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def unknown(self, extra: list[str]) -> None:
+        """Refuse the arguments nothing took, with a did-you-mean for each mistyped flag (``--critrion``)."""
+        flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        hints = []
+        for arg in extra:
+            flag = arg.split("=", 1)[0]
+            near = closest(flag, flags, n=1) if flag.startswith("-") else []
+            if near:
+                hints.append(f"{flag}: did you mean {' or '.join(near)}?")
+        self.error(f"unrecognized arguments: {' '.join(extra)}" + (f"; {'; '.join(hints)}" if hints else ""))
+
 
 def build_parser() -> argparse.ArgumentParser:
     from prunekit import __version__
@@ -45,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS.names():
         cmd = COMMANDS.get(name)
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        p.set_defaults(_parser=p)  # so main() can say which sub-command a stray flag belongs to
         p.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file (flags override it)")
         p.add_argument("--debug", action="store_true", help="show full tracebacks")
         add_config_arguments(p, cmd.config, cmd.positional)
@@ -86,7 +99,9 @@ def setup_logging(verbose: bool = True) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        getattr(ns, "_parser", parser).unknown(extra)  # exits 2
     if not ns.command:
         parser.print_help()
         return 2
@@ -104,12 +119,27 @@ def main(argv: list[str] | None = None) -> int:
     except PrunekitError as e:
         if ns.debug:
             traceback.print_exc()
-        for line in str(e).splitlines() or [""]:  # every line says whose error it is
-            print(f"prunekit {ns.command}: error: {line}", file=sys.stderr)
+        _print_error(ns.command, str(e))
         return 2
     except KeyboardInterrupt:
         print(f"prunekit {ns.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - not a known user mistake: one line, the traceback only with --debug
+        if ns.debug:
+            traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0][:300].rstrip(".")
+        hint = "" if ns.debug else "; run with --debug for the traceback"
+        print(f"prunekit {ns.command}: error: unexpected {type(e).__name__}: {first}{hint}", file=sys.stderr)
+        return 1
+
+
+def _print_error(command: str, message: str) -> None:
+    """Every line says whose error it is; a message of many lines (a list of keys...) is cut."""
+    lines = message.splitlines() or [""]
+    if len(lines) > MAX_ERROR_LINES:
+        lines = [*lines[:MAX_ERROR_LINES - 1], f"... and {len(lines) - MAX_ERROR_LINES + 1} more lines"]
+    for line in lines:
+        print(f"prunekit {command}: error: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from prunekit.report.targets import DEFAULT_TARGETS, parse_targets
 class ReportConfig(Config):
     """``prunekit report``: tables and plots over run directories."""
 
-    runs: list[Path] = Field(description="run directories to compare")
+    runs: list[Path] = Field(description="run directories to compare (Hugging Face LM folders of prune-llm / "
+                                         "sparsify get a table of their own)")
     out: Path = Field(Path("report"), description="folder for report.html, report.md and the PNG figures")
     targets: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_TARGETS),
                                       description="goals: macs/params/latency = minimum fraction cut, drop = maximum "
@@ -50,11 +51,18 @@ def report_cmd(cfg: ReportConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from prunekit.pipeline.llm import is_hf_folder
     from prunekit.report.build import make_report
     from prunekit.report.table import text_table
     from prunekit.report.targets import describe_targets
 
-    res = make_report(cfg.runs, cfg.out, cfg.targets, cfg.sensitivity, add_baselines=cfg.baselines)
+    llm = [d for d in cfg.runs if is_hf_folder(d)]
+    if llm:
+        _llm_table(llm, cfg.out, only=len(llm) == len(cfg.runs))
+        if len(llm) == len(cfg.runs):
+            return
+    res = make_report([d for d in cfg.runs if d not in llm], cfg.out, cfg.targets, cfg.sensitivity,
+                      add_baselines=cfg.baselines)
     rows = [r.row for r in res.records]
     headers, cells = text_table(rows)
     table = Table(title=f"targets: {describe_targets(res.targets)}", title_justify="left")
@@ -73,3 +81,16 @@ def report_cmd(cfg: ReportConfig) -> None:
     for line in res.failures:
         console.print(f"[red]misses the targets[/red]: {line}", highlight=False)
     console.print(f"wrote {res.html}, {res.markdown} and {len(res.figures)} figures", highlight=False)
+
+
+def _llm_table(folders: list[Path], out: Path, only: bool) -> None:
+    """Causal LM folders (prune-llm / sparsify outputs): their metrics.json side by side, printed and written to
+    ``--out`` as report.md (only LM folders given) or llm.md (beside the run directories' report)."""
+    from prunekit.pipeline.llm_folders import llm_markdown, llm_rows
+
+    md = llm_markdown(llm_rows(folders))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ("report.md" if only else "llm.md")
+    path.write_text("# Causal LM folders\n\n" + md)
+    print(md, end="")
+    print(f"wrote {path}")

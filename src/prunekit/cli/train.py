@@ -11,6 +11,11 @@ from prunekit.pipeline.stages import EvalConfig, FinetuneConfig, TrainConfig, ev
 
 @command("train", TrainConfig, help="Train a model on a dataset and write a run directory")
 def train_cmd(cfg: TrainConfig) -> None:
+    from prunekit.data.core import data_settings
+    from prunekit.models.external import check_image_size, coerce_kwargs
+
+    # a ViT built for 224 px fed 16 px digits: one line naming --image-size / --model-kwargs, before any work
+    check_image_size(cfg.model, data_settings(cfg)["image_size"], coerce_kwargs(cfg.model_kwargs))
     m = train(cfg)
     print(f"wrote {cfg.out}: top1 {m['top1']:.2f}%  MACs {m['macs'] / 1e6:.2f} M  params {m['params'] / 1e3:.1f} K")
 

@@ -56,8 +56,8 @@ class LatencyArgs(Config):
 class ProfileConfig(LatencyArgs):
     """``prunekit profile``: baseline vs pruned run directory, timed alternately in one run."""
 
-    baseline: Path = Field(description="run directory of the baseline (unpruned) model")
-    pruned: Path = Field(description="run directory of the pruned model")
+    baseline: Path = Field(description="run directory (or Hugging Face causal LM folder) of the baseline model")
+    pruned: Path = Field(description="run directory (or Hugging Face causal LM folder) of the pruned model")
     batch_size: int = Field(1, gt=0, description="batch size of the timed calls")
     rounds: int = Field(10, gt=0, description="rounds of alternation between the two models (runs are split "
                                               "evenly over them)")
@@ -66,6 +66,8 @@ class ProfileConfig(LatencyArgs):
     top: int = Field(15, gt=0, description="rows of the per-layer table")
     out: Path | None = Field(None, description=f"where to write {PROFILE_FILE} (default: in the --pruned run "
                                                "directory)")
+    seq_len: int = Field(128, ge=2, description="Hugging Face causal LM folders: tokens per timed call (capped at "
+                                                "the model's positions)")
 
 
 # ----------------------------------------------------------------------------------------------- verdict

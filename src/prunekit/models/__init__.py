@@ -47,7 +47,8 @@ def create_model(name: str, *, in_channels: int = 3, num_classes: int = 10, pret
     from prunekit.models import external
     from prunekit.models.spec import ModelSpec
 
-    all_kwargs = dict(in_channels=in_channels, num_classes=num_classes, **kwargs)
+    # --model-kwargs values arrive as strings: img_size=16 means 16
+    all_kwargs = dict(in_channels=in_channels, num_classes=num_classes, **external.coerce_kwargs(kwargs))
     if ":" in name:  # tv:, timm:, hf: (an unknown prefix gets an error listing the valid ones)
         model = external.create_external(name, pretrained=pretrained, **all_kwargs)
         all_kwargs.update(getattr(model, "_prunekit_kwargs", {}))  # e.g. the HF config, to rebuild offline

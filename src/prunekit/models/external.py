@@ -193,6 +193,53 @@ def create_timm(ref: str, *, pretrained: bool = False, in_channels: int = 3, num
         raise
 
 
+# ----------------------------------------------------------------------------------------------- kwargs, sizes
+def parse_scalar(value: Any) -> Any:
+    """A command-line string read as a YAML scalar or list: ``"16"`` -> 16, ``"0.5"`` -> 0.5, ``"true"`` -> True,
+    ``"null"`` -> None, ``"[8, 8]"`` -> [8, 8]; anything else (a name, a path, ``"no"``) stays the string."""
+    if not isinstance(value, str) or not value.strip():
+        return value
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if isinstance(parsed, bool) and value.strip().lower() not in ("true", "false"):
+        return value  # YAML 1.1 reads yes/no/on/off as booleans: a model argument "no" means the word
+    if parsed is None and value.strip().lower() not in ("null", "none", "~"):
+        return value
+    return parsed if isinstance(parsed, (int, float, bool, list, dict)) or parsed is None else value
+
+
+def coerce_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``parse_scalar`` on every value (``--model-kwargs img_size=16,drop_rate=0.1`` arrives as strings)."""
+    return {k: parse_scalar(v) for k, v in kwargs.items()}
+
+
+def check_image_size(name: str, image_size: int, kwargs: dict[str, Any]) -> None:
+    """A timm model with a fixed input size (ViT, DeiT, Swin: ``fixed_input_size`` in its pretrained config) fed
+    images of another size fails deep inside its patch embedding: say so before building it, naming the fixes."""
+    if not name.startswith("timm:") or kwargs.get("dynamic_img_size"):
+        return
+    try:
+        from timm.models import get_pretrained_cfg
+    except ImportError:
+        return
+    try:
+        cfg = get_pretrained_cfg(name[5:])
+    except Exception:  # noqa: BLE001 - an unknown name is create_timm's to report
+        return
+    if cfg is None or not getattr(cfg, "fixed_input_size", False):
+        return
+    size = kwargs.get("img_size") or cfg.input_size[-1]
+    h, w = _hw(size)
+    if (h, w) != (image_size, image_size):
+        raise ConfigError(f"--image-size {image_size}: model {name!r} takes {h}x{w} images only (its patch embedding "
+                          f"has a fixed size); pass --image-size {h}, or build it for the data's size with "
+                          f"--model-kwargs img_size={image_size} (timm also takes dynamic_img_size=true)")
+
+
 # ----------------------------------------------------------------------------------------------- input specs
 def input_spec(name: str, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The example-input spec of a freshly built model: ``{"kind": "image", "shape": [1, C, H, W]}`` or

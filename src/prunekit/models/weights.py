@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ from prunekit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+CHECK_FLAGS = ("Check --model, --dataset (it sets the input channels and the number of classes) and --model-kwargs "
+               "(in Python: create_model's name, in_channels, num_classes and keyword arguments); a pruned model is "
+               "loaded from its run directory (--from), not through --weights")
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params")
 _SHOW = 5
 
@@ -83,6 +87,44 @@ def _best_prefix_map(file_keys: list[str], model_keys: set[str]) -> tuple[str, s
     return max(candidates, key=lambda sa: (score(sa), sa == ("", "")))
 
 
+def _listed(items: list[str], sep: str = ", ") -> str:
+    """The first ``_SHOW`` items, then how many more: a mismatch of 107 keys is one short line, not 107."""
+    more = f"{sep}... and {len(items) - _SHOW} more" if len(items) > _SHOW else ""
+    return sep.join(items[:_SHOW]) + more
+
+
+def mismatch_summary(target: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """``None`` when the file's tensors (name -> shape) fit the model's state dict ``target``; else one line: the
+    first few shape mismatches, missing and unexpected keys, each with how many more there are. A missing key that
+    is another name of a tensor the file holds (tied weights) is fine."""
+    unexpected = sorted(k for k in shapes if k not in target)
+    loaded_ids = {id(target[k]) for k in shapes if k in target}
+    missing = sorted(k for k in target if k not in shapes and id(target[k]) not in loaded_ids)
+    mismatched = [f"{k}: file {tuple(s)} vs model {tuple(target[k].shape)}" for k, s in sorted(shapes.items())
+                  if k in target and tuple(s) != tuple(target[k].shape)]
+    parts = []
+    if mismatched:
+        parts.append(f"{len(mismatched)} shape mismatches ({_listed(mismatched, '; ')})")
+    if missing:
+        parts.append(f"{len(missing)} keys missing from the file ({_listed(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys in the file ({_listed(unexpected)})")
+    return "; ".join(parts) or None
+
+
+def file_mismatch(model: nn.Module, path: str | Path) -> str | None:
+    """``mismatch_summary`` of a safetensors file against ``model``, read from the file's header (no tensor is
+    loaded); ``None`` when it fits or cannot be read."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except Exception:  # noqa: BLE001 - a damaged file: the caller says it cannot be read
+        return None
+    return mismatch_summary(model.state_dict(keep_vars=True), shapes)
+
+
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Copy the tensors of ``path`` into ``model`` (in place); every key must match in name and shape.
 
@@ -97,22 +139,9 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     # old checkpoints may hold buffers the model keeps out of its state dict (e.g. BERT's position_ids): skip them
     transient = {k for k, _ in model.named_buffers() if k not in target}
     sd = {k: v for k, v in sd.items() if k not in transient}
-    unexpected = sorted(k for k in sd if k not in target)
-    # a missing key is fine when it is another name of a tensor the file does hold (tied weights)
-    loaded_ids = {id(target[k]) for k in sd if k in target}
-    missing = sorted(k for k in target if k not in sd and id(target[k]) not in loaded_ids)
-    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(target[k].shape)}" for k, v in sorted(sd.items())
-                  if k in target and tuple(v.shape) != tuple(target[k].shape)]
-    if missing or unexpected or mismatched:
-        parts = []
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches ({'; '.join(mismatched[:_SHOW])})")
-        if missing:
-            parts.append(f"{len(missing)} keys missing from the file ({', '.join(missing[:_SHOW])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys in the file ({', '.join(unexpected[:_SHOW])})")
-        raise ConfigError(f"--weights: {str(path)!r} does not match the model: {'; '.join(parts)}. Check --model, "
-                          f"--in-channels and --num-classes (a pruned model is loaded from its run directory)")
+    problem = mismatch_summary(target, {k: tuple(v.shape) for k, v in sd.items()})
+    if problem:
+        raise ConfigError(f"--weights: {str(path)!r} does not match the model: {problem}. {CHECK_FLAGS}")
     with torch.no_grad():
         for k, v in sd.items():
             target[k].copy_(v)

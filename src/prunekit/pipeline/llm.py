@@ -5,13 +5,15 @@ Text is tokenized by the folder's tokenizer, or as UTF-8 bytes for a byte-level 
 
 Example::
 
-    prunekit prune-llm --model llama_dir --calib-text train.txt --mlp-sparsity 0.5 --criterion variance \\
+    prunekit prune-llm --from llama_dir --calib-text train.txt --mlp-sparsity 0.5 --criterion variance \\
         --compensate lstsq --eval-text test.txt --out pruned_dir
     prunekit eval --from pruned_dir --text test.txt --seq-len 256
 
 The output folder holds the pruned model (reload it with ``AutoModelForCausalLM.from_pretrained``), the tokenizer
-files copied from ``--model``, ``prune_report.json`` (settings, widths, per-layer compensation records) and
-``metrics.json`` (perplexities before/after when ``--eval-text`` is given, params).
+files copied from ``--from``, ``prune_report.json`` (settings, widths, per-layer compensation records) and
+``metrics.json`` (perplexities before/after when ``--eval-text`` is given, params, the tokenizer used).
+A folder without tokenizer files is read as UTF-8 bytes only when its vocabulary is 256 (or with ``--tokenizer
+bytes``); any other vocabulary needs ``--tokenizer FOLDER``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from prunekit.errors import ConfigError, DataNotFoundError, RunDirError
 from prunekit.pruning.llm.width import WidthSettings, prune_width, save_pruned
@@ -42,49 +44,74 @@ def is_hf_folder(p: str | Path) -> bool:
 def load_causal_lm(path: str | Path, device: str = "cpu") -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained(path)`` in float32, eval mode, with a clear error for a bad folder."""
     if not is_hf_folder(path):
-        raise DataNotFoundError(f"--model/--from {str(path)!r}: not a Hugging Face model folder (needs config.json "
+        raise DataNotFoundError(f"--from {str(path)!r}: not a Hugging Face model folder (needs config.json "
                                 f"and *.safetensors, as save_pretrained writes)")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (ValueError, OSError) as e:
-        raise ConfigError(f"--model/--from {str(path)!r}: its config.json cannot be read: {e}") from None
+        raise ConfigError(f"--from {str(path)!r}: its config.json cannot be read: {e}") from None
     archs = list(getattr(config, "architectures", None) or [])
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        raise ConfigError(f"--model/--from {str(path)!r} holds {', '.join(archs)}, not a causal (decoder) LM: these "
+        raise ConfigError(f"--from {str(path)!r} holds {', '.join(archs)}, not a causal (decoder) LM: these "
                           "commands load it with AutoModelForCausalLM, which would swap its head; for an encoder "
                           "(BERT-style) use the Python API (prunekit.prune on the model, or prunekit.create_model"
                           "('hf:PATH'))")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     except ValueError as e:
-        raise ConfigError(f"--model/--from {str(path)!r}: not a causal LM that transformers can load: {e}") from None
+        raise ConfigError(f"--from {str(path)!r}: not a causal LM that transformers can load: {e}") from None
     except Exception as e:  # noqa: BLE001 - a damaged safetensors file raises its own error types
-        raise RunDirError(f"--model/--from {str(path)!r}: its weights cannot be loaded ({type(e).__name__}: "
+        raise RunDirError(f"--from {str(path)!r}: its weights cannot be loaded ({type(e).__name__}: "
                           f"{str(e)[:300]}); the files may be damaged") from None
     return model.to(device).eval()
 
 
+def vocab_size(model: torch.nn.Module) -> int:
+    """The vocabulary of a Hugging Face LM (``config.vocab_size``) or of a prunekit text model (its input spec)."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "vocab_size", None):
+        return int(config.vocab_size)
+    spec = getattr(model, "prunekit_spec", None)
+    return int((spec.input if spec is not None else {}).get("vocab_size", 0) or 0)
+
+
+def resolve_tokenizer(model_dir: str | Path, model: torch.nn.Module, tokenizer: str = "auto") -> str:
+    """Which tokenizer reads the text: ``"bytes"`` or a tokenizer folder (recorded in metrics.json as ``tokenizer``).
+
+    ``auto`` is the model folder's tokenizer, else bytes for a vocab-256 model; a folder without tokenizer files and
+    another vocabulary is an error naming ``--tokenizer`` (reading it as bytes would score nonsense silently)."""
+    vocab = vocab_size(model)
+    if tokenizer == "auto":
+        if any((Path(model_dir) / f).exists() for f in TOKENIZER_FILES):
+            return str(model_dir)
+        if vocab != 256:
+            raise ConfigError(f"--tokenizer auto: {str(model_dir)!r} has no tokenizer files and its vocab_size is "
+                              f"{vocab}, not 256 (a byte-level model); pass --tokenizer FOLDER (a folder with the "
+                              "tokenizer files), or --tokenizer bytes to read the text as UTF-8 bytes anyway "
+                              "(valid: auto, bytes, a tokenizer folder)")
+        return "bytes"
+    if tokenizer == "bytes" and vocab < 256:
+        raise ConfigError(f"--tokenizer bytes: the model's vocab_size is {vocab}, a byte model needs >= 256; "
+                          f"put the tokenizer files in {str(model_dir)!r} or pass --tokenizer FOLDER")
+    return tokenizer
+
+
 def tokenize_file(path: str | Path, model_dir: str | Path, model: torch.nn.Module,
                   tokenizer: str = "auto") -> torch.Tensor:
-    """The token ids of a text file (1-D long tensor)."""
+    """The token ids of a text file (1-D long tensor), read by ``resolve_tokenizer``'s choice."""
     p = Path(path)
     if not p.is_file():
         raise DataNotFoundError(f"text file {str(p)!r} does not exist")
     raw = p.read_bytes()
     if not raw.strip():
         raise DataNotFoundError(f"text file {str(p)!r} is empty: calibration and perplexity need text")
-    has_tok = any((Path(model_dir) / f).exists() for f in TOKENIZER_FILES)
-    vocab = int(getattr(model.config, "vocab_size", 0))
-    if tokenizer == "bytes" or (tokenizer == "auto" and not has_tok):
-        if vocab < 256:
-            raise ConfigError(f"--tokenizer bytes: the model's vocab_size is {vocab}, a byte model needs >= 256; "
-                              f"put the tokenizer files in {str(model_dir)!r} or pass --tokenizer PATH")
+    src = resolve_tokenizer(model_dir, model, tokenizer)
+    if src == "bytes":
         return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
     from transformers import AutoTokenizer
 
-    src = str(model_dir) if tokenizer == "auto" else tokenizer
     try:
         tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
@@ -96,7 +123,8 @@ def tokenize_file(path: str | Path, model_dir: str | Path, model: torch.nn.Modul
 class PruneLLMConfig(WidthSettings):
     """``prunekit prune-llm``: width pruning of a Hugging Face causal LM folder (Llama, Mistral, Qwen2, GPT-2)."""
 
-    model: Path = Field(description="model folder (config.json + safetensors)")
+    from_dir: Path = Field(alias="from", description="Hugging Face causal LM folder (config.json + safetensors)")
+    model: Path | None = Field(None, description="deprecated: the old name of --from")
     out: Path = Field(Path("runs/prune-llm"), description="output model folder")
     overwrite: bool = Field(False, description="replace --out if it already holds files")
     calib_text: Path = Field(description="calibration text file (training text, not the evaluation text)")
@@ -105,6 +133,21 @@ class PruneLLMConfig(WidthSettings):
     eval_text: Path | None = Field(None, description="report perplexity before and after on this text file")
     tokenizer: str = Field("auto", description="auto (the model folder's, else bytes), bytes, or a tokenizer folder")
     device: str = Field("cpu", description="cpu, cuda, cuda:N")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_is_from(cls, values: Any) -> Any:
+        """``--model`` (the old flag) still works, with a warning; every other command takes ``--from``."""
+        if not isinstance(values, dict) or values.get("model") is None:
+            return values
+        values = dict(values)
+        old, new = values.pop("model"), values.get("from", values.get("from_dir"))
+        if new is not None and Path(new) != Path(old):
+            raise ValueError(f"--model {str(old)!r} and --from {str(new)!r}: give --from only (--model is its "
+                             "deprecated old name)")
+        log.warning("prune-llm: --model is deprecated, use --from %s (as every other command does)", old)
+        values.setdefault("from", old)
+        return values
 
 
 def calibration_windows(tokens: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -120,14 +163,15 @@ def prune_llm_run(cfg: PruneLLMConfig) -> dict[str, Any]:
     from prunekit import runs
     from prunekit.measure.perplexity import perplexity
 
-    if Path(cfg.out).resolve() == Path(cfg.model).resolve():
-        raise ConfigError(f"--out {str(cfg.out)!r} is the --model folder; choose another --out")
+    if Path(cfg.out).resolve() == Path(cfg.from_dir).resolve():
+        raise ConfigError(f"--out {str(cfg.out)!r} is the --from folder; choose another --out")
     out = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite, resumable=False)  # before hours of pruning
-    model = load_causal_lm(cfg.model, cfg.device)
-    calib = calibration_windows(tokenize_file(cfg.calib_text, cfg.model, model, cfg.tokenizer), cfg.calib_samples,
-                                cfg.seq_len, cfg.seed)
-    ev = tokenize_file(cfg.eval_text, cfg.model, model, cfg.tokenizer) if cfg.eval_text else None
-    metrics: dict[str, Any] = {}
+    model = load_causal_lm(cfg.from_dir, cfg.device)
+    calib = calibration_windows(tokenize_file(cfg.calib_text, cfg.from_dir, model, cfg.tokenizer),
+                                cfg.calib_samples, cfg.seq_len, cfg.seed)
+    ev = tokenize_file(cfg.eval_text, cfg.from_dir, model, cfg.tokenizer) if cfg.eval_text else None
+    metrics: dict[str, Any] = {"stage": "prune-llm", "from": str(cfg.from_dir),
+                               "tokenizer": resolve_tokenizer(cfg.from_dir, model, cfg.tokenizer)}
     if ev is not None:
         metrics["ppl_before"] = perplexity(model, ev, seq_len=cfg.seq_len)
         log.info("perplexity before: %.4f", metrics["ppl_before"])
@@ -139,8 +183,8 @@ def prune_llm_run(cfg: PruneLLMConfig) -> dict[str, Any]:
     metrics.update(params_before=report["params_before"], params_after=report["params_after"])
     save_pruned(model, out, report)
     for f in TOKENIZER_FILES:
-        if (Path(cfg.model) / f).exists():
-            shutil.copy2(Path(cfg.model) / f, out / f)
+        if (Path(cfg.from_dir) / f).exists():
+            shutil.copy2(Path(cfg.from_dir) / f, out / f)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 
@@ -155,14 +199,20 @@ def text_perplexity(from_dir: str | Path, text: str | Path, *, seq_len: int = 25
         model = load_causal_lm(from_dir, device)
     else:
         runs.check_run_dir(from_dir)
+        spec = runs.read_spec(from_dir)
+        if spec.input.get("kind", "image") != "text":
+            raise ConfigError(f"--text: --from {str(from_dir)!r} holds {spec.name!r}, a model of "
+                              f"{spec.input.get('kind', 'image')} inputs, not a language model; perplexity needs a "
+                              "causal LM (a Hugging Face model folder, or a run whose model maps token ids to "
+                              "logits); drop --text to measure top-1 on its dataset")
         model = runs.load_model(from_dir, device)
     ids = tokenize_file(text, from_dir, model, tokenizer)
     limit = max_batches * batch_size * seq_len if max_batches else None
     total, count = nll_sum(model, ids, seq_len=seq_len, batch_size=batch_size, max_tokens=limit)
     return {"stage": "eval", "from": str(from_dir), "text": str(text), "perplexity": math.exp(total / count),
             "nll": total / count, "tokens_scored": count, "seq_len": seq_len,
+            "tokenizer": resolve_tokenizer(from_dir, model, tokenizer),
             "params": sum(p.numel() for p in model.parameters())}
-
 
 
 def text_perplexity_run(cfg: Any) -> dict[str, Any]:

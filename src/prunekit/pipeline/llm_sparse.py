@@ -2,7 +2,8 @@
 
 ``--from`` is a model folder as ``save_pretrained`` writes it (``config.json`` + safetensors; the model format of
 ``prunekit prune-llm``). The calibration windows come from ``--calib-text`` (training text), tokenized like
-``prunekit eval --text`` does (the folder's tokenizer, else bytes for a vocab-256 model). The linear layers inside
+``prunekit eval --text`` does (the folder's tokenizer, else bytes for a vocab-256 model; any other vocabulary
+without tokenizer files needs ``--tokenizer``; metrics.json records the tokenizer used). The linear layers inside
 the decoder blocks are pruned block by block (``prunekit.pruning.llm.sparse``); the zeros are folded into the weights
 and ``--out`` is again a model folder, which plain ``AutoModelForCausalLM.from_pretrained`` reloads (mask buffers
 are not part of a transformers checkpoint), plus ``sparsity_report.json``, ``metrics.json`` (sparsity, and the
@@ -54,7 +55,13 @@ def sparsify_llm_run(cfg: Any) -> dict[str, Any]:
 
     from prunekit import runs
     from prunekit.measure.perplexity import perplexity
-    from prunekit.pipeline.llm import TOKENIZER_FILES, calibration_windows, load_causal_lm, tokenize_file
+    from prunekit.pipeline.llm import (
+        TOKENIZER_FILES,
+        calibration_windows,
+        load_causal_lm,
+        resolve_tokenizer,
+        tokenize_file,
+    )
     from prunekit.pruning.unstructured import Sparsifier, SparsifySettings, fold_masks
 
     check_llm_config(cfg)
@@ -67,7 +74,8 @@ def sparsify_llm_run(cfg: Any) -> dict[str, Any]:
     calib = calibration_windows(ids, cfg.calib_samples, cfg.seq_len, cfg.seed)  # (N, T)
     batches = list(calib.split(cfg.batch_size))
     ev = tokenize_file(cfg.eval_text, cfg.from_dir, model, cfg.tokenizer) if cfg.eval_text else None
-    metrics: dict[str, Any] = {"stage": "sparsify", "from": str(cfg.from_dir), "calib_tokens": calib.numel()}
+    metrics: dict[str, Any] = {"stage": "sparsify", "from": str(cfg.from_dir), "calib_tokens": calib.numel(),
+                               "tokenizer": resolve_tokenizer(cfg.from_dir, model, cfg.tokenizer)}
     if ev is not None:
         metrics["ppl_before"] = perplexity(model, ev, seq_len=cfg.seq_len, batch_size=cfg.batch_size)
         log.info("sparsify: perplexity before %.4f", metrics["ppl_before"])

@@ -170,7 +170,7 @@ class Compensator:
             # lstsq in feature space: channels (linear, 1x1 conv) or unfolded patches (k x k conv), where feature
             # i * k2 + j is position j of the kernel on input channel i (F.unfold's order = weight.reshape(O, -1))
             fs, cur_f, P_f, K_f = feats
-            self._check_size(c.name, fs)
+            self._check_size(c.name, fs, m)
             Wf = W.reshape(W.shape[0], -1)  # (O, D * k2)
             W_P, W_K = Wf[:, P_f], Wf[:, K_f]
             ridge = self._ridge(fs, cur_f, W_P, P_f, K_f)
@@ -224,7 +224,7 @@ class Compensator:
 
         return ps, expand(cur), expand(P), expand(K)
 
-    def _check_size(self, name: str, fs: ChannelStats) -> None:
+    def _check_size(self, name: str, fs: ChannelStats, module: nn.Module) -> None:
         """Warn (once per layer) when ``lstsq`` is fitted on fewer samples than ``TOKENS_PER_FEATURE`` per input
         feature (MiniLM-L6, keep 0.5, a 1536-wide FFN: the figure rises steeply up to about 4 tokens per feature and
         by a few thousandths beyond; ``benchmarks/minilm_calib.py``): the refit then fits the calibration data more
@@ -233,11 +233,21 @@ class Compensator:
         if fs.count >= need or name in self._warned_small:
             return
         self._warned_small.add(name)
-        log.warning("lstsq compensation of %r is fitted on %d calibration tokens (samples) for its %d input "
-                    "features; a stable refit needs about %d (%d per feature): give %.1fx as much calibration text "
-                    "from the deployment domain for the full gain (with less, the cross-validated refit stays at or "
-                    "above compensate='mean', which needs far less data, but below what it reaches)", name, fs.count,
-                    fs.channels, need, TOKENS_PER_FEATURE, need / max(fs.count, 1))
+        unit, data = self._data_words(module)
+        log.warning("lstsq compensation of %r is fitted on %d %s for its %d input features; a stable refit needs "
+                    "about %d (%d per feature): give %.1fx as much %s from the deployment domain for the full gain "
+                    "(with less, the cross-validated refit stays at or above compensate='mean', which needs far less "
+                    "data, but below what it reaches)", name, fs.count, unit, fs.channels, need, TOKENS_PER_FEATURE,
+                    need / max(fs.count, 1), data)
+
+    def _data_words(self, module: nn.Module) -> tuple[str, str]:
+        """(what one statistics sample is, what to give more of): tokens for a model fed token ids (it has an
+        embedding), positions for a convolution, samples otherwise."""
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return "calibration positions (images x output positions)", "calibration data (images)"
+        if any(isinstance(m, nn.Embedding) for m in self.model.modules()):
+            return "calibration tokens", "calibration text"
+        return "calibration samples", "calibration data"
 
     def _ridge(self, st: ChannelStats, cur: torch.Tensor, W_P: torch.Tensor, P: torch.Tensor,
                K: torch.Tensor) -> float:

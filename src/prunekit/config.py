@@ -15,17 +15,15 @@ is a ``Reconstruction``). Every leaf of a section also has one *flat key*, gener
 
 from __future__ import annotations
 
+import contextvars
 from pathlib import Path
 from typing import Any, ClassVar
-
-import contextvars
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
 
 from prunekit.errors import ConfigError, closest
-
 
 _INIT_DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("prunekit_config_init", default=0)
 

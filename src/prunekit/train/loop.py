@@ -22,10 +22,12 @@ from torch import nn
 
 from prunekit import runs
 from prunekit._io import atomic_write, atomic_write_text
+from prunekit.batch import split_batch as _split_batch
+from prunekit.batch import to_device as _to_device
 from prunekit.data.core import set_loader_epoch
+from prunekit.distributed import is_distributed, rank, sync_buffers
 from prunekit.measure.macs import call_model
 from prunekit.train.checkpoint import RESUME_FREE, finish_run, load_checkpoint, resume_fingerprint  # noqa: F401
-from prunekit.train.distributed import is_distributed, rank, sync_buffers
 from prunekit.train.settings import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -34,24 +36,13 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]  # (outputs, 
 
 # ------------------------------------------------------------------------------------------------ helpers
 def to_device(x: Any, device: torch.device | str) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(to_device(v, device) for v in x)
-    return x
+    """The training loop's copy to ``device`` (non-blocking from pinned memory)."""
+    return _to_device(x, device, non_blocking=True)
 
 
 def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
-    """(inputs, labels) from a batch that is a tensor, an (x, y) pair, or a dict with an optional 'labels' key."""
-    if isinstance(batch, (list, tuple)):
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    if isinstance(batch, dict):
-        b = dict(batch)
-        y = b.pop("labels", None)
-        return b, y
-    return batch, None
+    """(inputs, labels) of a training batch: a tensor, an ``(x, y, *rest)`` tuple or a dict with ``labels``."""
+    return _split_batch(batch, strict=False)
 
 
 def is_main_process() -> bool:

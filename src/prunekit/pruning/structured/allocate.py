@@ -35,11 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.distributed import all_reduce_mean
 from prunekit.errors import ConfigError, PruningError
 from prunekit.measure.macs import call_model
 from prunekit.pruning.structured.criteria.base import split_batch, to_device
 from prunekit.pruning.structured.graph import Unit
-from prunekit.train.distributed import all_reduce_mean
 
 log = logging.getLogger(__name__)
 

@@ -370,7 +370,7 @@ def _mix(pruned: Any, dense: Any, p: float, gen: torch.Generator) -> Any:
 def _sync_across_ranks(params: list[torch.Tensor]) -> None:
     """torchrun: every rank fitted the block on its own calibration batches; average the fitted weights so all ranks
     hold one model (and the next block's inputs agree); a no-op in one process."""
-    from prunekit.train.distributed import all_reduce_mean, is_distributed
+    from prunekit.distributed import all_reduce_mean, is_distributed
 
     if not is_distributed():
         return

@@ -14,6 +14,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from prunekit.batch import split_batch, to_device  # noqa: F401 (re-exported)
 from prunekit.errors import PruningError
 from prunekit.measure.macs import call_model
 
@@ -52,32 +53,6 @@ class CalibContext:
                 break
             x, y = split_batch(batch)
             yield to_device(x, self.device), (None if y is None else y.to(self.device))
-
-
-def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
-    """``x`` -> (x, None); ``(x, y)`` -> (x, y); ``{..., "labels": y}`` -> (dict without labels, y)."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, dict):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return inputs, batch.get("labels")
-    if isinstance(batch, (tuple, list)):
-        if len(batch) == 2:
-            return batch[0], batch[1]
-        if len(batch) == 1:
-            return batch[0], None
-    raise PruningError(f"cannot read a calibration batch of type {type(batch).__name__}: expected a tensor, "
-                       "an (inputs, labels) pair or a dict of tensors")
-
-
-def to_device(x: Any, device: str | torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(to_device(v, device) for v in x)
-    return x
 
 
 def accumulate_taylor(model: nn.Module, params: list[torch.Tensor], batches: Iterable[tuple[Any, Any]],

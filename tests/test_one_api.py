@@ -257,3 +257,49 @@ def test_width_config_through_the_one_entry_and_rolled_back_on_failure(monkeypat
 def test_an_unknown_config_type_is_refused():
     with pytest.raises(ConfigError, match="config must be one of StructuredConfig"):
         prunekit.prune(nn.Linear(2, 2), torch.randn(1, 2), config=3.5)
+
+
+class UNet(nn.Module):
+    """A plain U-Net: concatenation skip, ConvTranspose2d up-sampling (k = stride = 2: every output position reads
+    exactly one kernel tap, so mean compensation keeps the up-sampler's mean output exactly)."""
+
+    def __init__(self):
+        super().__init__()
+        self.e1 = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.e2 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.d1 = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.ReLU())
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        a = self.e1(x)
+        return self.out(self.d1(torch.cat([a, self.up(self.e2(a))], 1)))
+
+
+def _up_mean(model: UNet, batches: list[torch.Tensor]) -> torch.Tensor:
+    outs = []
+    h = model.up.register_forward_hook(lambda m, i, o: outs.append(o.detach()))
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    h.remove()
+    return torch.cat(outs).double().mean((0, 2, 3))
+
+
+@pytest.mark.parametrize("mode", ["mean", "lstsq"])
+def test_conv_transpose_consumers_are_compensated(mode):
+    """On main, compensate='mean'/'lstsq' refused the whole U-Net ("no layer consuming the channels removed from
+    'e2.1' can be compensated"). Now the ConvTranspose2d reading them gets mean compensation (lstsq falls back to
+    it there) and keeps its mean output."""
+    torch.manual_seed(0)
+    model = UNet().eval()
+    batches = [torch.randn(8, 1, 16, 16) for _ in range(4)]
+    dense_mean = _up_mean(model, batches)
+    plain = copy.deepcopy(model)
+    prunekit.prune(plain, batches[0][:1], "l1", ratio=0.5, only="e2.1", compensate="none")
+    report = prunekit.prune(model, batches[0][:1], "l1", ratio=0.5, only="e2.1", calib_data=batches,
+                            compensate=mode)
+    assert model.up.in_channels == 8 and model(batches[0]).shape == (8, 2, 16, 16)
+    assert [(c["name"], c["mode"]) for c in report.compensation] == [("up", "mean")]
+    torch.testing.assert_close(_up_mean(model, batches), dense_mean, rtol=0, atol=1e-5)
+    assert (_up_mean(plain, batches) - dense_mean).abs().max() > 1e-2  # without it the mean moves

@@ -2,7 +2,9 @@
 
 ``mean`` (VBP): a removed input channel ``p`` contributed ``W[:, p] x_p`` to the consumer; replacing ``x_p`` by its
 calibration mean ``mu_p`` gives ``b += W[:, P] @ mu_P`` (Linear) or the kernel summed over space times ``mu_P``
-(conv, exact at interior positions; zero padding breaks it at the borders). The change goes into the consumer's bias;
+(conv, exact at interior positions; zero padding breaks it at the borders; a transposed conv spreads each input
+position over ``prod(stride)`` outputs, so its kernel sum is divided by that: the mean over output positions is
+kept, exactly when the kernel size is a multiple of the stride). The change goes into the consumer's bias;
 for a conv without bias that feeds a BatchNorm directly it goes into the BN's running mean (the exact equivalent in
 eval mode; a later BN recalibration re-estimates that mean, so do not count both); otherwise a bias is created.
 
@@ -159,6 +161,8 @@ class Compensator:
         keep[P] = False
         K = keep.nonzero().flatten()
         W = m.weight.detach().double()
+        if getattr(m, "transposed", False):  # ConvTranspose weight is (D, O, k...): as (O, D, k...)
+            W = W.transpose(0, 1) / math.prod(m.stride)  # each input position spreads over prod(stride) outputs
         W2 = W.reshape(W.shape[0], W.shape[1], -1)  # (O, D, kernel positions)
         mu = st.mean.to(W.device)[cur.to(W.device)]  # (D,) current input order
         mode, record = self.mode, {}

@@ -182,9 +182,18 @@ def is_grouped(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups < m.in_channels
 
 
+def _counted(conv: nn.modules.conv._ConvNd, grouped: bool) -> bool:
+    """Whether a conv reading pruned channels is a consumer: groups=1 and not transposed; with ``grouped``
+    (compensation) also grouped convs and transposed convs of groups=1."""
+    if conv.transposed:
+        return grouped and conv.groups == 1
+    return conv.groups == 1 or (grouped and is_grouped(conv))
+
+
 def consumers(group: Any, names: Mapping[nn.Module, str] | None = None, grouped: bool = False) -> list[Consumer]:
     """The conv (groups=1, not transposed) and linear layers of a torch-pruning group that lose input channels;
-    ``grouped=True`` adds grouped convs (``is_grouped``), which bias compensation handles and the criteria do not."""
+    ``grouped=True`` adds grouped convs (``is_grouped``) and transposed convs (groups=1), which bias compensation
+    handles and the criteria do not."""
     dg = group._DG
     names = names if names is not None else dg._module2name
     out: dict[str, Consumer] = {}
@@ -192,8 +201,7 @@ def consumers(group: Any, names: Mapping[nn.Module, str] | None = None, grouped:
         m = item.dep.target.module
         if not isinstance(m, LAYERS) or dg.is_out_channel_pruning_fn(item.dep.handler):
             continue
-        if isinstance(m, nn.modules.conv._ConvNd) and (m.transposed or (m.groups != 1
-                                                                       and not (grouped and is_grouped(m)))):
+        if isinstance(m, nn.modules.conv._ConvNd) and not _counted(m, grouped):
             continue
         name = names.get(m, type(m).__name__)
         root = getattr(item, "root_idxs", None) or list(item.idxs)

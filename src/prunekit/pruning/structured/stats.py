@@ -217,7 +217,8 @@ def lstsq_supported(m: nn.Module) -> bool:
     """Linear layers and 1x1 convs (groups=1, no padding): every output is an affine map of one input position."""
     if isinstance(m, nn.Linear):
         return True
-    if not isinstance(m, nn.modules.conv._ConvNd) or m.groups != 1 or any(k != 1 for k in m.kernel_size):
+    if (not isinstance(m, nn.modules.conv._ConvNd) or m.transposed or m.groups != 1
+            or any(k != 1 for k in m.kernel_size)):
         return False
     return m.padding == "valid" if isinstance(m.padding, str) else all(p == 0 for p in m.padding)
 

@@ -39,21 +39,21 @@ log = logging.getLogger("llm_prune")
 # name -> prune_width settings (None: dense); "kd": also run KD recovery
 METHODS: dict[str, dict] = {
     "dense": {},
-    **{f"mlp{p} magnitude": dict(mlp_sparsity=p / 100, criterion="magnitude", compensate="none") for p in (25, 50)},
-    **{f"mlp{p} wanda": dict(mlp_sparsity=p / 100, criterion="wanda", compensate="none") for p in (25, 50)},
-    **{f"mlp{p} vbp+mean": dict(mlp_sparsity=p / 100, criterion="variance", compensate="mean") for p in (25, 50)},
-    **{f"mlp{p} vbp+lstsq": dict(mlp_sparsity=p / 100, criterion="variance", compensate="lstsq") for p in (25, 50)},
-    "gqa50 vbp+lstsq": dict(head_sparsity=0.5, criterion="variance", compensate="lstsq"),
-    "gqa50 magnitude": dict(head_sparsity=0.5, criterion="magnitude", compensate="none"),
+    **{f"mlp{p} magnitude": dict(mlp_ratio=p / 100, criterion="magnitude", compensate="none") for p in (25, 50)},
+    **{f"mlp{p} wanda": dict(mlp_ratio=p / 100, criterion="wanda", compensate="none") for p in (25, 50)},
+    **{f"mlp{p} vbp+mean": dict(mlp_ratio=p / 100, criterion="variance", compensate="mean") for p in (25, 50)},
+    **{f"mlp{p} vbp+lstsq": dict(mlp_ratio=p / 100, criterion="variance", compensate="lstsq") for p in (25, 50)},
+    "gqa50 vbp+lstsq": dict(head_ratio=0.5, criterion="variance", compensate="lstsq"),
+    "gqa50 magnitude": dict(head_ratio=0.5, criterion="magnitude", compensate="none"),
 }
 ABLATIONS: dict[str, dict] = {  # no KD: do the criteria differ once lstsq compensation is on too?
-    "mlp50 magnitude+lstsq": dict(mlp_sparsity=0.5, criterion="magnitude", compensate="lstsq"),
-    "mlp50 wanda+lstsq": dict(mlp_sparsity=0.5, criterion="wanda", compensate="lstsq"),
-    "mlp50 random+lstsq": dict(mlp_sparsity=0.5, criterion="random", compensate="lstsq"),
+    "mlp50 magnitude+lstsq": dict(mlp_ratio=0.5, criterion="magnitude", compensate="lstsq"),
+    "mlp50 wanda+lstsq": dict(mlp_ratio=0.5, criterion="wanda", compensate="lstsq"),
+    "mlp50 random+lstsq": dict(mlp_ratio=0.5, criterion="random", compensate="lstsq"),
     # hidden size (residual stream, across every RMSNorm and the tied embedding), 256 -> 192
-    "hidden25 activation": dict(hidden_sparsity=0.25, criterion="variance", compensate="none"),
-    "hidden25 magnitude": dict(hidden_sparsity=0.25, criterion="magnitude", compensate="none"),
-    "hidden25 random": dict(hidden_sparsity=0.25, criterion="random", compensate="none"),
+    "hidden25 activation": dict(hidden_ratio=0.25, criterion="variance", compensate="none"),
+    "hidden25 magnitude": dict(hidden_ratio=0.25, criterion="magnitude", compensate="none"),
+    "hidden25 random": dict(hidden_ratio=0.25, criterion="random", compensate="none"),
 }
 
 

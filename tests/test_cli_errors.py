@@ -148,7 +148,7 @@ def test_lstsq_size_warning_speaks_of_the_data_it_got(caplog):
 
 # ----------------------------------------------------------------------------------------------- LLM folders
 def test_prune_llm_takes_from_and_records_the_tokenizer(llm_dirs, tmp_path, capsys):
-    args = ["--calib-text", str(llm_dirs / "t.txt"), "--seq-len", "32", "--calib-samples", "4", "--mlp-sparsity",
+    args = ["--calib-text", str(llm_dirs / "t.txt"), "--seq-len", "32", "--calib-samples", "4", "--mlp-ratio",
             "0.5", "--eval-text", str(llm_dirs / "t.txt")]
     assert main(["prune-llm", "--from", str(llm_dirs / "bytes"), *args, "--out", str(tmp_path / "a")]) == 0
     m = json.loads((tmp_path / "a" / "metrics.json").read_text())
@@ -171,7 +171,7 @@ def test_eval_text_without_a_tokenizer_and_vocab_1000_names_tokenizer(llm_dirs, 
 def test_report_export_and_profile_take_a_model_folder(llm_dirs, tmp_path, capsys):
     folder = tmp_path / "pruned"
     assert main(["prune-llm", "--from", str(llm_dirs / "bytes"), "--calib-text", str(llm_dirs / "t.txt"),
-                 "--seq-len", "32", "--calib-samples", "4", "--mlp-sparsity", "0.5", "--eval-text",
+                 "--seq-len", "32", "--calib-samples", "4", "--mlp-ratio", "0.5", "--eval-text",
                  str(llm_dirs / "t.txt"), "--out", str(folder)]) == 0
     ppl = json.loads((folder / "metrics.json").read_text())["ppl_after"]
     assert main(["report", str(folder), str(llm_dirs / "bytes"), "--out", str(tmp_path / "rep")]) == 0

@@ -95,11 +95,11 @@ def test_bad_inputs_are_clear_errors():
         prune_hidden(gpt2, ids(), keep=0.5)
 
 
-def test_prune_width_takes_hidden_sparsity_with_the_mlp(tmp_path):
+def test_prune_width_takes_hidden_ratio_with_the_mlp(tmp_path):
     from prunekit.pruning.llm import prune_width
 
     model = tiny()
-    rep = prune_width(model, ids(), mlp_sparsity=0.5, hidden_sparsity=0.25, criterion="variance", compensate="lstsq")
+    rep = prune_width(model, ids(), mlp_ratio=0.5, hidden_ratio=0.25, criterion="variance", compensate="lstsq")
     assert rep["hidden_size"] == [32, 24] and rep["intermediate_size"] == [48, 24]
     assert model.model.layers[1].mlp.down_proj.weight.shape == (24, 24)
     x = ids(4, seed=3)
@@ -110,11 +110,11 @@ def test_prune_width_takes_hidden_sparsity_with_the_mlp(tmp_path):
     gpt2 = transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(
         vocab_size=V, n_embd=32, n_layer=1, n_head=4, n_positions=T, bos_token_id=0, eos_token_id=0))
     w = gpt2.transformer.h[0].mlp.c_fc.weight.clone()
-    with pytest.raises(ConfigError, match="hidden_sparsity=0.5: model_type 'gpt2' derives head_dim"):
-        prune_width(gpt2, ids(), mlp_sparsity=0.5, hidden_sparsity=0.5)
+    with pytest.raises(ConfigError, match="hidden_ratio=0.5: model_type 'gpt2' derives head_dim"):
+        prune_width(gpt2, ids(), mlp_ratio=0.5, hidden_ratio=0.5)
     assert torch.equal(gpt2.transformer.h[0].mlp.c_fc.weight, w)  # refused before anything was pruned
     model = tiny()
     w = model.model.layers[0].mlp.down_proj.weight.clone()
-    with pytest.raises(ConfigError, match="hidden_sparsity=0.01 keeps all 32 hidden channels"):
-        prune_width(model, ids(), mlp_sparsity=0.5, hidden_sparsity=0.01)
+    with pytest.raises(ConfigError, match="hidden_ratio=0.01 keeps all 32 hidden channels"):
+        prune_width(model, ids(), mlp_ratio=0.5, hidden_ratio=0.01)
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, w)  # refused before the MLP was pruned

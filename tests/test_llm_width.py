@@ -51,7 +51,7 @@ def test_mlp_shapes_config_and_reload(kind, comp, tmp_path):
     model = tiny(kind)
     x = ids()
     dense_logits = model(input_ids=x).logits
-    rep = prune_width(model, x, mlp_sparsity=0.5, criterion="variance", compensate=comp)
+    rep = prune_width(model, x, mlp_ratio=0.5, criterion="variance", compensate=comp)
     width = "n_inner" if kind == "gpt2" else "intermediate_size"
     assert getattr(model.config, width) == 24
     for i in range(2):
@@ -73,7 +73,7 @@ def test_gqa_group_bookkeeping_and_reload(kind, tmp_path):
     hd = attn.head_dim  # 4
     q0, k0 = attn.q_proj.weight.detach().clone(), attn.k_proj.weight.detach().clone()
     comp = "mean" if kind == "llama" else "lstsq"
-    rep = prune_width(model, x, head_sparsity=0.5, criterion="magnitude", compensate=comp)
+    rep = prune_width(model, x, head_ratio=0.5, criterion="magnitude", compensate=comp)
     c = model.config
     assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size) == (4, 2, hd, 32)
     assert attn.q_proj.weight.shape == (4 * hd, 32) and attn.k_proj.weight.shape == (2 * hd, 32)
@@ -107,7 +107,7 @@ def test_hand_set_channels_and_groups_are_kept():
             attn.q_proj.weight[g * 8:(g + 1) * 8] *= 1e-3
             attn.o_proj.weight[:, g * 8:(g + 1) * 8] *= 1e-3
     up = mlp.up_proj.weight.detach().clone()
-    rep = prune_width(model, ids(), mlp_sparsity=40 / 48, head_sparsity=0.5, criterion="magnitude",
+    rep = prune_width(model, ids(), mlp_ratio=40 / 48, head_ratio=0.5, criterion="magnitude",
                       compensate="none")
     torch.testing.assert_close(mlp.up_proj.weight.detach(), up[strong])
     assert rep["layers"][0]["groups"] == [0, 3]
@@ -125,7 +125,7 @@ def test_variance_follows_activations():
     for crit, dropped in (("variance", True), ("magnitude", False)):
         m2 = tiny("llama")
         m2.load_state_dict(model.state_dict())
-        prune_width(m2, ids(), mlp_sparsity=0.25, criterion=crit, compensate="none")
+        prune_width(m2, ids(), mlp_ratio=0.25, criterion=crit, compensate="none")
         kept = mlp_of(m2).gate_proj.weight.detach()
         found = [any(torch.equal(kept[j], mlp_of(model).gate_proj.weight[d].detach()) for j in range(len(kept)))
                  for d in dead]
@@ -149,7 +149,7 @@ def test_wanda_scores_match_hand_computation():
     score = W["gate_proj"] @ xn + W["up_proj"] @ xn + hn * W["down_proj"].sum(0)
     expect = torch.topk(score, 24).indices.sort().values
     up = mlp.up_proj.weight.detach().clone()
-    prune_width(model, x, mlp_sparsity=0.5, criterion="wanda", compensate="none")
+    prune_width(model, x, mlp_ratio=0.5, criterion="wanda", compensate="none")
     torch.testing.assert_close(mlp.up_proj.weight.detach(), up[expect])
 
 
@@ -174,10 +174,10 @@ def test_compensation_keeps_mean_of_down_proj(kind, comp):
     plain = tiny(kind)
     plain.load_state_dict(model.state_dict())
     before = _down_outputs(model, x).mean(0)
-    prune_width(model, x, mlp_sparsity=0.5, criterion="variance", compensate=comp)
+    prune_width(model, x, mlp_ratio=0.5, criterion="variance", compensate=comp)
     tol = 1e-4 * float(before.abs().max())
     torch.testing.assert_close(_down_outputs(model, x).mean(0), before, rtol=0, atol=tol)
-    prune_width(plain, x, mlp_sparsity=0.5, criterion="variance", compensate="none")
+    prune_width(plain, x, mlp_ratio=0.5, criterion="variance", compensate="none")
     assert (_down_outputs(plain, x).mean(0) - before).abs().max() > 30 * tol  # without compensation it moves
 
 
@@ -188,7 +188,7 @@ def test_lstsq_beats_none_and_mean_on_calibration_error(kind):
     err = {}
     for comp in ("none", "mean", "lstsq") if kind != "qwen2" else ("none", "lstsq"):
         m = tiny(kind)
-        prune_width(m, x, mlp_sparsity=0.5, criterion="magnitude", compensate=comp)
+        prune_width(m, x, mlp_ratio=0.5, criterion="magnitude", compensate=comp)
         err[comp] = (_down_outputs(m, x) - dense).square().mean().item()
     assert err["lstsq"] < err["none"]
     if "mean" in err:
@@ -198,8 +198,8 @@ def test_lstsq_beats_none_and_mean_on_calibration_error(kind):
 def test_sequential_and_one_shot_both_prune():
     x = ids()
     a, b = tiny("llama"), tiny("llama")
-    prune_width(a, x, mlp_sparsity=0.5, compensate="lstsq", sequential=True)
-    prune_width(b, x, mlp_sparsity=0.5, compensate="lstsq", sequential=False)
+    prune_width(a, x, mlp_ratio=0.5, compensate="lstsq", sequential=True)
+    prune_width(b, x, mlp_ratio=0.5, compensate="lstsq", sequential=False)
     # layer 0 sees the same input either way; layer 1 sees the pruned layer 0 only when sequential
     torch.testing.assert_close(down(a, 0).weight, down(b, 0).weight)
     assert not torch.allclose(down(a, 1).weight, down(b, 1).weight)
@@ -210,26 +210,26 @@ def test_errors_for_bad_input():
     with pytest.raises(ConfigError, match="nothing would be pruned"):
         prune_width(tiny("llama"), x)
     with pytest.raises(ConfigError, match="criterion"):
-        prune_width(tiny("llama"), x, mlp_sparsity=0.5, criterion="l7")
-    with pytest.raises(ConfigError, match="mlp_sparsity"):
-        prune_width(tiny("llama"), x, mlp_sparsity=1.5)
-    with pytest.raises(ConfigError, match="head_sparsity"):
-        prune_width(tiny("gpt2"), x, head_sparsity=0.5)
+        prune_width(tiny("llama"), x, mlp_ratio=0.5, criterion="l7")
+    with pytest.raises(ConfigError, match="mlp_ratio"):
+        prune_width(tiny("llama"), x, mlp_ratio=1.5)
+    with pytest.raises(ConfigError, match="head_ratio"):
+        prune_width(tiny("gpt2"), x, head_ratio=0.5)
     with pytest.raises(ConfigError, match="keeps all 4 key-value groups"):
-        prune_width(tiny("llama"), x, head_sparsity=0.1)
+        prune_width(tiny("llama"), x, head_ratio=0.1)
     q = tiny("qwen2")
     w = q.model.layers[0].mlp.down_proj.weight.detach().clone()
     with pytest.raises(PruningError, match="cannot express a bias"):
-        prune_width(q, x, mlp_sparsity=0.5, compensate="mean")
+        prune_width(q, x, mlp_ratio=0.5, compensate="mean")
     torch.testing.assert_close(q.model.layers[0].mlp.down_proj.weight, w)  # refused before any change
     with pytest.raises(PruningError, match="empty"):
-        prune_width(tiny("llama"), [], mlp_sparsity=0.5)
+        prune_width(tiny("llama"), [], mlp_ratio=0.5)
     with pytest.raises(ConfigError, match=r"\(N, T\)"):
-        prune_width(tiny("llama"), torch.zeros(5, dtype=torch.long), mlp_sparsity=0.5)
+        prune_width(tiny("llama"), torch.zeros(5, dtype=torch.long), mlp_ratio=0.5)
     bert = transformers.AutoModel.from_config(transformers.BertConfig(
         vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
     with pytest.raises(PruningError, match="not supported"):
-        prune_width(bert, x, mlp_sparsity=0.5)
+        prune_width(bert, x, mlp_ratio=0.5)
 
 
 def test_kept_count():
@@ -272,7 +272,7 @@ def test_cli_prune_llm_and_eval_text(tmp_path, capsys):
     text.write_text("def f(x):\n    return x + 1\n" * 40)
     out = tmp_path / "pruned"
     assert main(["prune-llm", "--from", str(tmp_path / "dense"), "--calib-text", str(text), "--seq-len", "32",
-                 "--calib-samples", "8", "--mlp-sparsity", "0.5", "--head-sparsity", "0.5", "--compensate", "mean",
+                 "--calib-samples", "8", "--mlp-ratio", "0.5", "--head-ratio", "0.5", "--compensate", "mean",
                  "--eval-text", str(text), "--out", str(out)]) == 0
     assert {"config.json", "model.safetensors", "prune_report.json", "metrics.json"} <= {p.name for p in out.iterdir()}
     metrics = json.loads((out / "metrics.json").read_text())
@@ -283,11 +283,11 @@ def test_cli_prune_llm_and_eval_text(tmp_path, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert math.isclose(shown["perplexity"], metrics["ppl_after"], rel_tol=1e-5)
     with pytest.raises(SystemExit):
-        main(["prune-llm", "--from", str(tmp_path / "dense"), "--calib-text", str(text), "--mlp-sparsity", "0.5",
+        main(["prune-llm", "--from", str(tmp_path / "dense"), "--calib-text", str(text), "--mlp-ratio", "0.5",
               "--criterion", "l9", "--out", str(tmp_path / "x")])
     assert "choose from 'variance', 'magnitude', 'wanda', 'random'" in capsys.readouterr().err
     assert main(["prune-llm", "--from", str(tmp_path / "dense"), "--calib-text", str(text), "--seq-len", "32",
-                 "--mlp-sparsity", "0.25", "--ridge", "0.1", "--out", str(tmp_path / "r")]) == 0
+                 "--mlp-ratio", "0.25", "--ridge", "0.1", "--out", str(tmp_path / "r")]) == 0
     assert json.loads((tmp_path / "r" / "prune_report.json").read_text())["layers"][0]["ridge"] == 0.1
 
 
@@ -312,7 +312,7 @@ def test_cli_refuses_an_empty_text_an_encoder_a_damaged_model_and_a_taken_out_be
         return e
 
     assert "is empty" in err(["prune-llm", "--from", str(tmp_path / "dense"), "--calib-text", str(empty),
-                              "--mlp-sparsity", "0.5", "--out", str(tmp_path / "a")])
+                              "--mlp-ratio", "0.5", "--out", str(tmp_path / "a")])
     transformers.BertModel(transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
                                                    num_attention_heads=2, intermediate_size=48)
                            ).save_pretrained(tmp_path / "bert")
@@ -323,20 +323,20 @@ def test_cli_refuses_an_empty_text_an_encoder_a_damaged_model_and_a_taken_out_be
     broken.mkdir()
     (broken / "config.json").write_bytes((tmp_path / "dense" / "config.json").read_bytes())
     (broken / "model.safetensors").write_bytes(b"\xff" * 64)
-    assert "its weights cannot be loaded" in err(["prune-llm", "--from", str(broken), *args, "--mlp-sparsity", "0.5",
+    assert "its weights cannot be loaded" in err(["prune-llm", "--from", str(broken), *args, "--mlp-ratio", "0.5",
                                                   "--out", str(tmp_path / "c")])
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("x")
     monkeypatch.setattr(llm, "load_causal_lm", lambda *a, **k: pytest.fail("loaded before --out was checked"))
-    assert "already holds a run" in err(["prune-llm", "--from", str(tmp_path / "dense"), *args, "--mlp-sparsity",
+    assert "already holds a run" in err(["prune-llm", "--from", str(tmp_path / "dense"), *args, "--mlp-ratio",
                                          "0.5", "--out", str(taken)])
 
 
-def test_a_head_sparsity_between_whole_groups_is_said(caplog):
+def test_a_head_ratio_between_whole_groups_is_said(caplog):
     model = tiny("llama")  # 8 heads in 4 key-value groups
     with caplog.at_level("INFO"):
-        prune_width(model, ids(), head_sparsity=0.3, criterion="magnitude")
-    assert "head_sparsity=0.3 removes whole key-value groups: 3 of 4 kept, i.e. a head sparsity of 0.250" in caplog.text
+        prune_width(model, ids(), head_ratio=0.3, criterion="magnitude")
+    assert "head_ratio=0.3 removes whole key-value groups: 3 of 4 kept, i.e. a head sparsity of 0.250" in caplog.text
     assert "heads 8 -> 6 (4 -> 3 key-value groups)" in caplog.text
     assert model.config.num_key_value_heads == 3 and model.config.num_attention_heads == 6

@@ -232,7 +232,7 @@ def test_width_config_through_the_one_entry_and_rolled_back_on_failure(monkeypat
     model = transformers.AutoModelForCausalLM.from_config(c).eval()
     ids = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(1))
     pruned = copy.deepcopy(model)
-    prunekit.prune(pruned, None, prunekit.WidthConfig(mlp_sparsity=0.5), calib_data=ids)
+    prunekit.prune(pruned, None, prunekit.WidthConfig(mlp_ratio=0.5), calib_data=ids)
     assert pruned.model.layers[0].mlp.gate_proj.out_features == 24
 
     from prunekit.pruning.llm import width
@@ -248,7 +248,7 @@ def test_width_config_through_the_one_entry_and_rolled_back_on_failure(monkeypat
 
     monkeypatch.setattr(width._Pruner, "_prune_mlp", second_layer_fails)
     with pytest.raises(PruningError, match="rolled back.*out of memory"):
-        prunekit.prune(model, None, prunekit.WidthConfig(mlp_sparsity=0.5), calib_data=ids)
+        prunekit.prune(model, None, prunekit.WidthConfig(mlp_ratio=0.5), calib_data=ids)
     assert calls["n"] == 2
     _same(model, before, modules)
     assert model.config.intermediate_size == 48
@@ -303,3 +303,20 @@ def test_conv_transpose_consumers_are_compensated(mode):
     assert [(c["name"], c["mode"]) for c in report.compensation] == [("up", "mean")]
     torch.testing.assert_close(_up_mean(model, batches), dense_mean, rtol=0, atol=1e-5)
     assert (_up_mean(plain, batches) - dense_mean).abs().max() > 1e-2  # without it the mean moves
+
+
+def test_llm_width_speaks_of_ratios_and_reads_the_old_names_with_a_warning(caplog):
+    """``mlp_sparsity`` meant a fraction of channels removed, what ``ratio`` means everywhere else: renamed."""
+    import argparse
+
+    from prunekit.cli.args import add_config_arguments, resolve_config
+
+    cfg = prunekit.WidthConfig.build({"mlp_sparsity": 0.5, "head_ratio": 0.25})
+    assert (cfg.mlp_ratio, cfg.head_ratio) == (0.5, 0.25)
+    assert "'mlp_sparsity' is renamed 'mlp_ratio'" in caplog.text
+    with pytest.raises(ConfigError, match="old name of 'mlp_ratio'"):
+        prunekit.WidthConfig.build({"mlp_sparsity": 0.5, "mlp_ratio": 0.5})
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, prunekit.WidthConfig)
+    assert resolve_config(prunekit.WidthConfig, parser.parse_args(["--mlp-sparsity", "0.3"])).mlp_ratio == 0.3
+    assert "--mlp-sparsity" not in parser.format_help() and "--mlp-ratio" in parser.format_help()

@@ -16,6 +16,7 @@ is a ``Reconstruction``). Every leaf of a section also has one *flat key*, gener
 from __future__ import annotations
 
 import contextvars
+import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,6 +38,8 @@ class Config(BaseModel):
     # flat keys a container holds once for all its sections (e.g. a stage's ``seed`` is also its pruning ``seed``):
     # the sections' own leaves of that key get no flag and take the container's value
     shared_keys: ClassVar[tuple[str, ...]] = ()
+    # old flat key -> its new name: still read (flags, YAML, keywords), with a warning naming the new one
+    renamed: ClassVar[dict[str, str]] = {}
 
     def __init__(self, **data: Any) -> None:
         """Direct construction is validated like ``build``: a bad value is one ``ConfigError`` naming it (the
@@ -90,6 +93,13 @@ class Config(BaseModel):
         flat, sections = cls.flat_fields(), cls.sections()
         out: dict[str, Any] = {}
         for k, v in values.items():
+            if k in cls.renamed:
+                if cls.renamed[k] in values:
+                    raise ConfigError(f"{source}: {k!r} is the old name of {cls.renamed[k]!r}; give only "
+                                      f"{cls.renamed[k]!r}")
+                logging.getLogger("prunekit").warning("%s: %r is renamed %r; the old name will go", source, k,
+                                                      cls.renamed[k])
+                k = cls.renamed[k]
             if k in sections and (isinstance(v, (dict, Config)) or v is None):
                 v = v.to_nested() if isinstance(v, Config) else sections[k].nest(v or {}, f"{source}: {k}")
                 _merge(out.setdefault(k, {}), v)

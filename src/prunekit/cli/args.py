@@ -99,6 +99,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Config], pos
         else:
             kw["metavar"] = getattr(tp, "__name__", "VALUE").upper()
         parser.add_argument(flag_name(name), dest=name, **kw)
+    for old, new in cls.renamed.items():  # the old spelling of a renamed flag still works (with a warning)
+        parser.add_argument(flag_name(old), dest=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def resolve_config(cls: type[Config], ns: argparse.Namespace) -> Config:

@@ -5,7 +5,7 @@ Text is tokenized by the folder's tokenizer, or as UTF-8 bytes for a byte-level 
 
 Example::
 
-    prunekit prune-llm --from llama_dir --calib-text train.txt --mlp-sparsity 0.5 --criterion variance \\
+    prunekit prune-llm --from llama_dir --calib-text train.txt --mlp-ratio 0.5 --criterion variance \\
         --compensate lstsq --eval-text test.txt --out pruned_dir
     prunekit eval --from pruned_dir --text test.txt --seq-len 256
 

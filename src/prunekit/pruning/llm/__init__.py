@@ -12,7 +12,7 @@ Unstructured and N:M sparsity (:mod:`~prunekit.pruning.llm.sparse`): Wanda and S
 
 Example:
     >>> from prunekit.pruning.llm import prune_width, save_pruned
-    >>> report = prune_width(model, calib_ids, mlp_sparsity=0.5, criterion="variance", compensate="lstsq")
+    >>> report = prune_width(model, calib_ids, mlp_ratio=0.5, criterion="variance", compensate="lstsq")
     >>> save_pruned(model, "pruned/", report)
 """
 

@@ -23,11 +23,11 @@ would need zero-padding back to the widest layer, which saves nothing, or a cust
 Compensation needs a place for ``b``: Llama gets ``mlp_bias`` / ``attention_bias`` switched on in its config (the
 extra ``gate/up`` and ``q/k/v`` biases are zeros, so the function is unchanged and the reload exact); GPT-2's
 ``c_proj`` has a bias; Qwen2 and Mistral cannot express one, so ``mean`` is refused there and ``lstsq`` refits
-weights only. Hidden-size pruning (``hidden_sparsity``: across every RMSNorm, the embeddings and the LM head, Llama /
+weights only. Hidden-size pruning (``hidden_ratio``: across every RMSNorm, the embeddings and the LM head, Llama /
 Mistral / Qwen2) is :mod:`prunekit.pruning.llm.hidden`, run after the MLP and head pruning.
 
 Example:
-    >>> cfg = WidthSettings(mlp_sparsity=0.5, criterion="variance", compensate="lstsq")
+    >>> cfg = WidthSettings(mlp_ratio=0.5, criterion="variance", compensate="lstsq")
     >>> report = prune_width(model, calib_ids, cfg)       # calib_ids: (N, T) token ids; model changed in place
     >>> save_pruned(model, "out/")                         # AutoModelForCausalLM.from_pretrained("out/") reloads it
 """
@@ -56,17 +56,20 @@ log = logging.getLogger(__name__)
 
 
 class WidthSettings(Config):
-    """Settings of LLM width pruning (YAML keys = field names; CLI flags ``--mlp-sparsity`` ...)."""
+    """Settings of LLM width pruning (YAML keys = field names; CLI flags ``--mlp-ratio`` ...). ``*_ratio`` is the
+    fraction of units removed, as ``ratio`` is everywhere in prunekit (``mlp_sparsity`` ... are the old names)."""
 
-    mlp_sparsity: float = Field(0.0, ge=0, lt=1, description="fraction of MLP channels removed in every layer")
-    head_sparsity: float = Field(0.0, ge=0, lt=1, description="fraction of GQA groups (a key-value head with its "
+    renamed = {"mlp_sparsity": "mlp_ratio", "head_sparsity": "head_ratio", "hidden_sparsity": "hidden_ratio"}
+
+    mlp_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of MLP channels removed in every layer")
+    head_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of GQA groups (a key-value head with its "
                                  "query heads) removed in every layer")
     criterion: Literal["variance", "magnitude", "wanda", "random"] = Field(
         "variance", description="unit score: variance (VBP), magnitude, wanda (structured), random")
     compensate: Literal["none", "mean", "lstsq"] = Field("lstsq", description="compensation of down_proj/o_proj")
     ridge: float | Literal["auto"] = Field("auto", description="lstsq ridge relative to mean(diag S_KK), or auto "
                                            "(2-fold cross-validation on the calibration batches)")
-    hidden_sparsity: float = Field(0.0, ge=0, lt=1, description="fraction of hidden (residual-stream) channels "
+    hidden_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of hidden (residual-stream) channels "
                                    "removed across every RMSNorm, the embeddings and the LM head, after the MLP / head "
                                    "pruning (llama, mistral, qwen2; see prunekit.pruning.llm.hidden)")
     round_to: int = Field(1, ge=1, description="keep a multiple of this many MLP channels")
@@ -131,13 +134,13 @@ class _Pruner:
         self.crit = get_criterion(cfg.criterion)
         self.records: list[dict[str, Any]] = []
         self.mlp_bias = False
-        if cfg.mlp_sparsity > 0:
+        if cfg.mlp_ratio > 0:
             self.mlp_bias = self._bias_mode("mlp", fam.mlp_bias, [b.consumer for b in fam.blocks(lm)])
         self.attn_bias = False
-        if cfg.head_sparsity > 0:
+        if cfg.head_ratio > 0:
             self.attn_bias = self._bias_mode("attention", fam.attn_bias, [b.attn["o"] for b in fam.blocks(lm)])
-        for part, on, has in (("mlp", cfg.mlp_sparsity > 0, self.mlp_bias),
-                              ("heads", cfg.head_sparsity > 0, self.attn_bias)):
+        for part, on, has in (("mlp", cfg.mlp_ratio > 0, self.mlp_bias),
+                              ("heads", cfg.head_ratio > 0, self.attn_bias)):
             if cfg.compensate == "mean" and on and not has:
                 layer = "down_proj" if part == "mlp" else "o_proj"
                 raise PruningError(f"compensate='mean': a {fam.name} config cannot express a bias on {layer}, so the "
@@ -174,9 +177,9 @@ class _Pruner:
         """Per block: the statistics points of heads then of the MLP."""
         out = {}
         for b in blocks:
-            if self.cfg.head_sparsity > 0:
+            if self.cfg.head_ratio > 0:
                 out[f"{b.prefix}:heads"] = self._needed(b.attn["q"], b.attn["o"])
-            if self.cfg.mlp_sparsity > 0:
+            if self.cfg.mlp_ratio > 0:
                 out[f"{b.prefix}:mlp"] = self._needed(b.producers[0], b.consumer)
         return out
 
@@ -188,21 +191,21 @@ class _Pruner:
             names = [n for v in plan.values() for n in v[0]]
             dense = self._stats(names, [n for v in plan.values() for n in v[1]], None)
         config = self.lm.config
-        nq, nkv, hd = head_layout(config) if self.cfg.head_sparsity > 0 else (0, 0, 0)
+        nq, nkv, hd = head_layout(config) if self.cfg.head_ratio > 0 else (0, 0, 0)
         for b in blocks:
             t0 = time.perf_counter()
-            if self.cfg.head_sparsity > 0:
+            if self.cfg.head_ratio > 0:
                 names, cov = plan[f"{b.prefix}:heads"]
                 st = dense if not self.cfg.sequential else self._stats(names, cov, b.attn["o"])
                 self._prune_heads(b, st, keep_groups, nq, nkv, hd)
-            if self.cfg.mlp_sparsity > 0:
+            if self.cfg.mlp_ratio > 0:
                 names, cov = plan[f"{b.prefix}:mlp"]
                 st = dense if not self.cfg.sequential else self._stats(names, cov, b.consumer)
                 self._prune_mlp(b, st, keep_mlp)
             log.info("layer %d/%d pruned (%.1f s)", b.index + 1, len(blocks), time.perf_counter() - t0)
-        if self.cfg.mlp_sparsity > 0:
+        if self.cfg.mlp_ratio > 0:
             self.fam.set_width(config, keep_mlp)
-        if self.cfg.head_sparsity > 0:
+        if self.cfg.head_ratio > 0:
             r = nq // nkv
             config.head_dim = hd
             config.num_key_value_heads = keep_groups
@@ -263,9 +266,9 @@ def prune_width(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], sett
     _check_settings(settings, fam, config)
     blocks = fam.blocks(lm)
     inter = out_features(_modules(lm)[blocks[0].producers[0]])
-    keep_mlp = kept_count(inter, settings.mlp_sparsity, settings.round_to)
-    if settings.mlp_sparsity > 0 and keep_mlp == inter:
-        raise ConfigError(f"mlp_sparsity={settings.mlp_sparsity} keeps all {inter} MLP channels "
+    keep_mlp = kept_count(inter, settings.mlp_ratio, settings.round_to)
+    if settings.mlp_ratio > 0 and keep_mlp == inter:
+        raise ConfigError(f"mlp_ratio={settings.mlp_ratio} keeps all {inter} MLP channels "
                           f"(round_to={settings.round_to}); raise it or lower round_to")
     nq, nkv, keep_groups = _kept_groups(settings, fam, config)
     batches = calibration_batches(calib, batch_size)
@@ -276,14 +279,14 @@ def prune_width(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], sett
     log.info("width pruning %s: MLP %d -> %d, %s, %s, compensate %s, %d calibration tokens", config.model_type,
              inter, keep_mlp, heads, settings.criterion, settings.compensate, sum(b.numel() for b in batches))
     pruner = _Pruner(lm, fam, settings, batches)
-    if settings.mlp_sparsity > 0 or settings.head_sparsity > 0:
+    if settings.mlp_ratio > 0 or settings.head_ratio > 0:
         pruner.run(keep_mlp, keep_groups)
     hidden = None
-    if settings.hidden_sparsity > 0:
+    if settings.hidden_ratio > 0:
         from .hidden import prune_hidden
 
         crit = {"magnitude": "magnitude", "random": "random"}.get(settings.criterion, "activation")
-        hidden = prune_hidden(lm, batches, keep=1.0 - settings.hidden_sparsity, criterion=crit, seed=settings.seed)
+        hidden = prune_hidden(lm, batches, keep=1.0 - settings.hidden_ratio, criterion=crit, seed=settings.seed)
     kw = getattr(model, "_prunekit_kwargs", None)
     if isinstance(kw, dict) and "hf_config" in kw:  # keep an hf: wrapper's rebuild spec in step
         from prunekit.models.hf import config_to_dict
@@ -295,15 +298,15 @@ def prune_width(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], sett
 
 def _check_settings(settings: WidthSettings, fam: Any, config: Any) -> None:
     """Refuse settings that would prune nothing or that the model's config cannot express."""
-    if settings.mlp_sparsity == 0 and settings.head_sparsity == 0 and settings.hidden_sparsity == 0:
-        raise ConfigError("prune_width: mlp_sparsity, head_sparsity and hidden_sparsity are all 0, nothing would be "
-                          "pruned; set mlp_sparsity (e.g. 0.5), head_sparsity and/or hidden_sparsity")
-    if settings.hidden_sparsity > 0 and fam.attn is None:
-        raise ConfigError(f"hidden_sparsity={settings.hidden_sparsity}: model_type {config.model_type!r} derives "
+    if settings.mlp_ratio == 0 and settings.head_ratio == 0 and settings.hidden_ratio == 0:
+        raise ConfigError("prune_width: mlp_ratio, head_ratio and hidden_ratio are all 0, nothing would be "
+                          "pruned; set mlp_ratio (e.g. 0.5), head_ratio and/or hidden_ratio")
+    if settings.hidden_ratio > 0 and fam.attn is None:
+        raise ConfigError(f"hidden_ratio={settings.hidden_ratio}: model_type {config.model_type!r} derives "
                           "head_dim from the hidden size, so the hidden size cannot shrink on its own; use "
-                          "hidden_sparsity=0")
-    if settings.hidden_sparsity > 0 and kept_count(config.hidden_size, settings.hidden_sparsity) >= config.hidden_size:
-        raise ConfigError(f"hidden_sparsity={settings.hidden_sparsity} keeps all {config.hidden_size} hidden "
+                          "hidden_ratio=0")
+    if settings.hidden_ratio > 0 and kept_count(config.hidden_size, settings.hidden_ratio) >= config.hidden_size:
+        raise ConfigError(f"hidden_ratio={settings.hidden_ratio} keeps all {config.hidden_size} hidden "
                           f"channels; the smallest step is {1 / config.hidden_size:.4f}")
     if settings.criterion not in list_criteria():
         raise ConfigError(f"criterion {settings.criterion!r}: valid: {', '.join(list_criteria())}")
@@ -311,21 +314,21 @@ def _check_settings(settings: WidthSettings, fam: Any, config: Any) -> None:
 
 def _kept_groups(settings: WidthSettings, fam: Any, config: Any) -> tuple[int, int, int]:
     """(query heads, key-value groups, key-value groups kept); zeros when heads are not pruned."""
-    if settings.head_sparsity <= 0:
+    if settings.head_ratio <= 0:
         return 0, 0, 0
     if fam.attn is None:
-        raise ConfigError(f"head_sparsity={settings.head_sparsity}: model_type {config.model_type!r} derives "
+        raise ConfigError(f"head_ratio={settings.head_ratio}: model_type {config.model_type!r} derives "
                           f"head_dim from the hidden size, so a model with fewer heads cannot be reloaded from its "
-                          f"config; use head_sparsity=0 (MLP pruning works)")
+                          f"config; use head_ratio=0 (MLP pruning works)")
     nq, nkv, hd = head_layout(config)
-    keep_groups = kept_count(nkv, settings.head_sparsity)
+    keep_groups = kept_count(nkv, settings.head_ratio)
     if keep_groups == nkv:
-        raise ConfigError(f"head_sparsity={settings.head_sparsity} keeps all {nkv} key-value groups; "
+        raise ConfigError(f"head_ratio={settings.head_ratio} keeps all {nkv} key-value groups; "
                           f"the smallest step is {1 / nkv:.3f}")
     done = 1 - keep_groups / nkv
-    if abs(done - settings.head_sparsity) > 1e-9:  # whole GQA groups only: say what it becomes
-        log.warning("head_sparsity=%s removes whole key-value groups: %d of %d kept, i.e. a head sparsity of "
-                    "%.3f", settings.head_sparsity, keep_groups, nkv, done)
+    if abs(done - settings.head_ratio) > 1e-9:  # whole GQA groups only: say what it becomes
+        log.warning("head_ratio=%s removes whole key-value groups: %d of %d kept, i.e. a head sparsity of "
+                    "%.3f", settings.head_ratio, keep_groups, nkv, done)
     return nq, nkv, keep_groups
 
 

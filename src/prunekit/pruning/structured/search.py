@@ -11,6 +11,7 @@ once to the real model.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,6 +51,85 @@ def macs_kept(graph: PruningGraph, example_inputs: Any, units: list[Unit], sel: 
         return count_macs(g.model, example_inputs) / macs_before
 
 
+@dataclass
+class _Search:
+    """The state of one ``target_macs`` search: every probe made, and the closest selection so far."""
+
+    graph: PruningGraph
+    example_inputs: Any
+    units: list[Unit]
+    scores: dict[str, torch.Tensor]  # float64 copies; skipped channels get +inf
+    s: StructuredConfig
+    overrides: dict[str, float]
+    macs_before: int
+    tol: float
+    probes: list[tuple[float, float]] = field(default_factory=list)
+    best: tuple[float, float, dict[str, torch.Tensor]] | None = None  # (ratio, macs kept, scores)
+
+    @property
+    def target(self) -> float:
+        return float(self.s.target.macs)
+
+    def select(self, r: float) -> Selection:
+        lay = self.s.layers
+        return select(self.units, self.scores, r, lay.scope, self.overrides, lay.max_ratio, lay.round_to,
+                      lay.round_to_wide)
+
+    def probe(self, r: float) -> tuple[float, Selection]:
+        sel = self.select(r)
+        kept = macs_kept(self.graph, self.example_inputs, self.units, sel, self.macs_before)
+        self.probes.append((r, kept))
+        log.debug("target_macs search: ratio %.5f keeps %.4f of MACs", r, kept)
+        if self.best is None or abs(kept - self.target) < abs(self.best[1] - self.target):
+            self.best = (r, kept, {k: v.clone() for k, v in self.scores.items()})
+        return kept, sel
+
+    def ok(self, kept: float) -> bool:
+        return abs(kept - self.target) <= self.tol * self.target
+
+    def more(self) -> bool:
+        return len(self.probes) < MAX_PROBES and not self.ok(self.best[1])
+
+
+def _bisect_ratio(search: _Search) -> None:
+    """Local scope (or nothing pooled): bisect the ratio itself."""
+    lo, hi = 0.0, 1.0
+    while search.more() and hi - lo > 1e-6:
+        mid = (lo + hi) / 2
+        kept, _ = search.probe(mid)
+        lo, hi = (mid, hi) if kept > search.target else (lo, mid)
+
+
+def _bisect_pooled(search: _Search, total: int) -> None:
+    """Global scope: bisect the number of pooled channels removed, in ranking order; where one more channel jumps
+    over the target, keep that channel (infinite score) and continue down the ranking."""
+    ratio_of = lambda n: n / total  # noqa: E731  (select() removes round(ratio * total) pooled channels)
+    lo, hi, skips = 0, total, 0
+    sel_lo = search.select(0.0)
+    while search.more():
+        if hi - lo > 1:
+            mid = (lo + hi) // 2
+            kept, sel = search.probe(ratio_of(mid))
+            if kept > search.target:
+                lo, sel_lo = mid, sel
+            else:
+                hi = mid
+            continue
+        if skips == MAX_SKIPS:
+            break
+        sel_hi = search.select(ratio_of(hi))
+        jump = {(u, e) for u, es in sel_hi.removed.items() for e in es} - \
+            {(u, e) for u, es in sel_lo.removed.items() for e in es}
+        if not jump:
+            break
+        for u, e in jump:
+            search.scores[u][e] = float("inf")
+        skips += 1
+        hi = total
+    if skips:
+        log.info("target_macs: kept %d channels whose removal would overshoot the target", skips)
+
+
 def search_ratio(graph: PruningGraph, example_inputs: Any, units: list[Unit], scores: dict[str, torch.Tensor],
                  s: StructuredConfig, overrides: dict[str, float], macs_before: int,
                  tol: float = 0.01) -> tuple[float, dict[str, torch.Tensor], list[tuple[float, float]]]:
@@ -58,70 +138,25 @@ def search_ratio(graph: PruningGraph, example_inputs: Any, units: list[Unit], sc
     Returns ``(ratio, scores, probes)``: the ratio and the scores to select with (channels that were skipped
     because their MAC step overshoots the target get an infinite score), and the ``(ratio, macs_kept)`` probes.
     """
-    target, lay = float(s.target.macs), s.layers
-    probes: list[tuple[float, float]] = []
-    scores = {k: v.clone().double() for k, v in scores.items()}
-
-    def probe(r: float) -> tuple[float, Selection]:
-        sel = select(units, scores, r, lay.scope, overrides, lay.max_ratio, lay.round_to, lay.round_to_wide)
-        kept = macs_kept(graph, example_inputs, units, sel, macs_before)
-        probes.append((r, kept))
-        log.debug("target_macs search: ratio %.5f keeps %.4f of MACs", r, kept)
-        return kept, sel
-
-    floor, _ = probe(1.0)  # every group at max_ratio: the fewest MACs this selection can reach
+    search = _Search(graph, example_inputs, units, {k: v.clone().double() for k, v in scores.items()}, s,
+                     overrides, macs_before, tol)
+    target = search.target
+    floor, _ = search.probe(1.0)  # every group at max_ratio: the fewest MACs this selection can reach
     if floor > target * (1 + tol):
         raise PruningError(f"target_macs {target} is out of reach: pruning every selected group to max_ratio "
-                           f"{lay.max_ratio} still keeps {floor:.1%} of the MACs; raise max_ratio or prune more layers")
-    pooled = [u for u in units if u.name not in overrides and u.attention is None]
-    total = sum(u.size for u in pooled)
-    best = (1.0, floor, scores)
-    ok = lambda kept: abs(kept - target) <= tol * target  # noqa: E731
-
-    def better(r: float, kept: float) -> None:
-        nonlocal best
-        if abs(kept - target) < abs(best[1] - target):
-            best = (r, kept, {k: v.clone() for k, v in scores.items()})
-    if lay.scope == "local" or total == 0:  # bisect the ratio itself
-        lo, hi = 0.0, 1.0
-        while len(probes) < MAX_PROBES and not ok(best[1]) and hi - lo > 1e-6:
-            mid = (lo + hi) / 2
-            kept, _ = probe(mid)
-            better(mid, kept)
-            lo, hi = (mid, hi) if kept > target else (lo, mid)
-    else:  # bisect the number of pooled channels removed, in ranking order
-        ratio_of = lambda n: n / total  # noqa: E731  (select() removes round(ratio * total) pooled channels)
-        lo, hi, skips = 0, total, 0
-        sel_lo = select(units, scores, 0.0, lay.scope, overrides, lay.max_ratio, lay.round_to, lay.round_to_wide)
-        while len(probes) < MAX_PROBES and not ok(best[1]):
-            if hi - lo > 1:
-                mid = (lo + hi) // 2
-                kept, sel = probe(ratio_of(mid))
-                better(ratio_of(mid), kept)
-                if kept > target:
-                    lo, sel_lo = mid, sel
-                else:
-                    hi = mid
-                continue
-            if skips == MAX_SKIPS:
-                break
-            # removing one more channel jumps over the target: keep that channel, continue down the ranking
-            sel_hi = select(units, scores, ratio_of(hi), lay.scope, overrides, lay.max_ratio, lay.round_to,
-                            lay.round_to_wide)
-            jump = {(u, e) for u, es in sel_hi.removed.items() for e in es} - \
-                {(u, e) for u, es in sel_lo.removed.items() for e in es}
-            if not jump:
-                break
-            for u, e in jump:
-                scores[u][e] = float("inf")
-            skips += 1
-            hi = total
-        if skips:
-            log.info("target_macs: kept %d channels whose removal would overshoot the target", skips)
-    ratio, kept, scores = best
-    if not ok(kept):
+                           f"{s.layers.max_ratio} still keeps {floor:.1%} of the MACs; raise max_ratio or prune more "
+                           "layers")
+    search.best = (1.0, floor, search.scores)  # the live scores, as the skips below leave them
+    total = sum(u.size for u in units if u.name not in overrides and u.attention is None)
+    if s.layers.scope == "local" or total == 0:
+        _bisect_ratio(search)
+    else:
+        _bisect_pooled(search, total)
+    ratio, kept, scores = search.best
+    if not search.ok(kept):
         log.warning("target_macs %.4f: the closest reachable is %.4f (ratio %.4f); the channels are too coarse to "
                     "come within 1%%", target, kept, ratio)
     else:
-        log.info("target_macs %.4f: ratio %.4f keeps %.4f of MACs (%d probes)", target, ratio, kept, len(probes))
-    return ratio, scores, probes
+        log.info("target_macs %.4f: ratio %.4f keeps %.4f of MACs (%d probes)", target, ratio, kept,
+                 len(search.probes))
+    return ratio, scores, search.probes

@@ -56,6 +56,25 @@ def _round_kept(unit: Unit, kept: int, cap: int, round_to: int | None, round_to_
     return min(rounded, unit.size)
 
 
+def _rank_pooled(pool: list[Unit], scores: dict[str, torch.Tensor], caps: dict[str, int],
+                 ratio: float) -> tuple[list[int], int]:
+    """Global ranking: ``(elements taken from each pooled unit, elements left untaken because every unit hit its
+    cap)`` when ``ratio`` of all pooled elements go, the lowest scores first."""
+    total = sum(u.size for u in pool)
+    left = total - keep_count(total, ratio)
+    flat = torch.cat([scores[u.name].float() for u in pool])  # (sum of sizes,)
+    owner = torch.cat([torch.full((u.size,), i, dtype=torch.long) for i, u in enumerate(pool)])
+    order = torch.sort(flat, stable=True).indices
+    taken = [0] * len(pool)
+    for i in owner[order].tolist():  # ascending score: remove the least important first
+        if left == 0:
+            break
+        if taken[i] < caps[pool[i].name]:
+            taken[i] += 1
+            left -= 1
+    return taken, left
+
+
 def select(units: list[Unit], scores: dict[str, torch.Tensor], ratio: float, scope: str = "global",
            overrides: dict[str, float] | None = None, max_ratio: float = 0.9, round_to: int | None = None,
            round_to_wide: int | None = None) -> Selection:
@@ -91,20 +110,7 @@ def select(units: list[Unit], scores: dict[str, torch.Tensor], ratio: float, sco
 
     shortfall = 0
     if pool:
-        total = sum(u.size for u in pool)
-        target = total - keep_count(total, ratio)
-        flat = torch.cat([scores[u.name].float() for u in pool])  # (sum of sizes,)
-        owner = torch.cat([torch.full((u.size,), i, dtype=torch.long) for i, u in enumerate(pool)])
-        order = torch.sort(flat, stable=True).indices
-        taken = [0] * len(pool)
-        left = target
-        for i in owner[order].tolist():  # ascending score: remove the least important first
-            if left == 0:
-                break
-            if taken[i] < caps[pool[i].name]:
-                taken[i] += 1
-                left -= 1
-        shortfall = left
+        taken, shortfall = _rank_pooled(pool, scores, caps, ratio)
         for i, u in enumerate(pool):
             counts[u.name] = taken[i]
             if taken[i] == caps[u.name] and taken[i] > 0:

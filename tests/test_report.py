@@ -62,7 +62,7 @@ def tree(tmp_path_factory) -> dict[str, Path]:
                     hist("train", [40.0, 80.0, 91.25]))
     (base / "graph.svg").write_text(SVG)
     pruned_model = copy.deepcopy(base_model)
-    prune(pruned_model, X, "l1", 0.5)
+    prune(pruned_model, X, "l1", ratio=0.5)
     pruned = make_run(root / "pruned", pruned_model, {"top1": 40.5, "top5": 80.0, "stage": "prune", "ratio": 0.5,
                                                        "criterion": "l1", "scope": "global", "from": str(base)})
     tuned = make_run(root / "tuned", pruned_model, {"top1": 90.5, "top5": 99.0, "stage": "finetune",

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.batch import to_device
 from prunekit.errors import ConfigError
 from prunekit.measure.macs import batch_size_of, call_model
 from prunekit.registry import Registry
@@ -131,7 +132,7 @@ def _on_cpu(model: nn.Module, inputs: Any) -> tuple[nn.Module, Any]:
     """The model and inputs on the CPU (a copy when the model lives elsewhere): CPU backends time the CPU."""
     if any(t.device.type != "cpu" for t in list(model.parameters()) + list(model.buffers())):
         model = copy.deepcopy(model).to("cpu").eval()
-    return model, _to_device(inputs, "cpu")
+    return model, to_device(inputs, "cpu")
 
 
 @BACKENDS.register("eager")
@@ -217,7 +218,7 @@ class CudaBackend(Backend):
 
     def prepare(self, model: nn.Module, inputs: Any, threads: int) -> Callable[[], Any]:
         gpu_model = copy.deepcopy(model).to("cuda").eval()
-        gpu_inputs = _to_device(inputs, "cuda")
+        gpu_inputs = to_device(inputs, "cuda")
         self._benchmark = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = True
 
@@ -248,16 +249,6 @@ class CudaBackend(Backend):
         if hasattr(self, "_benchmark"):
             torch.backends.cudnn.benchmark = self._benchmark
         torch.cuda.empty_cache()
-
-
-def _to_device(inputs: Any, device: str) -> Any:
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, dict):
-        return {k: _to_device(v, device) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_to_device(v, device) for v in inputs)
-    return inputs
 
 
 def get_backend(name: str) -> Backend:

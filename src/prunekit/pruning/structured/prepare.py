@@ -60,6 +60,9 @@ def check_data(crit: Criterion, s: StructuredConfig, calib_data: Iterable | None
         raise ConfigError(f"reconstruct_steps={s.reconstruction.steps} needs calibration data (calib_data=...): "
                           "reconstruction fits each block to the dense model's output on it; pass batches or "
                           "reconstruct_steps=0")
+    if s.layers.scope == "adaptive" and calib_data is None:
+        raise ConfigError("scope='adaptive' measures each group's damage to the output on calibration data: pass "
+                          "calib_data=... or use scope 'global' / 'local'")
     if s.calibration.recalibrate_bn and calib_data is None:
         raise ConfigError("recalibrate_bn=True needs calibration data (calib_data=...) to re-estimate the BatchNorm "
                           "statistics; pass batches or recalibrate_bn=False")

@@ -242,6 +242,9 @@ class StructuredConfig(Config):
 
     @model_validator(mode="after")
     def _latency_target(self) -> StructuredConfig:
+        if self.layers.scope == "adaptive" and self.target.macs is not None:
+            raise ValueError(f"scope='adaptive' allocates a channel ratio; it cannot be combined with `target_macs` "
+                             f"({self.target.macs}): give `ratio`, or use scope global/local with `target_macs`")
         if self.target.latency is None:
             return self
         if self.layers.scope == "adaptive":

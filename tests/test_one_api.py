@@ -320,3 +320,32 @@ def test_llm_width_speaks_of_ratios_and_reads_the_old_names_with_a_warning(caplo
     add_config_arguments(parser, prunekit.WidthConfig)
     assert resolve_config(prunekit.WidthConfig, parser.parse_args(["--mlp-sparsity", "0.3"])).mlp_ratio == 0.3
     assert "--mlp-sparsity" not in parser.format_help() and "--mlp-ratio" in parser.format_help()
+
+
+def test_wanda_through_the_one_entry_and_rolled_back_on_failure(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from prunekit.pruning.llm import sparse
+
+    torch.manual_seed(0)
+    c = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    model = transformers.AutoModelForCausalLM.from_config(c).eval()
+    batches = [torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    before, modules = _state(model), list(model.modules())
+    cfg = prunekit.SparsityConfig(method="wanda", sparsity=0.5)
+    real, calls = sparse._prune_layer, {"n": 0}
+
+    def fails_later(*a, **k):  # several layers are sparsified for real, then the call fails
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("interrupted")
+        return real(*a, **k)
+
+    monkeypatch.setattr(sparse, "_prune_layer", fails_later)
+    with pytest.raises(PruningError, match="rolled back.*interrupted"):
+        prunekit.prune(model, None, cfg, calib_data=batches)
+    _same(model, before, modules)
+    monkeypatch.setattr(sparse, "_prune_layer", real)
+    prunekit.prune(model, None, cfg, calib_data=batches)
+    w = model.model.layers[1].mlp.down_proj.weight
+    assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.02)

@@ -99,7 +99,7 @@ class PruneReport:
                          "kept" + (f", measured {la['measured_kept']:.1%} ({la['dense_ms']:.2f} -> "
                                    f"{la['pruned_ms']:.2f} ms, paired medians)" if "measured_kept" in la else ""))
         if self.compensation:
-            lines.append(f"bias compensation applied to {len(self.compensation)} consumer layers")
+            lines.append(f"{self.compensate} compensation applied to {len(self.compensation)} consumer layers")
         if "layers" in self.bn_recalibration:
             lines.append(f"BatchNorm recalibrated: {self.bn_recalibration['layers']} layers on "
                          f"{self.bn_recalibration['batches']} batches")

@@ -64,12 +64,12 @@ def test_model_kwargs_strings_are_yaml_scalars():
 
 
 def test_an_unexpected_error_is_one_line_and_the_traceback_needs_debug(trained_run, capsys, monkeypatch):
-    import prunekit.cli.train as cli_train
+    from prunekit.pipeline.commands import COMMANDS
 
     def boom(cfg):
         raise RuntimeError("something deep broke\nsecond line")
 
-    monkeypatch.setattr(cli_train, "evaluate_run", boom)
+    monkeypatch.setattr(COMMANDS.get("eval"), "run", boom)  # the function the registry runs for `prunekit eval`
     e = err(capsys, ["eval", "--from", str(trained_run)], rc=1)
     assert e == ("prunekit eval: error: unexpected RuntimeError: something deep broke; run with --debug for the "
                  "traceback")

@@ -1,9 +1,16 @@
 """Generate each sub-command's flags from its config class, so there is one list of options, not two.
 
-A sub-command module in ``prunekit/cli/`` declares::
+The sub-commands are the entries of the one registry of commands and stages (``prunekit.pipeline.commands``): a
+pipeline stage registers there with its config, run function and help; a module in ``prunekit/cli/`` adds how its
+result is printed::
 
-    @command("prune", PruneConfig, help="Prune a run directory's model", positional=())
-    def run(cfg: PruneConfig) -> None: ...
+    @prints("prune")
+    def prune_cmd(cfg: PruneConfig, metrics: dict) -> None: ...
+
+and a command that is not a pipeline stage registers from here, its function doing the printing::
+
+    @command("graph", GraphConfig, help="Draw a model's layers and pruning groups", positional=())
+    def graph_cmd(cfg: GraphConfig) -> None: ...
 
 Field ``calib_batches`` becomes ``--calib-batches``; its pydantic ``description`` is the help text. Values given on
 the command line override ``--config FILE.yaml``, which overrides the defaults; everything is validated once by
@@ -16,30 +23,31 @@ import argparse
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from prunekit.config import Config, flag_name, read_yaml
 from prunekit.errors import ConfigError
-from prunekit.registry import Registry
+from prunekit.pipeline.commands import COMMANDS, Command, add
 
-
-@dataclass
-class Command:
-    name: str
-    config: type[Config]
-    run: Callable[[Config], Any]
-    help: str
-    positional: tuple[str, ...] = ()
-
-
-COMMANDS: Registry[Command] = Registry("command")
+__all__ = ["COMMANDS", "Command", "add_config_arguments", "command", "prints", "resolve_config"]
 
 
 def command(name: str, config: type[Config], help: str, positional: tuple[str, ...] = ()):
+    """Register a CLI command that is not a pipeline stage (not in recipes); ``fn(cfg)`` prints and returns the exit
+    code (``None``: 0)."""
     def deco(fn: Callable[[Config], Any]) -> Callable[[Config], Any]:
-        COMMANDS.register(name)(Command(name, config, fn, help, positional))
+        add(Command(name, config, fn, help, stage=None, positional=positional, takes_from=False, writes_run=False))
+        return fn
+
+    return deco
+
+
+def prints(name: str):
+    """How the CLI prints the result of the registered command ``name``: ``fn(cfg, result)`` (returns the exit code;
+    ``None``: 0)."""
+    def deco(fn: Callable[[Config, Any], int | None]) -> Callable[[Config, Any], int | None]:
+        COMMANDS.get(name).show = fn
         return fn
 
     return deco

@@ -1,23 +1,16 @@
-"""``prunekit export --from DIR --format onnx,torchscript,exported [--verify]``."""
+"""``prunekit export``: what it prints (the stage is ``prunekit.pipeline.export``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from prunekit.cli.args import command
-from prunekit.export.stage import EXPORT_DIR, ExportConfig, export_run
-from prunekit.pipeline.llm import is_hf_folder
+from prunekit.cli.args import prints
+from prunekit.pipeline.export import EXPORT_DIR, ExportConfig
 
 
-@command("export", ExportConfig, help="Export a run directory's model to ONNX / TorchScript / torch.export (.pt2), "
-                                      "optionally verified against torch (into DIR/export/, or a new run dir --out)")
-def run(cfg: ExportConfig) -> None:
-    if is_hf_folder(cfg.from_dir):  # a causal LM folder of prune-llm / sparsify: ONNX of ids -> logits
-        from prunekit.pipeline.llm_folders import export_llm
-
-        manifest = export_llm(cfg)
-    else:
-        manifest = export_run(cfg)  # raises (exit 2, the differences printed) when --verify fails
+@prints("export")
+def export_cmd(cfg: ExportConfig, manifest: dict[str, Any]) -> None:
     folder = Path(cfg.out or cfg.from_dir) / EXPORT_DIR
     for name, info in manifest["formats"].items():
         if name not in cfg.format:

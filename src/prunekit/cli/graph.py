@@ -62,7 +62,8 @@ def draw(cfg: GraphConfig) -> Path:
     model.eval()
     x = runs.example_inputs(model.prunekit_spec, 1)
     graph = PruningGraph(model, x)
-    settings = StructuredConfig.build({"preset": cfg.preset, "only": cfg.only, "ignore": cfg.ignore, "heads": cfg.heads})
+    settings = StructuredConfig.build({"preset": cfg.preset, "only": cfg.only, "ignore": cfg.ignore,
+                                       "heads": cfg.heads})
     units = plan_units(graph, settings)
     out = write_drawing(to_dot(graph, units, title), cfg.out)
     log.info("graph: %d layers, %d prunable groups -> %s", len(graph.layers), len(units), out)

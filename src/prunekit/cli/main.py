@@ -12,14 +12,17 @@ import traceback
 
 from prunekit.cli.args import COMMANDS, add_config_arguments, resolve_config
 from prunekit.errors import PrunekitError, closest
+from prunekit.pipeline.commands import load_builtin
 
 log = logging.getLogger("prunekit")
 MAX_ERROR_LINES = 12  # a longer message is cut: the rest is noise on a terminal
 
 
 def _discover() -> None:
+    """The registry's entries: the pipeline's stages, then the CLI modules (printers and CLI-only commands)."""
     import prunekit.cli as pkg
 
+    load_builtin()
     for m in pkgutil.iter_modules(pkg.__path__):
         if m.name not in ("main", "args", "__main__"):
             importlib.import_module(f"prunekit.cli.{m.name}")
@@ -114,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         init_from_env(str(getattr(cfg, "device", "cpu")))  # torchrun: WORLD_SIZE > 1
         if _rank() != 0:  # only rank 0 prints results; the others' warnings and errors go to stderr
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
-        rc = cmd.run(cfg)
-        return int(rc or 0)
+        result = cmd.run(cfg)
+        rc = cmd.show(cfg, result) if cmd.show is not None else result
+        return rc if isinstance(rc, int) else 0
     except PrunekitError as e:
         if ns.debug:
             traceback.print_exc()

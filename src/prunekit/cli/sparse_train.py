@@ -1,13 +1,13 @@
-"""``prunekit sparse-train``: sparse pre-training before structured pruning."""
+"""``prunekit sparse-train``: what it prints (the stage is ``prunekit.pipeline.sparse_stage``)."""
 
 from __future__ import annotations
 
-from prunekit.cli.args import command
-from prunekit.pipeline.sparse_stage import SparseConfig, sparse
+from typing import Any
+
+from prunekit.cli.args import prints
+from prunekit.pipeline.sparse_stage import SparseConfig
 
 
-@command("sparse-train", SparseConfig,
-         help="Sparse pre-training before pruning: l1_group, bn_l1, gmp, variance_concentration")
-def sparse_train_cmd(cfg: SparseConfig) -> None:
-    m = sparse(cfg)
+@prints("sparse-train")
+def sparse_train_cmd(cfg: SparseConfig, m: dict[str, Any]) -> None:
     print(f"wrote {cfg.out}: top1 {m['top1']:.2f}%  method {m['method']}")

@@ -1,14 +1,15 @@
-"""``prunekit sparsify``: the CLI wrapper of ``prunekit.pipeline.sparsify``."""
+"""``prunekit sparsify``: what it prints (the stage is ``prunekit.pipeline.sparsify``)."""
 
 from __future__ import annotations
 
-from prunekit.cli.args import command
-from prunekit.pipeline.sparsify import SparsifyConfig, sparsify_run
+from typing import Any
+
+from prunekit.cli.args import prints
+from prunekit.pipeline.sparsify import SparsifyConfig
 
 
-@command("sparsify", SparsifyConfig, help="Unstructured / N:M / kernel pruning of a run directory's model (masks)")
-def sparsify_cmd(cfg: SparsifyConfig) -> None:
-    m = sparsify_run(cfg)
+@prints("sparsify")
+def sparsify_cmd(cfg: SparsifyConfig, m: dict[str, Any]) -> None:
     if "top1" not in m:  # a causal LM folder: perplexity instead of top-1
         ppl = f"  perplexity {m['ppl_before']:.4f} -> {m['ppl_after']:.4f}" if "ppl_after" in m else ""
         print(f"wrote {cfg.out}: sparsity {m['sparsity']:.4f} of the decoder blocks' linear weights{ppl}  non-zero "

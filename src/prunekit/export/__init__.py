@@ -9,7 +9,8 @@ Example:
 from prunekit.export import exported, onnx, torchscript  # noqa: F401  (register the formats)
 from prunekit.export.core import FORMATS, ExportOptions, Verification, compare_outputs, verify_file
 from prunekit.export.onnx import OnnxRunner, export_onnx, ort_session
-from prunekit.export.stage import ExportConfig, check_verified, export_model, export_run
+from prunekit.export.stage import check_verified, export_model
 
-__all__ = ["FORMATS", "ExportConfig", "ExportOptions", "OnnxRunner", "Verification", "check_verified",
-           "compare_outputs", "export_model", "export_onnx", "export_run", "ort_session", "verify_file"]
+# the ``prunekit export`` stage over run directories (ExportConfig, export_run) is prunekit.pipeline.export
+__all__ = ["FORMATS", "ExportOptions", "OnnxRunner", "Verification", "check_verified", "compare_outputs",
+           "export_model", "export_onnx", "ort_session", "verify_file"]

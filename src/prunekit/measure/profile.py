@@ -14,17 +14,13 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from prunekit import runs
-from prunekit._io import atomic_write_json
 from prunekit.config import Config
-from prunekit.errors import ConfigError
 from prunekit.measure.latency import BACKENDS, BackendUnavailable, check_backends, compare_latency, percentile
 from prunekit.measure.layers import compare_layers, layer_times_many
 from prunekit.measure.macs import count_flops, count_macs, count_params
@@ -51,23 +47,6 @@ class LatencyArgs(Config):
         for name in v:
             BACKENDS.get(name)
         return list(dict.fromkeys(v))
-
-
-class ProfileConfig(LatencyArgs):
-    """``prunekit profile``: baseline vs pruned run directory, timed alternately in one run."""
-
-    baseline: Path = Field(description="run directory (or Hugging Face causal LM folder) of the baseline model")
-    pruned: Path = Field(description="run directory (or Hugging Face causal LM folder) of the pruned model")
-    batch_size: int = Field(1, gt=0, description="batch size of the timed calls")
-    rounds: int = Field(10, gt=0, description="rounds of alternation between the two models (runs are split "
-                                              "evenly over them)")
-    layers: bool = Field(True, description="also profile per-layer times (torch eager, CPU) before and after")
-    layer_runs: int = Field(5, gt=0, description="forwards profiled for the per-layer table")
-    top: int = Field(15, gt=0, description="rows of the per-layer table")
-    out: Path | None = Field(None, description=f"where to write {PROFILE_FILE} (default: in the --pruned run "
-                                               "directory)")
-    seq_len: int = Field(128, ge=2, description="Hugging Face causal LM folders: tokens per timed call (capped at "
-                                                "the model's positions)")
 
 
 # ----------------------------------------------------------------------------------------------- verdict
@@ -267,35 +246,3 @@ def format_profile(p: dict[str, Any]) -> str:
                          f"{_pct(r['time_reduction']):>8}{r['baseline_share']:>7.1%}{_fmt_count(r['baseline_macs']):>11}"
                          f"{_fmt_count(r['pruned_macs']):>11}{_pct(r['macs_reduction']):>8}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------- run dir level
-def profile_runs(cfg: ProfileConfig) -> dict[str, Any]:
-    """Profile ``cfg.baseline`` against ``cfg.pruned`` and write ``profile.json``; returns its content.
-
-    Example:
-        >>> profile_runs(ProfileConfig.build({"baseline": "runs/base", "pruned": "runs/pruned"}))
-    """
-    for flag, d in (("--baseline", cfg.baseline), ("--pruned", cfg.pruned)):
-        try:
-            runs.check_run_dir(d)
-        except Exception as e:
-            raise type(e)(f"{flag}: {e}") from None
-    check_backends(cfg.backend)  # `--backend cuda` without CUDA fails here, before loading anything
-    sb, sp = runs.read_spec(cfg.baseline), runs.read_spec(cfg.pruned)
-    if sb.input != sp.input:
-        raise ConfigError(f"--baseline and --pruned take different inputs ({sb.input} vs {sp.input}); "
-                          "profile two versions of the same model")
-    baseline, pruned = runs.load_model(cfg.baseline), runs.load_model(cfg.pruned)
-    inputs = runs.example_inputs(sp, cfg.batch_size)
-    p = profile_models(baseline, pruned, inputs, cfg.backend, cfg.runs, cfg.warmup, cfg.rounds, cfg.threads,
-                       cfg.layers, cfg.layer_runs, cfg.top)
-    p = {"baseline_dir": str(cfg.baseline), "pruned_dir": str(cfg.pruned), "model": sp.name, **p,
-         "config": cfg.to_dict()}
-    out = Path(cfg.out) if cfg.out is not None else Path(cfg.pruned) / PROFILE_FILE
-    if out.is_dir():
-        out = out / PROFILE_FILE
-    atomic_write_json(out, p)
-    log.info("profile: wrote %s", out)
-    p["path"] = str(out)
-    return p

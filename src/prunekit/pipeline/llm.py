@@ -29,6 +29,8 @@ import torch
 from pydantic import Field, model_validator
 
 from prunekit.errors import ConfigError, DataNotFoundError, RunDirError
+from prunekit.pipeline.commands import register
+from prunekit.pipeline.skeleton import prepare_out, refuse_same_folder
 from prunekit.pruning.llm.width import WidthSettings, prune_width, save_pruned
 
 log = logging.getLogger("prunekit.prune_llm")
@@ -159,13 +161,14 @@ def calibration_windows(tokens: torch.Tensor, n: int, seq_len: int, seed: int) -
     return torch.stack([tokens[s:s + seq_len] for s in starts])
 
 
+@register("prune-llm", PruneLLMConfig, help="Width pruning of a Hugging Face causal LM folder (MLP channels, GQA "
+          "groups; VBP + compensation)")
 def prune_llm_run(cfg: PruneLLMConfig) -> dict[str, Any]:
-    from prunekit import runs
+    """Width-prune the causal LM folder ``cfg.from_dir`` into the model folder ``cfg.out``; returns its metrics."""
     from prunekit.measure.perplexity import perplexity
 
-    if Path(cfg.out).resolve() == Path(cfg.from_dir).resolve():
-        raise ConfigError(f"--out {str(cfg.out)!r} is the --from folder; choose another --out")
-    out = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite, resumable=False)  # before hours of pruning
+    refuse_same_folder(cfg.out, cfg.from_dir, what="the --from folder")
+    out = prepare_out(cfg)  # before hours of pruning
     model = load_causal_lm(cfg.from_dir, cfg.device)
     calib = calibration_windows(tokenize_file(cfg.calib_text, cfg.from_dir, model, cfg.tokenizer),
                                 cfg.calib_samples, cfg.seq_len, cfg.seed)
@@ -220,8 +223,6 @@ def text_perplexity_run(cfg: Any) -> dict[str, Any]:
     m = text_perplexity(cfg.from_dir, cfg.text, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                         tokenizer=cfg.tokenizer, device=cfg.device, max_batches=cfg.max_batches)
     if cfg.out is not None:
-        from prunekit import runs
-
-        out = runs.prepare_out_dir(cfg.out, overwrite=None, resumable=False)
+        out = prepare_out(cfg)
         (out / "metrics.json").write_text(json.dumps(m, indent=1))
     return m

@@ -25,6 +25,7 @@ from torch import nn
 
 from prunekit.errors import ConfigError, RunDirError
 from prunekit.pipeline.llm import is_hf_folder, load_causal_lm
+from prunekit.pipeline.skeleton import prepare_out, refuse_same_folder
 
 log = logging.getLogger("prunekit.llm")
 EXPORT_SEQ = 32  # tokens of the traced example; --verify uses more, which tests the dynamic sequence axis
@@ -53,18 +54,15 @@ def token_ids(model: nn.Module, batch: int, seq_len: int, seed: int = 0) -> dict
 def export_llm(cfg: Any) -> dict[str, Any]:
     """``prunekit export`` of a model folder (an ``ExportConfig``): into ``--from/export/``, or ``--out`` (a copy of
     the folder's files plus ``export/``). Returns the manifest (``export.json``)."""
-    from prunekit import runs
     from prunekit._io import atomic_write_json
     from prunekit.export.core import EXPORT_BATCH, ExportOptions
     from prunekit.export.stage import EXPORT_DIR, MANIFEST, check_verified, export_model
 
     src = Path(cfg.from_dir)
     folder = src
+    refuse_same_folder(cfg.out, src, fix=f"leave --out out to export into {str(src / EXPORT_DIR)!r}")
     if cfg.out is not None:
-        if Path(cfg.out).resolve() == src.resolve():
-            raise ConfigError(f"--out {str(cfg.out)!r} is the same folder as --from; leave --out out to export "
-                              f"into {str(src / EXPORT_DIR)!r}")
-        folder = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite, resumable=False)
+        folder = prepare_out(cfg)
         for f in sorted(src.iterdir()):
             if f.is_file():
                 shutil.copy2(f, folder / f.name)
@@ -85,9 +83,9 @@ def export_llm(cfg: Any) -> dict[str, Any]:
 def profile_llm(cfg: Any) -> dict[str, Any]:
     """``prunekit profile`` of two model folders (a ``ProfileConfig``): the same figures as for run directories, on
     random token ids of ``--seq-len``; writes ``profile.json`` (default: into ``--pruned``)."""
-    from prunekit._io import atomic_write_json
     from prunekit.measure.latency import check_backends
-    from prunekit.measure.profile import PROFILE_FILE, profile_models
+    from prunekit.measure.profile import profile_models
+    from prunekit.pipeline.profile import write_profile
 
     for flag, d in (("--baseline", cfg.baseline), ("--pruned", cfg.pruned)):
         if not is_hf_folder(d):
@@ -104,13 +102,7 @@ def profile_llm(cfg: Any) -> dict[str, Any]:
     p = {"baseline_dir": str(cfg.baseline), "pruned_dir": str(cfg.pruned),
          "model": pruned.model.config.model_type, "seq_len": inputs["input_ids"].shape[1], **p,
          "config": cfg.to_dict()}
-    out = Path(cfg.out) if cfg.out is not None else Path(cfg.pruned) / PROFILE_FILE
-    if out.is_dir():
-        out = out / PROFILE_FILE
-    atomic_write_json(out, p)
-    log.info("profile: wrote %s", out)
-    p["path"] = str(out)
-    return p
+    return write_profile(cfg, p)
 
 
 REPORT_KEYS = ("stage", "params", "ppl_before", "ppl_after", "perplexity", "sparsity", "tokenizer", "from")

@@ -29,6 +29,7 @@ import yaml
 
 from prunekit._io import atomic_write_json
 from prunekit.errors import ConfigError
+from prunekit.pipeline.skeleton import prepare_out, refuse_same_folder
 
 log = logging.getLogger("prunekit.sparsify")
 REPORT = "sparsity_report.json"
@@ -53,7 +54,6 @@ def sparsify_llm_run(cfg: Any) -> dict[str, Any]:
     """Sparsify the causal LM folder ``cfg.from_dir`` into the model folder ``cfg.out`` (a ``SparsifyConfig``)."""
     import torch
 
-    from prunekit import runs
     from prunekit.measure.perplexity import perplexity
     from prunekit.pipeline.llm import (
         TOKENIZER_FILES,
@@ -65,9 +65,8 @@ def sparsify_llm_run(cfg: Any) -> dict[str, Any]:
     from prunekit.pruning.unstructured import Sparsifier, SparsifySettings, fold_masks
 
     check_llm_config(cfg)
-    if Path(cfg.out).resolve() == Path(cfg.from_dir).resolve():
-        raise ConfigError(f"--out {str(cfg.out)!r} is the same folder as --from; choose another --out")
-    out = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite, resumable=False)  # before the pruning, not after
+    refuse_same_folder(cfg.out, cfg.from_dir)
+    out = prepare_out(cfg)  # before the pruning, not after (no --resume: one-shot)
     torch.manual_seed(cfg.seed)
     model = load_causal_lm(cfg.from_dir, cfg.device)
     ids = tokenize_file(cfg.calib_text, cfg.from_dir, model, cfg.tokenizer)

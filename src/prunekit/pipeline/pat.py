@@ -20,13 +20,14 @@ import torch
 from pydantic import Field
 
 from prunekit import runs
-from prunekit.data.core import data_settings
 from prunekit.errors import ConfigError
 from prunekit.measure import count_macs
+from prunekit.pipeline.commands import register
+from prunekit.pipeline.skeleton import stage_run
 from prunekit.pipeline.stages import KDArgs, StageOut, kd_setup, loaders, model_metrics, test_metrics, write_run
 from prunekit.pruning.structured import StructuredConfig, prune_with_settings, recalibrate_bn
 from prunekit.pruning.structured.bn import batchnorms
-from prunekit.train import TrainSettings, finish_run, fit
+from prunekit.train import TrainSettings, fit
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +82,14 @@ def step_settings(cfg: PATConfig, step: int, model: torch.nn.Module, x: Any, poo
     return p.updated(update, source=f"pat step {step}")
 
 
+@register("pat", PATConfig, help="Pruning-aware training of a run directory's model: --steps x (prune, BN "
+          "recalibration, fine-tune --epochs)", stage="pat", trains=True)
 def pat(cfg: PATConfig) -> dict[str, Any]:
     """Run pruning-aware training from ``cfg.from_dir`` and write a run directory. Returns its metrics."""
-    runs.check_run_dir(cfg.from_dir)
-    out = runs.prepare_out_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
-    steps_dir = out / "steps"
-    data = data_settings(cfg, runs.read_config(cfg.from_dir))
-    with runs.run_log(out), runs.tensorboard_mirror(out, cfg.tensorboard):
-        torch.manual_seed(cfg.seed)
-        model = runs.load_model(cfg.from_dir, cfg.device)
-        spec = model.prunekit_spec
-        x = runs.example_inputs(spec, 1, cfg.device)
+    with stage_run(cfg, "pat", resumable=True) as run:
+        out, data, model, spec = run.out, run.data, run.model, run.spec
+        steps_dir = out / "steps"
+        x = run.example_inputs()
         pool0 = prunable_channels(model, x, cfg.prune)
         macs0 = count_macs(model, x)
         ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download,
@@ -107,31 +105,12 @@ def pat(cfg: PATConfig) -> dict[str, Any]:
                 log.info("pat: resuming after step %d/%d", done[-1], cfg.steps)
         t0 = time.perf_counter()
         for step in range(start, cfg.steps + 1):
-            pruned_dir, step_dir = steps_dir / f"{step}-pruned", steps_dir / f"{step}"
-            if cfg.resume and (pruned_dir / runs.WEIGHTS).is_file():
-                model = runs.load_model(pruned_dir, cfg.device)
-                r = runs.read_metrics(pruned_dir)
-            else:
-                # BatchNorm is recalibrated below, on its own --bn-batches
-                s = step_settings(cfg, step, model, x, pool0, macs0).updated({"recalibrate_bn": False})
-                log.info("pat step %d/%d: prune %s", step, cfg.steps, f"to {s.target.macs:.3f} of the current MACs"
-                         if s.target.macs else f"ratio {s.target.ratio:.4f}")
-                report = prune_with_settings(model, x, s, calib_data=ld["calib"], device=cfg.device)
-                if cfg.bn_batches and batchnorms(model):
-                    recalibrate_bn(model, ld["calib"], cfg.bn_batches, cfg.device)
-                r = {**test_metrics(model, ld["test"], cfg.device), "step": step, "macs": report.macs_after,
-                     "macs_kept_total": report.macs_after / macs0}
-                log.info("pat step %d/%d: retention top1 %.2f%% at %.1f%% of the MACs", step, cfg.steps, r["top1"],
-                         100 * r["macs_kept_total"])
-                runs.save_model(pruned_dir, model)
-                runs.write_metrics(pruned_dir, r)
-                runs.append_history(out, {"phase": "pat-prune", "step": step, "retention_top1": r["top1"],
-                                          "retention_top5": r["top5"], "macs": r["macs"]})
+            model, r = _prune_step(cfg, step, model, x, pool0, macs0, ld, out)
             if cfg.epochs:
                 step_cfg = cfg.model_copy(update={"epochs": cfg.epochs})
-                fit(model, ld["train"], ld["val"], step_cfg, run_dir=step_dir, resume=cfg.resume,
+                fit(model, ld["train"], ld["val"], step_cfg, run_dir=steps_dir / f"{step}", resume=cfg.resume,
                     phase=f"pat-step{step}", loss_fn=loss_fn)
-                _merge_history(step_dir, out)
+                _merge_history(steps_dir / f"{step}", out)
             retention = [*retention, {"step": step, "top1": r["top1"], "macs": r["macs"]}]
             runs.save_model(steps_dir / f"{step}-done", model)
             runs.write_metrics(steps_dir / f"{step}-done", {"retention": retention})
@@ -142,9 +121,33 @@ def pat(cfg: PATConfig) -> dict[str, Any]:
         log.info("pat: done: top1 %.2f%%, MACs %.2f M (%.1f%% of the original)", metrics["top1"],
                  metrics["macs"] / 1e6, 100 * metrics["macs"] / macs0)
         write_run(out, model, {**cfg.to_dict(), **data}, metrics, spec)
-    shutil.rmtree(steps_dir, ignore_errors=True)
-    finish_run(out)
+        shutil.rmtree(steps_dir, ignore_errors=True)
     return metrics
+
+
+def _prune_step(cfg: PATConfig, step: int, model: torch.nn.Module, x: Any, pool0: int, macs0: int,
+                ld: dict[str, Any], out: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Step ``step``'s pruning and BatchNorm recalibration, saved under ``OUT/steps/<step>-pruned`` (a resumed run
+    reloads it); returns the model and its retention record (test top-1 right after pruning, MACs)."""
+    pruned_dir = out / "steps" / f"{step}-pruned"
+    if cfg.resume and (pruned_dir / runs.WEIGHTS).is_file():
+        return runs.load_model(pruned_dir, cfg.device), runs.read_metrics(pruned_dir)
+    # BatchNorm is recalibrated below, on its own --bn-batches
+    s = step_settings(cfg, step, model, x, pool0, macs0).updated({"recalibrate_bn": False})
+    log.info("pat step %d/%d: prune %s", step, cfg.steps, f"to {s.target.macs:.3f} of the current MACs"
+             if s.target.macs else f"ratio {s.target.ratio:.4f}")
+    report = prune_with_settings(model, x, s, calib_data=ld["calib"], device=cfg.device)
+    if cfg.bn_batches and batchnorms(model):
+        recalibrate_bn(model, ld["calib"], cfg.bn_batches, cfg.device)
+    r = {**test_metrics(model, ld["test"], cfg.device), "step": step, "macs": report.macs_after,
+         "macs_kept_total": report.macs_after / macs0}
+    log.info("pat step %d/%d: retention top1 %.2f%% at %.1f%% of the MACs", step, cfg.steps, r["top1"],
+             100 * r["macs_kept_total"])
+    runs.save_model(pruned_dir, model)
+    runs.write_metrics(pruned_dir, r)
+    runs.append_history(out, {"phase": "pat-prune", "step": step, "retention_top1": r["top1"],
+                              "retention_top5": r["top5"], "macs": r["macs"]})
+    return model, r
 
 
 def _merge_history(step_dir: Path, out: Path) -> None:

@@ -16,15 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import Field
 
 from prunekit import runs
 from prunekit._io import atomic_write_json
 from prunekit.config import Config
 from prunekit.data import DataArgs
-from prunekit.data.core import data_settings
-from prunekit.errors import ConfigError
+from prunekit.pipeline.commands import register
+from prunekit.pipeline.skeleton import stage_run
 from prunekit.pipeline.stages import loaders, test_metrics
 from prunekit.pruning.structured import StructuredConfig, prune_with_settings
 
@@ -51,26 +50,17 @@ class PruneConfig(Config):
     data: DataArgs = Field(default_factory=DataArgs, description="the data (calibration and evaluation)")
 
 
+@register("prune", PruneConfig, help="Prune the model of a run directory (structured: channels, heads)",
+          stage="prune")
 def prune_run(cfg: PruneConfig) -> dict[str, Any]:
     """Load ``cfg.from_dir``, prune, optionally recalibrate BatchNorm, evaluate, write ``cfg.out``.
 
     Returns the metrics written to ``metrics.json``.
     """
-    from prunekit.train import check_device
-
-    device = check_device(cfg.device)
-    runs.check_run_dir(cfg.from_dir)
-    if Path(cfg.out).resolve() == Path(cfg.from_dir).resolve():
-        raise ConfigError(f"--out {str(cfg.out)!r} is the same folder as --from; choose another --out")
-    out = runs.prepare_out_dir(cfg.out, overwrite=cfg.overwrite, resumable=False)
-    data = data_settings(cfg.data, runs.read_config(cfg.from_dir))
     p = cfg.prune
-    with runs.run_log(out):
-        torch.manual_seed(cfg.seed)
-        model = runs.load_model(cfg.from_dir, device)
-        spec = model.prunekit_spec
-        before = runs.read_metrics(cfg.from_dir)
-        x = runs.example_inputs(spec, 1, device)
+    with stage_run(cfg, "prune") as run:
+        out, data, device, model, spec, before = run.out, run.data, run.device, run.model, run.spec, run.before
+        x = run.example_inputs()
         ld = loaders(data, cfg.data.batch_size, cfg.seed, cfg.data.workers, cfg.data.download,
                      splits=("calib", "test"))
         calib = ld["calib"]
@@ -80,16 +70,7 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
         log.info("prune: %s from %s (top1 %.2f%%), %s %s, %s", spec.name, cfg.from_dir,
                  before.get("top1", float("nan")), p.criterion, p.layers.scope, goal)
         t0 = time.perf_counter()
-        settings = p
-        if cfg.sensitivity is not None:
-            from prunekit.report.sensitivity import ratio_caps
-
-            caps = ratio_caps(cfg.sensitivity, cfg.max_drop)
-            log.info("prune: %d per-group ratio caps from %s (max drop %g points), %d of them 0", len(caps),
-                     cfg.sensitivity, cfg.max_drop, sum(c == 0 for c in caps.values()))
-            settings = settings.updated({"ratio_caps": {**caps, **settings.layers.ratio_caps}})
-        report = prune_with_settings(model, x, settings, calib_data=calib, device=device)  # BN recalibrated there
-        recalibrated = report.bn_recalibration.get("batches", 0)
+        report = prune_with_settings(model, x, _with_caps(cfg), calib_data=calib, device=device)  # BN recalibrated
         seconds = time.perf_counter() - t0
         metrics = {**test_metrics(model, ld["test"], device), "macs": report.macs_after, "params": report.params_after,
                    "macs_before": report.macs_before, "params_before": report.params_before,
@@ -98,7 +79,7 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
                    "latency": {k: v for k, v in report.latency.items() if k != "per_layer"},
                    "criterion": p.criterion, "scope": p.layers.scope, "compensate": report.compensate,
                    "groups_pruned": report.groups_pruned, "groups_left_whole": len(report.left_whole),
-                   "bn_recalibration_batches": recalibrated,
+                   "bn_recalibration_batches": report.bn_recalibration.get("batches", 0),
                    "top1_before": before.get("top1"), "prune_seconds": round(seconds, 2), "stage": "prune",
                    "from": str(cfg.from_dir), **data}
         log.info("prune: done: top1 %.2f%% (was %.2f%%), MACs %.2f M -> %.2f M (%.1f%% kept), params %.1f K",
@@ -109,3 +90,15 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
         runs.write_metrics(out, metrics)
         atomic_write_json(out / REPORT, report.to_dict())
     return metrics
+
+
+def _with_caps(cfg: PruneConfig) -> StructuredConfig:
+    """The pruning section, with the per-group ratio caps of ``--sensitivity`` / ``--max-drop`` when given."""
+    if cfg.sensitivity is None:
+        return cfg.prune
+    from prunekit.report.sensitivity import ratio_caps
+
+    caps = ratio_caps(cfg.sensitivity, cfg.max_drop)
+    log.info("prune: %d per-group ratio caps from %s (max drop %g points), %d of them 0", len(caps),
+             cfg.sensitivity, cfg.max_drop, sum(c == 0 for c in caps.values()))
+    return cfg.prune.updated({"ratio_caps": {**caps, **cfg.prune.layers.ratio_caps}})

@@ -13,15 +13,15 @@ A recipe::
 
 Stages: ``baseline``, ``sparse`` (sparse pre-training), ``prune`` (one-shot) or ``pat`` (pruning-aware training),
 ``finetune``, ``sparsify`` (unstructured / N:M masks, e.g. 2:4 after structured pruning) and ``eval``.
-Each stage writes ``OUT/<n>-<stage>/``; the resolved recipe is saved as ``OUT/recipe.yaml``. ``--resume`` skips
-finished stages and resumes a training stage from its last checkpoint.
+The stages are the entries of ``prunekit.pipeline.commands`` that name a recipe stage (``baseline`` is the command
+``train``, ``sparse`` is ``sparse-train``). Each stage writes ``OUT/<n>-<stage>/``; the resolved recipe is saved as
+``OUT/recipe.yaml``. ``--resume`` skips finished stages and resumes a training stage from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,29 +32,22 @@ from prunekit import runs
 from prunekit._io import atomic_write_text
 from prunekit.config import Config, read_yaml
 from prunekit.errors import ConfigError, unknown_name_message
-from prunekit.registry import Registry
+from prunekit.pipeline.commands import STAGES, Command, add
 from prunekit.train.distributed import barrier
 from prunekit.train.loop import is_main_process
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Stage:
-    name: str
-    config: type[Config]
-    run: Callable[[Any], dict[str, Any]]
-    takes_from: bool = True  # reads the previous stage's output
-    writes_run: bool = True  # produces a run directory the next stage can read
-    trains: bool = False  # has epochs and a resumable checkpoint
-
-
-STAGES: Registry[Stage] = Registry("stage")
-DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"
+Stage = Command  # a recipe stage is an entry of the one registry of commands and stages
 
 
 def register_stage(name: str, config: type[Config], run: Callable[[Any], dict[str, Any]], **kw: Any) -> None:
-    STAGES.register(name)(Stage(name, config, run, **kw))
+    """Register a recipe stage that is also the command ``name`` (``prunekit.pipeline.commands.register``)."""
+    add(Command(name, config, run, stage=name, **kw))
+
+
+DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"
 
 
 class Recipe(Config):
@@ -235,26 +228,3 @@ def recipe_report(recipe: Recipe, out: str | Path | None = None) -> Path | None:
         log.warning("the runs are done, but their report failed (%s: %s); retry with `prunekit report %s`",
                     type(e).__name__, e, " ".join(str(d) for d in dirs))
         return None
-
-
-def _register_builtin_stages() -> None:
-    from prunekit.pipeline import stages as s
-
-    register_stage("baseline", s.TrainConfig, s.train, takes_from=False, trains=True)
-    register_stage("finetune", s.FinetuneConfig, s.finetune, trains=True)
-    from prunekit.pipeline.pat import PATConfig, pat
-    from prunekit.pipeline.prune import PruneConfig, prune_run
-
-    register_stage("prune", PruneConfig, prune_run)
-    from prunekit.pipeline.sparse_stage import SparseConfig, sparse
-
-    register_stage("sparse", SparseConfig, sparse, trains=True)
-
-    register_stage("pat", PATConfig, pat, trains=True)
-    from prunekit.pipeline.sparsify import SparsifyConfig, sparsify_run
-
-    register_stage("sparsify", SparsifyConfig, sparsify_run, trains=True)
-    register_stage("eval", s.EvalConfig, s.evaluate_run, writes_run=False)
-
-
-_register_builtin_stages()

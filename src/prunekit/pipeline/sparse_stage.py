@@ -7,14 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import Field
 
 from prunekit import runs
-from prunekit.data.core import data_settings
+from prunekit.pipeline.commands import register
+from prunekit.pipeline.skeleton import stage_run
 from prunekit.pipeline.stages import StageOut, loaders, model_metrics, test_metrics, val_metrics, write_run
 from prunekit.pruning.sparse_train import SparseSettings, make_sparse_training
-from prunekit.train import TrainSettings, finish_run, fit
+from prunekit.train import TrainSettings, fit
 from prunekit.train.loop import default_loss
 
 log = logging.getLogger(__name__)
@@ -32,15 +32,12 @@ class SparseConfig(StageOut, TrainSettings, SparseSettings):
     out: Path = Field(Path("runs/sparse"), description="output run directory")
 
 
+@register("sparse-train", SparseConfig, help="Sparse pre-training before pruning: l1_group, bn_l1, gmp, "
+          "variance_concentration", stage="sparse", trains=True)
 def sparse(cfg: SparseConfig) -> dict[str, Any]:
     """Sparse pre-training from ``cfg.from_dir``; writes a run directory and returns its metrics."""
-    runs.check_run_dir(cfg.from_dir)
-    out = runs.prepare_out_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
-    data = data_settings(cfg, runs.read_config(cfg.from_dir))
-    with runs.run_log(out):
-        torch.manual_seed(cfg.seed)
-        model = runs.load_model(cfg.from_dir, cfg.device)
-        spec = model.prunekit_spec
+    with stage_run(cfg, "sparse", resumable=True) as run:
+        out, data, model, spec = run.out, run.data, run.model, run.spec
         ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download)
         options: dict[str, Any] = {k: getattr(cfg, k) for k in ("preset", "only", "ignore")}
         if cfg.method == "gmp":
@@ -58,5 +55,4 @@ def sparse(cfg: SparseConfig) -> dict[str, Any]:
                    "best_epoch": best.get("epoch"), "train_seconds": round(time.perf_counter() - t0, 2),
                    "stage": "sparse", "method": cfg.method, "from": str(cfg.from_dir), **data}
         write_run(out, model, {**cfg.to_dict(), **data}, metrics, spec)
-    finish_run(out)
     return metrics

@@ -26,8 +26,9 @@ from pydantic import Field
 from prunekit import runs
 from prunekit._io import atomic_write_json
 from prunekit.data import DataArgs
-from prunekit.data.core import data_settings
 from prunekit.errors import ConfigError
+from prunekit.pipeline.commands import register
+from prunekit.pipeline.skeleton import stage_run
 from prunekit.pipeline.stages import loaders, test_metrics
 from prunekit.pruning.structured import recalibrate_bn
 from prunekit.pruning.structured.bn import batchnorms
@@ -39,7 +40,7 @@ from prunekit.pruning.unstructured import (
     iterative_targets,
     measure_2to4_latency,
 )
-from prunekit.train import TrainSettings, evaluate, finish_run, fit
+from prunekit.train import TrainSettings, evaluate, fit
 
 log = logging.getLogger("prunekit.sparsify")
 REPORT = "sparsity_report.json"
@@ -99,6 +100,8 @@ def _settings(cfg: SparsifyConfig) -> SparsifySettings:
     return SparsifySettings.model_validate(cfg.model_dump(include=set(SparsifySettings.model_fields)))
 
 
+@register("sparsify", SparsifyConfig, help="Unstructured / N:M / kernel pruning of a run directory's model (masks)",
+          stage="sparsify", trains=True)
 def sparsify_run(cfg: SparsifyConfig) -> dict[str, Any]:
     """Load ``cfg.from_dir``, sparsify on ``cfg.schedule`` (fine-tuning with fixed masks), report, write ``cfg.out``.
 
@@ -111,68 +114,22 @@ def sparsify_run(cfg: SparsifyConfig) -> dict[str, Any]:
         from prunekit.pipeline.llm_sparse import sparsify_llm_run
 
         return sparsify_llm_run(cfg)
-    runs.check_run_dir(cfg.from_dir)
-    if Path(cfg.out).resolve() == Path(cfg.from_dir).resolve():
-        raise ConfigError(f"--out {str(cfg.out)!r} is the same folder as --from; choose another --out")
-    out = runs.prepare_out_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
-    data = data_settings(cfg, runs.read_config(cfg.from_dir))
-    device = cfg.device
-    with runs.run_log(out), runs.tensorboard_mirror(out, cfg.tensorboard):
-        torch.manual_seed(cfg.seed)
-        model = runs.load_model(cfg.from_dir, device)
-        spec = model.prunekit_spec
-        before = runs.read_metrics(cfg.from_dir)
-        x = runs.example_inputs(spec, 1, device)
+    with stage_run(cfg, "sparsify", resumable=True) as run:
+        out, data, device, before = run.out, run.data, run.device, run.before
+        x = run.example_inputs()
         ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download,
                      splits=("train", "calib", "val", "test") if cfg.epochs else ("calib", "test"))
-        calib = ld["calib"]
-        log.info("sparsify: %s from %s (top1 %.2f%%): %s to %.4f, %s schedule, %d epochs", spec.name, cfg.from_dir,
-                 before.get("top1", float("nan")), cfg.method, cfg.target(), cfg.schedule, cfg.epochs)
+        log.info("sparsify: %s from %s (top1 %.2f%%): %s to %.4f, %s schedule, %d epochs", run.spec.name,
+                 cfg.from_dir, before.get("top1", float("nan")), cfg.method, cfg.target(), cfg.schedule, cfg.epochs)
         t0 = time.perf_counter()
         retention: list[dict[str, Any]] = []
-
-        def pruned(sp: Sparsifier, step: int) -> None:
-            """BatchNorm recalibration and an evaluation right after a pruning step (before any fine-tuning)."""
-            if cfg.recalibrate_bn and batchnorms(sp.model):
-                recalibrate_bn(sp.model, calib, cfg.calib_batches, device)
-            m = evaluate(sp.model, ld["test"], device)  # reported: the test split
-            row = {"step": step, "sparsity": sp.sparsity(), "top1": m["top1"], "top5": m["top5"]}
-            retention.append(row)
-            runs.append_history(out, {"phase": "sparsify-prune", **row})
-            log.info("sparsify step %d: sparsity %.4f, top1 %.2f%% before fine-tuning", step, row["sparsity"],
-                     m["top1"])
-
-        def train(callbacks: list[Any], run_dir: Path, phase: str) -> None:
-            fit(callbacks[0].model, ld["train"], ld["val"], cfg, run_dir=run_dir, resume=cfg.resume,
-                callbacks=callbacks, phase=phase)
-
-        sp = Sparsifier(model, _settings(cfg), x, calib_data=calib, device=device)
-        if cfg.schedule == "oneshot":
-            sp.step()
-            pruned(sp, 1)
-            if cfg.epochs:
-                train([sp], out, "sparsify-finetune")
-        elif cfg.schedule == "iterative":
-            sp = _iterative(cfg, sp, out, pruned, train)
-        else:
-            recal = None
-            if cfg.recalibrate_bn and batchnorms(sp.model):
-                def recal(m: torch.nn.Module) -> None:
-                    recalibrate_bn(m, calib, cfg.calib_batches, device)
-            sched = GradualSchedule(sp, cfg.epochs * len(ld["train"]), cfg.target(), cfg.initial_sparsity, 0.0,
-                                    cfg.gradual_end, cfg.prune_every, recalibrate=recal)
-            sched.start()
-            train([sp, sched], out, "sparsify-gradual")
-            sched.finish()
+        sp = _sparsify(cfg, Sparsifier(run.model, _settings(cfg), x, calib_data=ld["calib"], device=device), ld,
+                       out, retention)
         seconds = time.perf_counter() - t0
         model, spec = sp.model, sp.model.prunekit_spec  # a resumed iterative run reloaded the model
         report = sp.report(x)
         if cfg.structure == "nm" and cfg.measure_latency:
-            report.latency = measure_2to4_latency(model, runs.example_inputs(spec, cfg.batch_size, device)) \
-                if cfg.nm == "2:4" else {"measured": False, "reason": f"sparse tensor cores accelerate 2:4 only, not "
-                                                                      f"{cfg.nm}"}
-            if not report.latency.get("measured"):
-                report.notes.append(f"no 2:4 speed-up claimed: {report.latency['reason']}")
+            _latency_2to4(cfg, report, model, runs.example_inputs(spec, cfg.batch_size, device))
         sp.finalize(permanent=cfg.permanent)
         metrics = {**test_metrics(model, ld["test"], device), **report.metrics(), "schedule": cfg.schedule,
                    "permanent": cfg.permanent, "retention": retention, "top1_before": before.get("top1"),
@@ -188,8 +145,56 @@ def sparsify_run(cfg: SparsifyConfig) -> dict[str, Any]:
         runs.write_config(out, {**cfg.to_dict(), **data})
         runs.write_metrics(out, metrics)
         atomic_write_json(out / REPORT, report.to_dict())
-    finish_run(out)
     return metrics
+
+
+def _sparsify(cfg: SparsifyConfig, sp: Sparsifier, ld: dict[str, Any], out: Path,
+              retention: list[dict[str, Any]]) -> Sparsifier:
+    """Prune (and fine-tune) on ``cfg.schedule``; each pruning step's test figures are appended to ``retention``.
+    Returns the sparsifier (a resumed iterative run holds a reloaded model)."""
+    device, calib = cfg.device, ld["calib"]
+
+    def pruned(sp: Sparsifier, step: int) -> None:
+        """BatchNorm recalibration and an evaluation right after a pruning step (before any fine-tuning)."""
+        if cfg.recalibrate_bn and batchnorms(sp.model):
+            recalibrate_bn(sp.model, calib, cfg.calib_batches, device)
+        m = evaluate(sp.model, ld["test"], device)  # reported: the test split
+        row = {"step": step, "sparsity": sp.sparsity(), "top1": m["top1"], "top5": m["top5"]}
+        retention.append(row)
+        runs.append_history(out, {"phase": "sparsify-prune", **row})
+        log.info("sparsify step %d: sparsity %.4f, top1 %.2f%% before fine-tuning", step, row["sparsity"],
+                 m["top1"])
+
+    def train(callbacks: list[Any], run_dir: Path, phase: str) -> None:
+        fit(callbacks[0].model, ld["train"], ld["val"], cfg, run_dir=run_dir, resume=cfg.resume,
+            callbacks=callbacks, phase=phase)
+
+    if cfg.schedule == "oneshot":
+        sp.step()
+        pruned(sp, 1)
+        if cfg.epochs:
+            train([sp], out, "sparsify-finetune")
+        return sp
+    if cfg.schedule == "iterative":
+        return _iterative(cfg, sp, out, pruned, train)
+    recal = None
+    if cfg.recalibrate_bn and batchnorms(sp.model):
+        def recal(m: torch.nn.Module) -> None:
+            recalibrate_bn(m, calib, cfg.calib_batches, device)
+    sched = GradualSchedule(sp, cfg.epochs * len(ld["train"]), cfg.target(), cfg.initial_sparsity, 0.0,
+                            cfg.gradual_end, cfg.prune_every, recalibrate=recal)
+    sched.start()
+    train([sp, sched], out, "sparsify-gradual")
+    sched.finish()
+    return sp
+
+
+def _latency_2to4(cfg: SparsifyConfig, report: Any, model: torch.nn.Module, inputs: Any) -> None:
+    """``report.latency``: dense vs 2:4 timing on sparse tensor cores (``--nm 2:4`` only), with a note when none."""
+    report.latency = measure_2to4_latency(model, inputs) if cfg.nm == "2:4" else {
+        "measured": False, "reason": f"sparse tensor cores accelerate 2:4 only, not {cfg.nm}"}
+    if not report.latency.get("measured"):
+        report.notes.append(f"no 2:4 speed-up claimed: {report.latency['reason']}")
 
 
 def _iterative(cfg: SparsifyConfig, sp: Sparsifier, out: Path, pruned: Any, train: Any) -> Sparsifier:

@@ -21,7 +21,9 @@ from prunekit.data.core import VAL_FRACTION, VAL_SEED, data_settings
 from prunekit.errors import ConfigError
 from prunekit.measure import count_macs, count_params
 from prunekit.models import create_model
-from prunekit.train import TrainSettings, evaluate, finish_run, fit, is_main_process
+from prunekit.pipeline.commands import register
+from prunekit.pipeline.skeleton import stage_run
+from prunekit.train import TrainSettings, evaluate, fit, is_main_process
 from prunekit.train.distributed import is_distributed
 from prunekit.train.kd import make_kd_loss
 from prunekit.train.settings import check_device
@@ -142,13 +144,17 @@ def _fmt(m: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ stages
+@register("train", TrainConfig, help="Train a model on a dataset and write a run directory", stage="baseline",
+          takes_from=False, trains=True)
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.dataset`` and write a run directory. Returns its metrics."""
-    out = runs.prepare_out_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
-    data = data_settings(cfg)
-    info = dataset_info(data["dataset"])
-    with runs.run_log(out):
-        torch.manual_seed(cfg.seed)
+    from prunekit.models.external import check_image_size, coerce_kwargs
+
+    # a ViT built for 224 px fed 16 px digits: one line naming --image-size / --model-kwargs, before any work
+    check_image_size(cfg.model, data_settings(cfg)["image_size"], coerce_kwargs(cfg.model_kwargs))
+    with stage_run(cfg, "train", reads_run=False, resumable=True) as run:
+        out, data = run.out, run.data
+        info = dataset_info(data["dataset"])
         num_classes = info.num_classes or len(get_dataset(data["dataset"], "test", data["data_dir"]).classes)
         model = create_model(cfg.model, in_channels=info.in_channels, num_classes=num_classes,
                              pretrained=cfg.pretrained, weights=str(cfg.weights) if cfg.weights else None,
@@ -167,22 +173,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                    "splits": split_record(data, ld)}
         log.info("train: done: %s", _fmt(metrics))
         write_run(out, model, {**cfg.to_dict(), **data}, metrics, spec)
-    finish_run(out)
     return metrics
 
 
+@register("finetune", FinetuneConfig, help="Fine-tune the model of a run directory (after pruning)",
+          stage="finetune", trains=True)
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune the model of ``cfg.from_dir`` and write a run directory. Returns its metrics."""
-    runs.check_run_dir(cfg.from_dir)
-    if Path(cfg.out).resolve() == Path(cfg.from_dir).resolve():
-        raise ConfigError(f"--out {str(cfg.out)!r} is the same folder as --from; choose another --out")
-    out = runs.prepare_out_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
-    data = data_settings(cfg, runs.read_config(cfg.from_dir))
-    with runs.run_log(out):
-        torch.manual_seed(cfg.seed)
-        model = runs.load_model(cfg.from_dir, cfg.device)
-        spec = model.prunekit_spec
-        before = runs.read_metrics(cfg.from_dir)
+    with stage_run(cfg, "finetune", resumable=True) as run:
+        out, data, model, spec, before = run.out, run.data, run.model, run.spec, run.before
         log.info("finetune: %s from %s (top1 %.2f%%), %d epochs, %s lr %g", spec.name, cfg.from_dir,
                  before.get("top1", float("nan")), cfg.epochs, cfg.optimizer, cfg.lr)
         loss_fn, teacher_dir = kd_setup(cfg, "finetune")
@@ -204,7 +203,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         metrics.update(start_check(start, best, metrics["top1"], "finetune"))
         log.info("finetune: done: %s", _fmt(metrics))
         write_run(out, model, {**cfg.to_dict(), **data}, metrics, spec)
-    finish_run(out)
     return metrics
 
 
@@ -272,6 +270,8 @@ def resolve_teacher(from_dir: Path, teacher: Path | None) -> Path:
                       "reachable); pass --teacher DIR")
 
 
+@register("eval", EvalConfig, help="Evaluate the model of a run directory (top-1/top-5, loss, MACs, params)",
+          stage="eval", writes_run=False)
 def evaluate_run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate a run directory's model; with ``cfg.out`` also write the results as a run directory."""
     check_device(cfg.device)
@@ -279,19 +279,15 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, Any]:
         from prunekit.pipeline.llm import text_perplexity_run
 
         return text_perplexity_run(cfg)
-    runs.check_run_dir(cfg.from_dir)
-    data = data_settings(cfg, runs.read_config(cfg.from_dir))
-    model = runs.load_model(cfg.from_dir, cfg.device)
-    spec = model.prunekit_spec
-    ld = loaders(data, cfg.batch_size, splits=("test",), workers=cfg.workers, download=cfg.download)
-    metrics = {**test_metrics(model, ld["test"], cfg.device, cfg.max_batches), **model_metrics(model, spec, cfg.device),
-               "stage": "eval", "from": str(cfg.from_dir), **data}
-    if cfg.out is not None:
-        out = runs.prepare_out_dir(cfg.out, overwrite=None, resumable=False)
-        with runs.run_log(out):
+    with stage_run(cfg, "eval") as run:  # writes a run directory only with --out
+        ld = loaders(run.data, cfg.batch_size, splits=("test",), workers=cfg.workers, download=cfg.download)
+        metrics = {**test_metrics(run.model, ld["test"], run.device, cfg.max_batches),
+                   **model_metrics(run.model, run.spec, run.device), "stage": "eval", "from": str(cfg.from_dir),
+                   **run.data}
+        if run.out is not None:
             log.info("eval: %s: %s", cfg.from_dir, _fmt(metrics))
-        for f in (runs.WEIGHTS, runs.SPEC):
-            shutil.copy2(Path(cfg.from_dir) / f, out / f)
-        runs.write_config(out, {**cfg.to_dict(), **data})
-        runs.write_metrics(out, metrics)
+            for f in (runs.WEIGHTS, runs.SPEC):
+                shutil.copy2(Path(cfg.from_dir) / f, run.out / f)
+            runs.write_config(run.out, {**cfg.to_dict(), **run.data})
+            runs.write_metrics(run.out, metrics)
     return metrics

@@ -16,7 +16,8 @@ _LAZY = {"prune": "prunekit.pruning", "PruneReport": "prunekit.pruning", "Struct
          "ModelSpec": "prunekit.runs", "save_exported": "prunekit.export.exported",
          "register_attention": "prunekit.pruning.structured.declare",
          "AttentionLayout": "prunekit.pruning.structured.declare",
-         "register_channel_mapping": "prunekit.pruning.structured.declare"}
+         "register_channel_mapping": "prunekit.pruning.structured.declare",
+         "quantize": "prunekit.quantize", "QuantizeConfig": "prunekit.quantize", "QuantizeReport": "prunekit.quantize"}
 
 
 def __getattr__(name: str):
@@ -34,4 +35,5 @@ __all__ = ["prune", "PruneReport", "StructuredConfig", "SparsityConfig", "WidthC
     "ConfigError", "DataNotFoundError", "PruningError", "PrunekitError", "RunDirError",
     "count_macs", "count_params", "create_model", "list_models", "register_model", "load_model", "save_model",
     "ModelSpec", "save_exported", "register_attention", "AttentionLayout", "register_channel_mapping",
+    "quantize", "QuantizeConfig", "QuantizeReport",
 ]

@@ -111,8 +111,10 @@ class StructuredPruner:
             self._allocate()
 
     def _allocate(self) -> None:
-        from prunekit.pruning.structured.allocate import adaptive_overrides
+        from prunekit.pruning.structured.allocate import adaptive_overrides, calib_batches
 
+        n = self.s.calibration.batches  # every trial and the final pruning see the same batches (not reshuffled)
+        self.calib = CalibData(calib_batches(self.calib, n), n)
         free = [u for u in self.units if u.name not in self.overrides]
         auto, self.report.allocation = adaptive_overrides(self.model, self.example_inputs, free, self.s, self.calib,
                                                           self.device, prune_with_settings, self.loss_fn)

@@ -72,8 +72,8 @@ def test_gqa_group_bookkeeping_and_reload(kind, tmp_path):
     attn = model.model.layers[0].self_attn
     hd = attn.head_dim  # 4
     q0, k0 = attn.q_proj.weight.detach().clone(), attn.k_proj.weight.detach().clone()
-    comp = "mean" if kind == "llama" else "lstsq"
-    rep = prune_width(model, x, head_ratio=0.5, criterion="magnitude", compensate=comp)
+    comp = "mean" if kind == "llama" else "lstsq"  # mean: with the attention biases switched on (add_bias)
+    rep = prune_width(model, x, head_ratio=0.5, criterion="magnitude", compensate=comp, add_bias=kind == "llama")
     c = model.config
     assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size) == (4, 2, hd, 32)
     assert attn.q_proj.weight.shape == (4 * hd, 32) and attn.k_proj.weight.shape == (2 * hd, 32)
@@ -174,7 +174,7 @@ def test_compensation_keeps_mean_of_down_proj(kind, comp):
     plain = tiny(kind)
     plain.load_state_dict(model.state_dict())
     before = _down_outputs(model, x).mean(0)
-    prune_width(model, x, mlp_ratio=0.5, criterion="variance", compensate=comp)
+    prune_width(model, x, mlp_ratio=0.5, criterion="variance", compensate=comp, add_bias=kind == "llama")
     tol = 1e-4 * float(before.abs().max())
     torch.testing.assert_close(_down_outputs(model, x).mean(0), before, rtol=0, atol=tol)
     prune_width(plain, x, mlp_ratio=0.5, criterion="variance", compensate="none")
@@ -188,7 +188,7 @@ def test_lstsq_beats_none_and_mean_on_calibration_error(kind):
     err = {}
     for comp in ("none", "mean", "lstsq") if kind != "qwen2" else ("none", "lstsq"):
         m = tiny(kind)
-        prune_width(m, x, mlp_ratio=0.5, criterion="magnitude", compensate=comp)
+        prune_width(m, x, mlp_ratio=0.5, criterion="magnitude", compensate=comp, add_bias=kind == "llama")
         err[comp] = (_down_outputs(m, x) - dense).square().mean().item()
     assert err["lstsq"] < err["none"]
     if "mean" in err:
@@ -273,7 +273,7 @@ def test_cli_prune_llm_and_eval_text(tmp_path, capsys):
     out = tmp_path / "pruned"
     assert main(["prune-llm", "--from", str(tmp_path / "dense"), "--calib-text", str(text), "--seq-len", "32",
                  "--calib-samples", "8", "--mlp-ratio", "0.5", "--head-ratio", "0.5", "--compensate", "mean",
-                 "--eval-text", str(text), "--out", str(out)]) == 0
+                 "--add-bias", "--eval-text", str(text), "--out", str(out)]) == 0
     assert {"config.json", "model.safetensors", "prune_report.json", "metrics.json"} <= {p.name for p in out.iterdir()}
     metrics = json.loads((out / "metrics.json").read_text())
     cfg = json.loads((out / "config.json").read_text())

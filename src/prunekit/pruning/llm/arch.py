@@ -3,11 +3,12 @@
 A family maps a transformers ``model_type`` to the modules of each decoder layer and to the config fields a pruned
 model must carry so that plain ``AutoModelForCausalLM.from_pretrained`` rebuilds it:
 
-- ``llama`` (LlamaForCausalLM, MistralForCausalLM): SwiGLU ``mlp.{gate,up,down}_proj``; attention
-  ``self_attn.{q,k,v,o}_proj`` with GQA. Biases can be switched on for all MLPs (``mlp_bias``) or all attention
-  projections (``attention_bias``, Llama only), so mean compensation is exact after a reload.
-- ``qwen2``: the same layout; the MLP and ``o_proj`` have no bias and the config cannot add one (``mean``
-  compensation is refused, ``lstsq`` refits weights only).
+- ``llama`` (LlamaForCausalLM), ``mistral`` (MistralForCausalLM): SwiGLU ``mlp.{gate,up,down}_proj``; attention
+  ``self_attn.{q,k,v,o}_proj`` with GQA. A Llama config can switch biases on for all MLPs (``mlp_bias``) or all
+  attention projections (``attention_bias``); width pruning does so only when asked (``add_bias=True``), since it
+  changes the architecture runtimes expect.
+- ``qwen2``: the same layout; the MLP and ``o_proj`` have no bias and the config cannot add one (nor can
+  Mistral's).
 - ``gpt2``: ``mlp.c_fc`` -> GELU -> ``mlp.c_proj`` (``Conv1D``, weight stored ``(in, out)``), width ``n_inner``.
   Its attention derives ``head_dim = n_embd / n_head``, so removing heads cannot be expressed in its config:
   refused.
@@ -52,8 +53,8 @@ class Family:
     mlp: tuple[tuple[str, ...], str]  # (producer names, consumer name) inside a layer
     attn: dict[str, str] | None  # q/k/v/o names inside a layer
     set_width: Callable[[Any, int], None]
-    mlp_bias: Callable[[Any], bool] | None  # config -> can a down-projection bias be expressed (and turn it on)
-    attn_bias: Callable[[Any], bool] | None
+    mlp_bias: str | None  # config key that switches on the MLP biases (down_proj's included), None: cannot
+    attn_bias: str | None  # config key that switches on the q/k/v/o biases, None: cannot
 
     def blocks(self, model: nn.Module) -> list[Block]:
         layers = _get(model, self.layers_path)
@@ -95,33 +96,15 @@ def _set_n_inner(config: Any, n: int) -> None:
     config.n_inner = n
 
 
-def _mlp_bias_llama(config: Any) -> bool:
-    config.mlp_bias = True
-    return True
-
-
-def _attn_bias_llama(config: Any) -> bool:
-    config.attention_bias = True
-    return True
-
-
-def _no_bias(config: Any) -> bool:
-    return False
-
-
-def _yes(config: Any) -> bool:  # the consumer has a bias already (GPT-2's c_proj)
-    return True
-
-
 _LLAMA_ATTN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
 register_family(Family("llama", ("llama",), "model.layers", (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
-                       _LLAMA_ATTN, _set_inter, _mlp_bias_llama, _attn_bias_llama))
+                       _LLAMA_ATTN, _set_inter, "mlp_bias", "attention_bias"))
 register_family(Family("mistral", ("mistral",), "model.layers", (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
-                       _LLAMA_ATTN, _set_inter, _no_bias, _no_bias))
+                       _LLAMA_ATTN, _set_inter, None, None))
 register_family(Family("qwen2", ("qwen2",), "model.layers", (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
-                       _LLAMA_ATTN, _set_inter, _no_bias, _no_bias))
+                       _LLAMA_ATTN, _set_inter, None, None))
 register_family(Family("gpt2", ("gpt2",), "transformer.h", (("mlp.c_fc",), "mlp.c_proj"), None, _set_n_inner,
-                       _yes, None))
+                       None, None))  # c_proj has a bias already
 
 
 def _get(model: nn.Module, path: str) -> Any:

@@ -6,8 +6,10 @@ With ``x`` the consumer's input over the calibration tokens (mean ``mu``, covari
 - ``lstsq`` with a bias: ``W_K += D``, ``b += W_P mu_P - D mu_K`` with ``D = W_P S_PK (S_KK + lambda I)^-1``, the
   closed-form least-squares reproduction of ``W x + b`` from ``x_K`` (the formula of the structured engine's
   ``Compensator``, whose ``_regress`` it reuses).
-- ``lstsq`` without a bias (a config that cannot express one, e.g. Qwen2): the same with the uncentered second
-  moment ``S + mu mu^T``, i.e. the least-squares fit of ``W x`` by ``W_K' x_K`` alone.
+- ``lstsq`` without a bias (the default for Llama / Mistral / Qwen2, whose ``down_proj`` / ``o_proj`` have none):
+  the same with the uncentered second moment ``S + mu mu^T``, i.e. the least-squares fit of ``W x`` by ``W_K' x_K``
+  alone (no intercept). What it cannot restore is recorded as ``intercept_lost``: the calibration output mean left
+  uncorrected, ``||W_P mu_P - D mu_K||``, relative to the output RMS ``sqrt(tr(W (S + mu mu^T) W^T))``.
 
 ``ridge="auto"`` picks ``lambda`` (relative to ``mean(diag S_KK)``) among ``RIDGES`` by 2-fold cross-validation on
 the two alternating halves of the calibration batches, measuring the held-out output error exactly:
@@ -97,8 +99,12 @@ def compensate(m: nn.Module, st: ChannelStats | None, keep: torch.Tensor, mode: 
         new_w = W.clone()
         new_w[:, K.to(dev)] += D
         set_weight_oi(m, new_w)
-        delta = W_P @ mu[P.to(dev)] - D @ mu[K.to(dev)] if bias else None
+        shift = W_P @ mu[P.to(dev)] - D @ mu[K.to(dev)]  # (O,) the output mean an intercept would restore
+        delta = shift if bias else None
         rec.update(weight_change=float(D.norm()), ridge=r)
+        if not bias:
+            rms = ((W @ _second(st, centered=False).to(dev)) * W).sum().clamp_min(1e-30).sqrt()
+            rec["intercept_lost"] = float(shift.norm() / rms)
     if delta is not None:
         b = ensure_bias(m)
         b.add_(delta.to(b.dtype))

@@ -20,11 +20,16 @@ Uniform width: ``AutoModelForCausalLM.from_pretrained`` of these families builds
 Which channels go is still chosen per layer by its own scores; only how many is shared. (A per-layer allocation
 would need zero-padding back to the widest layer, which saves nothing, or a custom model class.)
 
-Compensation needs a place for ``b``: Llama gets ``mlp_bias`` / ``attention_bias`` switched on in its config (the
-extra ``gate/up`` and ``q/k/v`` biases are zeros, so the function is unchanged and the reload exact); GPT-2's
-``c_proj`` has a bias; Qwen2 and Mistral cannot express one, so ``mean`` is refused there and ``lstsq`` refits
-weights only. Hidden-size pruning (``hidden_ratio``: across every RMSNorm, the embeddings and the LM head, Llama /
-Mistral / Qwen2) is :mod:`prunekit.pruning.llm.hidden`, run after the MLP and head pruning.
+No new bias by default: compensation folds into the weights (``lstsq`` without an intercept, the least-squares fit
+of ``W x`` by ``W_K' x_K`` alone) or into a bias the layer already has (GPT-2's ``c_proj``), so a pruned Llama /
+Mistral / Qwen2 keeps its config's ``attention_bias`` / ``mlp_bias`` and the architecture llama.cpp, vLLM and other
+runtimes expect. What an intercept would have restored is recorded per layer (``intercept_lost``: the calibration
+output mean left uncorrected, relative to the output RMS). ``add_bias=True`` switches ``mlp_bias`` /
+``attention_bias`` on in a Llama config instead (zero biases on gate/up, q/k/v; ``mean`` compensation needs it);
+Mistral and Qwen2 configs cannot express those biases. The config keys other than the widths are checked unchanged
+(:mod:`prunekit.pruning.llm.layout`), and :func:`save_pruned` refuses a model its config cannot describe.
+Hidden-size pruning (``hidden_ratio``: across every RMSNorm, the embeddings and the LM head, Llama / Mistral / Qwen2)
+is :mod:`prunekit.pruning.llm.hidden`, run after the MLP and head pruning.
 
 Example:
     >>> cfg = WidthSettings(mlp_ratio=0.5, criterion="variance", compensate="lstsq")
@@ -50,6 +55,7 @@ from prunekit.errors import ConfigError, PruningError
 from .arch import Block, Family, ensure_bias, get_family, head_layout, keep_in, keep_out, out_features, weight_oi
 from .compensate import compensate
 from .criteria import Unit, get_criterion, list_criteria, needs_stats
+from .layout import WIDTH_KEYS, check_expressible, config_changes, config_snapshot
 from .stats import calibration_batches, collect_inputs
 
 log = logging.getLogger(__name__)
@@ -72,6 +78,9 @@ class WidthSettings(Config):
     hidden_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of hidden (residual-stream) channels "
                                    "removed across every RMSNorm, the embeddings and the LM head, after the MLP / head "
                                    "pruning (llama, mistral, qwen2; see prunekit.pruning.llm.hidden)")
+    add_bias: bool = Field(False, description="switch on mlp_bias / attention_bias in a Llama config so that "
+                           "compensation fits an intercept (needed by compensate=mean); off: no new bias, the folder "
+                           "keeps the architecture runtimes expect")
     round_to: int = Field(1, ge=1, description="keep a multiple of this many MLP channels")
     sequential: bool = Field(True, description="measure each layer on the model already pruned before it")
     seed: int = Field(0, description="seed of the random criterion (and of prune-llm's calibration sampling)")
@@ -133,36 +142,40 @@ class _Pruner:
         self.lm, self.fam, self.cfg, self.batches = lm, fam, cfg, batches
         self.crit = get_criterion(cfg.criterion)
         self.records: list[dict[str, Any]] = []
-        self.mlp_bias = False
-        if cfg.mlp_ratio > 0:
-            self.mlp_bias = self._bias_mode("mlp", fam.mlp_bias, [b.consumer for b in fam.blocks(lm)])
-        self.attn_bias = False
-        if cfg.head_ratio > 0:
-            self.attn_bias = self._bias_mode("attention", fam.attn_bias, [b.attn["o"] for b in fam.blocks(lm)])
-        for part, on, has in (("mlp", cfg.mlp_ratio > 0, self.mlp_bias),
-                              ("heads", cfg.head_ratio > 0, self.attn_bias)):
-            if cfg.compensate == "mean" and on and not has:
-                layer = "down_proj" if part == "mlp" else "o_proj"
-                raise PruningError(f"compensate='mean': a {fam.name} config cannot express a bias on {layer}, so the "
-                                   f"compensated model would not reload with from_pretrained; use compensate='lstsq' "
-                                   f"(refits the weights, no bias) or 'none'")
+        blocks = fam.blocks(lm)
+        self.mlp_bias = cfg.mlp_ratio > 0 and self._bias_mode(fam.mlp_bias, [b.consumer for b in blocks], "down_proj")
+        self.attn_bias = cfg.head_ratio > 0 and self._bias_mode(fam.attn_bias, [b.attn["o"] for b in blocks], "o_proj")
+        self.biases_added: list[str] = []
 
-    def _bias_mode(self, what: str, enable: Any, consumers: list[str]) -> bool:
-        """Whether the consumers can carry a bias; switches it on (config + zero biases) when compensating."""
+    def _bias_mode(self, key: str | None, consumers: list[str], layer: str) -> bool:
+        """Whether compensation may set a bias on the consumers: one they have, or one ``add_bias`` switches on."""
         mods = _modules(self.lm)
         if all(mods[c].bias is not None for c in consumers):
-            return True
-        if self.cfg.compensate == "none" or enable is None:
-            return False
-        if not enable(self.lm.config):
-            return False
-        for b in self.fam.blocks(self.lm):  # the config turns biases on for every projection of that kind
-            names = [*b.producers, b.consumer] if what == "mlp" else list(b.attn.values())
-            for n in names:
-                ensure_bias(mods[n])
-        log.info("%s biases switched on in the config (zeros except the compensated %s)", what,
-                 "down_proj" if what == "mlp" else "o_proj")
-        return True
+            return True  # an existing bias takes the intercept (GPT-2's c_proj, a Llama with mlp_bias)
+        name = self.fam.name
+        if self.cfg.add_bias and self.cfg.compensate != "none" and key is None:
+            raise ConfigError(f"add_bias=True: a {name} config cannot express a bias on {layer}; use "
+                              "add_bias=False (compensate='lstsq' folds into the weights)")
+        if self.cfg.compensate == "mean" and not self.cfg.add_bias:
+            how = (f"; add_bias=True (--add-bias) switches on {key} in its config (an architecture some runtimes "
+                   "do not expect for this model type)" if key else "")
+            raise PruningError(f"compensate='mean': this {name} model has no bias on {layer} and its config cannot "
+                               f"express a bias there without changing the architecture{how}; or use "
+                               "compensate='lstsq' (refits the weights, no bias) or 'none'")
+        return self.cfg.add_bias and self.cfg.compensate != "none"
+
+    def add_biases(self) -> None:
+        """Switch on the biases ``add_bias`` asked for (config key + zeros), once every check has passed."""
+        mods = _modules(self.lm)
+        for on, key, what in ((self.mlp_bias, self.fam.mlp_bias, "mlp"), (self.attn_bias, self.fam.attn_bias, "attn")):
+            if not on or key is None or getattr(self.lm.config, key, False):
+                continue
+            setattr(self.lm.config, key, True)  # the config turns biases on for every projection of that kind
+            for b in self.fam.blocks(self.lm):
+                for n in ([*b.producers, b.consumer] if what == "mlp" else list(b.attn.values())):
+                    ensure_bias(mods[n])
+            self.biases_added.append(key)
+            log.info("%s switched on in the config (add_bias=True): zero biases except the compensated ones", key)
 
     def _stats(self, names: list[str], cov: list[str], stop: str | None) -> dict:
         return collect_inputs(self.lm, self.batches, names, covariance=cov, stop_after=stop) if names else {}
@@ -184,6 +197,7 @@ class _Pruner:
         return out
 
     def run(self, keep_mlp: int, keep_groups: int) -> None:
+        self.add_biases()
         blocks = self.fam.blocks(self.lm)
         plan = self.plan(blocks)
         dense: dict = {}
@@ -272,6 +286,7 @@ def prune_width(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], sett
                           f"(round_to={settings.round_to}); raise it or lower round_to")
     nq, nkv, keep_groups = _kept_groups(settings, fam, config)
     batches = calibration_batches(calib, batch_size)
+    before = config_snapshot(config)
     params_before = sum(p.numel() for p in lm.parameters())
     t0 = time.perf_counter()
     heads = (f"heads {nq} -> {nq // nkv * keep_groups} ({nkv} -> {keep_groups} key-value groups)" if keep_groups
@@ -292,8 +307,11 @@ def prune_width(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], sett
         from prunekit.models.hf import config_to_dict
 
         kw["hf_config"] = config_to_dict(config)
+    changes = config_changes(before, config, WIDTH_KEYS | set(pruner.biases_added), "width pruning")
     kv_groups = [head_layout(config)[1] if fam.attn else None, keep_groups or None]
-    return _report(settings, lm, [inter, keep_mlp], kv_groups, params_before, batches, t0, pruner.records, hidden)
+    rep = _report(settings, lm, [inter, keep_mlp], kv_groups, params_before, batches, t0, pruner.records, hidden)
+    return rep | {"config_changes": changes, "biases_added": pruner.biases_added,
+                  "intercept_lost_max": max((r.get("intercept_lost", 0.0) for r in pruner.records), default=0.0)}
 
 
 def _check_settings(settings: WidthSettings, fam: Any, config: Any) -> None:
@@ -345,8 +363,10 @@ def _report(settings: WidthSettings, lm: nn.Module, inter: list[int], kv_groups:
 
 def save_pruned(model: nn.Module, out: str | Path, report: dict[str, Any] | None = None) -> Path:
     """``save_pretrained`` (safetensors + config.json) plus ``prune_report.json``; reload with
-    ``AutoModelForCausalLM.from_pretrained(out)``."""
+    ``AutoModelForCausalLM.from_pretrained(out)``. A model its config cannot describe (per-layer widths, biases on
+    some layers only) is refused with the reason (``PruningError``) and nothing is written."""
     lm = unwrap(model)
+    check_expressible(lm)  # before anything is written
     out = Path(out)
     lm.save_pretrained(out, safe_serialization=True)
     if report is not None:

@@ -7,7 +7,9 @@
 - ``SparsityConfig``: unstructured, N:M, kernel masks (``example_inputs`` picks the first/last layers); returns a
   ``SparsityReport``;
 - ``WidthConfig``: decoder-LM width (MLP channels, GQA groups, hidden size); ``calib_data`` is token ids; returns
-  the width report (a dict).
+  the width report (a dict);
+- ``DepthConfig``: decoder-LM depth (whole decoder layers by measured importance); ``calib_data`` is token ids;
+  returns the depth report (a dict).
 
 Keyword options are the config's flat keys (``ratio=``, ``target_macs=``, ``compensate=``, ``reconstruct_steps=``,
 ...), generated from the config class: they build the config, or replace fields of the one given.
@@ -31,11 +33,13 @@ from prunekit.pruning.transaction import transaction
 
 
 def _families() -> dict[type[Config], str]:
+    from prunekit.pruning.llm.depth import DepthConfig
     from prunekit.pruning.llm.width import WidthSettings
     from prunekit.pruning.structured.settings import StructuredConfig
     from prunekit.pruning.unstructured.settings import SparsifySettings
 
-    return {StructuredConfig: "structured", SparsifySettings: "sparsity", WidthSettings: "width"}
+    return {StructuredConfig: "structured", SparsifySettings: "sparsity", WidthSettings: "width",
+            DepthConfig: "depth"}
 
 
 def resolve_config(config: Any, options: dict[str, Any]) -> Config:
@@ -95,12 +99,13 @@ def prune(model: nn.Module, example_inputs: Any = None, config: Any = None, *, c
                 call_default_factory=True)}  # the options set, not every default (nm of a non-N:M method)
             return sparsify(model, example_inputs=example_inputs, calib_data=calib_data, loss_fn=loss_fn,
                             device=device, **given)
+        from prunekit.pruning.llm.depth import prune_depth
         from prunekit.pruning.llm.width import prune_width
 
         if calib_data is None:
-            raise ConfigError("prune() with a WidthConfig needs calib_data: token ids, a (N, T) tensor or a list of "
-                              "(B, T) batches of training text")
-        return prune_width(model, calib_data, cfg)
+            raise ConfigError(f"prune() with a {type(cfg).__name__} needs calib_data: token ids, a (N, T) tensor or "
+                              "a list of (B, T) batches of training text")
+        return prune_depth(model, calib_data, cfg) if family == "depth" else prune_width(model, calib_data, cfg)
 
 
 def _shortcut_docs() -> str:

@@ -7,6 +7,9 @@ with plain ``AutoModelForCausalLM.from_pretrained``.
 Hidden-size pruning (:mod:`~prunekit.pruning.llm.hidden`, Llama / Mistral / Qwen2): residual-stream channels across
 every RMSNorm, the embeddings and the LM head, scored by RMSNorm output activation, with an RMS correction.
 
+Depth pruning (:mod:`~prunekit.pruning.llm.depth`): whole decoder layers removed by measured importance (angular
+distance between a layer's input and output hidden states, or the calibration loss without it).
+
 Unstructured and N:M sparsity (:mod:`~prunekit.pruning.llm.sparse`): Wanda and SparseGPT block by block
 (``prune_decoder``; also the ``wanda`` / ``sparsegpt`` methods of ``prunekit sparsify``).
 
@@ -18,11 +21,13 @@ Example:
 
 from prunekit.pruning.llm.arch import get_family, list_families
 from prunekit.pruning.llm.criteria import get_criterion, list_criteria
+from prunekit.pruning.llm.depth import DepthConfig, prune_depth
 from prunekit.pruning.llm.hidden import prune_hidden
 from prunekit.pruning.llm.sparse import LLM_METHODS, DecoderSparsity, decoder_blocks, decoder_linears, prune_decoder
 from prunekit.pruning.llm.stats import collect_inputs
 from prunekit.pruning.llm.width import WidthSettings, kept_count, prune_width, save_pruned, unwrap
 
-__all__ = ["LLM_METHODS", "DecoderSparsity", "decoder_blocks", "decoder_linears", "prune_decoder",
+__all__ = ["DepthConfig", "prune_depth", "LLM_METHODS", "DecoderSparsity", "decoder_blocks", "decoder_linears",
+           "prune_decoder",
            "WidthSettings", "collect_inputs", "get_criterion", "get_family", "kept_count", "list_criteria",
            "list_families", "prune_hidden", "prune_width", "save_pruned", "unwrap"]

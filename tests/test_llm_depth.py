@@ -123,3 +123,28 @@ def test_bad_depth_settings_are_clear_errors_and_leave_the_model():
         prunekit.prune(model, None, DepthConfig(drop_layers=1), calib_data=torch.full((2, T), V + 5))  # bad ids
     assert len(model.model.layers) == 4 and model.config.num_hidden_layers == 4
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_prune_llm_drops_layers_alone_or_with_width(tmp_path, capsys):
+    from prunekit.cli.main import main
+
+    model = tiny("llama", 4)
+    model.config.vocab_size = 256
+    model.resize_token_embeddings(256)
+    make_identity(model, 1)
+    model.save_pretrained(tmp_path / "dense")
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 40)
+    args = ["--from", str(tmp_path / "dense"), "--calib-text", str(text), "--seq-len", "16", "--calib-samples", "8"]
+    assert main(["prune-llm", *args, "--drop-layers", "1", "--out", str(tmp_path / "d")]) == 0
+    rep = json.loads((tmp_path / "d" / "prune_report.json").read_text())
+    assert rep["depth"]["dropped"] == [1] and rep["params_after"] < rep["params_before"]
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["num_hidden_layers"] == 3
+    assert main(["prune-llm", *args, "--layers-ratio", "0.5", "--mlp-ratio", "0.5", "--out", str(tmp_path / "w")]) == 0
+    cfg = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["mlp_bias"]) == (2, 24, False)
+    assert len(json.loads((tmp_path / "w" / "prune_report.json").read_text())["layers"]) == 2  # width of 2 layers
+    assert main(["eval", "--from", str(tmp_path / "w"), "--text", str(text), "--seq-len", "16"]) == 0
+    capsys.readouterr()
+    assert main(["prune-llm", *args, "--out", str(tmp_path / "n")]) == 2
+    assert "--drop-layers" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``prunekit prune-llm`` and ``prunekit eval --text``: width pruning and perplexity of Hugging Face causal LMs.
+"""``prunekit prune-llm`` and ``prunekit eval --text``: width / depth pruning and perplexity of Hugging Face causal LMs.
 
 A model folder is what ``save_pretrained`` writes (``config.json`` + ``*.safetensors``, a tokenizer optional).
 Text is tokenized by the folder's tokenizer, or as UTF-8 bytes for a byte-level model (``vocab_size`` 256).
@@ -7,10 +7,13 @@ Example::
 
     prunekit prune-llm --from llama_dir --calib-text train.txt --mlp-ratio 0.5 --criterion variance \\
         --compensate lstsq --eval-text test.txt --out pruned_dir
+    prunekit prune-llm --from llama_dir --calib-text train.txt --drop-layers 4 --out shallow_dir   # depth
     prunekit eval --from pruned_dir --text test.txt --seq-len 256
 
 The output folder holds the pruned model (reload it with ``AutoModelForCausalLM.from_pretrained``), the tokenizer
-files copied from ``--from``, ``prune_report.json`` (settings, widths, per-layer compensation records) and
+files copied from ``--from``, ``prune_report.json`` (settings, widths, per-layer compensation records; with
+``--drop-layers`` / ``--layers-ratio`` a ``depth`` entry: the layer scores and the dropped layers, removed before the
+width pruning) and
 ``metrics.json`` (perplexities before/after when ``--eval-text`` is given, params, the tokenizer used).
 A folder without tokenizer files is read as UTF-8 bytes only when its vocabulary is 256 (or with ``--tokenizer
 bytes``); any other vocabulary needs ``--tokenizer FOLDER``.
@@ -31,6 +34,7 @@ from pydantic import Field, model_validator
 from prunekit.errors import ConfigError, DataNotFoundError, RunDirError
 from prunekit.pipeline.commands import register
 from prunekit.pipeline.skeleton import prepare_out, refuse_same_folder
+from prunekit.pruning.llm.depth import DepthConfig, prune_depth
 from prunekit.pruning.llm.width import WidthSettings, prune_width, save_pruned
 
 log = logging.getLogger("prunekit.prune_llm")
@@ -122,8 +126,9 @@ def tokenize_file(path: str | Path, model_dir: str | Path, model: torch.nn.Modul
     return torch.tensor(tok(raw.decode("utf-8", errors="replace"))["input_ids"], dtype=torch.long)
 
 
-class PruneLLMConfig(WidthSettings):
-    """``prunekit prune-llm``: width pruning of a Hugging Face causal LM folder (Llama, Mistral, Qwen2, GPT-2)."""
+class PruneLLMConfig(WidthSettings, DepthConfig):
+    """``prunekit prune-llm``: width and/or depth pruning of a Hugging Face causal LM folder (Llama, Mistral, Qwen2,
+    GPT-2)."""
 
     from_dir: Path = Field(alias="from", description="Hugging Face causal LM folder (config.json + safetensors)")
     model: Path | None = Field(None, description="deprecated: the old name of --from")
@@ -151,6 +156,16 @@ class PruneLLMConfig(WidthSettings):
         values.setdefault("from", old)
         return values
 
+    def width(self) -> WidthSettings | None:
+        """The width settings, or ``None`` when no width ratio is set."""
+        w = WidthSettings.model_validate(self.model_dump(include=set(WidthSettings.model_fields)))
+        return w if w.mlp_ratio or w.head_ratio or w.hidden_ratio else None
+
+    def depth(self) -> DepthConfig | None:
+        """The depth settings, or ``None`` when no layer is to be removed."""
+        d = DepthConfig.model_validate(self.model_dump(include=set(DepthConfig.model_fields)))
+        return d if d.drop_layers or d.layers_ratio else None
+
 
 def calibration_windows(tokens: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
     """``n`` random windows (seeded) of ``seq_len`` tokens, (n, seq_len)."""
@@ -161,12 +176,17 @@ def calibration_windows(tokens: torch.Tensor, n: int, seq_len: int, seed: int) -
     return torch.stack([tokens[s:s + seq_len] for s in starts])
 
 
-@register("prune-llm", PruneLLMConfig, help="Width pruning of a Hugging Face causal LM folder (MLP channels, GQA "
-          "groups; VBP + compensation)")
+@register("prune-llm", PruneLLMConfig, help="Width / depth pruning of a Hugging Face causal LM folder (MLP channels, "
+          "GQA groups, hidden size, whole layers; VBP + compensation)")
 def prune_llm_run(cfg: PruneLLMConfig) -> dict[str, Any]:
-    """Width-prune the causal LM folder ``cfg.from_dir`` into the model folder ``cfg.out``; returns its metrics."""
+    """Prune the causal LM folder ``cfg.from_dir`` into the model folder ``cfg.out`` (depth first, then width);
+    returns its metrics."""
     from prunekit.measure.perplexity import perplexity
 
+    width, depth = cfg.width(), cfg.depth()
+    if width is None and depth is None:
+        raise ConfigError("prune-llm: nothing would be pruned; set --mlp-ratio (e.g. 0.5), --head-ratio, "
+                          "--hidden-ratio and/or --drop-layers (e.g. 2) / --layers-ratio")
     refuse_same_folder(cfg.out, cfg.from_dir, what="the --from folder")
     out = prepare_out(cfg)  # before hours of pruning
     model = load_causal_lm(cfg.from_dir, cfg.device)
@@ -178,8 +198,7 @@ def prune_llm_run(cfg: PruneLLMConfig) -> dict[str, Any]:
     if ev is not None:
         metrics["ppl_before"] = perplexity(model, ev, seq_len=cfg.seq_len)
         log.info("perplexity before: %.4f", metrics["ppl_before"])
-    settings = WidthSettings.model_validate(cfg.model_dump(include=set(WidthSettings.model_fields)))
-    report = prune_width(model, calib, settings)
+    report = _prune(model, calib, width, depth)
     if ev is not None:
         metrics["ppl_after"] = perplexity(model, ev, seq_len=cfg.seq_len)
         log.info("perplexity after: %.4f", metrics["ppl_after"])
@@ -190,6 +209,20 @@ def prune_llm_run(cfg: PruneLLMConfig) -> dict[str, Any]:
             shutil.copy2(Path(cfg.from_dir) / f, out / f)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
+
+
+def _prune(model: torch.nn.Module, calib: torch.Tensor, width: WidthSettings | None,
+           depth: DepthConfig | None) -> dict[str, Any]:
+    """Depth pruning (layer scores on the dense model), then width pruning; one report (the width report with a
+    ``depth`` entry, or the depth report's params)."""
+    report: dict[str, Any] = {}
+    if depth is not None:
+        d = prune_depth(model, calib, depth)
+        report = {"depth": d, "params_before": d["params_before"], "params_after": d["params_after"]}
+    if width is not None:
+        w = prune_width(model, calib, width)
+        report = w | report | {"params_after": w["params_after"]}
+    return report
 
 
 def text_perplexity(from_dir: str | Path, text: str | Path, *, seq_len: int = 256, batch_size: int = 8,

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS.names():
         cmd = COMMANDS.get(name)
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help,
+                           epilog=f"example: {cmd.example}" if cmd.example else None)
         p.set_defaults(_parser=p)  # so main() can say which sub-command a stray flag belongs to
         p.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file (flags override it)")
         p.add_argument("--debug", action="store_true", help="show full tracebacks")

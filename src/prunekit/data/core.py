@@ -31,6 +31,8 @@ class DatasetInfo:
     image_size: int
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    description: str = ""  # one line for `prunekit datasets`
+    offline: str = ""  # whether it works without a network, and from where
 
 
 @dataclass(frozen=True)

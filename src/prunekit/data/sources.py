@@ -22,7 +22,9 @@ _CACHE = Path.home() / ".cache" / "prunekit"
 
 
 # --------------------------------------------------------------------------------------------- digits (embedded)
-@register_dataset(DatasetInfo("digits", 10, 1, 16, (0.3125,), (0.3780,)))
+@register_dataset(DatasetInfo("digits", 10, 1, 16, (0.3125,), (0.3780,),
+                              description="bundled 8x8 handwritten digits (1 797), upsampled; seeded 80/20 split",
+                              offline='yes: ships with scikit-learn'))
 def digits(split: str, data_dir: Path | None, image_size: int, download: bool) -> Dataset:
     """scikit-learn's bundled 8x8 handwritten digits (1797 images), upsampled; a fixed seeded 80/20 stratified split
     into the training source (train / calib / val) and test."""
@@ -89,14 +91,18 @@ def _mnist_like(name: str, tv_class: str, split: str, data_dir: Path | None, ima
                               augment=("crop+flip" if flip else "crop") if split == "train" else None, pad=2)
 
 
-@register_dataset(DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,)))
+@register_dataset(DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,),
+                              description="Zalando's 28x28 clothing images (60 000 train, 10 000 test)",
+                              offline="idx files in --data-dir or Debian's dataset-fashion-mnist, else --download"))
 def fashion_mnist(split: str, data_dir: Path | None, image_size: int, download: bool) -> Dataset:
     return _mnist_like("fashion-mnist", "FashionMNIST", split, data_dir, image_size, download, 0.2860, 0.3530,
                        flip=True, system_dirs=[DEBIAN_FASHION_MNIST],
                        install_hint="Install them with `apt-get install dataset-fashion-mnist` (Debian). ")
 
 
-@register_dataset(DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,)))
+@register_dataset(DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,),
+                              description='28x28 handwritten digits (60 000 train, 10 000 test)',
+                              offline='with idx files in --data-dir; else --download'))
 def mnist(split: str, data_dir: Path | None, image_size: int, download: bool) -> Dataset:
     return _mnist_like("mnist", "MNIST", split, data_dir, image_size, download, 0.1307, 0.3081, flip=False,
                        system_dirs=[], install_hint="")
@@ -122,12 +128,16 @@ def _cifar(tv_class: str, split: str, data_dir: Path | None, image_size: int, do
                               augment="crop+flip" if split == "train" else None, pad=4)
 
 
-@register_dataset(DatasetInfo("cifar10", 10, 3, 32, _CIFAR_MEAN, _CIFAR_STD))
+@register_dataset(DatasetInfo("cifar10", 10, 3, 32, _CIFAR_MEAN, _CIFAR_STD,
+                              description='32x32 colour images, 10 classes (50 000 train, 10 000 test)',
+                              offline='with the python version in --data-dir; else --download'))
 def cifar10(split: str, data_dir: Path | None, image_size: int, download: bool) -> Dataset:
     return _cifar("CIFAR10", split, data_dir, image_size, download)
 
 
-@register_dataset(DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)))
+@register_dataset(DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                              description='32x32 colour images, 100 classes (50 000 train, 10 000 test)',
+                              offline='with the python version in --data-dir; else --download'))
 def cifar100(split: str, data_dir: Path | None, image_size: int, download: bool) -> Dataset:
     return _cifar("CIFAR100", split, data_dir, image_size, download)
 
@@ -156,14 +166,18 @@ def _image_folder(name: str, split: str, data_dir: Path | None, image_size: int)
     return datasets.ImageFolder(str(sub), transform=tf)
 
 
-@register_dataset(DatasetInfo("imagenet", 1000, 3, 224, _IMAGENET_MEAN, _IMAGENET_STD))
+@register_dataset(DatasetInfo("imagenet", 1000, 3, 224, _IMAGENET_MEAN, _IMAGENET_STD,
+                              description='ImageNet-1k in class folders (train/, val/), 224 px crops',
+                              offline='with --data-dir only: never downloaded (own licence)'))
 def imagenet(split: str, data_dir: Path | None, image_size: int, download: bool) -> Dataset:
     """ImageNet-1k in folder form (``train/nXXXXXXXX/*.JPEG``, ``val/nXXXXXXXX/*.JPEG``); never downloaded. The
     ``val/`` folder is the test split; the validation split is carved from ``train/``."""
     return _image_folder("imagenet", split, data_dir, image_size)
 
 
-@register_dataset(DatasetInfo("imagefolder", 0, 3, 224, _IMAGENET_MEAN, _IMAGENET_STD))
+@register_dataset(DatasetInfo("imagefolder", 0, 3, 224, _IMAGENET_MEAN, _IMAGENET_STD,
+                              description='any train/ and val/ class folders of images',
+                              offline='with --data-dir only: your own files'))
 def imagefolder(split: str, data_dir: Path | None, image_size: int, download: bool) -> Dataset:
     """Any folder with ``train/`` and ``val/`` of class subfolders (number of classes read from it); ``val/`` is the
     test split, the validation split is carved from ``train/``."""

@@ -115,31 +115,31 @@ def _cifar_resnet(depth: int, in_channels: int, num_classes: int, kwargs: dict[s
     return ResNet([n, n, n], [16, 32, 64], in_channels, num_classes)
 
 
-@register_model("resnet20", family="resnet")
+@register_model("resnet20", family="resnet", description="CIFAR-style ResNet-20 (16-64 channels, 0.27 M params)")
 def resnet20(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> ResNet:
     """CIFAR ResNet-20 (0.27 M params)."""
     return _cifar_resnet(20, in_channels, num_classes, kwargs)
 
 
-@register_model("resnet32", family="resnet")
+@register_model("resnet32", family="resnet", description="CIFAR-style ResNet-32 (0.46 M params)")
 def resnet32(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> ResNet:
     """CIFAR ResNet-32 (0.46 M params)."""
     return _cifar_resnet(32, in_channels, num_classes, kwargs)
 
 
-@register_model("resnet56", family="resnet")
+@register_model("resnet56", family="resnet", description="CIFAR-style ResNet-56 (0.85 M params)")
 def resnet56(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> ResNet:
     """CIFAR ResNet-56 (0.85 M params)."""
     return _cifar_resnet(56, in_channels, num_classes, kwargs)
 
 
-@register_model("resnet110", family="resnet")
+@register_model("resnet110", family="resnet", description="CIFAR-style ResNet-110 (1.7 M params)")
 def resnet110(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> ResNet:
     """CIFAR ResNet-110 (1.7 M params)."""
     return _cifar_resnet(110, in_channels, num_classes, kwargs)
 
 
-@register_model("resnet18", family="resnet")
+@register_model("resnet18", family="resnet", description="ResNet-18 with a 3x3 stem (11.2 M params)")
 def resnet18(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> ResNet:
     """ResNet-18 with a 3x3 stride-1 stem and no max-pool (the usual CIFAR variant, 11 M params)."""
     _check_kwargs("resnet18", kwargs, in_channels, num_classes)
@@ -187,19 +187,19 @@ def _vgg(depth: int, in_channels: int, num_classes: int, kwargs: dict[str, Any])
     return VGG(_VGG_CFGS[depth], in_channels, num_classes)
 
 
-@register_model("vgg11", family="vgg")
+@register_model("vgg11", family="vgg", description="VGG-11 with BatchNorm, CIFAR-style head (9.2 M params)")
 def vgg11(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> VGG:
     """VGG-11 with BatchNorm, CIFAR style (9.2 M params)."""
     return _vgg(11, in_channels, num_classes, kwargs)
 
 
-@register_model("vgg16", family="vgg")
+@register_model("vgg16", family="vgg", description="VGG-16 with BatchNorm (14.7 M params)")
 def vgg16(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> VGG:
     """VGG-16 with BatchNorm, CIFAR style (14.7 M params)."""
     return _vgg(16, in_channels, num_classes, kwargs)
 
 
-@register_model("vgg19", family="vgg")
+@register_model("vgg19", family="vgg", description="VGG-19 with BatchNorm (20.0 M params)")
 def vgg19(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> VGG:
     """VGG-19 with BatchNorm, CIFAR style (20 M params)."""
     return _vgg(19, in_channels, num_classes, kwargs)
@@ -259,7 +259,7 @@ class MobileNetV2(nn.Module):
         return self.classifier(self.dropout(x))
 
 
-@register_model("mobilenetv2", family="mobilenet")
+@register_model("mobilenetv2", family="mobilenet", description="MobileNetV2 for small images (2.2 M params)")
 def mobilenetv2(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> MobileNetV2:
     """MobileNetV2, CIFAR variant (stride-1 stem, 2.2 M params)."""
     _check_kwargs("mobilenetv2", kwargs, in_channels, num_classes)
@@ -288,7 +288,7 @@ class SmallCNN(nn.Module):
         return self.classifier(x)
 
 
-@register_model("smallcnn", family="smallcnn")
+@register_model("smallcnn", family="smallcnn", description="a small CNN (66 K params at width 32) for quick tests")
 def smallcnn(in_channels: int = 3, num_classes: int = 10, width: int = 32, **kwargs: Any) -> SmallCNN:
     """A small CNN (about 65 K params at width 32) for quick tests and the digits default."""
     _check_kwargs("smallcnn", kwargs, in_channels, num_classes)

@@ -44,6 +44,35 @@ class Command:
     writes_run: bool = True  # writes a run directory the next stage can read
     trains: bool = False  # has epochs and a resumable checkpoint
     show: Callable[[Any, Any], int | None] | None = None  # CLI: prints (config, result) for humans; set by cli/
+    example: str = ""  # one command line that runs (``--help`` shows it); empty: the one in EXAMPLES
+
+    def __post_init__(self) -> None:
+        self.example = self.example or EXAMPLES.get(self.name, "")
+
+
+# the example line of each built-in command's --help (tests/test_docs.py parses every one of them)
+EXAMPLES = {
+    "train": "prunekit train --model resnet20 --dataset digits --epochs 10 --out runs/base",
+    "eval": "prunekit eval --from runs/base",
+    "prune": "prunekit prune --from runs/base --criterion variance --target-macs 0.5 --out runs/pruned",
+    "finetune": "prunekit finetune --from runs/pruned --epochs 5 --lr 0.05 --kd --out runs/ft",
+    "pat": "prunekit pat --from runs/base --steps 3 --target-macs 0.5 --epochs 5 --out runs/pat",
+    "sparse-train": "prunekit sparse-train --from runs/base --method l1_group --lam 0.01 --out runs/sparse",
+    "sparsify": "prunekit sparsify --from runs/base --method nm --nm 2:4 --out runs/sparse24",
+    "prune-llm": "prunekit prune-llm --from LLAMA_DIR --calib-text train.txt --mlp-ratio 0.5 --out runs/llm",
+    "quantize": "prunekit quantize --from runs/ft --backend onnxruntime --out runs/int8",
+    "export": "prunekit export --from runs/ft --format onnx,torchscript --verify",
+    "profile": "prunekit profile --baseline runs/base --pruned runs/ft",
+    "report": "prunekit report runs/base runs/pruned runs/ft --out runs/report",
+    "sensitivity": "prunekit sensitivity --from runs/base --criterion l1",
+    "graph": "prunekit graph --model resnet20 --out graph.svg",
+    "compare-paper": "prunekit compare-paper --paper vbp-deit-tiny runs/deit/2-prune runs/deit/3-finetune",
+    "models": "prunekit models --pattern resnet",
+    "datasets": "prunekit datasets",
+    "demo": "prunekit demo --out runs/demo",
+    "run": "prunekit run configs/digits_quick.yaml --out runs/quick",
+    "sweep": "prunekit sweep configs/digits_quick.yaml --grid prune.ratio=0.3,0.5 --out runs/sweep",
+}
 
 
 COMMANDS: Registry[Command] = Registry("command")

@@ -79,12 +79,14 @@ def _split_dict(s: str) -> dict[str, str]:
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Config], positional: tuple[str, ...] = ()) -> None:
     """One flag per flat key of ``cls`` (sections flattened: ``--reconstruct-steps`` is ``reconstruction.steps``)."""
+    defaults = cls.flat_defaults()
     for name, (_, field) in cls.flat_fields().items():
         tp = _unwrap(field.annotation)
         origin = typing.get_origin(tp)
         help_ = field.description or ""
-        if not field.is_required() and field.default_factory is None and field.default not in (None, "", [], {}):
-            help_ += f" (default: {field.default if not isinstance(field.default, Path) else str(field.default)})"
+        default = defaults[name]
+        if default is not ... and default not in (None, "", [], {}):
+            help_ += f" (default: {default if not isinstance(default, Path) else str(default)})"
         kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=help_)
         if name in positional:
             if origin is list:

@@ -253,7 +253,7 @@ def text_perplexity(from_dir: str | Path, text: str | Path, *, seq_len: int = 25
 
 def text_perplexity_run(cfg: Any) -> dict[str, Any]:
     """``prunekit eval --from DIR --text FILE`` (an ``EvalConfig``); with ``--out`` also writes ``metrics.json``."""
-    m = text_perplexity(cfg.from_dir, cfg.text, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+    m = text_perplexity(cfg.from_dir, cfg.text, seq_len=cfg.seq_len, batch_size=cfg.data.batch_size,
                         tokenizer=cfg.tokenizer, device=cfg.device, max_batches=cfg.max_batches)
     if cfg.out is not None:
         out = prepare_out(cfg)

@@ -91,13 +91,14 @@ def profile_llm(cfg: Any) -> dict[str, Any]:
         if not is_hf_folder(d):
             raise ConfigError(f"{flag} {str(d)!r} is not a Hugging Face model folder while the other one is: profile "
                               "two versions of the same model (two model folders, or two run directories)")
-    check_backends(cfg.backend)
+    check_backends(cfg.timing.backend)
     baseline, pruned = CausalLMLogits(load_causal_lm(cfg.baseline)), CausalLMLogits(load_causal_lm(cfg.pruned))
     if baseline.model.config.vocab_size != pruned.model.config.vocab_size:
         raise ConfigError(f"--baseline and --pruned have different vocabularies ({baseline.model.config.vocab_size} "
                           f"vs {pruned.model.config.vocab_size}); profile two versions of the same model")
     inputs = token_ids(pruned.model, cfg.batch_size, cfg.seq_len)
-    p = profile_models(baseline, pruned, inputs, cfg.backend, cfg.runs, cfg.warmup, cfg.rounds, cfg.threads,
+    t = cfg.timing
+    p = profile_models(baseline, pruned, inputs, t.backend, t.runs, t.warmup, cfg.rounds, t.threads,
                        cfg.layers, cfg.layer_runs, cfg.top)
     p = {"baseline_dir": str(cfg.baseline), "pruned_dir": str(cfg.pruned),
          "model": pruned.model.config.model_type, "seq_len": inputs["input_ids"].shape[1], **p,

@@ -39,14 +39,15 @@ def check_llm_config(cfg: Any) -> None:
     """What a causal-LM folder allows: the decoder methods, one-shot, no fine-tuning, calibration text."""
     from prunekit.pruning.unstructured import get_method
 
-    if not get_method(cfg.method).layerwise:
+    method, epochs = cfg.sparsify.method, cfg.train.epochs
+    if not get_method(method).layerwise:
         raise ConfigError(f"--from {str(cfg.from_dir)!r} is a Hugging Face causal LM folder: --method must be one of "
-                          f"the decoder-LM methods wanda, sparsegpt (got {cfg.method!r})")
-    if cfg.schedule != "oneshot" or cfg.epochs:
-        raise ConfigError(f"--from {str(cfg.from_dir)!r} is a causal LM folder: {cfg.method} prunes one-shot without "
-                          f"fine-tuning here (got --schedule {cfg.schedule}, --epochs {cfg.epochs})")
+                          f"the decoder-LM methods wanda, sparsegpt (got {method!r})")
+    if cfg.schedule != "oneshot" or epochs:
+        raise ConfigError(f"--from {str(cfg.from_dir)!r} is a causal LM folder: {method} prunes one-shot without "
+                          f"fine-tuning here (got --schedule {cfg.schedule}, --epochs {epochs})")
     if cfg.calib_text is None:
-        raise ConfigError(f"--method {cfg.method} on a causal LM folder needs --calib-text FILE (training text; the "
+        raise ConfigError(f"--method {method} on a causal LM folder needs --calib-text FILE (training text; the "
                           "calibration windows are drawn from it)")
 
 
@@ -62,33 +63,32 @@ def sparsify_llm_run(cfg: Any) -> dict[str, Any]:
         resolve_tokenizer,
         tokenize_file,
     )
-    from prunekit.pruning.unstructured import Sparsifier, SparsifySettings, fold_masks
+    from prunekit.pruning.unstructured import Sparsifier, fold_masks
 
     check_llm_config(cfg)
     refuse_same_folder(cfg.out, cfg.from_dir)
     out = prepare_out(cfg)  # before the pruning, not after (no --resume: one-shot)
     torch.manual_seed(cfg.seed)
-    model = load_causal_lm(cfg.from_dir, cfg.device)
+    device, batch_size = cfg.train.device, cfg.data.batch_size
+    model = load_causal_lm(cfg.from_dir, device)
     ids = tokenize_file(cfg.calib_text, cfg.from_dir, model, cfg.tokenizer)
     calib = calibration_windows(ids, cfg.calib_samples, cfg.seq_len, cfg.seed)  # (N, T)
-    batches = list(calib.split(cfg.batch_size))
+    batches = list(calib.split(batch_size))
     ev = tokenize_file(cfg.eval_text, cfg.from_dir, model, cfg.tokenizer) if cfg.eval_text else None
     metrics: dict[str, Any] = {"stage": "sparsify", "from": str(cfg.from_dir), "calib_tokens": calib.numel(),
                                "tokenizer": resolve_tokenizer(cfg.from_dir, model, cfg.tokenizer)}
     if ev is not None:
-        metrics["ppl_before"] = perplexity(model, ev, seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+        metrics["ppl_before"] = perplexity(model, ev, seq_len=cfg.seq_len, batch_size=batch_size)
         log.info("sparsify: perplexity before %.4f", metrics["ppl_before"])
-    values = cfg.model_dump(include=set(SparsifySettings.model_fields))
-    values["calib_batches"] = len(batches)  # every calibration window is used
-    settings = SparsifySettings.model_validate(values)
+    settings = cfg.sparsify.model_copy(update={"calib_batches": len(batches)})  # every calibration window is used
     t0 = time.perf_counter()
-    sp = Sparsifier(model, settings, example_inputs=calib[:1].to(cfg.device), calib_data=batches, device=cfg.device)
+    sp = Sparsifier(model, settings, example_inputs=calib[:1].to(device), calib_data=batches, device=device)
     sp.step()
     metrics["sparsify_seconds"] = round(time.perf_counter() - t0, 2)
     report = sp.report()
     fold_masks(model)  # a transformers checkpoint has no mask buffers: the zeros are the sparsity
     if ev is not None:
-        metrics["ppl_after"] = perplexity(model, ev, seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+        metrics["ppl_after"] = perplexity(model, ev, seq_len=cfg.seq_len, batch_size=batch_size)
         log.info("sparsify: perplexity after %.4f", metrics["ppl_after"])
     log.info("sparsify: report\n%s", report.table())
     metrics.update(report.metrics())

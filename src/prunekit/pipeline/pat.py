@@ -20,11 +20,13 @@ import torch
 from pydantic import Field
 
 from prunekit import runs
+from prunekit.config import Config, section
+from prunekit.data import DataArgs
 from prunekit.errors import ConfigError
 from prunekit.measure import count_macs
 from prunekit.pipeline.commands import register
 from prunekit.pipeline.skeleton import stage_run
-from prunekit.pipeline.stages import KDArgs, StageOut, kd_setup, loaders, model_metrics, test_metrics, write_run
+from prunekit.pipeline.stages import KDArgs, kd_setup, loaders, model_metrics, test_metrics, write_run
 from prunekit.pruning.structured import StructuredConfig, prune_with_settings, recalibrate_bn
 from prunekit.pruning.structured.bn import batchnorms
 from prunekit.train import TrainSettings, fit
@@ -32,21 +34,24 @@ from prunekit.train import TrainSettings, fit
 log = logging.getLogger(__name__)
 
 
-class PATConfig(StageOut, KDArgs, TrainSettings):
-    """``pat`` recipe stage: pruning-aware training (the pruning options are the ``prune`` section's flat keys)."""
+class PATConfig(Config):
+    """``pat`` recipe stage: pruning-aware training. Sections: ``prune`` (each step's pruning; its ratio / keep /
+    target_macs is the final target), ``train`` (each step's fine-tuning), ``kd``, ``data``."""
 
     shared_keys = ("seed",)
-
     from_dir: Path = Field(alias="from", description="run directory of the model to prune")
     steps: int = Field(5, ge=1, description="pruning steps")
-    epochs: int = Field(1, ge=0, description="fine-tuning epochs after each pruning step")
-    lr: float = Field(0.01, gt=0, description="peak learning rate of each step's fine-tuning")
     schedule: Literal["geometric", "linear"] = Field("geometric", description="how the kept fraction shrinks")
     bn_batches: int = Field(50, ge=0, description="batches for BatchNorm recalibration after each step (0: off)")
     resume: bool = Field(False, description="continue from the last finished step")
     out: Path = Field(Path("runs/pat"), description="output run directory")
-    prune: StructuredConfig = Field(default_factory=StructuredConfig, description="each step's pruning; its "
-                                    "ratio / keep / target_macs is the final target")
+    overwrite: bool = Field(False, description="replace --out if it already holds a run")
+    seed: int = Field(0, description="random seed (data order, pruning, fine-tuning)")
+    prune: StructuredConfig = section(StructuredConfig, "each step's pruning")
+    train: TrainSettings = section(TrainSettings, "each step's fine-tuning (--epochs after each pruning step)",
+                                   epochs=1, lr=0.01)
+    kd: KDArgs = section(KDArgs, "distillation")
+    data: DataArgs = section(DataArgs, "the data")
 
 
 def kept_after(step: int, steps: int, keep: float, schedule: str) -> float:
@@ -92,29 +97,28 @@ def pat(cfg: PATConfig) -> dict[str, Any]:
         x = run.example_inputs()
         pool0 = prunable_channels(model, x, cfg.prune)
         macs0 = count_macs(model, x)
-        ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download,
-                     splits=("train", "calib", "val", "test"))
+        t, d = cfg.train, cfg.data
+        ld = loaders(data, d.batch_size, cfg.seed, d.workers, d.download, splits=("train", "calib", "val", "test"))
         loss_fn, teacher_dir = kd_setup(cfg, "pat")
         start, retention = 1, []
         if cfg.resume and steps_dir.is_dir():
             done = sorted(int(p.name.split("-")[0]) for p in steps_dir.glob("*-done"))
             if done:
                 start = done[-1] + 1
-                model = runs.load_model(steps_dir / f"{done[-1]}-done", cfg.device)
+                model = runs.load_model(steps_dir / f"{done[-1]}-done", t.device)
                 retention = runs.read_metrics(steps_dir / f"{done[-1]}-done")["retention"]
                 log.info("pat: resuming after step %d/%d", done[-1], cfg.steps)
         t0 = time.perf_counter()
         for step in range(start, cfg.steps + 1):
             model, r = _prune_step(cfg, step, model, x, pool0, macs0, ld, out)
-            if cfg.epochs:
-                step_cfg = cfg.model_copy(update={"epochs": cfg.epochs})
-                fit(model, ld["train"], ld["val"], step_cfg, run_dir=steps_dir / f"{step}", resume=cfg.resume,
+            if t.epochs:
+                fit(model, ld["train"], ld["val"], t, run_dir=steps_dir / f"{step}", resume=cfg.resume,
                     phase=f"pat-step{step}", loss_fn=loss_fn)
                 _merge_history(steps_dir / f"{step}", out)
             retention = [*retention, {"step": step, "top1": r["top1"], "macs": r["macs"]}]
             runs.save_model(steps_dir / f"{step}-done", model)
             runs.write_metrics(steps_dir / f"{step}-done", {"retention": retention})
-        metrics = {**test_metrics(model, ld["test"], cfg.device), **model_metrics(model, spec, cfg.device),
+        metrics = {**test_metrics(model, ld["test"], t.device), **model_metrics(model, spec, t.device),
                    "retention": retention, "stage": "pat", "from": str(cfg.from_dir),
                    "train_seconds": round(time.perf_counter() - t0, 2),
                    **({"teacher": str(teacher_dir)} if teacher_dir else {}), **data}
@@ -129,17 +133,17 @@ def _prune_step(cfg: PATConfig, step: int, model: torch.nn.Module, x: Any, pool0
                 ld: dict[str, Any], out: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Step ``step``'s pruning and BatchNorm recalibration, saved under ``OUT/steps/<step>-pruned`` (a resumed run
     reloads it); returns the model and its retention record (test top-1 right after pruning, MACs)."""
-    pruned_dir = out / "steps" / f"{step}-pruned"
+    pruned_dir, device = out / "steps" / f"{step}-pruned", cfg.train.device
     if cfg.resume and (pruned_dir / runs.WEIGHTS).is_file():
-        return runs.load_model(pruned_dir, cfg.device), runs.read_metrics(pruned_dir)
+        return runs.load_model(pruned_dir, device), runs.read_metrics(pruned_dir)
     # BatchNorm is recalibrated below, on its own --bn-batches
     s = step_settings(cfg, step, model, x, pool0, macs0).updated({"recalibrate_bn": False})
     log.info("pat step %d/%d: prune %s", step, cfg.steps, f"to {s.target.macs:.3f} of the current MACs"
              if s.target.macs else f"ratio {s.target.ratio:.4f}")
-    report = prune_with_settings(model, x, s, calib_data=ld["calib"], device=cfg.device)
+    report = prune_with_settings(model, x, s, calib_data=ld["calib"], device=device)
     if cfg.bn_batches and batchnorms(model):
-        recalibrate_bn(model, ld["calib"], cfg.bn_batches, cfg.device)
-    r = {**test_metrics(model, ld["test"], cfg.device), "step": step, "macs": report.macs_after,
+        recalibrate_bn(model, ld["calib"], cfg.bn_batches, device)
+    r = {**test_metrics(model, ld["test"], device), "step": step, "macs": report.macs_after,
          "macs_kept_total": report.macs_after / macs0}
     log.info("pat step %d/%d: retention top1 %.2f%% at %.1f%% of the MACs", step, cfg.steps, r["top1"],
              100 * r["macs_kept_total"])

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from prunekit import runs
 from prunekit._io import atomic_write_json
+from prunekit.config import Config, section
 from prunekit.errors import ConfigError
 from prunekit.measure.latency import check_backends
 from prunekit.measure.profile import PROFILE_FILE, LatencyArgs, profile_models
@@ -25,8 +26,8 @@ from prunekit.pipeline.commands import register
 log = logging.getLogger(__name__)
 
 
-class ProfileConfig(LatencyArgs):
-    """``prunekit profile``: baseline vs pruned run directory, timed alternately in one run."""
+class ProfileConfig(Config):
+    """``prunekit profile``: baseline vs pruned run directory, timed alternately in one run (section ``timing``)."""
 
     baseline: Path = Field(description="run directory (or Hugging Face causal LM folder) of the baseline model")
     pruned: Path = Field(description="run directory (or Hugging Face causal LM folder) of the pruned model")
@@ -40,6 +41,7 @@ class ProfileConfig(LatencyArgs):
                                                "directory)")
     seq_len: int = Field(128, ge=2, description="Hugging Face causal LM folders: tokens per timed call (capped at "
                                                 "the model's positions)")
+    timing: LatencyArgs = section(LatencyArgs, "backends, threads, runs")
 
 
 
@@ -51,7 +53,7 @@ def check_sources(cfg: ProfileConfig) -> None:
             runs.check_run_dir(d)
         except Exception as e:
             raise type(e)(f"{flag}: {e}") from None
-    check_backends(cfg.backend)
+    check_backends(cfg.timing.backend)
     sb, sp = runs.read_spec(cfg.baseline), runs.read_spec(cfg.pruned)
     if sb.input != sp.input:
         raise ConfigError(f"--baseline and --pruned take different inputs ({sb.input} vs {sp.input}); "
@@ -88,7 +90,8 @@ def profile_runs(cfg: ProfileConfig) -> dict[str, Any]:
     baseline, pruned = runs.load_model(cfg.baseline), runs.load_model(cfg.pruned)
     spec = pruned.prunekit_spec
     inputs = runs.example_inputs(spec, cfg.batch_size)
-    p = profile_models(baseline, pruned, inputs, cfg.backend, cfg.runs, cfg.warmup, cfg.rounds, cfg.threads,
+    t = cfg.timing
+    p = profile_models(baseline, pruned, inputs, t.backend, t.runs, t.warmup, cfg.rounds, t.threads,
                        cfg.layers, cfg.layer_runs, cfg.top)
     return write_profile(cfg, {"baseline_dir": str(cfg.baseline), "pruned_dir": str(cfg.pruned), "model": spec.name,
                                **p, "config": cfg.to_dict()})

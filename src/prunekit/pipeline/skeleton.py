@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from prunekit import runs
+from prunekit.config import Config
 from prunekit.data import DataArgs
 from prunekit.data.core import data_settings
 from prunekit.errors import ConfigError
@@ -70,6 +71,13 @@ def prepare_out(cfg: Any, resumable: bool = False) -> Path:
                                 resumable=resumable)
 
 
+def option(cfg: Any, key: str, default: Any = None) -> Any:
+    """A stage option by its flat key, wherever it lives (the stage's own field or one of its sections)."""
+    if isinstance(cfg, Config):
+        return cfg.flat().get(key, default)
+    return getattr(cfg, key, default)
+
+
 def data_section(cfg: Any) -> Any | None:
     """The config's data options: its ``data`` section, itself when it takes the data flags flat, else ``None``."""
     if isinstance(getattr(cfg, "data", None), DataArgs):
@@ -91,7 +99,7 @@ def stage_run(cfg: Any, name: str, *, reads_run: bool = True, writes_run: bool =
         loads_model: load the source model (and its metrics).
         logs: open ``log.txt`` (and the TensorBoard mirror with ``--tensorboard``) in ``out``.
     """
-    device = check_device(getattr(cfg, "device", "cpu"))
+    device = check_device(option(cfg, "device", "cpu"))
     source = Path(cfg.from_dir) if reads_run else None
     if source is not None:
         runs.check_run_dir(source)
@@ -103,9 +111,9 @@ def stage_run(cfg: Any, name: str, *, reads_run: bool = True, writes_run: bool =
     with contextlib.ExitStack() as stack:
         if out is not None and logs:
             stack.enter_context(runs.run_log(out))
-            stack.enter_context(runs.tensorboard_mirror(out, bool(getattr(cfg, "tensorboard", False))))
-        if hasattr(cfg, "seed"):
-            torch.manual_seed(cfg.seed)
+            stack.enter_context(runs.tensorboard_mirror(out, bool(option(cfg, "tensorboard", False))))
+        if option(cfg, "seed") is not None:
+            torch.manual_seed(option(cfg, "seed"))
         run = StageRun(name, out, source, device, data)
         if source is not None and loads_model:
             run.model = runs.load_model(source, device)

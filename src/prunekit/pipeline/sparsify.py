@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from prunekit import runs
 from prunekit._io import atomic_write_json
+from prunekit.config import Config, section
 from prunekit.data import DataArgs
 from prunekit.errors import ConfigError
 from prunekit.pipeline.commands import register
@@ -46,19 +47,20 @@ log = logging.getLogger("prunekit.sparsify")
 REPORT = "sparsity_report.json"
 
 
-class SparsifyConfig(DataArgs, TrainSettings, SparsifySettings):
-    """``prunekit sparsify``: unstructured pruning of a run directory's model, optionally with fine-tuning."""
+class SparsifyConfig(Config):
+    """``prunekit sparsify``: unstructured pruning of a run directory's model, optionally with fine-tuning
+    (sections ``sparsify``: what is pruned, ``train``: the fine-tuning, ``data``)."""
 
+    shared_keys = ("seed",)
     from_dir: Path = Field(alias="from", description="run directory of the model to sparsify")
     out: Path = Field(Path("runs/sparsify"), description="output run directory")
     overwrite: bool = Field(False, description="replace --out if it already holds a run")
     resume: bool = Field(False, description="continue an interrupted run in --out")
+    seed: int = Field(0, description="random seed (random method, data order, fine-tuning)")
     schedule: Literal["oneshot", "iterative", "gradual"] = Field(
         "oneshot", description="oneshot: prune once, then fine-tune --epochs; iterative: --steps x (prune, fine-tune "
         "--epochs); gradual: cubic schedule during --epochs of training")
     steps: int = Field(3, ge=1, description="iterative: pruning steps")
-    epochs: int = Field(0, ge=0, description="fine-tuning epochs (iterative: per step; gradual: in all)")
-    lr: float = Field(0.01, gt=0, description="peak learning rate of the fine-tuning")
     initial_sparsity: float = Field(0.0, ge=0, lt=1, description="gradual: sparsity s_i at the start")
     gradual_end: float = Field(0.75, gt=0, le=1, description="gradual: fraction of the training steps at which the "
                                "final sparsity is reached (the rest recovers at it)")
@@ -77,27 +79,39 @@ class SparsifyConfig(DataArgs, TrainSettings, SparsifySettings):
     seq_len: int = Field(256, ge=2, description="causal LM folder: tokens per calibration / evaluation window")
     tokenizer: str = Field("auto", description="causal LM folder: auto (the folder's tokenizer, else bytes for a "
                            "vocab-256 model), bytes, or a tokenizer folder")
+    sparsify: SparsifySettings = section(SparsifySettings, "what is pruned")
+    train: TrainSettings = section(TrainSettings, "the fine-tuning (--epochs: iterative per step, gradual in all)",
+                                   epochs=0, lr=0.01)
+    data: DataArgs = section(DataArgs, "the data")
 
-    def check_consistent(self, source: str = "config") -> None:
-        super().check_consistent(source)
-        method, structure = self.method, self.structure
-        if get_method(method).needs == "training" and (self.schedule != "gradual" or self.epochs < 1):
-            raise ConfigError(f"{source}: method {method!r} scores weights while they train, so it needs a training "
-                              f"phase: use --schedule gradual with --epochs >= 1 (got --schedule {self.schedule}, "
-                              f"--epochs {self.epochs})")
-        if self.schedule != "oneshot" and structure in ("nm", "pattern"):
-            raise ConfigError(f"{source}: method {method!r} has a fixed pattern and prunes in one step: use --schedule "
-                              "oneshot (add --epochs N to fine-tune with the masks fixed)")
-        if self.schedule in ("iterative", "gradual") and self.epochs < 1:
+    @model_validator(mode="after")
+    def _consistent(self) -> SparsifyConfig:
+        try:
+            self.sparsify.check_consistent("sparsify")
+            self._schedule_fits()
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def _schedule_fits(self) -> None:
+        sp, epochs, source = self.sparsify, self.train.epochs, "sparsify"
+        if get_method(sp.method).needs == "training" and (self.schedule != "gradual" or epochs < 1):
+            raise ConfigError(f"{source}: method {sp.method!r} scores weights while they train, so it needs a "
+                              f"training phase: use --schedule gradual with --epochs >= 1 (got --schedule "
+                              f"{self.schedule}, --epochs {epochs})")
+        if self.schedule != "oneshot" and sp.structure in ("nm", "pattern"):
+            raise ConfigError(f"{source}: method {sp.method!r} has a fixed pattern and prunes in one step: use "
+                              "--schedule oneshot (add --epochs N to fine-tune with the masks fixed)")
+        if self.schedule in ("iterative", "gradual") and epochs < 1:
             raise ConfigError(f"{source}: --schedule {self.schedule} fine-tunes between pruning steps and needs "
                               "--epochs >= 1; without training use --schedule oneshot")
-        if self.schedule == "gradual" and self.initial_sparsity > self.target():
+        if self.schedule == "gradual" and self.initial_sparsity > sp.target():
             raise ConfigError(f"{source}: --initial-sparsity {self.initial_sparsity} is above --sparsity "
-                              f"{self.target()}")
+                              f"{sp.target()}")
 
 
 def _settings(cfg: SparsifyConfig) -> SparsifySettings:
-    return SparsifySettings.model_validate(cfg.model_dump(include=set(SparsifySettings.model_fields)))
+    return cfg.sparsify
 
 
 @register("sparsify", SparsifyConfig, help="Unstructured / N:M / kernel pruning of a run directory's model (masks)",
@@ -114,13 +128,14 @@ def sparsify_run(cfg: SparsifyConfig) -> dict[str, Any]:
         from prunekit.pipeline.llm_sparse import sparsify_llm_run
 
         return sparsify_llm_run(cfg)
+    s, d = cfg.sparsify, cfg.data
     with stage_run(cfg, "sparsify", resumable=True) as run:
         out, data, device, before = run.out, run.data, run.device, run.before
         x = run.example_inputs()
-        ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download,
-                     splits=("train", "calib", "val", "test") if cfg.epochs else ("calib", "test"))
+        ld = loaders(data, d.batch_size, cfg.seed, d.workers, d.download,
+                     splits=("train", "calib", "val", "test") if cfg.train.epochs else ("calib", "test"))
         log.info("sparsify: %s from %s (top1 %.2f%%): %s to %.4f, %s schedule, %d epochs", run.spec.name,
-                 cfg.from_dir, before.get("top1", float("nan")), cfg.method, cfg.target(), cfg.schedule, cfg.epochs)
+                 cfg.from_dir, before.get("top1", float("nan")), s.method, s.target(), cfg.schedule, cfg.train.epochs)
         t0 = time.perf_counter()
         retention: list[dict[str, Any]] = []
         sp = _sparsify(cfg, Sparsifier(run.model, _settings(cfg), x, calib_data=ld["calib"], device=device), ld,
@@ -128,8 +143,8 @@ def sparsify_run(cfg: SparsifyConfig) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
         model, spec = sp.model, sp.model.prunekit_spec  # a resumed iterative run reloaded the model
         report = sp.report(x)
-        if cfg.structure == "nm" and cfg.measure_latency:
-            _latency_2to4(cfg, report, model, runs.example_inputs(spec, cfg.batch_size, device))
+        if s.structure == "nm" and cfg.measure_latency:
+            _latency_2to4(cfg, report, model, runs.example_inputs(spec, d.batch_size, device))
         sp.finalize(permanent=cfg.permanent)
         metrics = {**test_metrics(model, ld["test"], device), **report.metrics(), "schedule": cfg.schedule,
                    "permanent": cfg.permanent, "retention": retention, "top1_before": before.get("top1"),
@@ -152,12 +167,12 @@ def _sparsify(cfg: SparsifyConfig, sp: Sparsifier, ld: dict[str, Any], out: Path
               retention: list[dict[str, Any]]) -> Sparsifier:
     """Prune (and fine-tune) on ``cfg.schedule``; each pruning step's test figures are appended to ``retention``.
     Returns the sparsifier (a resumed iterative run holds a reloaded model)."""
-    device, calib = cfg.device, ld["calib"]
+    device, calib, s, t = cfg.train.device, ld["calib"], cfg.sparsify, cfg.train
 
     def pruned(sp: Sparsifier, step: int) -> None:
         """BatchNorm recalibration and an evaluation right after a pruning step (before any fine-tuning)."""
         if cfg.recalibrate_bn and batchnorms(sp.model):
-            recalibrate_bn(sp.model, calib, cfg.calib_batches, device)
+            recalibrate_bn(sp.model, calib, s.calib_batches, device)
         m = evaluate(sp.model, ld["test"], device)  # reported: the test split
         row = {"step": step, "sparsity": sp.sparsity(), "top1": m["top1"], "top5": m["top5"]}
         retention.append(row)
@@ -166,13 +181,13 @@ def _sparsify(cfg: SparsifyConfig, sp: Sparsifier, ld: dict[str, Any], out: Path
                  m["top1"])
 
     def train(callbacks: list[Any], run_dir: Path, phase: str) -> None:
-        fit(callbacks[0].model, ld["train"], ld["val"], cfg, run_dir=run_dir, resume=cfg.resume,
+        fit(callbacks[0].model, ld["train"], ld["val"], t, run_dir=run_dir, resume=cfg.resume,
             callbacks=callbacks, phase=phase)
 
     if cfg.schedule == "oneshot":
         sp.step()
         pruned(sp, 1)
-        if cfg.epochs:
+        if t.epochs:
             train([sp], out, "sparsify-finetune")
         return sp
     if cfg.schedule == "iterative":
@@ -180,8 +195,8 @@ def _sparsify(cfg: SparsifyConfig, sp: Sparsifier, ld: dict[str, Any], out: Path
     recal = None
     if cfg.recalibrate_bn and batchnorms(sp.model):
         def recal(m: torch.nn.Module) -> None:
-            recalibrate_bn(m, calib, cfg.calib_batches, device)
-    sched = GradualSchedule(sp, cfg.epochs * len(ld["train"]), cfg.target(), cfg.initial_sparsity, 0.0,
+            recalibrate_bn(m, calib, s.calib_batches, device)
+    sched = GradualSchedule(sp, t.epochs * len(ld["train"]), s.target(), cfg.initial_sparsity, 0.0,
                             cfg.gradual_end, cfg.prune_every, recalibrate=recal)
     sched.start()
     train([sp, sched], out, "sparsify-gradual")
@@ -191,8 +206,9 @@ def _sparsify(cfg: SparsifyConfig, sp: Sparsifier, ld: dict[str, Any], out: Path
 
 def _latency_2to4(cfg: SparsifyConfig, report: Any, model: torch.nn.Module, inputs: Any) -> None:
     """``report.latency``: dense vs 2:4 timing on sparse tensor cores (``--nm 2:4`` only), with a note when none."""
-    report.latency = measure_2to4_latency(model, inputs) if cfg.nm == "2:4" else {
-        "measured": False, "reason": f"sparse tensor cores accelerate 2:4 only, not {cfg.nm}"}
+    nm = cfg.sparsify.nm
+    report.latency = measure_2to4_latency(model, inputs) if nm == "2:4" else {
+        "measured": False, "reason": f"sparse tensor cores accelerate 2:4 only, not {nm}"}
     if not report.latency.get("measured"):
         report.notes.append(f"no 2:4 speed-up claimed: {report.latency['reason']}")
 
@@ -203,12 +219,12 @@ def _iterative(cfg: SparsifyConfig, sp: Sparsifier, out: Path, pruned: Any, trai
     import shutil
 
     steps_dir = out / "steps"
-    targets = iterative_targets(cfg.target(), cfg.steps)
+    targets, device = iterative_targets(cfg.sparsify.target(), cfg.steps), cfg.train.device
     start = 1
     done = sorted(int(p.name.split("-")[0]) for p in steps_dir.glob("*-done")) if cfg.resume else []
     if done:
-        model = runs.load_model(steps_dir / f"{done[-1]}-done", cfg.device)  # masks come back with it
-        sp = Sparsifier(model, sp.settings, sp.example_inputs, calib_data=sp.calib_data, device=cfg.device)
+        model = runs.load_model(steps_dir / f"{done[-1]}-done", device)  # masks come back with it
+        sp = Sparsifier(model, sp.settings, sp.example_inputs, calib_data=sp.calib_data, device=device)
         sp.current, start = targets[done[-1] - 1], done[-1] + 1
         log.info("sparsify: resuming after iterative step %d/%d", done[-1], cfg.steps)
     for k in range(start, cfg.steps + 1):

@@ -15,7 +15,7 @@ import torch
 from pydantic import Field, field_validator
 
 from prunekit import runs
-from prunekit.config import Config
+from prunekit.config import Config, section
 from prunekit.data import DataArgs, dataset_info, get_dataset, make_loader
 from prunekit.data.core import VAL_FRACTION, VAL_SEED, data_settings
 from prunekit.errors import ConfigError
@@ -31,13 +31,18 @@ from prunekit.train.settings import check_device
 log = logging.getLogger(__name__)
 
 
-class StageOut(DataArgs):
-    out: Path = Field(Path("runs/latest"), description="output run directory")
-    overwrite: bool = Field(False, description="replace --out if it already holds a run")
+class KDArgs(Config):
+    """Knowledge distillation from a teacher run (a section of the fine-tuning stages)."""
+
+    kd: bool = Field(False, description="distil from a teacher (default: the unpruned run that --from descends from)")
+    teacher: Path | None = Field(None, description="run directory of the teacher for --kd")
+    alpha: float = Field(0.7, ge=0, le=1, description="KD: weight of the hard-label cross-entropy")
+    temperature: float = Field(2.0, gt=0, description="KD: softmax temperature")
 
 
-class TrainConfig(StageOut, TrainSettings):
-    """``prunekit train``: train a model from the registry on a dataset."""
+class TrainConfig(Config):
+    """``prunekit train``: train a model from the registry on a dataset. Composed of the stage's own options and the
+    ``train`` (``TrainSettings``) and ``data`` (``DataArgs``) sections; flags are their flat keys."""
 
     model: str = Field("resnet20", description="model name: built-in (see `prunekit models`), tv:NAME, timm:NAME, "
                                                 "hf:NAME_OR_PATH")
@@ -46,6 +51,9 @@ class TrainConfig(StageOut, TrainSettings):
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments")
     resume: bool = Field(False, description="continue an interrupted run in --out from its last checkpoint")
     out: Path = Field(Path("runs/train"), description="output run directory")
+    overwrite: bool = Field(False, description="replace --out if it already holds a run")
+    train: TrainSettings = section(TrainSettings, "the training")
+    data: DataArgs = section(DataArgs, "the data")
 
     @field_validator("model")
     @classmethod
@@ -55,25 +63,20 @@ class TrainConfig(StageOut, TrainSettings):
         return check_model_name(v)
 
 
-class KDArgs(Config):
-    kd: bool = Field(False, description="distil from a teacher (default: the unpruned run that --from descends from)")
-    teacher: Path | None = Field(None, description="run directory of the teacher for --kd")
-    alpha: float = Field(0.7, ge=0, le=1, description="KD: weight of the hard-label cross-entropy")
-    temperature: float = Field(2.0, gt=0, description="KD: softmax temperature")
-
-
-class FinetuneConfig(StageOut, KDArgs, TrainSettings):
-    """``prunekit finetune``: recover a pruned model's accuracy."""
+class FinetuneConfig(Config):
+    """``prunekit finetune``: recover a pruned model's accuracy (sections ``train``, ``kd``, ``data``)."""
 
     from_dir: Path = Field(alias="from", description="run directory of the model to fine-tune")
     resume: bool = Field(False, description="continue an interrupted run in --out from its last checkpoint")
-    epochs: int = Field(5, ge=0, description="fine-tuning epochs")
-    lr: float = Field(0.01, gt=0, description="peak learning rate")
     out: Path = Field(Path("runs/finetune"), description="output run directory")
+    overwrite: bool = Field(False, description="replace --out if it already holds a run")
+    train: TrainSettings = section(TrainSettings, "the fine-tuning", epochs=5, lr=0.01)
+    kd: KDArgs = section(KDArgs, "distillation")
+    data: DataArgs = section(DataArgs, "the data")
 
 
-class EvalConfig(DataArgs):
-    """``prunekit eval``: top-1/top-5, loss, MACs and params of a run directory's model."""
+class EvalConfig(Config):
+    """``prunekit eval``: top-1/top-5, loss, MACs and params of a run directory's model (section ``data``)."""
 
     from_dir: Path = Field(alias="from", description="run directory to evaluate")
     out: Path | None = Field(None, description="also write the results as a run directory here")
@@ -84,6 +87,7 @@ class EvalConfig(DataArgs):
     seq_len: int = Field(256, ge=2, description="with --text: tokens per non-overlapping window")
     tokenizer: str = Field("auto", description="with --text: auto (the model folder's tokenizer, else bytes for a "
                            "vocab-256 model), bytes, or a tokenizer folder")
+    data: DataArgs = section(DataArgs, "the data")
 
 
 # ------------------------------------------------------------------------------------------------ shared pieces
@@ -151,7 +155,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from prunekit.models.external import check_image_size, coerce_kwargs
 
     # a ViT built for 224 px fed 16 px digits: one line naming --image-size / --model-kwargs, before any work
-    check_image_size(cfg.model, data_settings(cfg)["image_size"], coerce_kwargs(cfg.model_kwargs))
+    t, d = cfg.train, cfg.data
+    check_image_size(cfg.model, data_settings(d)["image_size"], coerce_kwargs(cfg.model_kwargs))
     with stage_run(cfg, "train", reads_run=False, resumable=True) as run:
         out, data = run.out, run.data
         info = dataset_info(data["dataset"])
@@ -163,12 +168,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if spec.input.get("kind", "image") == "image":
             spec.input = {"kind": "image", "shape": [1, info.in_channels, data["image_size"], data["image_size"]]}
         log.info("train: %s on %s (%d px), %d epochs, %s lr %g, out %s", cfg.model, data["dataset"],
-                 data["image_size"], cfg.epochs, cfg.optimizer, cfg.lr, out)
-        ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download)
+                 data["image_size"], t.epochs, t.optimizer, t.lr, out)
+        ld = loaders(data, d.batch_size, t.seed, d.workers, d.download)
         t0 = time.perf_counter()
-        best = fit(model, ld["train"], ld["val"], cfg, run_dir=out, resume=cfg.resume)
-        metrics = {**test_metrics(model, ld["test"], cfg.device), **val_metrics(best),
-                   **model_metrics(model, spec, cfg.device), "best_epoch": best.get("epoch"),
+        best = fit(model, ld["train"], ld["val"], t, run_dir=out, resume=cfg.resume)
+        metrics = {**test_metrics(model, ld["test"], t.device), **val_metrics(best),
+                   **model_metrics(model, spec, t.device), "best_epoch": best.get("epoch"),
                    "train_seconds": round(time.perf_counter() - t0, 2), "stage": "train", **data,
                    "splits": split_record(data, ld)}
         log.info("train: done: %s", _fmt(metrics))
@@ -180,23 +185,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
           stage="finetune", trains=True)
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune the model of ``cfg.from_dir`` and write a run directory. Returns its metrics."""
+    t, d = cfg.train, cfg.data
     with stage_run(cfg, "finetune", resumable=True) as run:
         out, data, model, spec, before = run.out, run.data, run.model, run.spec, run.before
         log.info("finetune: %s from %s (top1 %.2f%%), %d epochs, %s lr %g", spec.name, cfg.from_dir,
-                 before.get("top1", float("nan")), cfg.epochs, cfg.optimizer, cfg.lr)
+                 before.get("top1", float("nan")), t.epochs, t.optimizer, t.lr)
         loss_fn, teacher_dir = kd_setup(cfg, "finetune")
         sparse = isinstance(before.get("model_sparsity"), (int, float)) and before["model_sparsity"] > 0
         if sparse and not _has_masks(model):
             log.warning("finetune: %s is %.1f%% zeros but holds no masks (sparsified with --permanent): fine-tuning "
                         "fills the zeros in; sparsify without --permanent to keep them through training",
                         cfg.from_dir, 100 * before["model_sparsity"])
-        ld = loaders(data, cfg.batch_size, cfg.seed, cfg.workers, cfg.download)
-        start = test_metrics(model, ld["test"], cfg.device)  # the start is a candidate: its test figure is kept
+        ld = loaders(data, d.batch_size, t.seed, d.workers, d.download)
+        start = test_metrics(model, ld["test"], t.device)  # the start is a candidate: its test figure is kept
         t0 = time.perf_counter()
-        best = fit(model, ld["train"], ld["val"], cfg, run_dir=out, resume=cfg.resume, phase="finetune",
+        best = fit(model, ld["train"], ld["val"], t, run_dir=out, resume=cfg.resume, phase="finetune",
                    loss_fn=loss_fn, start_candidate=True)
-        metrics = {**test_metrics(model, ld["test"], cfg.device), **val_metrics(best),
-                   **model_metrics(model, spec, cfg.device), **(_zeros(model) if sparse else {}),
+        metrics = {**test_metrics(model, ld["test"], t.device), **val_metrics(best),
+                   **model_metrics(model, spec, t.device), **(_zeros(model) if sparse else {}),
                    "best_epoch": best.get("epoch"), "train_seconds": round(time.perf_counter() - t0, 2),
                    "stage": "finetune", "from": str(cfg.from_dir),
                    **({"teacher": str(teacher_dir)} if teacher_dir else {}), **data, "splits": split_record(data, ld)}
@@ -237,15 +243,16 @@ def _zeros(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def kd_setup(cfg: Any, stage: str) -> tuple[Any, Path | None]:
-    """(loss_fn, teacher_dir) for a stage with ``KDArgs``; (None, None) without ``--kd``."""
-    if not cfg.kd:
-        if cfg.teacher is not None:
+    """(loss_fn, teacher_dir) for a stage with ``kd`` and ``train`` sections; (None, None) without ``--kd``."""
+    kd, t = cfg.kd, cfg.train
+    if not kd.kd:
+        if kd.teacher is not None:
             raise ConfigError("--teacher is given but --kd is not; add --kd to distil, or drop --teacher")
         return None, None
-    teacher_dir = resolve_teacher(cfg.from_dir, cfg.teacher)
-    teacher = runs.load_model(teacher_dir, cfg.device)
-    log.info("%s: distilling from %s (alpha %.2f, T %.1f)", stage, teacher_dir, cfg.alpha, cfg.temperature)
-    return make_kd_loss(teacher, cfg.alpha, cfg.temperature, cfg.label_smoothing), teacher_dir
+    teacher_dir = resolve_teacher(cfg.from_dir, kd.teacher)
+    teacher = runs.load_model(teacher_dir, t.device)
+    log.info("%s: distilling from %s (alpha %.2f, T %.1f)", stage, teacher_dir, kd.alpha, kd.temperature)
+    return make_kd_loss(teacher, kd.alpha, kd.temperature, t.label_smoothing), teacher_dir
 
 
 def resolve_teacher(from_dir: Path, teacher: Path | None) -> Path:
@@ -280,7 +287,8 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, Any]:
 
         return text_perplexity_run(cfg)
     with stage_run(cfg, "eval") as run:  # writes a run directory only with --out
-        ld = loaders(run.data, cfg.batch_size, splits=("test",), workers=cfg.workers, download=cfg.download)
+        ld = loaders(run.data, cfg.data.batch_size, splits=("test",), workers=cfg.data.workers,
+                     download=cfg.data.download)
         metrics = {**test_metrics(run.model, ld["test"], run.device, cfg.max_batches),
                    **model_metrics(run.model, run.spec, run.device), "stage": "eval", "from": str(cfg.from_dir),
                    **run.data}

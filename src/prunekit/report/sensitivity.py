@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 DEFAULT_RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
+CALIB_BATCHES = 4  # per trial: every group is pruned at every ratio (the engine's default is 50)
 FILES = ("sensitivity.json", "sensitivity.csv", "sensitivity.png")
 
 
@@ -92,7 +93,8 @@ def _evaluate(model: nn.Module, batches: Sequence[Any], device: str | torch.devi
 
 def layer_sensitivity(model: nn.Module, example_inputs: Any, val_data: Iterable, *, criterion: str = "l1",
                       ratios: Sequence[float] = DEFAULT_RATIOS, calib_data: Iterable | None = None,
-                      calib_batches: int = 8, recalibrate_bn: bool = False, preset: str | None = None,
+                      calib_batches: int = CALIB_BATCHES, recalibrate_bn: bool | None = None,
+                      preset: str | None = None,
                       ignore: Sequence[str] = (), only: Sequence[str] = (), device: str | torch.device = "cpu",
                       loss_fn: Callable | None = None, seed: int = 0,
                       progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -130,6 +132,8 @@ def layer_sensitivity(model: nn.Module, example_inputs: Any, val_data: Iterable,
     if (crit.needs_data or crit.needs_stats) and calib_data is None:
         raise ConfigError(f"criterion {criterion!r} needs calibration data: pass calib_data= (the CLI uses the "
                           "training images)")
+    if recalibrate_bn is None:  # as the pruning engine: whenever there is calibration data
+        recalibrate_bn = calib_data is not None
     if recalibrate_bn and calib_data is None:
         raise ConfigError("recalibrate_bn=True needs calib_data= batches to re-estimate BatchNorm statistics")
     val = list(val_data)

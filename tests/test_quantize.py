@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.errors import ConfigError, ExportError
+from prunekit.errors import ConfigError, ExportError, RunDirError
 from prunekit.quantize import QuantizeConfig, accuracy, load_runner
 from prunekit.quantize.graph import int8_nodes, layers, load_onnx
-from prunekit.quantize.sensitivity import layer_sensitivity
+from prunekit.quantize.sensitivity import layer_sensitivity, trials
 
 pytest.importorskip("onnxruntime")
 
@@ -120,7 +120,8 @@ def test_sensitivity_finds_the_layer_int8_hurts(tmp_path):
     # the ranking does not depend on the order the layers are tried in
     graph = load_onnx(report.float_path)
     feeds = [{"input": x.numpy()} for x in calib]
-    _, rows = layer_sensitivity(Path(report.float_path), feeds, QuantizeConfig(threads=1), layers(graph)[::-1])
+    reference, trial = trials("onnxruntime", Path(report.float_path), feeds, QuantizeConfig(threads=1), tmp_path)
+    _, rows = layer_sensitivity(reference, trial, feeds, layers(graph)[::-1])
     assert [r.layer for r in rows] == ranked
 
 
@@ -167,3 +168,40 @@ def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="keep_float: '\\(' is not a valid regular expression"):
         QuantizeConfig(keep_float=["("])
     assert isinstance(prunekit.QuantizeConfig(), QuantizeConfig)
+
+
+def test_stage_writes_a_run_directory(trained_run, tmp_path):
+    from prunekit import runs
+    from prunekit.pipeline.quantize import QuantizeStageConfig, quantize_run
+
+    out = tmp_path / "q"
+    cfg = QuantizeStageConfig.build({"from": str(trained_run), "out": str(out), "calib_batches": 2,
+                                     "eval_batches": 3, "latency_runs": 4, "threads": 1})
+    m = quantize_run(cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "log.txt", "metrics.json", "model.json",
+                                                      "model.onnx", "model.safetensors", "model_int8.onnx",
+                                                      "quantize.json"]
+    saved = runs.read_metrics(out)
+    assert saved["stage"] == "quantize" and saved["from"] == str(trained_run) and saved["backend"] == "onnxruntime"
+    assert saved["test_samples"] == 3 * 64 and 0 <= saved["top1"] <= 100
+    assert abs(saved["top1"] - saved["top1_float"]) <= 5  # int8 answers like float on the test split
+    assert saved["latency"]["onnxruntime_int8"]["runs"] == 4 and saved["bytes_int8"] < saved["bytes_float"]
+    assert m == saved
+    model = runs.load_model(out, "cpu")  # the float model, loadable by report / profile / a later stage
+    assert sum(p.numel() for p in model.parameters()) == saved["params"]
+    assert runs.read_config(out)["backend"] == "onnxruntime"
+    with pytest.raises(RunDirError, match="already holds a run; pass --overwrite"):
+        quantize_run(cfg)
+
+
+def test_stage_refuses_a_corrupt_run(trained_run, tmp_path):
+    import shutil
+
+    from prunekit.pipeline.quantize import QuantizeStageConfig, quantize_run
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_run, broken)
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    cfg = QuantizeStageConfig.build({"from": str(broken), "out": str(tmp_path / "q")})
+    with pytest.raises(RunDirError):
+        quantize_run(cfg)

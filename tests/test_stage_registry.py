@@ -21,7 +21,7 @@ def test_recipe_stages_are_cli_commands_of_the_same_registry():
     load_builtin()
     by_stage = {s: STAGES.get(s).name for s in STAGES.names()}
     assert by_stage == {"baseline": "train", "eval": "eval", "finetune": "finetune", "pat": "pat", "prune": "prune",
-                        "sparse": "sparse-train", "sparsify": "sparsify"}
+                        "quantize": "quantize", "sparse": "sparse-train", "sparsify": "sparsify"}
     for stage, name in by_stage.items():
         assert STAGES.get(stage) is COMMANDS.get(name)  # one entry, seen by two names
         assert STAGES.get(stage).run.__module__.startswith("prunekit.pipeline.")

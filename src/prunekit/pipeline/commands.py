@@ -27,7 +27,8 @@ from prunekit.registry import Registry
 # the modules that register the built-in stages (imported on first use of the registry)
 BUILTIN = ("prunekit.pipeline.stages", "prunekit.pipeline.prune", "prunekit.pipeline.pat",
            "prunekit.pipeline.sparse_stage", "prunekit.pipeline.sparsify", "prunekit.pipeline.llm",
-           "prunekit.pipeline.export", "prunekit.pipeline.profile", "prunekit.pipeline.sensitivity")
+           "prunekit.pipeline.export", "prunekit.pipeline.profile", "prunekit.pipeline.sensitivity",
+           "prunekit.pipeline.quantize")
 
 
 @dataclass

@@ -157,7 +157,7 @@ def _quantize_file(float_onnx: Path, cfg: QuantizeConfig, calib_data: Iterable |
     kept = match_layers(all_layers, cfg.keep_float)
     ranking: list[dict[str, Any]] = []
     if cfg.measures_sensitivity:
-        kept, ranking = _with_worst(graph_path, feeds, cfg, all_layers, kept)
+        kept, ranking = _with_worst(graph_path, feeds, cfg, all_layers, kept, tmp)
     if len(kept) == len(all_layers) and all_layers:
         raise ConfigError(f"keep_float {cfg.keep_float!r} (with keep_float_worst {cfg.keep_float_worst}) leaves "
                           f"all {len(all_layers)} quantizable layers in float: nothing would be int8")
@@ -187,13 +187,14 @@ def _quantize_file(float_onnx: Path, cfg: QuantizeConfig, calib_data: Iterable |
         sensitivity=ranking, config=cfg.to_dict())
 
 
-def _with_worst(graph_path: Path, feeds: list, cfg: QuantizeConfig, all_layers: list[Layer],
-                kept: list[Layer]) -> tuple[list[Layer], list[dict[str, Any]]]:
-    """Rank the layers not yet kept in float; add the ``keep_float_worst`` worst to ``kept``."""
-    from prunekit.quantize.sensitivity import layer_sensitivity
+def _with_worst(graph_path: Path, feeds: list, cfg: QuantizeConfig, all_layers: list[Layer], kept: list[Layer],
+                tmp: Path) -> tuple[list[Layer], list[dict[str, Any]]]:
+    """Rank the layers not yet kept in float (on ``cfg.backend``); add the ``keep_float_worst`` worst to ``kept``."""
+    from prunekit.quantize.sensitivity import layer_sensitivity, trials
 
     candidates = [la for la in all_layers if la not in kept]
-    base, rows = layer_sensitivity(graph_path, feeds, cfg, candidates, [la.node for la in kept])
+    reference, trial = trials(cfg.backend, graph_path, feeds, cfg, tmp)
+    base, rows = layer_sensitivity(reference, trial, feeds, candidates, [la.node for la in kept])
     worst = rows[: cfg.keep_float_worst]
     if worst:
         log.info("quantize: leaving the %d layers int8 hurts most in float: %s", len(worst),

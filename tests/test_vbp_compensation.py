@@ -455,3 +455,31 @@ def test_calibration_batches_the_model_cannot_take_are_refused_before_pruning():
     report = prune(TwoIn(), (torch.randn(1, 4), torch.randn(1, 8)), "variance", ratio=0.5,
                    calib_data=[(pair[0],)])  # ((x, v),): one batch of two inputs
     assert report.groups
+
+
+def test_ridge_selection_survives_an_eigh_that_does_not_converge(monkeypatch, caplog):
+    """On a VGG without BN re-estimation float32 eigh failed to converge and the whole prune() failed: now float64 is
+    tried, then the fixed ridge, and the refit still happens."""
+    from prunekit.pruning.structured import compensation
+
+    real, calls = torch.linalg.eigh, {"n": 0}
+
+    def flaky(a, *args, **kw):
+        calls["n"] += 1
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real(a, *args, **kw)
+
+    monkeypatch.setattr(compensation.torch.linalg, "eigh", flaky)
+    torch.manual_seed(0)
+    batches = [torch.randn(64, 6) for _ in range(4)]
+    model, _ = _pruned(MLP(d=6, h=12).eval(), batches[0], batches, "lstsq", calib_batches=4)
+    assert calls["n"] > 0 and model(batches[0]).isfinite().all()
+
+    def broken(a, *args, **kw):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(compensation.torch.linalg, "eigh", broken)
+    with caplog.at_level(logging.WARNING):
+        model, _ = _pruned(MLP(d=6, h=12).eval(), batches[0], batches, "lstsq", calib_batches=4)
+    assert "too degenerate to cross-validate" in caplog.text and model(batches[0]).isfinite().all()

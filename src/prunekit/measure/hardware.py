@@ -6,7 +6,8 @@ AVX2, 16 for AVX-512), and GPU tensor cores want multiples of 8 (fp16/bf16/tf32)
 channels to that block keeps the latency cut close to the MACs cut (see ``benchmarks/latency_rounding.py``).
 ONNX Runtime's NCHWc convolutions go further: they compute output channels in sets of up to four blocks, so on a wide
 CNN (ResNet-50) ``round_to = 4 * recommended_round_to(...)`` (64 with AVX-512) measured better on ONNX Runtime and
-eager alike (docs/benchmarks/latency.md); it leaves layers of 64 channels or fewer whole, so narrow models keep the block.
+eager alike (docs/benchmarks/latency.md); it leaves layers of 64 channels or fewer whole, so narrow models keep
+the block.
 
 Example:
     >>> recommended_round_to("onnxruntime")        # 8 on an AVX2 machine, 16 with AVX-512

@@ -87,9 +87,13 @@ class ShardReader:
 def _materialize(lm: nn.Module, prefix: str, reader: ShardReader, dtype: torch.dtype, device: str) -> nn.Module:
     """Module ``prefix`` of ``lm`` moved off ``meta`` and filled with its tensors from the shards."""
     m = lm.get_submodule(prefix)
-    m.to_empty(device=device).to(dtype)
     tensors = reader.load(reader.names(prefix + "."), dtype)
-    m.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items()}, strict=True)
+    # assign: the read tensors become the parameters (no second, empty copy of the layer is allocated)
+    m.load_state_dict({k[len(prefix) + 1:]: v.to(device) for k, v in tensors.items()}, strict=True, assign=True)
+    left = [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise PruningError(f"streaming: {prefix}.{left[0]} is not stored in the checkpoint (a computed buffer); "
+                           "this model type is not supported by prune_width_streaming (llama, mistral, qwen2 are)")
     return m
 
 
@@ -238,12 +242,20 @@ def _write_layer(layer: nn.Module, prefix: str, path: Path) -> dict[str, str]:
 
 
 def _copy_rest(reader: ShardReader, layers_path: str, out: Path) -> dict[str, str]:
-    """The tensors outside the decoder layers (embeddings, final norm, LM head), copied one tensor at a time."""
+    """The tensors outside the decoder layers (embeddings, final norm, LM head), unchanged: a shard that holds only
+    those is copied as a file (no memory), the others one tensor at a time."""
     from safetensors.torch import save_file
 
+    rest = reader.names(exclude=layers_path + ".")
+    layer_files = {reader.weight_map[n] for n in reader.names(layers_path + ".")}
+    whole = {reader.weight_map[n] for n in rest} - layer_files
     weight_map = {}
-    for i, n in enumerate(reader.names(exclude=layers_path + ".")):
+    for i, f in enumerate(sorted(whole)):
         name = f"rest-{i:05d}.safetensors"
+        shutil.copy2(reader.folder / f, out / name)
+        weight_map.update({n: name for n in rest if reader.weight_map[n] == f})
+    for i, n in enumerate(n for n in rest if reader.weight_map[n] not in whole):
+        name = f"rest-t{i:05d}.safetensors"
         save_file({n: reader.load([n])[n].contiguous()}, str(out / name), metadata={"format": "pt"})
         weight_map[n] = name
     return weight_map

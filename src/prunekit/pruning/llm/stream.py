@@ -201,13 +201,7 @@ def prune_width_streaming(src: str | Path, out: str | Path, calib: torch.Tensor 
     pruner.set_config(keep_mlp, keep_groups)
     changes = config_changes(before, lm.config, WIDTH_KEYS, "width pruning")
     check_expressible(lm)  # shapes only: the meta layers keep their pruned shapes
-    weight_map.update(_copy_rest(reader, fam.layers_path, out))
-    lm.config.save_pretrained(out)
-    for extra in ("generation_config.json",):
-        if (src / extra).is_file():
-            shutil.copy2(src / extra, out / extra)
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
-                                                                 indent=1))
+    _finish(lm, reader, fam.layers_path, out, weight_map)
     return {"settings": settings.to_dict(), "model_type": lm.config.model_type, "intermediate_size": [inter, keep_mlp],
             "kv_groups": [head_layout(lm.config)[1], keep_groups or None], "layers": pruner.records,
             "config_changes": changes, "max_resident_layers": peak, "seconds": time.perf_counter() - t0,
@@ -231,6 +225,16 @@ def _prune_layer(lm: nn.Module, layer: nn.Module, b: Any, pruner: _Pruner, runs:
         o = layer(h, **kw)
         nxt.append(((o[0] if isinstance(o, tuple) else o).detach(), kw))
     return nxt
+
+
+def _finish(lm: nn.Module, reader: ShardReader, layers_path: str, out: Path, weight_map: dict[str, str]) -> None:
+    """The tensors outside the layers, config.json, generation_config.json and the index."""
+    weight_map.update(_copy_rest(reader, layers_path, out))
+    lm.config.save_pretrained(out)
+    if (reader.folder / "generation_config.json").is_file():
+        shutil.copy2(reader.folder / "generation_config.json", out / "generation_config.json")
+    index = {"metadata": {}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
 def _write_layer(layer: nn.Module, prefix: str, path: Path) -> dict[str, str]:

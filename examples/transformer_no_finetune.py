@@ -20,7 +20,7 @@ import prunekit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY = os.environ.get("PRUNEKIT_EXAMPLE_TINY") == "1"
-N_CALIB, N_EVAL = (48, 32) if TINY else (600, 200)
+N_CALIB, N_EVAL = (32, 16) if TINY else (600, 200)
 torch.manual_seed(0)
 torch.set_num_threads(1)
 

@@ -349,3 +349,23 @@ def test_wanda_through_the_one_entry_and_rolled_back_on_failure(monkeypatch):
     prunekit.prune(model, None, cfg, calib_data=batches)
     w = model.model.layers[1].mlp.down_proj.weight
     assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_stage_configs_compose_sections_instead_of_inheriting_option_groups():
+    """Every command's config is a plain Config whose option groups are sections (fields), not base classes; the
+    flags are the sections' flat keys and a stage's own section defaults show in --help."""
+    import prunekit.cli.main  # noqa: F401  (registers every command)
+    from prunekit.config import Config
+    from prunekit.pipeline.commands import COMMANDS
+    from prunekit.pipeline.stages import FinetuneConfig, TrainConfig
+
+    for name in COMMANDS.names():
+        cls = COMMANDS.get(name).config
+        mixins = [b.__name__ for b in cls.__mro__[1:] if isinstance(b, type) and issubclass(b, Config)
+                  and b is not Config]
+        assert not mixins, (name, mixins)
+    ft = FinetuneConfig.build({"from": "runs/x"})
+    assert (ft.train.epochs, ft.train.lr) == (5, 0.01) and TrainConfig.build({}).train.epochs == 10
+    assert FinetuneConfig(**{"from": "runs/x", "epochs": 2}).train.epochs == 2
+    assert FinetuneConfig.flat_defaults()["epochs"] == 5 and "epochs" in FinetuneConfig.keys()
+    assert FinetuneConfig.build(ft.to_dict()) == ft  # the flat config.yaml form reads back

@@ -7,17 +7,18 @@ from prunekit.measure import count_macs, count_params  # noqa: E402
 from prunekit.models import create_model, list_models, register_model  # noqa: E402
 from prunekit.runs import load_model, save_model  # noqa: E402
 
-_LAZY = {"prune": "prunekit.pruning", "PruneReport": "prunekit.pruning", "StructuredConfig": "prunekit.pruning",
-         "SparsityConfig": "prunekit.pruning", "WidthConfig": "prunekit.pruning", "Target": "prunekit.pruning",
-         "Layers": "prunekit.pruning", "Calibration": "prunekit.pruning", "Compensation": "prunekit.pruning",
-         "Reconstruction": "prunekit.pruning", "Latency": "prunekit.pruning", "StructuredPruner": "prunekit.pruning",
-         "fit": "prunekit.train", "evaluate": "prunekit.train", "TrainSettings": "prunekit.train",
-         "recalibrate_bn": "prunekit.pruning",
-         "ModelSpec": "prunekit.runs", "save_exported": "prunekit.export.exported",
-         "register_attention": "prunekit.pruning.structured.declare",
-         "AttentionLayout": "prunekit.pruning.structured.declare",
-         "register_channel_mapping": "prunekit.pruning.structured.declare",
-         "quantize": "prunekit.quantize", "QuantizeConfig": "prunekit.quantize", "QuantizeReport": "prunekit.quantize"}
+_LAZY = {
+    "prune": "prunekit.pruning", "PruneReport": "prunekit.pruning", "StructuredConfig": "prunekit.pruning",
+    "SparsityConfig": "prunekit.pruning", "WidthConfig": "prunekit.pruning", "DepthConfig": "prunekit.pruning",
+    "Target": "prunekit.pruning", "Layers": "prunekit.pruning", "Calibration": "prunekit.pruning",
+    "Compensation": "prunekit.pruning", "Reconstruction": "prunekit.pruning", "Latency": "prunekit.pruning",
+    "StructuredPruner": "prunekit.pruning", "fit": "prunekit.train", "evaluate": "prunekit.train",
+    "TrainSettings": "prunekit.train", "recalibrate_bn": "prunekit.pruning", "ModelSpec": "prunekit.runs",
+    "save_exported": "prunekit.export.exported", "register_attention": "prunekit.pruning.structured.declare",
+    "AttentionLayout": "prunekit.pruning.structured.declare",
+    "register_channel_mapping": "prunekit.pruning.structured.declare", "quantize": "prunekit.quantize",
+    "QuantizeConfig": "prunekit.quantize", "QuantizeReport": "prunekit.quantize"
+}
 
 
 def __getattr__(name: str):
@@ -29,11 +30,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
 
 
-__all__ = ["prune", "PruneReport", "StructuredConfig", "SparsityConfig", "WidthConfig", "Target", "Layers",
+__all__ = [
+    "prune", "PruneReport", "StructuredConfig", "SparsityConfig", "WidthConfig", "DepthConfig", "Target", "Layers",
     "Calibration", "Compensation", "Reconstruction", "Latency", "StructuredPruner", "recalibrate_bn", "fit",
-    "evaluate", "TrainSettings",
-    "ConfigError", "DataNotFoundError", "PruningError", "PrunekitError", "RunDirError",
+    "evaluate", "TrainSettings", "ConfigError", "DataNotFoundError", "PruningError", "PrunekitError", "RunDirError",
     "count_macs", "count_params", "create_model", "list_models", "register_model", "load_model", "save_model",
-    "ModelSpec", "save_exported", "register_attention", "AttentionLayout", "register_channel_mapping",
-    "quantize", "QuantizeConfig", "QuantizeReport",
+    "ModelSpec", "save_exported", "register_attention", "AttentionLayout", "register_channel_mapping", "quantize",
+    "QuantizeConfig", "QuantizeReport",
 ]

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
+from prunekit.config import Config, section
 from prunekit.errors import ConfigError, DataNotFoundError, RunDirError
 from prunekit.pipeline.commands import register
 from prunekit.pipeline.skeleton import prepare_out, refuse_same_folder
@@ -126,9 +127,12 @@ def tokenize_file(path: str | Path, model_dir: str | Path, model: torch.nn.Modul
     return torch.tensor(tok(raw.decode("utf-8", errors="replace"))["input_ids"], dtype=torch.long)
 
 
-class PruneLLMConfig(WidthSettings, DepthConfig):
+class PruneLLMConfig(Config):
     """``prunekit prune-llm``: width and/or depth pruning of a Hugging Face causal LM folder (Llama, Mistral, Qwen2,
-    GPT-2)."""
+    GPT-2). Sections ``width`` (``WidthConfig``) and ``depth`` (``DepthConfig``); flags are their flat keys."""
+
+    renamed = WidthSettings.renamed
+    shared_keys = ("seed",)
 
     from_dir: Path = Field(alias="from", description="Hugging Face causal LM folder (config.json + safetensors)")
     model: Path | None = Field(None, description="deprecated: the old name of --from")
@@ -140,6 +144,9 @@ class PruneLLMConfig(WidthSettings, DepthConfig):
     eval_text: Path | None = Field(None, description="report perplexity before and after on this text file")
     tokenizer: str = Field("auto", description="auto (the model folder's, else bytes), bytes, or a tokenizer folder")
     device: str = Field("cpu", description="cpu, cuda, cuda:N")
+    seed: int = Field(0, description="seed of the calibration sampling and of the random criterion")
+    width: WidthSettings = section(WidthSettings, "width pruning")
+    depth: DepthConfig = section(DepthConfig, "depth pruning")
 
     @model_validator(mode="before")
     @classmethod
@@ -156,14 +163,14 @@ class PruneLLMConfig(WidthSettings, DepthConfig):
         values.setdefault("from", old)
         return values
 
-    def width(self) -> WidthSettings | None:
+    def width_settings(self) -> WidthSettings | None:
         """The width settings, or ``None`` when no width ratio is set."""
-        w = WidthSettings.model_validate(self.model_dump(include=set(WidthSettings.model_fields)))
+        w = self.width
         return w if w.mlp_ratio or w.head_ratio or w.hidden_ratio else None
 
-    def depth(self) -> DepthConfig | None:
+    def depth_settings(self) -> DepthConfig | None:
         """The depth settings, or ``None`` when no layer is to be removed."""
-        d = DepthConfig.model_validate(self.model_dump(include=set(DepthConfig.model_fields)))
+        d = self.depth
         return d if d.drop_layers or d.layers_ratio else None
 
 
@@ -183,7 +190,7 @@ def prune_llm_run(cfg: PruneLLMConfig) -> dict[str, Any]:
     returns its metrics."""
     from prunekit.measure.perplexity import perplexity
 
-    width, depth = cfg.width(), cfg.depth()
+    width, depth = cfg.width_settings(), cfg.depth_settings()
     if width is None and depth is None:
         raise ConfigError("prune-llm: nothing would be pruned; set --mlp-ratio (e.g. 0.5), --head-ratio, "
                           "--hidden-ratio and/or --drop-layers (e.g. 2) / --layers-ratio")

@@ -7,6 +7,7 @@ Example:
 """
 
 from prunekit.pruning.api import prune
+from prunekit.pruning.llm.depth import DepthConfig
 from prunekit.pruning.llm.width import WidthSettings as WidthConfig
 from prunekit.pruning.structured import (
     CalibContext,
@@ -29,7 +30,8 @@ from prunekit.pruning.structured import (
 )
 from prunekit.pruning.unstructured.settings import SparsifySettings as SparsityConfig
 
-__all__ = ["CalibContext", "Calibration", "Compensation", "Criterion", "Latency", "Layers", "PruneReport",
-           "PruneSettings", "Reconstruction", "SparsityConfig", "StructuredConfig", "StructuredPruner", "Target",
-           "WidthConfig", "get_criterion", "list_criteria", "list_presets", "prune", "recalibrate_bn",
-           "register_criterion"]
+__all__ = [
+    "CalibContext", "Calibration", "Compensation", "Criterion", "DepthConfig", "Latency", "Layers", "PruneReport",
+    "PruneSettings", "Reconstruction", "SparsityConfig", "StructuredConfig", "StructuredPruner", "Target",
+    "WidthConfig", "get_criterion", "list_criteria", "list_presets", "prune", "recalibrate_bn", "register_criterion",
+]

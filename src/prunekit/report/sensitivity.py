@@ -93,8 +93,7 @@ def _evaluate(model: nn.Module, batches: Sequence[Any], device: str | torch.devi
 
 def layer_sensitivity(model: nn.Module, example_inputs: Any, val_data: Iterable, *, criterion: str = "l1",
                       ratios: Sequence[float] = DEFAULT_RATIOS, calib_data: Iterable | None = None,
-                      calib_batches: int = CALIB_BATCHES, recalibrate_bn: bool | None = None,
-                      preset: str | None = None,
+                      calib_batches: int = CALIB_BATCHES, recalibrate_bn: bool | None = None, preset: str | None = None,
                       ignore: Sequence[str] = (), only: Sequence[str] = (), device: str | torch.device = "cpu",
                       loss_fn: Callable | None = None, seed: int = 0,
                       progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -129,13 +128,7 @@ def layer_sensitivity(model: nn.Module, example_inputs: Any, val_data: Iterable,
     s = PruneSettings.build(dict(criterion=criterion, scope="local", preset=preset, ignore=list(ignore),
                                  only=list(only), calib_batches=calib_batches, seed=seed), source="sensitivity")
     crit = get_criterion(criterion, **({"seed": seed} if criterion == "random" else {}))
-    if (crit.needs_data or crit.needs_stats) and calib_data is None:
-        raise ConfigError(f"criterion {criterion!r} needs calibration data: pass calib_data= (the CLI uses the "
-                          "training images)")
-    if recalibrate_bn is None:  # as the pruning engine: whenever there is calibration data
-        recalibrate_bn = calib_data is not None
-    if recalibrate_bn and calib_data is None:
-        raise ConfigError("recalibrate_bn=True needs calib_data= batches to re-estimate BatchNorm statistics")
+    recalibrate_bn = _check_data(crit, criterion, calib_data, recalibrate_bn)
     val = list(val_data)
     if not val:
         raise ConfigError("val_data is empty: sensitivity needs validation batches to evaluate on")
@@ -153,6 +146,19 @@ def layer_sensitivity(model: nn.Module, example_inputs: Any, val_data: Iterable,
             "calib_batches": calib_batches if calib_data is not None else 0, "baseline": base,
             "samples": base["samples"], "macs": macs0, "groups": groups,
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _check_data(crit: Any, criterion: str, calib_data: Iterable | None, recalibrate_bn: bool | None) -> bool:
+    """Whether BatchNorm is re-estimated (``None``: whenever there is calibration data, as in the engine); what
+    needs calibration data without any is a ``ConfigError``."""
+    if (crit.needs_data or crit.needs_stats) and calib_data is None:
+        raise ConfigError(f"criterion {criterion!r} needs calibration data: pass calib_data= (the CLI uses the "
+                          "training images)")
+    if recalibrate_bn is None:
+        recalibrate_bn = calib_data is not None
+    if recalibrate_bn and calib_data is None:
+        raise ConfigError("recalibrate_bn=True needs calib_data= batches to re-estimate BatchNorm statistics")
+    return recalibrate_bn
 
 
 def _score(ctx: CalibContext, s: PruneSettings, crit: Any, val: list) -> tuple:

@@ -369,3 +369,30 @@ def test_stage_configs_compose_sections_instead_of_inheriting_option_groups():
     assert FinetuneConfig(**{"from": "runs/x", "epochs": 2}).train.epochs == 2
     assert FinetuneConfig.flat_defaults()["epochs"] == 5 and "epochs" in FinetuneConfig.keys()
     assert FinetuneConfig.build(ft.to_dict()) == ft  # the flat config.yaml form reads back
+
+
+def test_the_family_functions_are_transactional_too_and_nested_calls_snapshot_once(monkeypatch):
+    """``sparsify()``, ``prune_width()``, ... called directly are all or nothing as well; through ``prune()`` the
+    model is copied once, not once per layer of calls."""
+    from prunekit.pruning import transaction as tx
+    from prunekit.pruning.unstructured import sparsify
+    from prunekit.pruning.unstructured.sparsifier import Sparsifier
+
+    made = {"n": 0}
+    real_init = tx.ModelSnapshot.__init__
+
+    def counting(self, model):
+        made["n"] += 1
+        real_init(self, model)
+
+    monkeypatch.setattr(tx.ModelSnapshot, "__init__", counting)
+    model = prunekit.create_model("smallcnn", in_channels=1, num_classes=10)
+    prunekit.prune(model, torch.randn(1, 1, 8, 8), prunekit.SparsityConfig(method="l1", sparsity=0.5))
+    assert made["n"] == 1
+
+    model = prunekit.create_model("smallcnn", in_channels=1, num_classes=10)
+    before, modules = _state(model), list(model.modules())
+    monkeypatch.setattr(Sparsifier, "report", lambda self: (_ for _ in ()).throw(RuntimeError("late failure")))
+    with pytest.raises(PruningError, match=r"sparsify\(\) failed and was rolled back"):
+        sparsify(model, "l1", 0.5, example_inputs=torch.randn(1, 1, 8, 8))
+    _same(model, before, modules)

@@ -14,10 +14,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
+import functools
 import logging
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -25,6 +27,8 @@ from torch import nn
 from prunekit.errors import PrunekitError, PruningError
 
 log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+_ACTIVE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("prunekit_transactions", default=frozenset())
 
 
 class ModelSnapshot:
@@ -80,10 +84,11 @@ def transaction(model: nn.Module, what: str = "pruning", enabled: bool = True) -
     A ``PrunekitError`` keeps its type (its message gains "the model is unchanged"); any other exception becomes a
     ``PruningError`` naming its type and message, chained to it (``--debug`` / ``__cause__`` has the traceback).
     """
-    if not enabled:
+    if not enabled or model in _ACTIVE.get():  # an outer transaction of this model already holds the snapshot
         yield
         return
     snapshot = ModelSnapshot(model)
+    token = _ACTIVE.set(_ACTIVE.get() | {model})
     try:
         yield
     except BaseException as e:
@@ -96,3 +101,20 @@ def transaction(model: nn.Module, what: str = "pruning", enabled: bool = True) -
             raise
         raise PruningError(f"{what} failed and was rolled back, the model is unchanged: {type(e).__name__}: "
                            f"{str(e).strip()[:500]}") from e
+    finally:
+        _ACTIVE.reset(token)
+
+
+def transactional(what: str) -> Callable[[F], F]:
+    """Make a pruning function whose first argument is the model all or nothing (``transaction``); its keyword
+    ``atomic=False`` skips the copy. Nested calls share the outermost snapshot."""
+
+    def deco(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(model: nn.Module, *args: Any, atomic: bool = True, **kwargs: Any) -> Any:
+            with transaction(model, what, enabled=atomic):
+                return fn(model, *args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco

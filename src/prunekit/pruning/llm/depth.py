@@ -32,6 +32,7 @@ from torch import nn
 
 from prunekit.config import Config
 from prunekit.errors import ConfigError, PruningError
+from prunekit.pruning.transaction import transactional
 
 from .arch import _get, get_family
 from .layout import DEPTH_KEYS, config_changes, config_snapshot
@@ -151,6 +152,7 @@ def remove_layers(lm: nn.Module, layers_path: str, drop: list[int]) -> None:
         config.max_window_layers = sum(1 for i in keep if i < mwl)
 
 
+@transactional("prune_depth()")
 def prune_depth(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], settings: DepthConfig | None = None,
                 *, batch_size: int = 8, **overrides: Any) -> dict[str, Any]:
     """Remove the least important decoder layers of ``model`` (a transformers causal LM or ``hf:`` wrapper) in place.

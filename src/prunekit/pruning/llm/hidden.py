@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import ConfigError, PruningError
+from prunekit.pruning.transaction import transactional
 
 from .arch import get_family, head_layout, keep_in, keep_out, weight_oi
 from .stats import calibration_batches
@@ -117,6 +118,7 @@ def _scores(lm: nn.Module, criterion: str, sq_out: dict[str, torch.Tensor], seed
 
 
 @torch.no_grad()
+@transactional("prune_hidden()")
 def prune_hidden(model: nn.Module, calib: torch.Tensor | list[torch.Tensor] | None = None, *, keep: float = 0.75,
                  criterion: str = "activation", rms_correction: bool = True, round_to: int = 1, seed: int = 0,
                  batch_size: int = 8) -> dict[str, Any]:

@@ -67,6 +67,7 @@ from prunekit.pruning.llm.sparse_criteria import (  # noqa: F401
     wanda_mask,
     wanda_scores,
 )
+from prunekit.pruning.transaction import transactional
 from prunekit.pruning.unstructured.layers import gemm_weight, is_transposed
 from prunekit.pruning.unstructured.masks import get_mask, set_mask
 
@@ -256,6 +257,7 @@ def _prune_layer(method: str, module: nn.Module, stat: torch.Tensor | None, spar
 
 
 @torch.no_grad()
+@transactional("prune_decoder()")
 def prune_decoder(model: nn.Module, method: str, sparsity: float | None = None, nm: tuple[int, int] | None = None,
                   calib_data: Iterable | None = None, layers: dict[str, nn.Module] | None = None,
                   max_batches: int | None = None, blocksize: int = 128, damp: float = 0.01,

@@ -51,6 +51,7 @@ from torch import nn
 
 from prunekit.config import Config
 from prunekit.errors import ConfigError, PruningError
+from prunekit.pruning.transaction import transactional
 
 from .arch import Block, Family, ensure_bias, get_family, head_layout, keep_in, keep_out, out_features, weight_oi
 from .compensate import compensate
@@ -264,6 +265,7 @@ class _Pruner:
                              "groups": groups.tolist(), **rec})
 
 
+@transactional("prune_width()")
 def prune_width(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], settings: WidthSettings | None = None,
                 *, batch_size: int = 8, **overrides: Any) -> dict[str, Any]:
     """Prune ``model`` (a transformers causal LM or prunekit ``HFModel``) in place; returns a report.

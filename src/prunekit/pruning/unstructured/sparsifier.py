@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import ConfigError, PruningError
+from prunekit.pruning.transaction import transactional
 from prunekit.pruning.unstructured import patterns as P
 from prunekit.pruning.unstructured.layers import LayerSelection, gemm_weight, select_layers
 from prunekit.pruning.unstructured.masks import (
@@ -243,6 +244,7 @@ class Sparsifier:
             record_in_spec(self.model, self.info())
 
 
+@transactional("sparsify()")
 def sparsify(model: nn.Module, method: str = "l1", sparsity: float | None = None, *, example_inputs: Any = None,
              calib_data: Iterable | None = None, loss_fn: Callable[..., torch.Tensor] | None = None,
              device: str | torch.device | None = None, permanent: bool = False, **options: Any) -> Any:

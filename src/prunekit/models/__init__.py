@@ -16,8 +16,8 @@ from prunekit.registry import Registry
 MODELS: Registry = Registry("model")
 register_model = MODELS.register
 
-# prefixes handled by prunekit.models.external: "tv:", "timm:", "hf:"
-PREFIXES = ("tv:", "timm:", "hf:")
+# prefixes handled by prunekit.models.external: "tv:", "timm:", "hf:"; "ultralytics:" by .ultralytics
+PREFIXES = ("tv:", "timm:", "hf:", "ultralytics:")
 
 
 def list_models() -> list[str]:
@@ -49,7 +49,12 @@ def create_model(name: str, *, in_channels: int = 3, num_classes: int = 10, pret
 
     # --model-kwargs values arrive as strings: img_size=16 means 16
     all_kwargs = dict(in_channels=in_channels, num_classes=num_classes, **external.coerce_kwargs(kwargs))
-    if ":" in name:  # tv:, timm:, hf: (an unknown prefix gets an error listing the valid ones)
+    if name.startswith("ultralytics:"):  # YOLO models (prunekit.models.ultralytics)
+        from prunekit.models.ultralytics import create_ultralytics
+
+        model = create_ultralytics(name.partition(":")[2], pretrained=pretrained, **all_kwargs)
+        all_kwargs.update(model._prunekit_kwargs)
+    elif ":" in name:  # tv:, timm:, hf: (an unknown prefix gets an error listing the valid ones)
         model = external.create_external(name, pretrained=pretrained, **all_kwargs)
         all_kwargs.update(getattr(model, "_prunekit_kwargs", {}))  # e.g. the HF config, to rebuild offline
     else:
@@ -63,7 +68,8 @@ def create_model(name: str, *, in_channels: int = 3, num_classes: int = 10, pret
 
         load_weights(model, weights)
     # the spec never stores `pretrained`/`weights`: a rebuilt model gets its weights from the run directory
-    model.prunekit_spec = ModelSpec(name=name, kwargs=all_kwargs, input=external.input_spec(name, model, all_kwargs))
+    spec_input = getattr(model, "_prunekit_input", None) or external.input_spec(name, model, all_kwargs)
+    model.prunekit_spec = ModelSpec(name=name, kwargs=all_kwargs, input=spec_input)
     return model
 
 

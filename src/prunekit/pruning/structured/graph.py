@@ -22,6 +22,7 @@ from torch import nn
 
 from prunekit.errors import PruningError
 from prunekit.models.prunable import make_prunable
+from prunekit.pruning.structured.detect import make_yolo_prunable
 from prunekit.pruning.structured.heads import Attention, find_attention
 
 # the regex matching and the torch-pruning guards live in their own modules; their names stay importable from here
@@ -138,6 +139,7 @@ class PruningGraph:
         if why:
             raise PruningError(f"{type(model).__name__} cannot be pruned structurally: {why}")
         swapped = make_prunable(model)  # torchvision Swin / ShuffleNetV2: forms whose forward survives pruning
+        swapped += make_yolo_prunable(model)  # Ultralytics C2f / C3k2 / C2PSA / PSA, Detect heads (detect.py)
         if swapped:
             log.info("%s: %d module(s) switched to prunekit's prunable forms (same outputs; see "
                      "prunekit.models.prunable)", type(model).__name__, swapped)

@@ -8,6 +8,7 @@ that break the forward pass are found one by one so the engine can leave them ou
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,6 +19,15 @@ from prunekit.pruning.structured.graph import PruningGraph, Unit, copy_graph, st
 from prunekit.pruning.structured.selection import Selection
 
 log = logging.getLogger(__name__)
+
+# model class -> the part of its output whose shapes pruning keeps (Ultralytics' detection models also return their
+# head's input feature maps, pruned by design); registered by prunekit.pruning.structured.detect
+OUTPUT_VIEWS: dict[type, Callable[[Any], Any]] = {}
+
+
+def _kept(model: Any, out: Any) -> list[tuple[int, ...]]:
+    view = next((f for cls, f in OUTPUT_VIEWS.items() if isinstance(model, cls)), None)
+    return output_shapes(view(out) if view else out)
 
 
 def output_shapes(out: Any) -> list[tuple[int, ...]]:
@@ -39,7 +49,7 @@ def _runs(graph: PruningGraph, units: list[Unit], sel: Selection, x: Any, expect
         apply_selection(g, units, sel)
         with torch.no_grad():
             model = strip_batchnorm(g.model) if meta else g.model
-            return output_shapes(call_model(model.eval(), x)) == expect
+            return _kept(model, call_model(model.eval(), x)) == expect
     except Exception as e:  # any failure of pruning or of the forward pass
         log.debug("meta check failed: %s: %s", type(e).__name__, e)
         return False
@@ -53,7 +63,8 @@ def broken_units(graph: PruningGraph, units: list[Unit], sel: Selection, example
     x = to_device(example_inputs, "meta")
     try:
         with torch.no_grad():
-            expect = output_shapes(call_model(strip_batchnorm(copy_graph(graph, meta=True).model).eval(), x))
+            model = strip_batchnorm(copy_graph(graph, meta=True).model)
+            expect = _kept(model, call_model(model.eval(), x))
     except Exception as e:
         log.debug("cannot check the selection on the meta device (%s: %s)", type(e).__name__, e)
         return []

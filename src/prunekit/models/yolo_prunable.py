@@ -1,0 +1,136 @@
+"""Ultralytics YOLO blocks in forms whose forward survives structured pruning (same outputs unpruned).
+
+``rewrite_yolo(model)`` swaps them in place: blocks whose ``cv1`` output is cut in two (C2f, C3k2, C2fCIB, C2fPSA,
+C2PSA, PSA) get two convs ``cv1a`` / ``cv1b`` with ``cv1``'s weights split between them (``TwoHalves``); the PSA
+``Attention`` reads its widths from its layers instead of its input. The classes subclass Ultralytics' own, so
+``isinstance`` checks, ``fuse`` and ``export`` keep working. ``create_model("ultralytics:...")`` applies it, so a model
+rebuilt by ``load_model`` has the same layers; the pruning engine applies it too (``pruning.structured.detect``).
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def split_conv(conv: nn.Module, sizes: list[int]) -> list[nn.Module]:
+    """An Ultralytics ``Conv`` (conv + BatchNorm + activation, or conv with bias once fused) -> one ``Conv`` per
+    block of ``sizes`` output channels, with the matching rows of its weights (exact: each output channel of a conv and
+    a BatchNorm depends on its own row only)."""
+    parts, start = [], 0
+    for size in sizes:
+        part = copy.deepcopy(conv)
+        rows = slice(start, start + size)
+        c = part.conv
+        c.weight = nn.Parameter(conv.conv.weight.data[rows].clone(), requires_grad=conv.conv.weight.requires_grad)
+        if c.bias is not None:
+            c.bias = nn.Parameter(conv.conv.bias.data[rows].clone(), requires_grad=conv.conv.bias.requires_grad)
+        c.out_channels = size
+        bn = getattr(part, "bn", None)
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            src = conv.bn
+            for k in ("weight", "bias"):
+                if getattr(src, k) is not None:
+                    setattr(bn, k, nn.Parameter(getattr(src, k).data[rows].clone()))
+            bn.running_mean, bn.running_var = src.running_mean[rows].clone(), src.running_var[rows].clone()
+            bn.num_features = size
+        parts.append(part)
+        start += size
+    return parts
+
+
+class TwoHalves:
+    """Mixin for blocks whose ``cv1`` output is cut in two halves (C2f family, C2PSA, PSA): ``cv1a`` and ``cv1b``.
+
+    A block not (or no longer: a rolled-back prune restores the original children) rewritten runs its own forward.
+    """
+
+    def rewrite(self) -> None:
+        c = self.cv1.conv.out_channels // 2
+        self.cv1a, self.cv1b = split_conv(self.cv1, [c, c])
+        del self.cv1
+
+    def halves(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cv1a(x), self.cv1b(x)
+
+
+def _c2f_forward(self: Any, x: Tensor) -> Tensor:
+    if "cv1" in self._modules:
+        return type(self).__mro__[2].forward(self, x)  # the Ultralytics class it subclasses
+    y = list(self.halves(x))
+    y.extend(m(y[-1]) for m in self.m)
+    return self.cv2(torch.cat(y, 1))
+
+
+def _c2psa_forward(self: Any, x: Tensor) -> Tensor:
+    if "cv1" in self._modules:
+        return type(self).__mro__[2].forward(self, x)
+    a, b = self.halves(x)
+    return self.cv2(torch.cat((a, self.m(b)), 1))
+
+
+def _psa_forward(self: Any, x: Tensor) -> Tensor:
+    if "cv1" in self._modules:
+        return type(self).__mro__[2].forward(self, x)
+    a, b = self.halves(x)
+    b = b + self.attn(b)
+    b = b + self.ffn(b)
+    return self.cv2(torch.cat((a, b), 1))
+
+
+def attention_forward(self: Any, x: Tensor) -> Tensor:
+    """Ultralytics ``Attention.forward`` with the widths taken from ``qkv`` (the input's may be pruned)."""
+    B, _, H, W = x.shape
+    N, nh, kd = H * W, self.num_heads, self.key_dim
+    qkv = self.qkv(x)  # (B, nh * (2 kd + hd), H, W): per head q, k, v
+    per = qkv.shape[1] // nh
+    q, k, v = qkv.view(B, nh, per, N).split([kd, kd, per - 2 * kd], dim=2)
+    attn = ((q * self.scale).transpose(-2, -1) @ k).softmax(dim=-1)  # (B, nh, N, N)
+    width = nh * (per - 2 * kd)  # the heads' value width (not the stream's)
+    out = (v @ attn.transpose(-2, -1)).view(B, width, H, W) + self.pe(v.reshape(B, width, H, W))
+    return self.proj(out)
+
+
+@cache
+def _classes() -> tuple[dict[type, type], type, type]:
+    """(Ultralytics block class -> its prunable subclass, Ultralytics Attention, its prunable subclass)."""
+    from ultralytics.nn.modules import block
+
+    swaps: dict[type, type] = {}
+    for name, fwd in (("C2f", _c2f_forward), ("C3k2", _c2f_forward), ("C2fCIB", _c2f_forward),
+                      ("C2fPSA", _c2f_forward), ("C2PSA", _c2psa_forward), ("PSA", _psa_forward)):
+        base = getattr(block, name, None)
+        if base is not None:
+            swaps[base] = type(f"Prunable{name}", (TwoHalves, base), {"forward": fwd, "forward_split": fwd,
+                                                                      "__module__": __name__})
+    attn = type("PrunableAttention", (block.Attention,), {"forward": attention_forward, "__module__": __name__})
+    for cls in swaps.values():
+        globals()[cls.__name__] = cls  # importable by name (a pickled Ultralytics checkpoint refers to it)
+    globals()[attn.__name__] = attn
+    return swaps, block.Attention, attn
+
+
+def rewrite_yolo(model: nn.Module) -> int:
+    """Swap the Ultralytics blocks of ``model`` for their prunable forms, in place (exact class match); returns how
+    many modules were swapped. Blocks already rewritten are skipped."""
+    swaps, attention, prunable_attention = _classes()
+    n = 0
+    for m in list(model.modules()):
+        new = swaps.get(type(m))
+        if new is not None and "cv1" in m._modules:
+            m.__class__ = new
+            m.rewrite()
+            n += 1
+        elif type(m) is attention:
+            m.__class__ = prunable_attention
+            n += 1
+    return n
+
+
+def prunable_attention_class() -> type:
+    """The prunable subclass of Ultralytics' ``Attention``."""
+    return _classes()[2]

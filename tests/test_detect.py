@@ -1,0 +1,155 @@
+"""Ultralytics YOLO pruned whole: the block rewrite is exact, every conv outside the head's output layers loses
+channels, the head's outputs keep their shapes, the ``ultralytics:`` source rebuilds a pruned model, and a ``.pt``
+(a pickle) loads only behind ``trust_pickle``. Models at 64 px, built from Ultralytics' yaml (no download)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+tasks = pytest.importorskip("ultralytics.nn.tasks")
+
+import prunekit  # noqa: E402
+from prunekit.errors import ConfigError  # noqa: E402
+from prunekit.pruning.structured.detect import make_yolo_prunable  # noqa: E402
+
+SIZE = 64
+# layers that keep their output channels by design: the PSA attention's q/k/v layout (its stream is pruned)
+KEPT = {"yolov8n.yaml": set(), "yolo11n.yaml": {"model.10.m.0.attn.qkv.conv", "model.10.m.0.attn.pe.conv"}}
+
+
+def _yolo(cfg: str, seed: int = 0) -> nn.Module:
+    """A YOLO model with random weights and BatchNorm statistics (so a wrong split shows), in eval mode."""
+    torch.manual_seed(seed)
+    model = tasks.DetectionModel(cfg, nc=3, verbose=False)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def _convs(model: nn.Module) -> dict[str, int]:
+    """Output channels of every conv outside the Detect head."""
+    head = {id(m) for m in model.model[-1].modules()}
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and id(m) not in head}
+
+
+def _head_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
+    """Shapes of the decoded predictions (eval) and of the raw boxes / scores (train mode)."""
+    with torch.no_grad():
+        y, _ = model.eval()(x)
+        raw = model.train()(x)
+    model.eval()
+    return [tuple(y.shape), tuple(raw["boxes"].shape), tuple(raw["scores"].shape)]
+
+
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml"])
+def test_rewrite_is_exact(cfg: str) -> None:
+    model = _yolo(cfg)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        before = model(x)[0]
+    assert make_yolo_prunable(model) > 0
+    assert not [n for n, m in model.named_modules() if hasattr(m, "cv1b") and "cv1" in m._modules]
+    with torch.no_grad():
+        after = model(x)[0]
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def _head_convs(model: nn.Module) -> tuple[list[int], list[int]]:
+    """(output channels of the head's inner convs, of its output layers: box/DFL and class channels)."""
+    branches = [*model.model[-1].cv2, *model.model[-1].cv3]
+    inner = [m.out_channels for b in branches for m in b[:-1].modules() if isinstance(m, nn.Conv2d)]
+    return inner, [b[-1].out_channels for b in branches]
+
+
+def test_pruned_whole_raw_model() -> None:
+    """The issue's call on a plain Ultralytics model: no conv outside the head left whole but the attention's."""
+    cfg = "yolo11n.yaml"
+    model, x = _yolo(cfg), torch.randn(1, 3, SIZE, SIZE)
+    shapes, (inner, outputs) = _head_shapes(model, x), _head_convs(model)
+    dense = _yolo(cfg)
+    make_yolo_prunable(dense)
+    dense = _convs(dense)
+    report = prunekit.prune(model, x, criterion="l1", target_macs=0.5)
+    assert 0.4 <= report.macs_kept <= 0.6
+    convs = _convs(model)
+    assert {n for n in dense if convs[n] == dense[n]} == KEPT[cfg]
+    assert _head_shapes(model, x) == shapes
+    pruned_inner, pruned_outputs = _head_convs(model)
+    assert pruned_outputs == outputs
+    assert sum(pruned_inner) < sum(inner)  # the head's inner convs are pruned too
+
+
+def test_source_prune_save_load(tmp_path) -> None:
+    """``ultralytics:yolov8n.yaml``: pruned throughout, saved as safetensors + model.json, rebuilt exactly."""
+    model = prunekit.create_model("ultralytics:yolov8n.yaml", num_classes=3, image_size=SIZE).eval()
+    assert model.prunekit_spec.input["shape"] == [1, 3, SIZE, SIZE]
+    x = torch.randn(1, 3, SIZE, SIZE)
+    shapes, dense = _head_shapes(model, x), _convs(model)
+    prunekit.prune(model, x, criterion="l1", target_macs=0.5)
+    assert [n for n, c in _convs(model).items() if c == dense[n]] == []
+    assert _head_shapes(model, x) == shapes
+    prunekit.save_model(tmp_path, model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]
+    rebuilt = prunekit.load_model(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x)[0], model(x)[0])
+
+
+def test_checkpoint_needs_trust_pickle(tmp_path) -> None:
+    path = tmp_path / "best.pt"
+    path.write_bytes(b"not read")  # never opened without the flag
+    with pytest.raises(ConfigError, match="trust_pickle"):
+        prunekit.create_model(f"ultralytics:{path}")
+    with pytest.raises(ConfigError, match="--pretrained"):
+        prunekit.create_model("ultralytics:yolov8n.yaml", pretrained=True)
+    with pytest.raises(ConfigError, match="multiples of 32"):
+        prunekit.create_model("ultralytics:yolov8n.yaml", image_size=50)
+
+
+def test_checkpoint_with_flag_rebuilds_from_yaml(tmp_path) -> None:
+    """With the flag a user's checkpoint loads; its rebuild spec is the yaml (data), not the pickle."""
+    path = tmp_path / "best.pt"
+    torch.save({"model": _yolo("yolov8n.yaml")}, path)  # what Ultralytics writes: a pickled module
+    model = prunekit.create_model(f"ultralytics:{path}", trust_pickle=True, image_size=SIZE)
+    assert isinstance(model, tasks.DetectionModel)
+    assert model.prunekit_spec.kwargs["cfg"]["nc"] == 3
+
+
+def test_missing_ultralytics_names_the_extra(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "ultralytics.nn", None)
+    with pytest.raises(ConfigError, match=r"pip install prunekit\[detect\]"):
+        prunekit.create_model("ultralytics:yolov8n.yaml")
+
+
+def test_segment_head_keeps_its_outputs() -> None:
+    """YOLOv8n-seg: box, class, mask-coefficient and prototype channels keep their sizes; the rest is pruned."""
+    from prunekit.pruning.structured.detect import without_features
+    from prunekit.pruning.structured.verify import output_shapes
+
+    torch.manual_seed(0)
+    model, x = tasks.SegmentationModel("yolov8n-seg.yaml", nc=3, verbose=False).eval(), torch.randn(1, 3, SIZE, SIZE)
+
+    def shapes() -> list[tuple[int, ...]]:
+        with torch.no_grad():
+            out = output_shapes(without_features(model.eval()(x))) + output_shapes(without_features(model.train()(x)))
+        model.eval()
+        return out
+
+    before = shapes()
+    make_yolo_prunable(model)
+    dense = _convs(model)
+    report = prunekit.prune(model, x, criterion="l1", target_macs=0.5)
+    assert 0.4 <= report.macs_kept <= 0.6
+    assert shapes() == before
+    assert [n for n, c in _convs(model).items() if c == dense[n]] == []

@@ -72,7 +72,7 @@ def _head_convs(model: nn.Module) -> tuple[list[int], list[int]]:
     return inner, [b[-1].out_channels for b in branches]
 
 
-def test_pruned_whole_raw_model() -> None:
+def test_pruned_whole_raw_model(caplog) -> None:
     """The issue's call on a plain Ultralytics model: no conv outside the head left whole but the attention's."""
     cfg = "yolo11n.yaml"
     model, x = _yolo(cfg), torch.randn(1, 3, SIZE, SIZE)
@@ -84,6 +84,7 @@ def test_pruned_whole_raw_model() -> None:
     assert 0.4 <= report.macs_kept <= 0.6
     convs = _convs(model)
     assert {n for n in dense if convs[n] == dense[n]} == KEPT[cfg]
+    assert "model.10.m.0.attn.qkv, model.10.m.0.attn.pe" in caplog.text  # the layers kept whole are named
     assert _head_shapes(model, x) == shapes
     pruned_inner, pruned_outputs = _head_convs(model)
     assert pruned_outputs == outputs
@@ -153,3 +154,28 @@ def test_segment_head_keeps_its_outputs() -> None:
     assert 0.4 <= report.macs_kept <= 0.6
     assert shapes() == before
     assert [n for n, c in _convs(model).items() if c == dense[n]] == []
+
+
+def test_rolled_back_prune_then_prune_again(monkeypatch) -> None:
+    """A failed call leaves the model's outputs and state-dict keys as they were; the next call prunes it whole."""
+    from prunekit.pruning.structured.engine import StructuredPruner
+
+    model, x = _yolo("yolov8n.yaml"), torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        before, keys = model(x)[0], list(model.state_dict())
+
+    def fail(self) -> None:
+        raise RuntimeError("injected")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(StructuredPruner, "recalibrate", fail)
+        with pytest.raises(prunekit.errors.PruningError, match="injected"):
+            prunekit.prune(model, x, criterion="l1", target_macs=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], before, atol=0, rtol=0)
+    assert list(model.state_dict()) == keys
+    dense = _convs(model)
+    prunekit.prune(model, x, criterion="l1", target_macs=0.5)
+    convs = _convs(model)
+    assert sum(convs.values()) < sum(c for n, c in dense.items() if n in convs)
+    assert not [n for n, c in convs.items() if n in dense and c == dense[n]]

@@ -120,7 +120,7 @@ def rewrite_yolo(model: nn.Module) -> int:
     swaps, attention, prunable_attention = _classes()
     n = 0
     for m in list(model.modules()):
-        new = swaps.get(type(m))
+        new = type(m) if isinstance(m, TwoHalves) else swaps.get(type(m))  # a rolled-back prune: cv1 is back
         if new is not None and "cv1" in m._modules:
             m.__class__ = new
             m.rewrite()

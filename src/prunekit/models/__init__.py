@@ -1,4 +1,5 @@
-"""Model registry: built-in models (``register_model``), plus ``tv:<name>``, ``timm:<name>`` and ``hf:<name-or-path>``.
+"""Model registry: built-in models (``register_model``), plus ``tv:<name>``, ``timm:<name>``, ``hf:<name-or-path>``
+and ``ultralytics:<yaml-or-pt>``.
 
 Example:
     >>> model = prunekit.create_model("resnet20", in_channels=1, num_classes=10)
@@ -38,7 +39,8 @@ def create_model(name: str, *, in_channels: int = 3, num_classes: int = 10, pret
     """Build a model by name and attach its rebuild spec (``model.prunekit_spec``).
 
     Args:
-        name: a built-in name (``list_models()``) or ``tv:<name>``, ``timm:<name>``, ``hf:<name-or-path>``.
+        name: a built-in name (``list_models()``) or ``tv:<name>``, ``timm:<name>``, ``hf:<name-or-path>``,
+            ``ultralytics:<yaml-or-pt>`` (``prunekit.models.ultralytics``).
         in_channels: input image channels (built-in and adapted external vision models).
         num_classes: classifier outputs.
         pretrained: load the source's pretrained weights (downloads where the source needs it).

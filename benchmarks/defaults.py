@@ -74,6 +74,7 @@ class Bench:
     dense: float
     levels: list[dict[str, Any]]
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. preset="mlp-only"
+    dense_bn: float | None = None  # the dense model with its BatchNorm re-estimated on ``calib`` (BN models)
 
 
 def grid(criteria: Iterable[str] = CRITERIA, compensations: Iterable[str] = COMPENSATIONS,
@@ -99,7 +100,8 @@ def run_setting(bench: Bench, setting: dict[str, Any], level: int) -> dict[str, 
     Returns a dict with model, level, the setting, score, dense, retained (score / dense), macs_kept, seconds, error.
     """
     row: dict[str, Any] = dict(model=bench.name, level=level, **setting, target=bench.levels[level], dense=bench.dense,
-                               score=None, retained=None, macs_kept=None, seconds=None, error=None)
+                               dense_bn=bench.dense_bn, score=None, retained=None, macs_kept=None, seconds=None,
+                               error=None)
     if not setting["recalibrate_bn"] and not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                                  for m in bench.model.modules()):
         row["error"] = "same as BN on (no BatchNorm)"
@@ -231,7 +233,10 @@ def image_bench(name: str, a: argparse.Namespace) -> Bench:
         levels, extra = [dict(keep=k) for k in FFN_KEEPS], dict(preset="mlp-only")
     else:
         levels, extra = [dict(target_macs=t) for t in CNN_TARGETS], {}
-    return Bench(name, model, torch.zeros(1, 1, size, size), calib, lambda m: top1(m, xs, ys), dense, levels, extra)
+    recal = copy.deepcopy(model)
+    prunekit.recalibrate_bn(recal, calib, len(calib))
+    return Bench(name, model, torch.zeros(1, 1, size, size), calib, lambda m: top1(m, xs, ys), dense, levels, extra,
+                 top1(recal, xs, ys) if name != "vit" else None)
 
 
 def minilm_bench(a: argparse.Namespace) -> Bench:
@@ -261,7 +266,8 @@ def _fmt(v: float | None, nd: int = 3) -> str:
 
 
 def summary(rows: list[dict[str, Any]], settings: list[dict[str, Any]], levels: int = 2) -> list[str]:
-    """One line per setting: per level, mean retained over models (min-max) and mean rank (1 = best)."""
+    """One line per setting: per level, mean retained over models (min-max) and mean rank (1 = best). Retained is
+    the score over the dense score, or over the dense model's with BatchNorm re-estimated when that is higher."""
     models = list(dict.fromkeys(r["model"] for r in rows))
     key = lambda r: (r["model"], r["level"], label(r))  # noqa: E731
     by = {key(r): r for r in rows}
@@ -269,6 +275,9 @@ def summary(rows: list[dict[str, Any]], settings: list[dict[str, Any]], levels: 
         if r["error"] == "same as BN on (no BatchNorm)":
             twin = by.get((r["model"], r["level"], label({**r, "recalibrate_bn": True})))
             r.update({k: twin[k] for k in ("score", "retained", "macs_kept")} if twin else {})
+    for r in rows:  # BN models: measured against the dense model with its BatchNorm re-estimated on the same batches
+        if r["score"] is not None and r.get("dense_bn"):
+            r["retained"] = round(r["score"] / max(r["dense_bn"], r["dense"]), 4)
     ranks: dict[tuple, float] = {}
     for m in models:
         for lv in range(levels):
@@ -367,7 +376,8 @@ def tables(rows: list[dict[str, Any]], settings: list[dict[str, Any]], seconds: 
     print(f"\nlevel 1 = target_macs {CNN_TARGETS[0]} (CNNs) / FFN keep {FFN_KEEPS[0]} (vit, minilm); level 2 = "
           f"{CNN_TARGETS[1]} / {FFN_KEEPS[1]}. retained = score / dense score; {len(names)} models "
           f"({', '.join(names)}); {seconds:.0f} s\n")
-    print("dense: " + ", ".join(f"{r['model']} {r['dense']:.4g}" for r in {r["model"]: r for r in rows}.values()))
+    print("dense: " + ", ".join(f"{r['model']} {r['dense']:.4g}" + (f" (BN re-estimated: {r['dense_bn']:.4g})" if
+                                r.get("dense_bn") is not None else "") for r in {r["model"]: r for r in rows}.values()))
     print("\n".join(summary(rows, settings)))
     print("\nPer model (top-1 % on the test subset; minilm: cosine):\n")
     print("\n".join(detail(rows, settings)))

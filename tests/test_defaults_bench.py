@@ -13,7 +13,7 @@ import torch
 import prunekit
 
 FIELDS = {"model", "level", "criterion", "compensate", "scope", "recalibrate_bn", "target", "dense", "score",
-          "retained", "macs_kept", "seconds", "error"}
+          "retained", "macs_kept", "seconds", "error", "dense_bn"}
 
 
 @pytest.fixture(scope="module")

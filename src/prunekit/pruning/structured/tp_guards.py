@@ -3,7 +3,7 @@ offsets resynced after a group prunes a split, and input shapes for trace messag
 
 from __future__ import annotations
 
-import signal
+import ctypes
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,23 +43,42 @@ def index_budget(entries: int, dependencies: int) -> Iterator[list[int]]:
 
 
 @contextmanager
-def deadline(seconds: int, message: str) -> Iterator[None]:
-    """Raise ``PruningError(message)`` if the block runs longer than ``seconds`` (main thread on Unix only;
-    elsewhere the block simply runs)."""
-    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+def deadline(seconds: float, message: str) -> Iterator[None]:
+    """Raise ``PruningError(message)`` if the block runs longer than ``seconds``.
+
+    A watchdog thread raises the error inside the running thread (``PyThreadState_SetAsyncExc``, at the next Python
+    bytecode): no signal is involved, since a SIGALRM delivered while a runtime's worker threads exist (OpenVINO's,
+    after an int8 model ran in the process) crashed the process. A block stuck inside one C call is interrupted when
+    that call returns.
+    """
+    if seconds <= 0:
         yield
         return
+    target, lock, state = threading.get_ident(), threading.Lock(), {"active": True, "fired": False}
 
-    def _expired(signum: int, frame: Any) -> None:
-        raise PruningError(message)
+    class _Expired(PruningError):
+        pass
 
-    previous = signal.signal(signal.SIGALRM, _expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    def watchdog() -> None:
+        if stop.wait(seconds):
+            return
+        with lock:
+            if state["active"]:
+                state["fired"] = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), ctypes.py_object(_Expired))
+
+    stop = threading.Event()
+    thread = threading.Thread(target=watchdog, name="prunekit-deadline", daemon=True)
+    thread.start()
     try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        try:
+            yield
+        finally:
+            with lock:  # after this, the watchdog schedules nothing; one it already scheduled fires here at the latest
+                state["active"] = False
+            stop.set()
+    except _Expired:
+        raise PruningError(message) from None
 
 
 def describe_inputs(x: Any) -> str:

@@ -187,14 +187,18 @@ def test_a_config_object_and_keywords_together():
     assert cfg.target.ratio == 0.5  # the caller's object is not changed
 
 
-def test_compensate_auto_is_lstsq_with_data_and_none_without():
+def test_defaults_are_variance_and_lstsq_with_data_l2_and_none_without():
+    """The defaults chosen by benchmarks/defaults.py (docs/defaults.md): with calibration data and nothing else, the
+    best measured path (variance + least-squares refit + BatchNorm re-estimation); without data, l2 alone."""
     torch.manual_seed(0)
     x = torch.randn(1, 1, 8, 8)
-    with_data = prunekit.prune(prunekit.create_model("smallcnn", in_channels=1, num_classes=10), x, "l1", ratio=0.3,
+    with_data = prunekit.prune(prunekit.create_model("smallcnn", in_channels=1, num_classes=10), x, ratio=0.3,
                                calib_data=[torch.randn(16, 1, 8, 8) for _ in range(2)])
-    without = prunekit.prune(prunekit.create_model("smallcnn", in_channels=1, num_classes=10), x, "l1", ratio=0.3)
-    assert with_data.compensate == "lstsq" and with_data.compensation
-    assert without.compensate == "none" and not without.compensation
+    without = prunekit.prune(prunekit.create_model("smallcnn", in_channels=1, num_classes=10), x, ratio=0.3)
+    assert (with_data.criterion, with_data.compensate) == ("variance", "lstsq") and with_data.compensation
+    assert with_data.bn_recalibration.get("batches") == 2
+    assert (without.criterion, without.compensate) == ("l2", "none") and not without.compensation
+    assert StructuredConfig().criterion == "auto" and StructuredConfig().compensation.mode == "auto"
 
 
 # ------------------------------------------------------------------------------------------- other families

@@ -77,7 +77,7 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
                    "macs_kept": report.macs_kept, "params_kept": report.params_kept, "ratio": report.ratio,
                    "target_macs": p.target.macs, "target_latency": p.target.latency,
                    "latency": {k: v for k, v in report.latency.items() if k != "per_layer"},
-                   "criterion": p.criterion, "scope": p.layers.scope, "compensate": report.compensate,
+                   "criterion": report.criterion, "scope": p.layers.scope, "compensate": report.compensate,
                    "groups_pruned": report.groups_pruned, "groups_left_whole": len(report.left_whole),
                    "bn_recalibration_batches": report.bn_recalibration.get("batches", 0),
                    "top1_before": before.get("top1"), "prune_seconds": round(seconds, 2), "stage": "prune",

@@ -46,6 +46,7 @@ from prunekit.pruning.structured.prepare import (
     check_first_batch,
     device_of,
     resolve_compensation,
+    resolve_criterion,
 )
 from prunekit.pruning.structured.report import PruneReport
 from prunekit.pruning.structured.score import collect, score_units, scored
@@ -68,13 +69,14 @@ class StructuredPruner:
                  calib_data: Iterable | None = None, loss_fn: Callable | None = None,
                  device: str | torch.device | None = None, units_only: Collection[str] | None = None):
         self.model, self.example_inputs, self.s = model, example_inputs, config
-        self.crit = get_criterion(config.criterion, **({"seed": config.seed} if config.criterion == "random" else {}))
+        self.criterion = name = resolve_criterion(config, calib_data)
+        self.crit = get_criterion(name, **({"seed": config.seed} if name == "random" else {}))
         check_data(self.crit, config, calib_data)
         self.calib = CalibData(calib_data, config.calibration.batches) if calib_data is not None else None
         self.loss_fn, self.units_only = loss_fn, units_only
         self.device = torch.device(device) if device is not None else device_of(model)
         self.compensate = resolve_compensation(config, calib_data)
-        self.report = PruneReport(criterion=config.criterion, scope=config.layers.scope,
+        self.report = PruneReport(criterion=name, scope=config.layers.scope,
                                   ratio=config.global_ratio, target_macs=config.target.macs,
                                   preset=config.layers.preset, heads=config.layers.heads, compensate=self.compensate)
         self.t0 = time.perf_counter()

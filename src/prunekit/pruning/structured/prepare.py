@@ -42,6 +42,15 @@ class CalibData:
             return self.max_batches
 
 
+def resolve_criterion(s: StructuredConfig, calib_data: Iterable | None) -> str:
+    """The criterion this call uses: ``auto`` is ``variance`` with calibration data, else ``l2``."""
+    from prunekit.pruning.structured.settings import AUTO_CRITERION, AUTO_WITH_DATA, AUTO_WITHOUT_DATA
+
+    if s.criterion != AUTO_CRITERION:
+        return s.criterion
+    return AUTO_WITH_DATA if calib_data is not None else AUTO_WITHOUT_DATA
+
+
 def resolve_compensation(s: StructuredConfig, calib_data: Iterable | None) -> str:
     """The compensation mode this call uses: ``auto`` is ``lstsq`` with calibration data, else ``none``."""
     mode = s.compensation.mode
@@ -70,7 +79,7 @@ def check_data(crit: Criterion, s: StructuredConfig, calib_data: Iterable | None
         return
     if crit.needs_data or crit.needs_stats:
         what = "labelled batches ((inputs, labels) pairs)" if crit.needs_labels else "batches"
-        raise ConfigError(f"criterion {s.criterion!r} needs calibration data: pass calib_data= an iterable of {what}")
+        raise ConfigError(f"criterion {crit.name!r} needs calibration data: pass calib_data= an iterable of {what}")
     if s.compensation.mode not in ("none", "auto"):
         raise ConfigError(f"compensate={s.compensation.mode!r} needs calibration data (calib_data=...) to measure "
                           "the pruned channels' statistics; use compensate='none' without data")

@@ -20,6 +20,12 @@ from pydantic import Field, field_validator, model_validator
 from prunekit.config import Config
 
 
+AUTO_CRITERION = "auto"
+# what criterion="auto" and compensate="auto" resolve to: the winners on the mean over five model families (three CNNs,
+# a ViT, MiniLM), right after pruning; benchmarks/defaults.py, docs/defaults.md
+AUTO_WITH_DATA, AUTO_WITHOUT_DATA = "variance", "l2"
+
+
 def _flat(key: str) -> dict[str, str]:
     return {"flat": key}
 
@@ -220,9 +226,10 @@ class StructuredConfig(Config):
     """Structured pruning (channels, heads; VBP's variance criteria with compensation): ``prunekit.prune``'s
     config, ``prunekit prune``'s flags and a recipe's ``prune`` stage."""
 
-    criterion: str = Field("l1", description="channel scoring rule: l1, l2, bn_scale, lamp, fpgm, random, taylor "
-                           "(labelled data), variance, variance_weighted, variance_conditional (data); see "
-                           "prunekit.pruning.list_criteria()")
+    criterion: str = Field("auto", description="channel scoring rule: auto (variance with calibration data, else "
+                           "l2: the best on the mean over five model families, docs/defaults.md), l1, l2, bn_scale, "
+                           "lamp, fpgm, random, taylor (labelled data), variance, variance_weighted, "
+                           "variance_conditional (data); see prunekit.pruning.list_criteria()")
     target: Target = Field(default_factory=Target, description="what to reach")
     layers: Layers = Field(default_factory=Layers, description="which layers, and how the amount is spread")
     calibration: Calibration = Field(default_factory=Calibration, description="use of the calibration data")
@@ -237,7 +244,8 @@ class StructuredConfig(Config):
     def _known_criterion(cls, v: str) -> str:
         from prunekit.pruning.structured.criteria import CRITERIA
 
-        CRITERIA.get(v)
+        if v != AUTO_CRITERION:
+            CRITERIA.get(v)
         return v
 
     @model_validator(mode="after")

@@ -28,7 +28,7 @@ class DemoConfig(Config):
     out: Path = Field(Path("runs/demo"), description="output directory (replaced on each run unless --resume)")
     resume: bool = Field(False, description="continue an interrupted demo")
     model: str | None = Field(None, description="model (default: the recipe's resnet20)")
-    criterion: str | None = Field(None, description="pruning criterion (default: auto, variance with the calibration data)")
+    criterion: str | None = Field(None, description="pruning criterion (default: auto, variance with calibration data)")
     target_macs: float | None = Field(None, gt=0, lt=1, description="fraction of MACs to keep (default 0.5)")
     epochs: int | None = Field(None, ge=0, description="baseline epochs (default 12)")
     finetune_epochs: int | None = Field(None, ge=0, description="fine-tuning epochs (default 6)")

@@ -19,7 +19,6 @@ from pydantic import Field, field_validator, model_validator
 
 from prunekit.config import Config
 
-
 AUTO_CRITERION = "auto"
 # what criterion="auto" and compensate="auto" resolve to: the winners on the mean over five model families (three CNNs,
 # a ViT, MiniLM), right after pruning; benchmarks/defaults.py, docs/defaults.md

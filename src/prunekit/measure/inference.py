@@ -117,6 +117,21 @@ class _Canned(nn.Module):
 TIMED_ONNX_OPS = frozenset({"Conv", "FusedConv", "NchwcConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm"})
 
 
+def ort_session_options(threads: int) -> Any:
+    """ONNX Runtime session options of every CPU timing here: all graph optimisations, sequential, ``threads``
+    intra-op threads, no spinning under ``OMP_WAIT_POLICY=PASSIVE``."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
+    so.log_severity_level = 3
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
 def rest_latency_ms(model: nn.Module, example_inputs: Any, backend: str, threads: int, runs: int = 15) -> float:
     """Latency (ms) of everything in ``model`` but its conv/linear layers on ``backend``: what a table of layers
     does not time (activations, adds, pooling, layout reorders, per-op overhead), measured like the table's
@@ -173,13 +188,7 @@ def onnx_node_times(model: nn.Module, example_inputs: Any, threads: int,
             outs_ = output_names(len(as_tensors(module(*args))))
         export_onnx(module, args, names, outs_, path, ExportOptions(dynamic_batch=False), prefix)
         feeds = OnnxRunner(path, threads).feeds(*args)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
-        so.log_severity_level = 3
-        if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so = ort_session_options(threads)
         so.enable_profiling = True
         so.profile_file_prefix = f"{tmp}/profile"
         sess = ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])

@@ -50,6 +50,7 @@ from prunekit.measure.inference import (  # noqa: F401  (moved there; still impo
     fold_batchnorm,
     inference_copy,
     onnx_node_times,
+    ort_session_options,
     rest_latency_ms,
 )
 from prunekit.measure.inference import min_ms as _min_ms
@@ -230,14 +231,8 @@ def onnxruntime_timer(threads: int, runs: int = 7, warmup: int = 2) -> Timer:
                           "'prunekit[export]'") from None
 
     def session(model: bytes) -> Any:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
-        so.log_severity_level = 3
-        if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, sess_options=ort_session_options(threads),
+                                    providers=["CPUExecutionProvider"])
 
     overhead: dict[tuple[int, ...], float] = {}
 

@@ -320,8 +320,13 @@ def detail(rows: list[dict[str, Any]], settings: list[dict[str, Any]]) -> list[s
 
 
 def errors(rows: list[dict[str, Any]]) -> list[str]:
-    seen = {(r["model"], label(r), r["error"]) for r in rows if r["error"] and r["score"] is None}
-    return [f"- {m}, {lab}: {err}" for m, lab, err in sorted(seen)]
+    """One line per (model, error): the settings it hit."""
+    seen: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        if r["error"] and r["score"] is None:
+            seen.setdefault((r["model"], r["error"]), []).append(f"{label(r)} L{r['level'] + 1}")
+    return [f"- {m} ({len(labs)} runs: {', '.join(labs[:4])}{' ...' if len(labs) > 4 else ''}): {err}"
+            for (m, err), labs in seen.items()]
 
 
 def main() -> None:

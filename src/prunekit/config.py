@@ -119,11 +119,12 @@ class Config(BaseModel):
         for name in sections:  # a container's own defaults for a section's fields (``section(..., epochs=5)``)
             for key, value in section_defaults(cls.model_fields[name]).items():
                 out.setdefault(name, {}).setdefault(key, value)
-        for key in cls.shared_keys:  # the container's value reaches every section holding that key
-            value = out.get(key, cls.model_fields[key].default if key in cls.model_fields else None)
+        for key in (k for k in cls.shared_keys if k in cls.model_fields):  # the container's value reaches every
+            given = key in out  # section holding that key (a section's own value only when the container has none)
             for name, sec in sections.items():
-                if key in sec.model_fields and key in cls.model_fields:
-                    out.setdefault(name, {})[key] = value
+                node = out.setdefault(name, {}) if key in sec.model_fields else None
+                if node is not None and (given or key not in node):
+                    node[key] = out.get(key, cls.model_fields[key].default)
         return out
 
     @classmethod

@@ -143,7 +143,7 @@ def test_benchmark_pages_read_as_documentation_not_a_development_log():
     assert not (ROOT / "docs/results.md").exists()
 
 
-def _not_blank(png: Path) -> None:
+def check_not_blank(png: Path) -> None:
     from PIL import Image, ImageStat
 
     image = Image.open(png).convert("L")
@@ -168,4 +168,4 @@ def test_front_page_and_a_tutorial_render_in_headless_chromium(site, tmp_path):
             pytest.skip(f"headless chromium could not be run: {e}")
         if not shot.is_file():
             pytest.skip(f"headless chromium wrote no screenshot (rc {res.returncode}): {res.stderr[-300:]}")
-        _not_blank(shot)
+        check_not_blank(shot)

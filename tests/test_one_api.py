@@ -149,6 +149,7 @@ def test_flat_keys_nested_sections_and_python_objects_are_one_config():
     ({"reconstruct_lr": 0.1, "reconstruct_input_mix": 0.5}, r"reconstruct_input_mix=0.5 shapes the reconstruction"),
     ({"target_latency": 0.5, "scope": "adaptive"}, r"target_latency.*not 'adaptive'"),
     ({"critrion": "l1"}, r"unknown key 'critrion'; did you mean 'criterion'"),
+    ({"criterion": "atuo"}, r"unknown criterion 'atuo'; did you mean 'auto'\?.*Valid criterion names: auto, bn_scale"),
     ({"compensate": "lsq"}, r"'compensate' = 'lsq' is invalid.*'auto', 'none', 'mean' or 'lstsq'"),
 ])
 def test_invalid_combinations_are_refused_at_construction_naming_the_fields(values, match):

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from prunekit.config import Config
+from prunekit.errors import unknown_name_message
 
 AUTO_CRITERION = "auto"
 # what criterion="auto" and compensate="auto" resolve to: the winners on the mean over five model families (three CNNs,
@@ -243,8 +244,8 @@ class StructuredConfig(Config):
     def _known_criterion(cls, v: str) -> str:
         from prunekit.pruning.structured.criteria import CRITERIA
 
-        if v != AUTO_CRITERION:
-            CRITERIA.get(v)
+        if v != AUTO_CRITERION and v not in CRITERIA:
+            raise ValueError(unknown_name_message("criterion", v, [AUTO_CRITERION, *CRITERIA.names()]))
         return v
 
     @model_validator(mode="after")

@@ -112,3 +112,77 @@ def _metrics(cfg: QuantizeStageConfig, report: QuantizeReport, latency: dict[str
             "layers": report.layers, "kept_float": report.kept_float, "calib_samples": report.calib_samples,
             "latency": latency, "int8_speedup": speedup, "quantize_seconds": report.seconds,
             "stage": "quantize", "from": str(cfg.from_dir), **data}
+
+
+# ----------------------------------------------------------------------------------------------- finetune --qat
+def qat_finetune(cfg: Any) -> dict[str, Any]:
+    """``prunekit finetune --qat``: fake-quantized fine-tuning of ``cfg.from_dir``'s model, distilled from its float
+    model, then exported int8 for ``cfg.qat.backend`` into ``cfg.out`` as ``prunekit quantize`` writes it.
+
+    The run directory holds the fine-tuned float model (weights on their int8 grid), the runtime's float and int8
+    files and ``quantize.json``; ``metrics.json`` holds, all on the test split and the runtime: ``top1`` (the QAT
+    int8 model), ``top1_float`` (its float export), ``top1_start_float`` and ``top1_ptq`` (the source model in float
+    and after post-training int8 alone), and the fake-quantized torch model's ``top1_fake_quant``.
+    """
+    import copy
+    import tempfile
+
+    from prunekit.pipeline.stages import kd_setup, loaders, model_metrics, split_record, test_metrics, val_metrics
+    from prunekit.train import fit
+    from prunekit.train.kd import make_kd_loss
+    from prunekit.train.qat import calibrate_qat, convert_qat, prepare_qat, qat_layers
+
+    t, d, qa = cfg.train, cfg.data, cfg.qat
+    q = QuantizeConfig(backend=qa.backend, calib_batches=qa.calib_batches, threads=2)
+    require_backend(q.backend)
+    with stage_run(cfg, "finetune", resumable=True) as run:
+        out, model, spec, before = run.out, run.model, run.spec, run.before
+        ld = loaders(run.data, d.batch_size, t.seed, d.workers, d.download, splits=("train", "val", "test", "calib"))
+        x = runs.example_inputs(spec, 1, "cpu")
+        float_model = copy.deepcopy(model).to("cpu").eval()
+        with tempfile.TemporaryDirectory(prefix="prunekit-ptq-") as tmp:  # the anchor: post-training int8 alone
+            ptq = quantize(float_model, x, q, calib_data=ld["calib"], out=tmp, eval_data=ld["test"])
+        loss_fn, teacher_dir = kd_setup(cfg, "finetune --qat")
+        if loss_fn is None:  # no --kd: distil from the float model being quantized
+            loss_fn = make_kd_loss(copy.deepcopy(float_model).to(t.device), cfg.kd.alpha, cfg.kd.temperature,
+                                   t.label_smoothing)
+        log.info("finetune --qat: %s from %s: post-training %s int8 top1 %.2f%% (float %.2f%%); fake int8 in %d "
+                 "layers, %d epochs, lr %g, KD from %s", spec.name, cfg.from_dir, q.backend,
+                 ptq.accuracy_int8["top1"], ptq.accuracy_float["top1"], len(qat_layers(model)), t.epochs, t.lr,
+                 teacher_dir or "the float model")
+        prepare_qat(model, qa.momentum)
+        calibrate_qat(model, ld["calib"], qa.calib_batches, t.device)
+        start = test_metrics(model, ld["test"], t.device)
+        best = fit(model, ld["train"], ld["val"], t, run_dir=out, resume=cfg.resume, phase="qat", loss_fn=loss_fn,
+                   start_candidate=True)
+        fake = test_metrics(model, ld["test"], t.device)
+        convert_qat(model).to("cpu").eval()
+        report = quantize(model, x, q, calib_data=ld["calib"], out=out, eval_data=ld["test"])
+        metrics = {**_qat_metrics(report, ptq, start, fake), **val_metrics(best), **model_metrics(model, spec),
+                   "best_epoch": best.get("epoch"), "kept_start": bool(best.get("kept_start")),
+                   "top1_before": before.get("top1"), "stage": "finetune", "qat": True, "from": str(cfg.from_dir),
+                   **({"teacher": str(teacher_dir)} if teacher_dir else {}), **run.data,
+                   "splits": split_record(run.data, ld)}
+        log.info("finetune --qat: done: %s int8 top1 %.2f%% (post-training int8 %.2f%%, float %.2f%%)", q.backend,
+                 metrics["top1"], metrics["top1_ptq"], metrics["top1_start_float"])
+        runs.save_model(out, model, spec)
+        runs.write_config(out, {**cfg.to_dict(), **run.data})
+        runs.write_metrics(out, metrics)
+    return metrics
+
+
+def _qat_metrics(report: QuantizeReport, ptq: QuantizeReport, start: dict[str, Any],
+                 fake: dict[str, Any]) -> dict[str, Any]:
+    """The accuracy figures of a QAT run (test split): QAT int8 and float on the runtime, the source's float and
+    post-training int8 on the same runtime, the fake-quantized torch model before and after training."""
+    acc, acc_f = report.accuracy_int8 or {}, report.accuracy_float or {}
+    ptq_i, ptq_f = ptq.accuracy_int8 or {}, ptq.accuracy_float or {}
+    return {"top1": acc.get("top1"), "top5": acc.get("top5"), "test_samples": acc.get("samples"),
+            "test_loss": fake["test_loss"], "top1_float": acc_f.get("top1"), "top1_start_float": ptq_f.get("top1"),
+            "top1_ptq": ptq_i.get("top1"), "top1_qat_gain": acc["top1"] - ptq_i["top1"] if acc and ptq_i else None,
+            "top1_int8_drop": ptq_f["top1"] - acc["top1"] if acc and ptq_f else None,
+            "top1_fake_quant_start": start["top1"], "top1_fake_quant": fake["top1"], "backend": report.backend,
+            "precision": "int8", "model_file": Path(report.int8_path).name,
+            "float_model_file": Path(report.float_path).name, "bytes_float": report.float_bytes,
+            "bytes_int8": report.int8_bytes, "rel_error": report.rel_error, "rel_error_ptq": ptq.rel_error,
+            "kept_float": report.kept_float, "calib_samples": report.calib_samples}

@@ -26,6 +26,7 @@ from prunekit.pipeline.skeleton import stage_run
 from prunekit.train import TrainSettings, evaluate, fit, is_main_process
 from prunekit.train.distributed import is_distributed
 from prunekit.train.kd import make_kd_loss
+from prunekit.train.qat import QATArgs
 from prunekit.train.settings import check_device
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class TrainConfig(Config):
 
 
 class FinetuneConfig(Config):
-    """``prunekit finetune``: recover a pruned model's accuracy (sections ``train``, ``kd``, ``data``)."""
+    """``prunekit finetune``: recover a pruned model's accuracy (sections ``train``, ``kd``, ``qat``, ``data``)."""
 
     from_dir: Path = Field(alias="from", description="run directory of the model to fine-tune")
     resume: bool = Field(False, description="continue an interrupted run in --out from its last checkpoint")
@@ -72,6 +73,7 @@ class FinetuneConfig(Config):
     overwrite: bool = Field(False, description="replace --out if it already holds a run")
     train: TrainSettings = section(TrainSettings, "the fine-tuning", epochs=5, lr=0.01)
     kd: KDArgs = section(KDArgs, "distillation")
+    qat: QATArgs = section(QATArgs, "quantization-aware fine-tuning (--qat)")
     data: DataArgs = section(DataArgs, "the data")
 
 
@@ -185,6 +187,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
           stage="finetune", trains=True)
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune the model of ``cfg.from_dir`` and write a run directory. Returns its metrics."""
+    if cfg.qat.qat:  # fake-quantized fine-tuning, exported int8 (prunekit.pipeline.quantize)
+        from prunekit.pipeline.quantize import qat_finetune
+
+        return qat_finetune(cfg)
     t, d = cfg.train, cfg.data
     with stage_run(cfg, "finetune", resumable=True) as run:
         out, data, model, spec, before = run.out, run.data, run.model, run.spec, run.before

@@ -1,0 +1,150 @@
+"""A pruned YOLO back in Ultralytics: ``to_yolo`` predicts, validates and exports it (ONNX equal to torch), and
+``finetune_yolo`` trains it with Ultralytics' trainer keeping every pruned width, writing no pickle. A yolov8n at
+64 px with 2 classes, pruned to 60% of the MACs, and a tiny YOLO-format set written here (no network)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+pytest.importorskip("ultralytics.nn.tasks")
+
+import prunekit  # noqa: E402
+from prunekit.errors import ConfigError  # noqa: E402
+from prunekit.models.ultralytics_io import finetune_yolo, to_yolo, trainer_class  # noqa: E402
+
+SIZE = 64
+NAMES = ["red", "blue"]
+COLORS = [(40, 40, 220), (220, 60, 40)]  # BGR, as the images are read by cv2
+
+
+def _write_split(root: Path, split: str, count: int, rng: np.random.Generator) -> None:
+    """``count`` images of SIZE px with 1-3 filled rectangles (class = colour) and their YOLO label files."""
+    from PIL import Image
+
+    (root / "images" / split).mkdir(parents=True)
+    (root / "labels" / split).mkdir(parents=True)
+    for i in range(count):
+        img = rng.integers(90, 140, size=(SIZE, SIZE, 3), dtype=np.uint8)  # textured grey background
+        lines = []
+        for _ in range(int(rng.integers(1, 4))):
+            cls = int(rng.integers(0, len(NAMES)))
+            w, h = (int(v) for v in rng.integers(12, 30, size=2))
+            x0, y0 = int(rng.integers(0, SIZE - w)), int(rng.integers(0, SIZE - h))
+            img[y0:y0 + h, x0:x0 + w] = COLORS[cls][::-1]  # RGB for PIL
+            lines.append(f"{cls} {(x0 + w / 2) / SIZE:.6f} {(y0 + h / 2) / SIZE:.6f} {w / SIZE:.6f} {h / SIZE:.6f}")
+        Image.fromarray(img).save(root / "images" / split / f"{i}.png")
+        (root / "labels" / split / f"{i}.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def data_yaml(tmp_path_factory) -> Path:
+    """A YOLO-format set: 8 train and 4 val images, ``data.yaml`` with two class names."""
+    root = tmp_path_factory.mktemp("yolo_data")
+    rng = np.random.default_rng(0)
+    _write_split(root, "train", 8, rng)
+    _write_split(root, "val", 4, rng)
+    path = root / "data.yaml"
+    path.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n"
+                    + "".join(f"  {i}: {n}\n" for i, n in enumerate(NAMES)))
+    return path
+
+
+def _pruned(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = prunekit.create_model("ultralytics:yolov8n.yaml", num_classes=len(NAMES), image_size=SIZE).eval()
+    prunekit.prune(model, torch.randn(1, 3, SIZE, SIZE), criterion="l2", target_macs=0.6)
+    return model
+
+
+def _widths(model: nn.Module) -> dict[str, tuple[int, int]]:
+    return {n: (m.in_channels, m.out_channels) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def _has_bn(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def pruned() -> nn.Module:
+    return _pruned()
+
+
+def test_pruned_model_is_smaller(pruned) -> None:
+    dense = prunekit.create_model("ultralytics:yolov8n.yaml", num_classes=len(NAMES), image_size=SIZE)
+    assert sum(o for _, o in _widths(pruned).values()) < sum(o for _, o in _widths(dense).values())
+
+
+def test_predict_keeps_the_pruned_model(pruned, tmp_path) -> None:
+    """predict on a numpy image works; the module is the YOLO's own and stays unfused (Ultralytics fuses a copy)."""
+    widths, bns, state = _widths(pruned), _has_bn(pruned), {k: v.clone() for k, v in pruned.state_dict().items()}
+    yolo = to_yolo(pruned, names=NAMES)
+    assert yolo.model is pruned and yolo.task == "detect" and yolo.names == dict(enumerate(NAMES))
+    image = np.full((SIZE, SIZE, 3), 120, dtype=np.uint8)
+    results = yolo.predict(image, imgsz=SIZE, conf=0.0, verbose=False, project=str(tmp_path))
+    assert len(results) == 1 and results[0].boxes is not None
+    assert results[0].orig_shape == (SIZE, SIZE)
+    assert yolo.model is pruned and _widths(pruned) == widths and _has_bn(pruned) == bns > 0
+    for k, v in pruned.state_dict().items():
+        torch.testing.assert_close(v, state[k], atol=0, rtol=0)
+
+
+def test_val_returns_map(pruned, data_yaml, tmp_path) -> None:
+    yolo = to_yolo(pruned, names=NAMES)
+    metrics = yolo.val(data=str(data_yaml), imgsz=SIZE, batch=4, workers=0, plots=False, verbose=False,
+                       project=str(tmp_path))
+    assert 0.0 <= metrics.box.map50 <= 1.0 and 0.0 <= metrics.box.map <= metrics.box.map50 + 1e-9
+    assert _has_bn(pruned) > 0  # not fused by the validator
+
+
+def test_export_onnx_matches_torch(pruned, tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    yolo = to_yolo(pruned, names=NAMES)
+    path = Path(yolo.export(format="onnx", imgsz=SIZE, simplify=False, file=tmp_path / "pruned.onnx"))
+    assert path == tmp_path / "pruned.onnx" and path.is_file()
+    assert _has_bn(pruned) > 0  # fused in the exporter's copy only
+    x = torch.rand(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = pruned.eval()(x)[0].numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_finetune_keeps_pruned_widths(data_yaml, tmp_path) -> None:
+    """One epoch of Ultralytics' trainer: every conv keeps its pruned width, the weights change, no pickle is
+    written, and the trained model saves and rebuilds through safetensors."""
+    model = _pruned(seed=1)
+    widths, before = _widths(model), {k: v.clone() for k, v in model.state_dict().items()}
+    trained, metrics = finetune_yolo(model, data_yaml, epochs=1, imgsz=SIZE, project=tmp_path / "runs", batch=4,
+                                     workers=0, plots=False, val=False, amp=False, warmup_epochs=0, seed=0)
+    assert _widths(trained) == widths
+    assert any(not torch.equal(v, before[k]) for k, v in trained.state_dict().items() if v.is_floating_point())
+    assert "metrics/mAP50(B)" in metrics and 0.0 <= metrics["metrics/mAP50(B)"] <= 1.0
+    assert not list((tmp_path / "runs").rglob("*.pt"))
+    prunekit.save_model(tmp_path / "model", trained)
+    rebuilt = prunekit.load_model(tmp_path / "model").eval()
+    x = torch.rand(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x)[0], trained.eval()(x)[0])
+
+
+def test_user_errors(pruned, data_yaml, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="names: 3 given"):
+        to_yolo(pruned, names=["a", "b", "c"])
+    with pytest.raises(ConfigError, match="expected an Ultralytics model"):
+        to_yolo(nn.Conv2d(3, 3, 1))
+    with pytest.raises(ConfigError, match="no such file"):
+        finetune_yolo(pruned, tmp_path / "missing.yaml", epochs=1)
+    three = prunekit.create_model("ultralytics:yolov8n.yaml", num_classes=3, image_size=SIZE)
+    with pytest.raises(ConfigError, match="2 classes in 'names', the model's head has 3"):
+        finetune_yolo(three, data_yaml, epochs=1)
+    with pytest.raises(ConfigError, match="task 'nope'"):
+        trainer_class("nope")

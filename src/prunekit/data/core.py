@@ -33,6 +33,7 @@ class DatasetInfo:
     std: tuple[float, ...] = ()
     description: str = ""  # one line for `prunekit datasets`
     offline: str = ""  # whether it works without a network, and from where
+    task: str = "classify"  # "detect": (image, {boxes, labels}) samples and its own val split (none carved)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def get_dataset(name: str, split: str = "train", data_dir: str | Path | None = N
         raise ConfigError(f"split {split!r} is not valid; choose from {', '.join(SPLITS)}")
     ds = entry.build(split=split, data_dir=Path(data_dir) if data_dir else None,
                      image_size=image_size or entry.info.image_size, download=download)
-    if split in TRAIN_SOURCE:
+    if split in TRAIN_SOURCE and entry.info.task == "classify":
         train_idx, val_idx = val_split_indices(dataset_labels(ds), val_fraction, val_seed)
         ds = torch.utils.data.Subset(ds, val_idx if split == "val" else train_idx)
     if limit is not None and limit < len(ds):

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -148,3 +149,22 @@ def test_user_errors(pruned, data_yaml, tmp_path) -> None:
         finetune_yolo(three, data_yaml, epochs=1)
     with pytest.raises(ConfigError, match="task 'nope'"):
         trainer_class("nope")
+
+
+def test_finetune_with_teacher_distills(data_yaml, tmp_path) -> None:
+    """With the unpruned model as teacher, Ultralytics' distillation loss is trained; the student comes back alone
+    at its pruned widths and the teacher is left as it was."""
+    torch.manual_seed(2)
+    teacher = prunekit.create_model("ultralytics:yolov8n.yaml", num_classes=len(NAMES), image_size=SIZE)
+    student = copy.deepcopy(teacher).eval()
+    prunekit.prune(student, torch.randn(1, 3, SIZE, SIZE), criterion="l2", target_macs=0.6)
+    widths, teacher_state = _widths(student), {k: v.clone() for k, v in teacher.state_dict().items()}
+    yolo = to_yolo(student)
+    yolo.train(teacher=teacher, data=str(data_yaml), epochs=1, imgsz=SIZE, project=str(tmp_path), batch=4, workers=0,
+               plots=False, val=False, amp=False, warmup_epochs=0, seed=0)
+    assert any("dis" in n for n in yolo.trainer.loss_names)
+    assert type(yolo.model) is type(teacher) and _widths(yolo.model) == widths
+    assert all(p.requires_grad for n, p in teacher.named_parameters() if ".dfl" not in n)
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(v, teacher_state[k], atol=0, rtol=0)
+    assert not list(tmp_path.rglob("*.pt"))

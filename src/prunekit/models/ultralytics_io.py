@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -49,18 +50,31 @@ def _num_classes(model: nn.Module) -> int | None:
 
 class PrunedTrainer:
     """Mixin for an Ultralytics trainer (``DetectionTrainer``, ``SegmentationTrainer``, ...): trains the module it is
-    given as it is, writes no pickled checkpoint, and returns the best EMA weights in memory (``trained_model``)."""
+    given as it is, writes no pickled checkpoint, and returns the best EMA weights in memory (``trained_model``).
+
+    ``teacher`` (e.g. the unpruned model) turns on Ultralytics' own distillation (``DistillationModel``: the head's
+    input features of the student, through a learned 1x1 projector to the teacher's widths, matched to the teacher's,
+    weighted by the ``dis`` argument); a copy is used, the given module is left as it is.
+    """
 
     def __init__(self, model: nn.Module, cfg: Any = None, overrides: dict[str, Any] | None = None,
-                 _callbacks: dict | None = None) -> None:
+                 _callbacks: dict | None = None, *, teacher: nn.Module | None = None) -> None:
         from ultralytics.utils import DEFAULT_CFG
 
         overrides = {**(overrides or {}), "model": _yaml_name(model)}  # a name only: the module is set below
         if overrides.get("resume"):
             raise ConfigError(f"resume={overrides['resume']!r}: resuming reads Ultralytics' pickled last.pt, which "
                               "this trainer does not write; fine-tune again from the saved prunekit model")
+        if overrides.get("distill_model") is not None:
+            raise ConfigError(f"distill_model={overrides['distill_model']!r}: Ultralytics loads it as a pickle; pass "
+                              "the teacher module (teacher=..., e.g. the unpruned model)")
+        if teacher is not None and _num_classes(teacher) != _num_classes(model):
+            raise ConfigError(f"teacher: its head has {_num_classes(teacher)} classes, the model's "
+                              f"{_num_classes(model)}")
         super().__init__(cfg or DEFAULT_CFG, overrides, _callbacks)
         self.model = model  # BaseTrainer.setup_model() keeps a module as it is
+        if teacher is not None:  # read by _setup_train after args.yaml is written (a module is not yaml)
+            self.args.distill_model = copy.deepcopy(teacher)
         self._best_state: dict[str, Any] | None = None
         self._best_epoch = -1
 
@@ -88,6 +102,7 @@ class PrunedTrainer:
     def trained_model(self) -> nn.Module:
         """The trained module (the best EMA weights, as Ultralytics' ``best.pt`` holds), in train-ready state."""
         model = self.ema.ema
+        model = getattr(model, "student_model", model)  # distillation: the teacher and projector are dropped
         for name, p in model.named_parameters():
             p.requires_grad_(".dfl" not in name)  # the DFL conv has fixed weights
         return model
@@ -137,15 +152,16 @@ class _PrunedModel:
         finally:
             del self.model.pt_path
 
-    def train(self, trainer: type | None = None, **kwargs: Any) -> Any:
-        """Ultralytics' ``train`` keeping the pruned architecture (``PrunedTrainer``); no checkpoint is written or
-        read back: ``self.model`` becomes the trained module. Returns the validator's metrics."""
+    def train(self, trainer: type | None = None, teacher: nn.Module | None = None, **kwargs: Any) -> Any:
+        """Ultralytics' ``train`` keeping the pruned architecture (``PrunedTrainer``), with distillation from
+        ``teacher`` if given; no checkpoint is written or read back: ``self.model`` becomes the trained module.
+        Returns the validator's metrics."""
         args = {**self.overrides, **kwargs, "task": self.task, "mode": "train"}
         cls = trainer or trainer_class(self.task)
         if not issubclass(cls, PrunedTrainer):
             raise ConfigError(f"trainer={cls.__name__}: it rebuilds the model from its yaml (the unpruned widths); "
                               "pass a PrunedTrainer subclass or leave trainer out")
-        self.trainer = cls(self.model, overrides=args, _callbacks=self.callbacks)
+        self.trainer = cls(self.model, overrides=args, _callbacks=self.callbacks, teacher=teacher)
         self.trainer.train()
         self.model = self.trainer.trained_model()
         self.predictor = None
@@ -188,7 +204,8 @@ def to_yolo(model: nn.Module, names: dict[int, str] | list[str] | None = None) -
 
 
 def finetune_yolo(model: nn.Module, data: str | Path, epochs: int = 10, imgsz: int = 640, *,
-                  project: str | Path | None = None, **train_args: Any) -> tuple[nn.Module, dict[str, float]]:
+                  teacher: nn.Module | None = None, project: str | Path | None = None,
+                  **train_args: Any) -> tuple[nn.Module, dict[str, float]]:
     """Fine-tune ``model`` with Ultralytics' trainer (its loss, augmentation, EMA), keeping its pruned widths.
 
     Args:
@@ -196,6 +213,7 @@ def finetune_yolo(model: nn.Module, data: str | Path, epochs: int = 10, imgsz: i
         data: a YOLO-format ``data.yaml``; its class count must match the model's head.
         epochs: training epochs.
         imgsz: training and validation image size.
+        teacher: a model to distill from (the unpruned one): Ultralytics' feature distillation, weight ``dis``.
         project: Ultralytics' run folder (``results.csv``, ``args.yaml``, plots); default a temporary one, deleted.
         **train_args: any Ultralytics train argument (``batch``, ``lr0``, ``workers``, ``val``, ``plots``, ...).
 
@@ -203,13 +221,14 @@ def finetune_yolo(model: nn.Module, data: str | Path, epochs: int = 10, imgsz: i
         (the trained module, the final validation metrics: Ultralytics' keys such as ``metrics/mAP50(B)``).
 
     Example:
-        >>> model, metrics = finetune_yolo(pruned, "data.yaml", epochs=5, imgsz=320, batch=16)
+        >>> model, metrics = finetune_yolo(pruned, "data.yaml", epochs=5, imgsz=320, batch=16, teacher=dense)
         >>> prunekit.save_model("ft", model)
     """
     _check_data_classes(model, data)
     with tempfile.TemporaryDirectory(prefix="prunekit-yolo-") as tmp:
         yolo = to_yolo(model)
-        yolo.train(data=str(data), epochs=int(epochs), imgsz=int(imgsz), project=str(project or tmp), **train_args)
+        yolo.train(data=str(data), epochs=int(epochs), imgsz=int(imgsz), project=str(project or tmp), teacher=teacher,
+                   **train_args)
         metrics = {k: float(v) for k, v in (yolo.trainer.metrics or {}).items()}
         return yolo.model, metrics
 

@@ -22,6 +22,8 @@ from prunekit.errors import ConfigError
 from prunekit.measure.latency import check_backends
 from prunekit.measure.profile import PROFILE_FILE, LatencyArgs, profile_models
 from prunekit.pipeline.commands import register
+from prunekit.quantize.config import BACKENDS
+from prunekit.quantize.latency import Variant, side_by_side
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,16 @@ class ProfileConfig(Config):
                                                "directory)")
     seq_len: int = Field(128, ge=2, description="Hugging Face causal LM folders: tokens per timed call (capped at "
                                                 "the model's positions)")
+    baseline_int8: list[Path] = Field(default_factory=list, description="run directories of `prunekit quantize` "
+                                      "(or `finetune --qat`) of --baseline, one per runtime: dense float32 and int8 "
+                                      "on ONNX Runtime / OpenVINO side by side (--baseline itself counts when it is "
+                                      "one)")
+    pruned_int8: list[Path] = Field(default_factory=list, description="the same for --pruned: pruned float32 and "
+                                    "int8 on each runtime")
+    deploy_batches: list[int] = Field([1, 8], description="batch sizes of the side-by-side deployment timing")
+    deploy_runs: int = Field(30, gt=0, description="timed calls per variant and batch size in the side-by-side "
+                             "deployment timing")
     timing: LatencyArgs = section(LatencyArgs, "backends, threads, runs")
-
 
 
 def check_sources(cfg: ProfileConfig) -> None:
@@ -93,5 +103,66 @@ def profile_runs(cfg: ProfileConfig) -> dict[str, Any]:
     t = cfg.timing
     p = profile_models(baseline, pruned, inputs, t.backend, t.runs, t.warmup, cfg.rounds, t.threads,
                        cfg.layers, cfg.layer_runs, cfg.top)
+    variants = deployment_variants(cfg, baseline, pruned)
+    if variants:
+        threads = t.threads or 2
+        log.info("profile: %d variants side by side (dense / pruned, float32 / int8, %s), batch %s, %d threads",
+                 len(variants), ", ".join(dict.fromkeys(v.runtime for v in variants)),
+                 ", ".join(map(str, cfg.deploy_batches)), threads)
+        rows = side_by_side(variants, lambda b: runs.example_inputs(spec, b), tuple(cfg.deploy_batches),
+                            cfg.deploy_runs, min(t.warmup, 5), cfg.rounds, threads)
+        p["deployment"] = {"threads": threads, "runs": cfg.deploy_runs, "rows": rows}
     return write_profile(cfg, {"baseline_dir": str(cfg.baseline), "pruned_dir": str(cfg.pruned), "model": spec.name,
                                **p, "config": cfg.to_dict()})
+
+
+# ----------------------------------------------------------------------------------------------- float and int8
+def is_int8_run(d: Path) -> bool:
+    """A run directory written by ``prunekit quantize`` or ``finetune --qat`` (float and int8 model files)."""
+    m = runs.read_metrics(d) if (Path(d) / runs.METRICS).is_file() else {}
+    return m.get("precision") == "int8" and bool(m.get("model_file")) and bool(m.get("float_model_file"))
+
+
+def int8_runs(flag: str, float_dir: Path, dirs: list[Path]) -> dict[str, Path]:
+    """``{runtime: run directory}`` of the int8 runs of ``float_dir`` (``dirs``, and itself when it is one); a
+    directory that is no int8 run, was quantized from another model, or repeats a runtime is a ``ConfigError``."""
+    found: dict[str, Path] = {}
+    own = runs.read_metrics(float_dir)
+    for d in ([float_dir] if is_int8_run(float_dir) else []) + [Path(x) for x in dirs]:
+        try:
+            runs.check_run_dir(d)
+        except Exception as e:
+            raise type(e)(f"{flag}: {e}") from None
+        if not is_int8_run(d):
+            raise ConfigError(f"{flag} {str(d)!r} is not an int8 run directory (one written by `prunekit quantize` "
+                              "or `prunekit finetune --qat`, with model_file and float_model_file in metrics.json)")
+        m = runs.read_metrics(d)
+        if own.get("params") is not None and m.get("params") not in (None, own["params"]):
+            raise ConfigError(f"{flag} {str(d)!r} holds a model of {m['params']} parameters, its float run "
+                              f"{str(float_dir)!r} one of {own['params']}: quantize that model")
+        for key in ("model_file", "float_model_file"):
+            if not (d / m[key]).is_file():
+                raise ConfigError(f"{flag} {str(d)!r}: {m[key]} ({key} in metrics.json) is missing")
+        if m["backend"] in found and found[m["backend"]].resolve() != d.resolve():
+            raise ConfigError(f"{flag}: two {m['backend']} runs ({str(found[m['backend']])!r}, {str(d)!r}); give "
+                              "one per runtime")
+        found[m["backend"]] = d
+    return found
+
+
+def deployment_variants(cfg: ProfileConfig, baseline: Any, pruned: Any) -> list[Variant]:
+    """Eager float32 (reference), then float32 and int8 on each runtime with an int8 run, dense then pruned; none
+    when neither model has an int8 run."""
+    sources = {"dense": int8_runs("--baseline-int8", Path(cfg.baseline), cfg.baseline_int8),
+               "pruned": int8_runs("--pruned-int8", Path(cfg.pruned), cfg.pruned_int8)}
+    if not any(sources.values()):
+        return []
+    out = [Variant("dense", "eager", "float32", baseline), Variant("pruned", "eager", "float32", pruned)]
+    for runtime in BACKENDS:
+        for precision in ("float32", "int8"):
+            for model, found in sources.items():
+                if runtime in found:
+                    m = runs.read_metrics(found[runtime])
+                    key = "model_file" if precision == "int8" else "float_model_file"
+                    out.append(Variant(model, runtime, precision, found[runtime] / m[key]))
+    return out

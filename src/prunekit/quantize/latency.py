@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,77 @@ def round_spread(stats: LatencyStats) -> tuple[float, float]:
     """(lowest, highest) of the per-round medians in ms: the spread across repeats."""
     r = stats.round_medians_ms or [stats.median_ms]
     return min(r), max(r)
+
+
+# ----------------------------------------------------------------------------------------------- side by side
+@dataclass(frozen=True)
+class Variant:
+    """One model to time: ``model`` (dense / pruned), ``runtime`` (eager / onnxruntime / openvino), ``precision``
+    (float32 / int8) and what runs it: a model file (``.onnx`` / ``.xml``) or a torch module (eager)."""
+
+    model: str
+    runtime: str
+    precision: str
+    source: str | Path | torch.nn.Module
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} {self.precision} ({self.runtime})"
+
+
+def side_by_side(variants: list[Variant], make_inputs: Callable[[int], Any], batch_sizes: tuple[int, ...] = (1, 8),
+                 runs: int = 30, warmup: int = 3, rounds: int = 10, threads: int = 2) -> list[dict[str, Any]]:
+    """Time every variant alternately (``paired_times``) at each batch size; one row per (variant, batch).
+
+    A row holds the variant's ``model`` / ``runtime`` / ``precision``, ``batch``, ``median_ms``, ``p90_ms``, the
+    spread across rounds (``round_min_ms``, ``round_max_ms``) and ``speedup`` against the dense float32 model on the
+    same runtime (``None`` when that one is not timed). Eager variants run with ``threads`` torch threads.
+    """
+    if not variants:
+        raise ConfigError("side_by_side: no model to time")
+    rows = []
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for b in batch_sizes:
+            x = make_inputs(b)
+            fns = {v.name: eager_call(v.source, x) if isinstance(v.source, torch.nn.Module)
+                   else file_call(v.source, x, threads) for v in variants}
+            stats = paired_times(fns, batch_size=b, runs=runs, warmup=warmup, rounds=min(rounds, runs),
+                                 threads=threads, backend="side-by-side")
+            rows += [_row(v, b, stats[v.name]) for v in variants]
+    finally:
+        torch.set_num_threads(old_threads)
+    for r in rows:
+        ref = next((o for o in rows if o["batch"] == r["batch"] and o["runtime"] == r["runtime"]
+                    and o["model"] == "dense" and o["precision"] == "float32"), None)
+        r["speedup"] = ref["median_ms"] / r["median_ms"] if ref else None
+    return rows
+
+
+def _row(v: Variant, batch: int, s: LatencyStats) -> dict[str, Any]:
+    lo, hi = round_spread(s)
+    return {"model": v.model, "runtime": v.runtime, "precision": v.precision, "batch": batch,
+            "median_ms": s.median_ms, "p90_ms": s.p90_ms, "round_min_ms": lo, "round_max_ms": hi, "runs": s.runs,
+            "file": None if isinstance(v.source, torch.nn.Module) else str(v.source)}
+
+
+def format_side_by_side(rows: list[dict[str, Any]]) -> str:
+    """The rows as a text table: one line per variant, one column per batch (median, rounds' spread, speed-up)."""
+    batches = sorted({r["batch"] for r in rows})
+    keys = list(dict.fromkeys((r["model"], r["precision"], r["runtime"]) for r in rows))
+    by = {(r["model"], r["precision"], r["runtime"], r["batch"]): r for r in rows}
+    head = f"{'model':<8}{'precision':<11}{'runtime':<13}" + "".join(
+        f"{f'batch {b}: ms (rounds) x':>34}" for b in batches)
+    lines = [head]
+    for k in keys:
+        cells = []
+        for b in batches:
+            r = by.get((*k, b))
+            sp = f"{r['speedup']:.2f}x" if r and r["speedup"] else "-"
+            cells.append(f"{r['median_ms']:.3f} ({r['round_min_ms']:.3f}-{r['round_max_ms']:.3f}) {sp}" if r
+                         else "-")
+        lines.append(f"{k[0]:<8}{k[1]:<11}{k[2]:<13}" + "".join(f"{c:>34}" for c in cells))
+    lines.append("x: speed-up against the dense float32 model on the same runtime (paired timing, median of all "
+                 "runs; (lo-hi): the lowest and highest median of the rounds)")
+    return "\n".join(lines)

@@ -198,11 +198,14 @@ def _curves(records: list[RunRecord], res: ReportResult) -> tuple[str, str]:
 
 
 def _latency(records: list[RunRecord], res: ReportResult) -> tuple[str, str]:
+    from prunekit.report.deploy import deployment_section
+
+    deploy_html, deploy_md = deployment_section(records, res.out, res.figures)
     path = plots.plot_latency(records, res.out / "macs_vs_latency.png")
     if path is None:
         msg = ("No run has a profile.json; measure one with `prunekit profile --baseline BASE --pruned RUN` "
                "(it writes RUN/profile.json).")
-        return H.note(msg), f"_{msg}_"
+        return (deploy_html or H.note(msg)), (deploy_md or f"_{msg}_")
     res.figures["latency"] = path
     headers = ["run", "backend", "MACs cut", "latency cut", "efficiency", "verdict"]
     cells = []
@@ -212,8 +215,8 @@ def _latency(records: list[RunRecord], res: ReportResult) -> tuple[str, str]:
             eff = lat / macs if macs > 0 else None
             verdict = (r.profile.get("backends", {}).get(b) or {}).get("verdict", "")
             cells.append([r.label, b, f"{macs:.1%}", f"{lat:.1%}", "-" if eff is None else f"{eff:.2f}", verdict])
-    return (H.img(path, "MACs reduction vs latency reduction") + H.table(headers, cells, text_cols=2),
-            f"![MACs vs latency]({path.name})\n\n" + markdown_table(headers, cells))
+    return (H.img(path, "MACs reduction vs latency reduction") + H.table(headers, cells, text_cols=2) + deploy_html,
+            f"![MACs vs latency]({path.name})\n\n" + markdown_table(headers, cells) + "\n\n" + deploy_md)
 
 
 def _magnitudes(records: list[RunRecord], res: ReportResult) -> tuple[str, str]:

@@ -109,3 +109,23 @@ def test_report_draws_the_deployment_bars(four, tmp_path):
     html, md = res.html.read_text(), res.markdown.read_text()
     assert "Deployment latency of" in html and "deployment-1.png" in md
     assert "| pruned | int8 | onnxruntime | 1 |" in md and "| dense | float32 | eager | 1 |" in md
+
+
+def test_demo_deployment_names_each_runtime(four, tmp_path):
+    """The demo's last step: baseline and pruned on eager PyTorch and ONNX Runtime float32 / int8, side by side."""
+    from rich.console import Console
+
+    from prunekit.cli.demo import _deployment_table
+    from prunekit.pipeline.demo import deployment
+
+    d = deployment(four["base"], four["pruned"], tmp_path / "deploy", latency_runs=4, threads=1)
+    assert (tmp_path / "deploy" / "pruned" / "model_int8.onnx").is_file()
+    assert set(d["latency_reduction"]) == {"eager float32", "onnxruntime float32", "onnxruntime int8"}
+    ms = {(r["model"], r["runtime"], r["precision"]): r["median_ms"] for r in d["rows"]}
+    assert d["latency_reduction"]["onnxruntime int8"] == pytest.approx(
+        1 - ms[("pruned", "onnxruntime", "int8")] / ms[("dense", "onnxruntime", "int8")])
+    assert all(0 <= v <= 100 for a in d["accuracy"].values() for v in a.values())
+    console = Console(record=True, width=160)
+    console.print(_deployment_table(d))
+    text = console.export_text()
+    assert "eager PyTorch" in text and "ONNX Runtime" in text and "int8" in text and "faster than the baseline" in text

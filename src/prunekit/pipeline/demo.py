@@ -33,6 +33,8 @@ class DemoConfig(Config):
     epochs: int | None = Field(None, ge=0, description="baseline epochs (default 12)")
     finetune_epochs: int | None = Field(None, ge=0, description="fine-tuning epochs (default 6)")
     latency_runs: int = Field(30, gt=0, description="timed runs per model for the latency comparison")
+    deploy: bool = Field(True, description="also time both models on ONNX Runtime, float32 and int8 (quantized on "
+                         "the calib split), next to eager PyTorch (needs the quantize extra)")
     seed: int = Field(0, description="random seed")
 
     @field_validator("model")
@@ -98,8 +100,43 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     run_recipe(recipe, resume=cfg.resume)
     dirs = stage_dirs(recipe)
     result = compare(dirs["baseline"], dirs[list(recipe.stages)[-1]], cfg.latency_runs)
+    if cfg.deploy:
+        result["deployment"] = deployment(dirs["baseline"], dirs[list(recipe.stages)[-1]], Path(cfg.out) / "deploy",
+                                          cfg.latency_runs)
     atomic_write_json(Path(cfg.out) / "comparison.json", result)
     html = recipe_report(recipe)
     if html is not None:
         result["report"] = str(html)
     return result
+
+
+def deployment(baseline_dir: Path, pruned_dir: Path, out: Path, latency_runs: int = 30,
+               threads: int = 2) -> dict[str, Any] | None:
+    """Baseline and pruned on the deployment runtime: exported to ONNX, quantized int8 for ONNX Runtime (calib
+    split; top-1 of both on the test split), then eager float32, ONNX Runtime float32 and int8 timed side by side at
+    batch 1. ``None`` (logged) when the quantize extra is not installed."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(n) is None for n in ("onnx", "onnxruntime")):
+        log.warning("demo: onnxruntime is not installed; no deployment latency (pip install 'prunekit[quantize]')")
+        return None
+    from prunekit.pipeline.stages import loaders
+    from prunekit.quantize import quantize
+    from prunekit.quantize.latency import Variant, side_by_side
+
+    ld = loaders(runs.read_config(baseline_dir), 64, splits=("calib", "test"))
+    variants, accuracy = [], {}
+    for name, d in (("dense", baseline_dir), ("pruned", pruned_dir)):
+        model = runs.load_model(d).eval()
+        x = runs.example_inputs(model.prunekit_spec, 1)
+        rep = quantize(model, x, "onnxruntime", calib_data=ld["calib"], out=out / name, eval_data=ld["test"],
+                       calib_batches=4, threads=threads)
+        variants += [Variant(name, "eager", "float32", model), Variant(name, "onnxruntime", "float32", rep.float_path),
+                     Variant(name, "onnxruntime", "int8", rep.int8_path)]
+        accuracy[name] = {"top1_float": rep.accuracy_float["top1"], "top1_int8": rep.accuracy_int8["top1"]}
+    spec = variants[0].source.prunekit_spec
+    rows = side_by_side(variants, lambda b: runs.example_inputs(spec, b), (1,), latency_runs, 3, 10, threads)
+    ms = {(r["model"], r["runtime"], r["precision"]): r["median_ms"] for r in rows}
+    reduction = {f"{rt} {p}": 1 - ms[("pruned", rt, p)] / ms[("dense", rt, p)] for _, rt, p in ms}
+    return {"threads": threads, "batch": 1, "rows": rows, "accuracy": accuracy, "latency_reduction": reduction,
+            "pruned_int8_vs_dense_eager": ms[("dense", "eager", "float32")] / ms[("pruned", "onnxruntime", "int8")]}

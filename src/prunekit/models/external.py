@@ -108,9 +108,31 @@ def adapt_first_conv(model: nn.Module, in_channels: int, rgb: int = 3) -> str:
 
 # ----------------------------------------------------------------------------------------------- torchvision
 def torchvision_names() -> list[str]:
+    """Classification and detection model names (``tv:fasterrcnn_mobilenet_v3_large_fpn``, ...)."""
     import torchvision
 
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    return sorted({*torchvision.models.list_models(module=torchvision.models), *_detection_names()})
+
+
+def _detection_names() -> list[str]:
+    import torchvision
+    import torchvision.models.detection as detection
+
+    return torchvision.models.list_models(module=detection)
+
+
+def _unfreeze_batchnorm(model: nn.Module) -> None:
+    """Pretrained torchvision detectors use ``FrozenBatchNorm2d``; a rebuild without weights has ``BatchNorm2d``:
+    swap in ``BatchNorm2d`` with the same statistics (same eval outputs), so the saved model rebuilds exactly."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, FrozenBatchNorm2d):
+            bn = nn.BatchNorm2d(m.weight.numel(), eps=m.eps).to(m.weight.device)
+            with torch.no_grad():
+                for k in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(bn, k).copy_(getattr(m, k))
+            set_submodule(model, name, bn.eval())
 
 
 def create_torchvision(ref: str, *, pretrained: bool | str = False, in_channels: int = 3, num_classes: int = 10,
@@ -123,8 +145,13 @@ def create_torchvision(ref: str, *, pretrained: bool | str = False, in_channels:
         near = closest(ref, names)
         hint = f"; did you mean {', '.join(repr('tv:' + n) for n in near)}?" if near else ""
         raise ConfigError(f"unknown torchvision model 'tv:{ref}'{hint} Valid: tv:<name> for a name in "
-                          f"torchvision.models.list_models(module=torchvision.models): {', '.join(names)}")
+                          f"torchvision.models.list_models(module=torchvision.models or .detection): {', '.join(names)}")
     get_model = torchvision.models.get_model
+    detection = ref in _detection_names()
+    if detection and in_channels != 3:
+        raise ConfigError(f"--in-channels {in_channels}: detector 'tv:{ref}' normalises 3-channel images; use 3")
+    if detection:  # no backbone download: the weights come from the run directory (or weights="DEFAULT")
+        kwargs.setdefault("weights_backbone", None)
     if ref in _AUX_HEAD_MODELS:  # a tensor from forward in train mode too, not a namedtuple with aux logits
         kwargs.setdefault("aux_logits", False)
     try:
@@ -139,6 +166,8 @@ def create_torchvision(ref: str, *, pretrained: bool | str = False, in_channels:
                     raise offline_error(f"tv:{ref}", e) from None
                 raise
             _replace_heads(model, lambda: get_model(ref, weights=None, num_classes=num_classes, **kwargs))
+            if detection:
+                _unfreeze_batchnorm(model)
     except TypeError as e:
         raise ConfigError(f"model 'tv:{ref}': bad constructor argument ({e})") from None
     if in_channels != 3:
@@ -253,6 +282,8 @@ def input_spec(name: str, model: nn.Module, kwargs: dict[str, Any]) -> dict[str,
     if name.startswith("timm:"):
         size = kwargs.get("img_size") or (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
         h, w = _hw(size)
+    elif name.startswith("tv:") and hasattr(model, "transform"):  # a detector: the size its transform resizes to
+        h = w = int(kwargs.get("min_size") or model.transform.min_size[0])
     elif name.startswith("tv:"):
         h, w = _hw(getattr(model, "image_size", None) or _tv_crop_size(name[3:]))
     else:

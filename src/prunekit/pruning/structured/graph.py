@@ -42,6 +42,7 @@ from prunekit.pruning.structured.tp_guards import (  # noqa: F401
     sync_split_offsets,
 )
 from prunekit.pruning.structured.trace import CUSTOMIZED_PRUNERS, channel_trace_forms, link_permutations
+from prunekit.pruning.structured.tv_detect import make_tv_detection_prunable
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class PruningGraph:
             raise PruningError(f"{type(model).__name__} cannot be pruned structurally: {why}")
         swapped = make_prunable(model)  # torchvision Swin / ShuffleNetV2: forms whose forward survives pruning
         swapped += make_yolo_prunable(model)  # Ultralytics C2f / C3k2 / C2PSA / PSA, Detect heads (detect.py)
+        make_tv_detection_prunable(model)  # torchvision detectors: traced through their heads' raw outputs
         if swapped:
             log.info("%s: %d module(s) switched to prunekit's prunable forms (same outputs; see "
                      "prunekit.models.prunable)", type(model).__name__, swapped)

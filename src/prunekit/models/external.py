@@ -145,7 +145,7 @@ def create_torchvision(ref: str, *, pretrained: bool | str = False, in_channels:
         near = closest(ref, names)
         hint = f"; did you mean {', '.join(repr('tv:' + n) for n in near)}?" if near else ""
         raise ConfigError(f"unknown torchvision model 'tv:{ref}'{hint} Valid: tv:<name> for a name in "
-                          f"torchvision.models.list_models(module=torchvision.models or .detection): {', '.join(names)}")
+                          f"list_models(module=torchvision.models or torchvision.models.detection): {', '.join(names)}")
     get_model = torchvision.models.get_model
     detection = ref in _detection_names()
     if detection and in_channels != 3:

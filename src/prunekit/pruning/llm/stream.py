@@ -42,7 +42,7 @@ from prunekit.errors import ConfigError, PruningError
 from .arch import _get, get_family, head_layout, in_features
 from .layout import WIDTH_KEYS, check_expressible, config_changes, config_snapshot
 from .stats import _Stop, calibration_batches
-from .width import WidthSettings, _check_settings, _kept_groups, _Pruner, kept_count
+from .width import WidthSettings, _check_settings, _kept_groups, _kept_kv, _Pruner, kept_count
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,8 @@ def prune_width_streaming(src: str | Path, out: str | Path, calib: torch.Tensor 
     inter = lm.get_submodule(blocks[0].producers[0]).weight.shape[0]
     keep_mlp = kept_count(inter, settings.mlp_ratio, settings.round_to)
     _, _, keep_groups = _kept_groups(settings, fam, lm.config)
+    keep_kv = _kept_kv(settings, lm.config)
+    nkv = head_layout(lm.config)[1]
     before, t0 = config_snapshot(lm.config), time.perf_counter()
     runs = _layer_inputs(lm, fam.layers_path, calibration_batches(calib, batch_size), device, reader, dtype)
     pruner = _Pruner(lm, fam, settings, [])
@@ -194,29 +196,32 @@ def prune_width_streaming(src: str | Path, out: str | Path, calib: torch.Tensor 
     for b in blocks:
         layer = _materialize(lm, b.prefix, reader, dtype, device)
         peak = max(peak, _resident_layers(layers))
-        runs = _prune_layer(lm, layer, b, pruner, runs, keep_mlp, keep_groups)
+        runs = _prune_layer(lm, layer, b, pruner, runs, keep_mlp, keep_groups, keep_kv)
         weight_map.update(_write_layer(layer, b.prefix, out / f"layers-{b.index:05d}.safetensors"))
         layer.to("meta")
         log.info("layer %d/%d pruned and written (%.1f s)", b.index + 1, len(blocks), time.perf_counter() - t0)
-    pruner.set_config(keep_mlp, keep_groups)
+    pruner.set_config(keep_mlp, keep_groups, keep_kv)
     changes = config_changes(before, lm.config, WIDTH_KEYS, "width pruning")
     check_expressible(lm)  # shapes only: the meta layers keep their pruned shapes
     _finish(lm, reader, fam.layers_path, out, weight_map)
     return {"settings": settings.to_dict(), "model_type": lm.config.model_type, "intermediate_size": [inter, keep_mlp],
-            "kv_groups": [head_layout(lm.config)[1], keep_groups or None], "layers": pruner.records,
+            "kv_groups": [nkv, keep_groups or keep_kv or None], "layers": pruner.records,
             "config_changes": changes, "max_resident_layers": peak, "seconds": time.perf_counter() - t0,
             "layers_read": sorted({int(n.split(".")[len(fam.layers_path.split("."))]) for n in reader.loaded
                                    if n.startswith(fam.layers_path + ".")})}
 
 
 def _prune_layer(lm: nn.Module, layer: nn.Module, b: Any, pruner: _Pruner, runs: list, keep_mlp: int,
-                 keep_groups: int) -> list:
+                 keep_groups: int, keep_kv: int = 0) -> list:
     """Heads then MLP of one layer, each on statistics of this layer's inputs; returns the next layer's inputs."""
     cfg = pruner.cfg
     if cfg.head_ratio > 0:
         nq, nkv, hd = head_layout(lm.config)
         names, cov = pruner._needed(b.attn["q"], b.attn["o"])
         pruner._prune_heads(b, _layer_stats(lm, layer, runs, names, cov), keep_groups, nq, nkv, hd)
+    if cfg.kv_ratio > 0:
+        q = [b.attn["q"]]
+        pruner.merge_kv(b, _layer_stats(lm, layer, runs, q, q), keep_kv)
     if cfg.mlp_ratio > 0:
         names, cov = pruner._needed(b.producers[0], b.consumer)
         pruner._prune_mlp(b, _layer_stats(lm, layer, runs, names, cov), keep_mlp)

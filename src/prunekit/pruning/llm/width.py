@@ -55,9 +55,10 @@ from prunekit.pruning.transaction import transactional
 
 from .arch import Block, Family, ensure_bias, get_family, head_layout, keep_in, keep_out, out_features, weight_oi
 from .compensate import compensate
-from .criteria import Unit, get_criterion, list_criteria, needs_stats
+from .criteria import Unit, get_criterion, needs_stats
 from .layout import WIDTH_KEYS, check_expressible, config_changes, config_snapshot
 from .stats import calibration_batches, collect_inputs
+from .width_plan import _check_settings, _kept_groups, _kept_kv, kept_count  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,14 @@ class WidthSettings(Config):
     mlp_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of MLP channels removed in every layer")
     head_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of GQA groups (a key-value head with its "
                                  "query heads) removed in every layer")
-    criterion: Literal["variance", "magnitude", "wanda", "random"] = Field(
-        "variance", description="unit score: variance (VBP), magnitude, wanda (structured), random")
+    criterion: Literal["variance", "fluctuation", "obs", "magnitude", "wanda", "random"] = Field(
+        "variance", description="unit score: variance (VBP), fluctuation (variance x consumer weight norm, FLAP), "
+        "obs (least-squares-aware greedy removal), magnitude, wanda (structured), random")
     compensate: Literal["none", "mean", "lstsq"] = Field("lstsq", description="compensation of down_proj/o_proj")
     ridge: float | Literal["auto"] = Field("auto", description="lstsq ridge relative to mean(diag S_KK), or auto "
                                            "(2-fold cross-validation on the calibration batches)")
+    kv_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of key-value heads merged away, every query "
+                            "head kept (GQA merge by weighted least squares; prunekit.pruning.llm.kv_merge)")
     hidden_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of hidden (residual-stream) channels "
                                    "removed across every RMSNorm, the embeddings and the LM head, after the MLP / head "
                                    "pruning (llama, mistral, qwen2; see prunekit.pruning.llm.hidden)")
@@ -101,27 +105,20 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def kept_count(total: int, sparsity: float, round_to: int = 1) -> int:
-    """Units kept of ``total`` at ``sparsity``: ``round(total * (1 - sparsity))`` to a multiple of ``round_to``,
-    at least one (``round_to``)."""
-    keep = total * (1 - sparsity)
-    keep = int(round(keep / round_to)) * round_to
-    return max(min(round_to, total), min(total, keep))
-
-
 def _modules(lm: nn.Module) -> dict[str, nn.Module]:
     return dict(lm.named_modules())
 
 
-def _mlp_unit(mods: dict[str, nn.Module], b: Block, st: dict, seed: int) -> Unit:
+def _mlp_unit(mods: dict[str, nn.Module], b: Block, st: dict, seed: int, centered: bool, keep: int) -> Unit:
     n = out_features(mods[b.producers[0]])
     ar = torch.arange(n).view(n, 1)
     x = st.get(b.producers[0])
     return Unit([weight_oi(mods[p]) for p in b.producers], [ar] * len(b.producers), weight_oi(mods[b.consumer]),
-                ar, [x] * len(b.producers), st.get(b.consumer), seed)
+                ar, [x] * len(b.producers), st.get(b.consumer), seed, centered, keep)
 
 
-def _head_unit(mods: dict[str, nn.Module], b: Block, st: dict, config: Any, seed: int) -> Unit:
+def _head_unit(mods: dict[str, nn.Module], b: Block, st: dict, config: Any, seed: int, centered: bool,
+               keep: int) -> Unit:
     nq, nkv, hd = head_layout(config)
     r = nq // nkv
     q_rows = torch.arange(nq * hd).view(nkv, r * hd)  # group g owns query heads g*r .. g*r + r - 1
@@ -129,7 +126,7 @@ def _head_unit(mods: dict[str, nn.Module], b: Block, st: dict, config: Any, seed
     a = b.attn
     x = st.get(a["q"])
     return Unit([weight_oi(mods[a[k]]) for k in "qkv"], [q_rows, kv_rows, kv_rows], weight_oi(mods[a["o"]]),
-                q_rows, [x, x, x], st.get(a["o"]), seed)
+                q_rows, [x, x, x], st.get(a["o"]), seed, centered, keep)
 
 
 def _keep(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -182,10 +179,10 @@ class _Pruner:
         return collect_inputs(self.lm, self.batches, names, covariance=cov, stop_after=stop) if names else {}
 
     def _needed(self, producer: str, consumer: str) -> tuple[list[str], list[str]]:
-        need_x, need_h = needs_stats(self.cfg.criterion)
+        need_x, need_h, need_cov = needs_stats(self.cfg.criterion)
         comp = self.cfg.compensate != "none"
         names = ([producer] if need_x else []) + ([consumer] if need_h or comp else [])
-        return names, [consumer] if self.cfg.compensate == "lstsq" else []
+        return names, [consumer] if self.cfg.compensate == "lstsq" or need_cov else []
 
     def plan(self, blocks: list[Block]) -> dict[str, list[str]]:
         """Per block: the statistics points of heads then of the MLP."""
@@ -193,11 +190,13 @@ class _Pruner:
         for b in blocks:
             if self.cfg.head_ratio > 0:
                 out[f"{b.prefix}:heads"] = self._needed(b.attn["q"], b.attn["o"])
+            if self.cfg.kv_ratio > 0:
+                out[f"{b.prefix}:kv"] = ([b.attn["q"]], [b.attn["q"]])
             if self.cfg.mlp_ratio > 0:
                 out[f"{b.prefix}:mlp"] = self._needed(b.producers[0], b.consumer)
         return out
 
-    def run(self, keep_mlp: int, keep_groups: int) -> None:
+    def run(self, keep_mlp: int, keep_groups: int, keep_kv: int = 0) -> None:
         self.add_biases()
         blocks = self.fam.blocks(self.lm)
         plan = self.plan(blocks)
@@ -213,14 +212,17 @@ class _Pruner:
                 names, cov = plan[f"{b.prefix}:heads"]
                 st = dense if not self.cfg.sequential else self._stats(names, cov, b.attn["o"])
                 self._prune_heads(b, st, keep_groups, nq, nkv, hd)
+            if self.cfg.kv_ratio > 0:
+                names, cov = plan[f"{b.prefix}:kv"]
+                self.merge_kv(b, dense if not self.cfg.sequential else self._stats(names, cov, b.attn["q"]), keep_kv)
             if self.cfg.mlp_ratio > 0:
                 names, cov = plan[f"{b.prefix}:mlp"]
                 st = dense if not self.cfg.sequential else self._stats(names, cov, b.consumer)
                 self._prune_mlp(b, st, keep_mlp)
             log.info("layer %d/%d pruned (%.1f s)", b.index + 1, len(blocks), time.perf_counter() - t0)
-        self.set_config(keep_mlp, keep_groups)
+        self.set_config(keep_mlp, keep_groups, keep_kv)
 
-    def set_config(self, keep_mlp: int, keep_groups: int) -> None:
+    def set_config(self, keep_mlp: int, keep_groups: int, keep_kv: int = 0) -> None:
         """Write the pruned widths into the config (once every layer is pruned)."""
         config = self.lm.config
         if self.cfg.mlp_ratio > 0:
@@ -230,10 +232,26 @@ class _Pruner:
             config.head_dim = hd
             config.num_key_value_heads = keep_groups
             config.num_attention_heads = keep_groups * (nq // nkv)
+        if self.cfg.kv_ratio > 0:
+            config.head_dim = head_layout(config)[2]
+            config.num_key_value_heads = keep_kv
+
+    def merge_kv(self, b: Block, st: dict, keep_kv: int) -> None:
+        """Merge this layer's key-value heads into ``keep_kv`` (:mod:`prunekit.pruning.llm.kv_merge`)."""
+        from .kv_merge import merge_kv
+
+        mods = _modules(self.lm)
+        nq, nkv, hd = head_layout(self.lm.config)
+        rec = merge_kv({k: mods[v] for k, v in b.attn.items()}, st[b.attn["q"]], nq, nkv, hd, keep_kv)
+        attn = mods[b.attn["o"].rsplit(".", 1)[0]]
+        for k, v in (("num_key_value_heads", keep_kv), ("num_key_value_groups", nq // keep_kv)):
+            if hasattr(attn, k):
+                setattr(attn, k, v)
+        self.records.append({"layer": b.index, "part": "kv", "kept": keep_kv, "of": nkv, **rec})
 
     def _prune_mlp(self, b: Block, st: dict, keep_n: int) -> None:
         mods = _modules(self.lm)
-        scores = self.crit(_mlp_unit(mods, b, st, self.cfg.seed + b.index))
+        scores = self.crit(_mlp_unit(mods, b, st, self.cfg.seed + b.index, self.mlp_bias, keep_n))
         keep = _keep(scores, keep_n)
         rec = compensate(mods[b.consumer], st.get(b.consumer), keep, self.cfg.compensate, bias=self.mlp_bias,
                          ridge=self.cfg.ridge, name=b.consumer)
@@ -247,7 +265,7 @@ class _Pruner:
 
     def _prune_heads(self, b: Block, st: dict, keep_g: int, nq: int, nkv: int, hd: int) -> None:
         mods = _modules(self.lm)
-        unit = _head_unit(mods, b, st, self.lm.config, self.cfg.seed + 1000 + b.index)
+        unit = _head_unit(mods, b, st, self.lm.config, self.cfg.seed + 1000 + b.index, self.attn_bias, keep_g)
         groups = _keep(self.crit(unit), keep_g)
         q_keep = unit.members[0][groups].flatten()
         kv_keep = unit.members[1][groups].flatten()
@@ -292,17 +310,18 @@ def prune_width(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], sett
         raise ConfigError(f"mlp_ratio={settings.mlp_ratio} keeps all {inter} MLP channels "
                           f"(round_to={settings.round_to}); raise it or lower round_to")
     nq, nkv, keep_groups = _kept_groups(settings, fam, config)
+    keep_kv = _kept_kv(settings, config)
     batches = calibration_batches(calib, batch_size)
     before = config_snapshot(config)
     params_before = sum(p.numel() for p in lm.parameters())
     t0 = time.perf_counter()
     heads = (f"heads {nq} -> {nq // nkv * keep_groups} ({nkv} -> {keep_groups} key-value groups)" if keep_groups
-             else "heads kept")
+             else f"key-value heads merged -> {keep_kv}" if keep_kv else "heads kept")
     log.info("width pruning %s: MLP %d -> %d, %s, %s, compensate %s, %d calibration tokens", config.model_type,
              inter, keep_mlp, heads, settings.criterion, settings.compensate, sum(b.numel() for b in batches))
     pruner = _Pruner(lm, fam, settings, batches)
-    if settings.mlp_ratio > 0 or settings.head_ratio > 0:
-        pruner.run(keep_mlp, keep_groups)
+    if settings.mlp_ratio > 0 or settings.head_ratio > 0 or settings.kv_ratio > 0:
+        pruner.run(keep_mlp, keep_groups, keep_kv)
     hidden = None
     if settings.hidden_ratio > 0:
         from .hidden import prune_hidden
@@ -315,46 +334,10 @@ def prune_width(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], sett
 
         kw["hf_config"] = config_to_dict(config)
     changes = config_changes(before, config, WIDTH_KEYS | set(pruner.biases_added), "width pruning")
-    kv_groups = [head_layout(config)[1] if fam.attn else None, keep_groups or None]
+    kv_groups = [nkv or (head_layout(config)[1] if fam.attn else None), keep_groups or keep_kv or None]
     rep = _report(settings, lm, [inter, keep_mlp], kv_groups, params_before, batches, t0, pruner.records, hidden)
     return rep | {"config_changes": changes, "biases_added": pruner.biases_added,
                   "intercept_lost_max": max((r.get("intercept_lost", 0.0) for r in pruner.records), default=0.0)}
-
-
-def _check_settings(settings: WidthSettings, fam: Any, config: Any) -> None:
-    """Refuse settings that would prune nothing or that the model's config cannot express."""
-    if settings.mlp_ratio == 0 and settings.head_ratio == 0 and settings.hidden_ratio == 0:
-        raise ConfigError("prune_width: mlp_ratio, head_ratio and hidden_ratio are all 0, nothing would be "
-                          "pruned; set mlp_ratio (e.g. 0.5), head_ratio and/or hidden_ratio")
-    if settings.hidden_ratio > 0 and fam.attn is None:
-        raise ConfigError(f"hidden_ratio={settings.hidden_ratio}: model_type {config.model_type!r} derives "
-                          "head_dim from the hidden size, so the hidden size cannot shrink on its own; use "
-                          "hidden_ratio=0")
-    if settings.hidden_ratio > 0 and kept_count(config.hidden_size, settings.hidden_ratio) >= config.hidden_size:
-        raise ConfigError(f"hidden_ratio={settings.hidden_ratio} keeps all {config.hidden_size} hidden "
-                          f"channels; the smallest step is {1 / config.hidden_size:.4f}")
-    if settings.criterion not in list_criteria():
-        raise ConfigError(f"criterion {settings.criterion!r}: valid: {', '.join(list_criteria())}")
-
-
-def _kept_groups(settings: WidthSettings, fam: Any, config: Any) -> tuple[int, int, int]:
-    """(query heads, key-value groups, key-value groups kept); zeros when heads are not pruned."""
-    if settings.head_ratio <= 0:
-        return 0, 0, 0
-    if fam.attn is None:
-        raise ConfigError(f"head_ratio={settings.head_ratio}: model_type {config.model_type!r} derives "
-                          f"head_dim from the hidden size, so a model with fewer heads cannot be reloaded from its "
-                          f"config; use head_ratio=0 (MLP pruning works)")
-    nq, nkv, hd = head_layout(config)
-    keep_groups = kept_count(nkv, settings.head_ratio)
-    if keep_groups == nkv:
-        raise ConfigError(f"head_ratio={settings.head_ratio} keeps all {nkv} key-value groups; "
-                          f"the smallest step is {1 / nkv:.3f}")
-    done = 1 - keep_groups / nkv
-    if abs(done - settings.head_ratio) > 1e-9:  # whole GQA groups only: say what it becomes
-        log.warning("head_ratio=%s removes whole key-value groups: %d of %d kept, i.e. a head sparsity of "
-                    "%.3f", settings.head_ratio, keep_groups, nkv, done)
-    return nq, nkv, keep_groups
 
 
 def _report(settings: WidthSettings, lm: nn.Module, inter: list[int], kv_groups: list[int | None],

@@ -51,6 +51,7 @@ ROWS: dict[str, dict] = {
     "kv50 variance+lstsq": dict(head_ratio=0.5, criterion="variance", compensate="lstsq"),
     "kv50 fluctuation+lstsq": dict(head_ratio=0.5, criterion="fluctuation", compensate="lstsq"),
     "kv50 obs+lstsq": dict(head_ratio=0.5, criterion="obs", compensate="lstsq"),
+    "kv50 merge": dict(kv_ratio=0.5),
 }
 
 

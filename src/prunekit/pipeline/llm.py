@@ -166,7 +166,7 @@ class PruneLLMConfig(Config):
     def width_settings(self) -> WidthSettings | None:
         """The width settings, or ``None`` when no width ratio is set."""
         w = self.width
-        return w if w.mlp_ratio or w.head_ratio or w.hidden_ratio else None
+        return w if w.mlp_ratio or w.head_ratio or w.hidden_ratio or w.kv_ratio else None
 
     def depth_settings(self) -> DepthConfig | None:
         """The depth settings, or ``None`` when no layer is to be removed."""
@@ -193,7 +193,7 @@ def prune_llm_run(cfg: PruneLLMConfig) -> dict[str, Any]:
     width, depth = cfg.width_settings(), cfg.depth_settings()
     if width is None and depth is None:
         raise ConfigError("prune-llm: nothing would be pruned; set --mlp-ratio (e.g. 0.5), --head-ratio, "
-                          "--hidden-ratio and/or --drop-layers (e.g. 2) / --layers-ratio")
+                          "--kv-ratio, --hidden-ratio and/or --drop-layers (e.g. 2) / --layers-ratio")
     refuse_same_folder(cfg.out, cfg.from_dir, what="the --from folder")
     out = prepare_out(cfg)  # before hours of pruning
     model = load_causal_lm(cfg.from_dir, cfg.device)

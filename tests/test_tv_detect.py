@@ -160,3 +160,26 @@ def test_tv_detection_names_build_offline_and_check_channels() -> None:
     assert model.prunekit_spec.input["shape"] == [1, 3, 64, 64]
     with pytest.raises(ConfigError, match="in-channels 1"):
         prunekit.create_model("tv:fasterrcnn_mobilenet_v3_large_fpn", in_channels=1)
+
+
+@pytest.mark.slow
+def test_a_group_that_breaks_the_heads_is_left_whole_with_a_warning(monkeypatch, caplog) -> None:
+    import logging
+
+    from prunekit.pruning.structured import tv_detect, verify
+
+    model = _rcnn()
+    x = torch.rand(1, 3, 64, 64)
+    tv_detect.make_tv_detection_prunable(model)
+
+    def strict(m: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:  # a head that needs the FPN's 256 channels
+        feats = tv_detect._features(m, images)["0"]
+        return [*tv_detect.rcnn_trace(m, images), nn.functional.conv2d(feats, feats.new_zeros(1, 256, 1, 1))]
+
+    monkeypatch.setitem(verify.CHECK_FORMS, type(model), strict)  # what the check of a selection on meta runs
+    with caplog.at_level(logging.WARNING):
+        prunekit.prune(model, x, criterion="l2", ratio=0.3)
+    assert model.backbone.fpn.layer_blocks[0][0].out_channels == 256
+    assert "backbone.fpn.layer_blocks" in caplog.text and "left unpruned" in caplog.text
+    assert model.backbone.fpn.inner_blocks[0][0].out_channels < 256  # the rest is pruned
+    _forwards(model, 64)

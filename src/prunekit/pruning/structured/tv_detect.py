@@ -12,7 +12,9 @@ last layer whole). ``make_tv_detection_prunable(model)``, run by the engine on e
   RoI size instead (same channels, same flatten into ``fc6``);
 - registers a pruner for ``FrozenBatchNorm2d`` (pretrained torchvision backbones use it; its statistics are buffers
   that torch-pruning would leave at full size);
-- tells the shape check (``verify.OUTPUT_VIEWS``) that the number of detections is data, not shape.
+- lets the check of a selection on a meta copy (``verify``) run the same raw forward (``CHECK_FORMS``: the
+  postprocessing cannot run on the meta device), so a group whose pruning breaks a head is left whole with a
+  warning; and tells it (``OUTPUT_VIEWS``) that the number of detections is data, not shape.
 
 Nothing here imports ``torchvision.models.detection`` unless the model was built with it (it is then imported).
 
@@ -166,7 +168,7 @@ def make_tv_detection_prunable(model: nn.Module) -> int:
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     from prunekit.pruning.structured.trace import CUSTOMIZED_PRUNERS, TRACE_FORMS
-    from prunekit.pruning.structured.verify import OUTPUT_VIEWS
+    from prunekit.pruning.structured.verify import CHECK_FORMS, OUTPUT_VIEWS
 
     CUSTOMIZED_PRUNERS.setdefault(FrozenBatchNorm2d, FrozenBatchNormPruner())
     found = 0
@@ -175,6 +177,7 @@ def make_tv_detection_prunable(model: nn.Module) -> int:
         if form is not None:
             TRACE_FORMS.setdefault(type(m), form)  # exact types: FasterRCNN, MaskRCNN, SSD, ... each get one
             OUTPUT_VIEWS.setdefault(type(m), without_counts)
+            CHECK_FORMS.setdefault(type(m), form)  # the meta check of a selection runs the raw heads
             found += 1
     if found:
         log.info("%s: traced through its heads' raw outputs (torchvision detector; they keep their channels)",

@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 # model class -> the part of its output whose shapes pruning keeps (Ultralytics' detection models also return their
 # head's input feature maps, pruned by design); registered by prunekit.pruning.structured.detect
 OUTPUT_VIEWS: dict[type, Callable[[Any], Any]] = {}
+# model class -> what the check runs in place of forward (a torchvision detector's postprocessing cannot run on the
+# meta device: its raw head outputs); registered by prunekit.pruning.structured.tv_detect
+CHECK_FORMS: dict[type, Callable[[Any, Any], Any]] = {}
+
+
+def _call(model: Any, x: Any) -> Any:
+    form = next((f for cls, f in CHECK_FORMS.items() if isinstance(model, cls)), None)
+    return form(model, x) if form else call_model(model, x)
 
 
 def _kept(model: Any, out: Any) -> list[tuple[int, ...]]:
@@ -49,7 +57,7 @@ def _runs(graph: PruningGraph, units: list[Unit], sel: Selection, x: Any, expect
         apply_selection(g, units, sel)
         with torch.no_grad():
             model = strip_batchnorm(g.model) if meta else g.model
-            return _kept(model, call_model(model.eval(), x)) == expect
+            return _kept(model, _call(model.eval(), x)) == expect
     except Exception as e:  # any failure of pruning or of the forward pass
         log.debug("meta check failed: %s: %s", type(e).__name__, e)
         return False
@@ -64,7 +72,7 @@ def broken_units(graph: PruningGraph, units: list[Unit], sel: Selection, example
     try:
         with torch.no_grad():
             model = strip_batchnorm(copy_graph(graph, meta=True).model)
-            expect = _kept(model, call_model(model.eval(), x))
+            expect = _kept(model, _call(model.eval(), x))
     except Exception as e:
         log.debug("cannot check the selection on the meta device (%s: %s)", type(e).__name__, e)
         return []

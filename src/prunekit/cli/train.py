@@ -14,7 +14,14 @@ from prunekit.config import Config
 @prints("finetune")
 @prints("pat")
 def trained_cmd(cfg: Config, m: dict[str, Any]) -> None:
-    print(f"wrote {cfg.out}: top1 {m['top1']:.2f}%  MACs {m['macs'] / 1e6:.2f} M  params {m['params'] / 1e3:.1f} K")
+    print(f"wrote {cfg.out}: {score(m)}  MACs {m['macs'] / 1e6:.2f} M  params {m['params'] / 1e3:.1f} K")
+
+
+def score(m: dict[str, Any]) -> str:
+    """The run's test figure: top-1, or mAP50 / mAP50-95 for a detector."""
+    if "top1" not in m and "map50_95" in m:
+        return f"mAP50 {m['map50']:.3f}  mAP50-95 {m['map50_95']:.3f}"
+    return f"top1 {m['top1']:.2f}%"
 
 
 @prints("eval")

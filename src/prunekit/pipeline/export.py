@@ -29,6 +29,7 @@ from prunekit._io import atomic_write_json
 from prunekit.config import Config
 from prunekit.export.core import EXPORT_BATCH, FORMATS, ExportOptions
 from prunekit.export.stage import EXPORT_DIR, MANIFEST, check_verified, export_model, verification_inputs
+from prunekit.pipeline import detect
 from prunekit.pipeline.commands import register
 from prunekit.pipeline.skeleton import prepare_out, refuse_same_folder
 
@@ -110,7 +111,7 @@ def export_run(cfg: ExportConfig) -> dict[str, Any]:
         run_dir, log_dir = src, src / EXPORT_DIR
     export_dir = run_dir / EXPORT_DIR
     with runs.run_log(log_dir):
-        model = runs.load_model(src)
+        model = detect.export_form(runs.load_model(src))  # a YOLO model: its decoded predictions alone
         spec = model.prunekit_spec
         log.info("export: %s from %s -> %s (%s)", spec.name, src, export_dir, ", ".join(cfg.format))
         export_batch, verify_batch = ((EXPORT_BATCH, cfg.verify_batch_size) if cfg.dynamic_batch

@@ -57,6 +57,10 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
 
     Returns the metrics written to ``metrics.json``.
     """
+    from prunekit.pipeline import detect
+
+    if detect.is_detection(cfg, cfg.from_dir):  # a detector: calibration on images, mAP on the test split
+        return detect.prune_detect(cfg)
     p = cfg.prune
     with stage_run(cfg, "prune") as run:
         out, data, device, model, spec, before = run.out, run.data, run.device, run.model, run.spec, run.before

@@ -149,6 +149,17 @@ def _fmt(m: dict[str, Any]) -> str:
             f"MACs {m['macs'] / 1e6:.2f} M  params {m['params'] / 1e3:.1f} K")
 
 
+def _detect() -> Any:
+    from prunekit.pipeline import detect
+
+    return detect
+
+
+def _detection(cfg: Any, source: Path | None = None) -> bool:
+    """Whether the stage's dataset (or its source run's) is a detection set (``prunekit.pipeline.detect``)."""
+    return _detect().is_detection(cfg, source)
+
+
 # ------------------------------------------------------------------------------------------------ stages
 @register("train", TrainConfig, help="Train a model on a dataset and write a run directory", stage="baseline",
           takes_from=False, trains=True)
@@ -156,6 +167,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.dataset`` and write a run directory. Returns its metrics."""
     from prunekit.models.external import check_image_size, coerce_kwargs
 
+    if _detection(cfg):  # a detection set: Ultralytics' trainer, mAP (prunekit.pipeline.detect)
+        return _detect().train_detect(cfg)
     # a ViT built for 224 px fed 16 px digits: one line naming --image-size / --model-kwargs, before any work
     t, d = cfg.train, cfg.data
     check_image_size(cfg.model, data_settings(d)["image_size"], coerce_kwargs(cfg.model_kwargs))
@@ -187,6 +200,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
           stage="finetune", trains=True)
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune the model of ``cfg.from_dir`` and write a run directory. Returns its metrics."""
+    if _detection(cfg, cfg.from_dir):  # a detector (prunekit.pipeline.detect)
+        return _detect().finetune_detect(cfg)
     if cfg.qat.qat:  # fake-quantized fine-tuning, exported int8 (prunekit.pipeline.quantize)
         from prunekit.pipeline.quantize import qat_finetune
 
@@ -288,6 +303,8 @@ def resolve_teacher(from_dir: Path, teacher: Path | None) -> Path:
 def evaluate_run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate a run directory's model; with ``cfg.out`` also write the results as a run directory."""
     check_device(cfg.device)
+    if cfg.text is None and _detection(cfg, cfg.from_dir):  # a detector: mAP (prunekit.pipeline.detect)
+        return _detect().eval_detect(cfg)
     if cfg.text is not None:  # language-model perplexity (prunekit.pipeline.llm)
         from prunekit.pipeline.llm import text_perplexity_run
 

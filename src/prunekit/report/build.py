@@ -17,6 +17,7 @@ from typing import Any
 
 from prunekit._io import atomic_write_text
 from prunekit.errors import ConfigError
+from prunekit.report import detect as D
 from prunekit.report import html as H
 from prunekit.report import plots
 from prunekit.report.collect import RunRecord, collect_runs, find_sensitivity, profile_latency_reduction, split_notes
@@ -112,7 +113,8 @@ def _summary(records: list[RunRecord], res: ReportResult) -> tuple[str, str]:
              "`stage: train` "
              "ancestor, found through `from`); `Pareto` marks the runs no other run beats on both top-1 and MACs; "
              "`sparsity` is the fraction of exact zeros among the weights of the conv and linear layers (biases and "
-             f"norms not counted); {lat}.", *split_notes(records)]
+             f"norms not counted); {lat}.", *filter(None, [D.summary_note([r.row for r in records])]),
+             *split_notes(records)]
     body = H.table(headers, cells, text_cols, classes) + "".join(H.para(line) for line in lines)
     dirs = [[r.label, str(r.dir), str(r.baseline_dir) if r.baseline_dir else "-"] for r in records]
     body += H.table(["run", "directory", "baseline"], dirs, text_cols=3)

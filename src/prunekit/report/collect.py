@@ -23,6 +23,7 @@ import yaml
 
 from prunekit import runs
 from prunekit.errors import ConfigError, RunDirError
+from prunekit.report import detect as D
 from prunekit.report.pareto import pareto_front
 from prunekit.report.targets import DEFAULT_TARGETS, check_targets, missed_targets
 
@@ -80,8 +81,9 @@ class RunRecord:
 
 
 # every column the summary table may have, in order; `report.md`, `report.html` and the CLI share them
-ROW_KEYS = ("run", "stage", "model", "method", "top1", "top5", "macs", "params", "latency_ms", "sparsity",
-            "top1_drop", "macs_reduction", "params_reduction", "latency_reduction", "pareto", "goal")
+ROW_KEYS = ("run", "stage", "model", "method", "top1", "top5", *D.ROW_KEYS[:2], "macs", "params", "latency_ms",
+            "sparsity", "top1_drop", D.ROW_KEYS[2], "macs_reduction", "params_reduction", "latency_reduction", "pareto",
+            "goal")  # a detection run has mAP50 / mAP50-95 / mAP drop (prunekit.report.detect) instead of top-1
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -190,7 +192,7 @@ def _read_run(d: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     spec = read_json(d / runs.SPEC)
     if spec is None:
         raise RunDirError(f"{str(d)!r} is not a run directory: it has no {runs.SPEC}")
-    for key in ("top1", "macs", "params"):
+    for key in (D.score_key(metrics), "macs", "params"):
         if not isinstance(metrics.get(key), (int, float)):
             raise RunDirError(f"{d / runs.METRICS} has no numeric {key!r}; is this a finished run directory?")
     return metrics, spec
@@ -248,10 +250,10 @@ def collect_runs(run_dirs: Sequence[str | Path], targets: Mapping[str, Any] | No
         if sparsity:
             rec.scan = scan_weights(d)
         rec.row = _row(rec, rec.scan.overall_sparsity if rec.scan is not None else None)
-        rec.missed = [] if rec.is_baseline else missed_targets(rec.row, targets)
+        rec.missed = [] if rec.is_baseline else D.missed_words(missed_targets(D.target_view(rec.row), targets), rec.row)
         rec.row["goal"] = rec.goal
         records.append(rec)
-    front = pareto_front([(r.row["macs"], r.row["top1"]) for r in records])
+    front = pareto_front([(r.row["macs"], D.score(r.row)) for r in records])
     for i, r in enumerate(records):
         r.row["pareto"] = i in front
     return records
@@ -260,12 +262,14 @@ def collect_runs(run_dirs: Sequence[str | Path], targets: Mapping[str, Any] | No
 def _row(rec: RunRecord, sparsity: float | None) -> dict[str, Any]:
     m, b = rec.metrics, rec.baseline
     row: dict[str, Any] = {"run": rec.label, "stage": m.get("stage", "?"), "model": rec.spec.get("name", "?"),
-                           "method": _method(rec.lineage), "top1": float(m["top1"]),
+                           "method": _method(rec.lineage),
+                           "top1": float(m["top1"]) if isinstance(m.get("top1"), (int, float)) else None,
                            "top5": float(m["top5"]) if isinstance(m.get("top5"), (int, float)) else None,
                            "macs": int(m["macs"]), "params": int(m["params"]), "latency_ms": _latency(m),
-                           "sparsity": sparsity}
+                           "sparsity": sparsity, **D.detection_row(m, b)}
     if b is not None:
-        row["top1_drop"] = float(b["top1"]) - row["top1"]
+        if row["top1"] is not None and isinstance(b.get("top1"), (int, float)):
+            row["top1_drop"] = float(b["top1"]) - row["top1"]
         row["macs_reduction"] = 1 - row["macs"] / b["macs"] if b.get("macs") else None
         row["params_reduction"] = 1 - row["params"] / b["params"] if b.get("params") else None
         base_lat = _latency(b)

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from prunekit.report import detect as D
 from prunekit.report.collect import RunRecord, profile_latency_reduction
 from prunekit.report.pareto import pareto_front
 
@@ -51,7 +52,7 @@ def plot_accuracy_vs_macs(records: Sequence[RunRecord], path: str | Path,
     """Top-1 vs MACs of every run, the Pareto front as a step line, and the goal region for a single baseline."""
     fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
-    pts = [(r.row["macs"] / 1e6, r.row["top1"]) for r in records]
+    pts = [(r.row["macs"] / 1e6, D.score(r.row)) for r in records]  # top-1, or mAP50-95 for a detector
     pruned = [(r, p) for r, p in zip(records, pts) if not r.is_baseline]
     for r, (x, y) in zip(records, pts):
         if r.is_baseline:
@@ -78,10 +79,11 @@ def plot_accuracy_vs_macs(records: Sequence[RunRecord], path: str | Path,
             ax.axvline(b["macs"] * (1 - targets["macs"]) / 1e6, color="#2ca02c", ls="--", lw=1,
                        label=f"MACs cut {targets['macs']:.0%}")
         if "drop" in targets:
-            ax.axhline(b["top1"] - targets["drop"], color="#2ca02c", ls=":", lw=1,
-                       label=f"top-1 drop {targets['drop']:g} pts")
+            base = b["top1"] if "top1" in b else 100 * b["map50_95"]
+            ax.axhline(base - targets["drop"], color="#2ca02c", ls=":", lw=1,
+                       label=f"{D.score_label([r.row for r in records])[:-4]} drop {targets['drop']:g} pts")
     ax.set_xlabel("MACs per sample (M)")
-    ax.set_ylabel("top-1 (%)")
+    ax.set_ylabel(D.score_label([r.row for r in records]))
     ax.set_title("Accuracy vs MACs (up and to the left is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -186,13 +188,15 @@ def plot_curves(records: Sequence[RunRecord], path: str | Path) -> Path | None:
     for label, xs, rows in segs:
         phase = rows[0].get("phase", "")
         style = "-" if phase in ("train", "") else "--"
-        pts = [(x, h["top1"]) for x, h in zip(xs, rows) if isinstance(h.get("top1"), (int, float))]
+        pts = [(x, D.history_score(h)) for x, h in zip(xs, rows) if D.history_score(h) is not None]
         if pts:
             ax1.plot(*zip(*pts), style, marker="o", ms=3, label=f"{label} ({phase})" if phase else label)
         pts = [(x, h["train_loss"]) for x, h in zip(xs, rows) if isinstance(h.get("train_loss"), (int, float))]
         if pts:
             ax2.plot(*zip(*pts), style, marker="o", ms=3, label=label)
-    ax1.set(xlabel="epoch (training, then fine-tuning)", ylabel="validation top-1 (%)", title="Validation top-1")
+    score = D.score_label([r.row for r in records])  # "top-1 (%)", or "mAP50-95 (%)" for detectors
+    ax1.set(xlabel="epoch (training, then fine-tuning)", ylabel=f"validation {score}",
+            title=f"Validation {score[:-4]}")
     ax2.set(xlabel="epoch (training, then fine-tuning)", ylabel="training loss", title="Training loss")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)

@@ -8,6 +8,7 @@ Example::
     prunekit prune-llm --from llama_dir --calib-text train.txt --mlp-ratio 0.5 --criterion variance \\
         --compensate lstsq --eval-text test.txt --out pruned_dir
     prunekit prune-llm --from llama_dir --calib-text train.txt --drop-layers 4 --out shallow_dir   # depth
+    prunekit prune-llm --from llama_dir --calib-text train.txt --target-params 0.7 --kd-steps 100 --out small_dir
     prunekit eval --from pruned_dir --text test.txt --seq-len 256
 
 The output folder holds the pruned model (reload it with ``AutoModelForCausalLM.from_pretrained``), the tokenizer
@@ -33,10 +34,13 @@ from pydantic import Field, model_validator
 
 from prunekit.config import Config, section
 from prunekit.errors import ConfigError, DataNotFoundError, RunDirError
+from prunekit.pipeline import llm_kd
 from prunekit.pipeline.commands import register
 from prunekit.pipeline.skeleton import prepare_out, refuse_same_folder
 from prunekit.pruning.llm.depth import DepthConfig, prune_depth
+from prunekit.pruning.llm.search import TargetConfig, prune_to_params
 from prunekit.pruning.llm.width import WidthSettings, prune_width, save_pruned
+from prunekit.train.lm_kd import LMKDConfig
 
 log = logging.getLogger("prunekit.prune_llm")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -147,6 +151,13 @@ class PruneLLMConfig(Config):
     seed: int = Field(0, description="seed of the calibration sampling and of the random criterion")
     width: WidthSettings = section(WidthSettings, "width pruning")
     depth: DepthConfig = section(DepthConfig, "depth pruning")
+    target: TargetConfig = section(TargetConfig, "one size target solved across the widths and depth")
+    kd: LMKDConfig = section(LMKDConfig, "KD recovery from the dense model after pruning")
+
+    @model_validator(mode="after")
+    def _target_alone(self) -> PruneLLMConfig:
+        self.target.refuse_explicit(self.width, self.depth)
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -191,10 +202,13 @@ def prune_llm_run(cfg: PruneLLMConfig) -> dict[str, Any]:
     from prunekit.measure.perplexity import perplexity
 
     width, depth = cfg.width_settings(), cfg.depth_settings()
-    if width is None and depth is None:
+    target = cfg.target.target_params
+    if width is None and depth is None and target is None:
         raise ConfigError("prune-llm: nothing would be pruned; set --mlp-ratio (e.g. 0.5), --head-ratio, "
-                          "--kv-ratio, --hidden-ratio and/or --drop-layers (e.g. 2) / --layers-ratio")
+                          "--kv-ratio, --hidden-ratio, --drop-layers (e.g. 2) / --layers-ratio, or --target-params")
     refuse_same_folder(cfg.out, cfg.from_dir, what="the --from folder")
+    if llm_kd.resuming(cfg):
+        return llm_kd.resume(cfg)
     out = prepare_out(cfg)  # before hours of pruning
     model = load_causal_lm(cfg.from_dir, cfg.device)
     calib = calibration_windows(tokenize_file(cfg.calib_text, cfg.from_dir, model, cfg.tokenizer),
@@ -205,7 +219,8 @@ def prune_llm_run(cfg: PruneLLMConfig) -> dict[str, Any]:
     if ev is not None:
         metrics["ppl_before"] = perplexity(model, ev, seq_len=cfg.seq_len)
         log.info("perplexity before: %.4f", metrics["ppl_before"])
-    report = _prune(model, calib, width, depth)
+    report = (_prune(model, calib, width, depth) if target is None else
+              prune_to_params(model, calib, target, width=cfg.width, depth=cfg.depth, **cfg.target.options()))
     if ev is not None:
         metrics["ppl_after"] = perplexity(model, ev, seq_len=cfg.seq_len)
         log.info("perplexity after: %.4f", metrics["ppl_after"])
@@ -214,6 +229,8 @@ def prune_llm_run(cfg: PruneLLMConfig) -> dict[str, Any]:
     for f in TOKENIZER_FILES:
         if (Path(cfg.from_dir) / f).exists():
             shutil.copy2(Path(cfg.from_dir) / f, out / f)
+    if cfg.kd.kd_steps:
+        return llm_kd.recover(cfg, model, metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 

@@ -10,6 +10,9 @@ every RMSNorm, the embeddings and the LM head, scored by RMSNorm output activati
 Depth pruning (:mod:`~prunekit.pruning.llm.depth`): whole decoder layers removed by measured importance (angular
 distance between a layer's input and output hidden states, or the calibration loss without it).
 
+One size target (:mod:`~prunekit.pruning.llm.search`): ``prune_to_params`` solves ``target_params`` across MLP
+width, heads, hidden size and depth over a few candidate shapes scored on held-out calibration loss.
+
 Unstructured and N:M sparsity (:mod:`~prunekit.pruning.llm.sparse`): Wanda and SparseGPT block by block
 (``prune_decoder``; also the ``wanda`` / ``sparsegpt`` methods of ``prunekit sparsify``).
 
@@ -23,6 +26,7 @@ from prunekit.pruning.llm.arch import get_family, list_families
 from prunekit.pruning.llm.criteria import get_criterion, list_criteria
 from prunekit.pruning.llm.depth import DepthConfig, prune_depth
 from prunekit.pruning.llm.hidden import prune_hidden
+from prunekit.pruning.llm.search import TargetConfig, prune_to_params
 from prunekit.pruning.llm.sparse import LLM_METHODS, DecoderSparsity, decoder_blocks, decoder_linears, prune_decoder
 from prunekit.pruning.llm.stats import collect_inputs
 from prunekit.pruning.llm.width import WidthSettings, kept_count, prune_width, save_pruned, unwrap
@@ -30,4 +34,4 @@ from prunekit.pruning.llm.width import WidthSettings, kept_count, prune_width, s
 __all__ = ["DepthConfig", "prune_depth", "LLM_METHODS", "DecoderSparsity", "decoder_blocks", "decoder_linears",
            "prune_decoder",
            "WidthSettings", "collect_inputs", "get_criterion", "get_family", "kept_count", "list_criteria",
-           "list_families", "prune_hidden", "prune_width", "save_pruned", "unwrap"]
+           "list_families", "prune_hidden", "prune_to_params", "prune_width", "save_pruned", "TargetConfig", "unwrap"]

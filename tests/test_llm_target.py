@@ -182,3 +182,20 @@ def test_prune_llm_kd_is_resumed_by_a_rerun(byte_folder, monkeypatch):
     b = transformers.AutoModelForCausalLM.from_pretrained(byte_folder / "cut").state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_cli_target_and_kd(byte_folder, capsys):
+    from prunekit.cli.main import main
+
+    d = byte_folder
+    args = ["prune-llm", "--from", str(d / "dense"), "--calib-text", str(d / "train.txt"), "--eval-text",
+            str(d / "train.txt"), "--seq-len", "24", "--calib-samples", "12", "--target-params", "0.7",
+            "--target-shapes", "mlp,mlp+hidden", "--kd-steps", "4", "--kd-batch", "2", "--out", str(d / "cli")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "after KD" in out and "KD step 4/4" in out
+    m = json.loads((d / "cli" / "metrics.json").read_text())
+    rep = json.loads((d / "cli" / "prune_report.json").read_text())
+    assert [c["name"] for c in rep["candidates"]] == ["mlp", "mlp+hidden"] and m["kd_steps_done"] == 4
+    assert main([*args[:-2], "--mlp-ratio", "0.5", "--out", str(d / "cli2")]) != 0
+    assert "--target-params 0.7 and --mlp-ratio 0.5" in capsys.readouterr().err

@@ -12,6 +12,7 @@ model's, minus one (+10% = 1.10x the dense perplexity).
 
     OMP_NUM_THREADS=1 python benchmarks/llm_target.py                       # 3 models x 3 domains, 100 KD steps
     OMP_NUM_THREADS=1 python benchmarks/llm_target.py --models llama-byte --domains code --kd-steps 50
+    OMP_NUM_THREADS=1 python benchmarks/llm_target.py --merge a.json b.json                # one table of saved runs
 """
 
 from __future__ import annotations
@@ -102,7 +103,11 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=160)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
+    ap.add_argument("--merge", nargs="+", default=[], help="print one table of these --out files and stop")
     args = ap.parse_args()
+    if args.merge:
+        print(table([r for f in args.merge for r in json.loads(Path(f).read_text())], args))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("prunekit").setLevel(logging.WARNING)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

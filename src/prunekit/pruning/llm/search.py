@@ -14,9 +14,10 @@ spending the parameter cut, with one free ratio ``r``:
 Each shape's ``r`` is solved by bisection on the parameter count, computed exactly from the config and the widths
 the pruning would keep (:func:`shape_params`: whole channels, heads and layers, the same rounding as
 ``prune_width``), so that the count meets the target within ``tolerance``. Each feasible candidate is then pruned
-**on a deepcopy of the model, one at a time** (memory: the model plus one copy; small models are the scope) with the
-first part of the calibration windows and scored by the mean next-token loss on the held-out rest (never on
-evaluation text). The lowest loss wins and is applied to ``model`` itself (depth first, then width), all or nothing.
+**on a deepcopy of the model, one at a time** (memory: the model, one copy and the transaction's snapshot; small
+models are the scope) with the first part of the calibration windows and scored by the mean next-token loss on the
+held-out rest (never on evaluation text). The lowest loss wins and is applied to ``model`` itself (depth first, then
+width), all or nothing.
 
 Example:
     >>> report = prune_to_params(model, calib_ids, 0.7)          # keep 70 % of the parameters
@@ -300,8 +301,9 @@ def prune_to_params(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], 
                     holdout: float = 0.25, batch_size: int = 8) -> dict[str, Any]:
     """Prune ``model`` in place to ``target`` parameters by the best of a few candidate shapes (see the module).
 
-    Candidates are pruned one at a time on a deepcopy (memory: the model plus one copy), then the winner is pruned
-    on ``model`` itself; a failure leaves ``model`` as it was.
+    Candidates are pruned one at a time on a deepcopy, then the winner is pruned on ``model`` itself; a failure
+    leaves ``model`` as it was. Memory: the model, one candidate copy and the transaction's snapshot of the model
+    (``atomic=False`` skips the snapshot): small models are the scope.
 
     Args:
         model: LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM (or ``hf:`` wrapper).
@@ -345,6 +347,8 @@ def prune_to_params(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], 
                           f"{tolerance:.1%}: " + "; ".join(f"{r['name']}: {r['skipped']}" for r in rows))
     best = min(scored, key=lambda r: (r["calib_loss"], r["params"]))
     dense_loss = calib_loss(model, held)
+    log.info("size target %d params: kept %s (%d params, calibration loss %.4f; dense %.4f)", goal, best["name"],
+             best["params"], best["calib_loss"], dense_loss)
     final = apply_shape(model, Shape(**best["shape"]), fit, width, depth, atomic=True)
     after = sum(p.numel() for p in lm.parameters())
     return {"target_params": target, "target_count": goal, "tolerance": tolerance, "params_before": before,

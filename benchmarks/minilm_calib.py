@@ -46,6 +46,7 @@ from torch import nn
 from vbp_bert import FORTUNES, SENTENCES, Embedder, batches, docstring_texts, embed, minilm_path
 
 from prunekit.pruning import prune
+from prunekit.pruning.structured.reconstruct_closed import consumers_of, refit_consumers
 
 DPKG_STATUS = Path("/var/lib/dpkg/status")
 MAN1 = Path("/usr/share/man/man1")
@@ -133,6 +134,7 @@ METHODS = [  # (label, criterion, compensate, scope, reconstruct_steps, reconstr
     (f"... + reconstruct {AUGMENTED_STEPS} whole blocks, augment {BLOCK_AUGMENT}, input mix {INPUT_MIX}",
      "variance_conditional", "lstsq", "local", AUGMENTED_STEPS, BLOCK_AUGMENT,
      {"reconstruct_train": "block", "reconstruct_input_mix": INPUT_MIX}),
+    ("variance_conditional + lstsq + refit", "variance_conditional", "lstsq", "local", 0, 0, {"refit": "auto"}),
 ]
 
 
@@ -167,6 +169,8 @@ def main() -> None:
     ap.add_argument("--methods", default="0,1,2",
                     help="indices: " + "; ".join(f"{i}={m[0]}" for i, m in enumerate(METHODS)))
     ap.add_argument("--eval", type=int, default=200, help="held-out sentences per domain")
+    ap.add_argument("--tune", type=int, default=0, help="also score on this many pool sentences kept out of every "
+                    "calibration draw (the last of the pool; a validation set to choose settings on, never --eval)")
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     a = ap.parse_args()
@@ -190,10 +194,13 @@ def main() -> None:
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     dense = Embedder(AutoModel.from_pretrained(path)).eval()
-    pools, held, refs = {}, {}, {}
+    pools, held, refs, tunes = {}, {}, {}, {}
     for d in domains:
         t0 = time.perf_counter()
-        pools[d], h = split_domain(d, a.eval, max(sizes))
+        pools[d], h = split_domain(d, a.eval, max(sizes) + a.tune)
+        if a.tune:
+            pools[d], tunes[d] = pools[d][:-a.tune], batches(tok, pools[d][-a.tune:], a.batch_size)
+            refs["tune " + d] = embed(dense, tunes[d])
         held[d] = batches(tok, h, a.batch_size)
         refs[d] = embed(dense, held[d])
         print(f"domain {d}: {len(pools[d]) + len(h)} sentences, {len(h)} held out ({tokens(held[d])} tokens), "
@@ -201,6 +208,11 @@ def main() -> None:
 
     def cosine(model: nn.Module, d: str) -> float:
         return float(F.cosine_similarity(embed(model, held[d]), refs[d], dim=-1).mean())
+
+    def tune_cosine(model: nn.Module, d: str) -> str:
+        if d not in tunes:
+            return ""
+        return f" tune {float(F.cosine_similarity(embed(model, tunes[d]), refs['tune ' + d], dim=-1).mean()):.4f}"
 
     own: dict[tuple, list[float]] = {}  # (label, domain, N, keep) -> per draw
     cross: dict[tuple, list[float]] = {}  # (label, calib domain, eval domain, keep) -> per draw
@@ -216,11 +228,19 @@ def main() -> None:
                 example = {k: v[:2] for k, v in calib[0].items()}
                 for label, crit, comp, scope, steps, augment, *extra in methods:
                     for k in keeps:
-                        t0 = time.perf_counter()
+                        t0, c0 = time.perf_counter(), time.process_time()
                         model = copy.deepcopy(dense)
-                        prune(model, example, crit, ratio=1 - k, preset="mlp-only", scope=scope, calib_data=calib,
-                              compensate=comp, calib_batches=len(calib), reconstruct_steps=steps,
-                              reconstruct_augment=augment, **(extra[0] if extra else {}))
+                        kw = dict(extra[0]) if extra else {}
+                        refit = kw.pop("refit", None)
+                        report = prune(model, example, crit, ratio=1 - k, preset="mlp-only", scope=scope,
+                                       calib_data=calib, compensate=comp, calib_batches=len(calib),
+                                       reconstruct_steps=steps, reconstruct_augment=augment, **kw)
+                        if refit is not None:
+                            refit_consumers(model, dense, calib, consumers_of(model, report.groups),
+                                            max_batches=len(calib), ridge=refit)
+                        # pruning (and refit) only, not the scoring; CPU seconds of this process (the wall time
+                        # depends on what else shares the cores)
+                        secs, cpu = time.perf_counter() - t0, time.process_time() - c0
                         evals = domains if n == sizes[-1] else [d]
                         for e in evals:
                             v = cosine(model, e)
@@ -230,7 +250,7 @@ def main() -> None:
                                 own.setdefault((label, d, n, k), []).append(v)
                         others = "".join(f" {e} {cross[(label, d, e, k)][-1]:.4f}" for e in evals if e != d)
                         print(f"  {d:<10} N={n:<5} draw {draw} tokens {ntok[(d, n)][-1]:>6} {label:<40} keep {k}: "
-                              f"{own[(label, d, n, k)][-1]:.4f} ({time.perf_counter() - t0:.0f} s)"
+                              f"{own[(label, d, n, k)][-1]:.4f}{tune_cosine(model, d)} ({secs:.0f} s, {cpu:.0f} CPU-s)"
                               + (f" | eval on{others}" if others else ""), flush=True)
 
     def cell(vals: list[float]) -> str:

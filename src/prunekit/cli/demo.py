@@ -40,18 +40,17 @@ def _deployment_table(d: dict[str, Any]) -> Any:
 
     ms = {(x["model"], x["runtime"], x["precision"]): x for x in d["rows"]}
     names = {"eager": "eager PyTorch", "onnxruntime": "ONNX Runtime"}
-    t = Table(title=f"latency on the deployment runtime (ms, batch {d['batch']}, {d['threads']} threads, timed "
-              "alternately; rounds' lowest-highest median)")
-    for col in ("runtime", "precision", "baseline", "pruned", "change", "top-1 (%) base / pruned"):
+    t = Table(title=f"the same two models per runtime: ms at batch {d['batch']}, {d['threads']} threads, timed "
+              "alternately (rounds' lowest-highest median)")
+    for col in ("runtime", "precision", "baseline", "pruned", "change"):
         t.add_column(col, justify="left" if col in ("runtime", "precision") else "right")
     for _, rt, prec in [k for k in ms if k[0] == "dense"]:
         a, b = ms[("dense", rt, prec)], ms[("pruned", rt, prec)]
-        acc = d["accuracy"]
-        top = (f"{acc['dense']['top1_' + prec.replace('32', '')]:.2f} / "
-               f"{acc['pruned']['top1_' + prec.replace('32', '')]:.2f}" if rt == "onnxruntime" else "(above)")
-        t.add_row(names.get(rt, rt), prec, f"{a['median_ms']:.3f} ({a['round_min_ms']:.3f}-{a['round_max_ms']:.3f})",
-                  f"{b['median_ms']:.3f} ({b['round_min_ms']:.3f}-{b['round_max_ms']:.3f})",
-                  f"{-d['latency_reduction'][f'{rt} {prec}']:+.1%}", top)
-    t.caption = (f"pruned int8 on ONNX Runtime is {d['pruned_int8_vs_dense_eager']:.2f}x faster than the baseline in "
-                 "eager PyTorch (float32)")
+        t.add_row(names.get(rt, rt), prec, *(f"{x['median_ms']:.2f} ({x['round_min_ms']:.2f}-{x['round_max_ms']:.2f})"
+                                             for x in (a, b)), f"{-d['latency_reduction'][f'{rt} {prec}']:+.1%}")
+    acc = d["accuracy"]
+    t.caption = (f"test top-1 on ONNX Runtime (baseline / pruned): float32 {acc['dense']['top1_float']:.2f} / "
+                 f"{acc['pruned']['top1_float']:.2f}, int8 {acc['dense']['top1_int8']:.2f} / "
+                 f"{acc['pruned']['top1_int8']:.2f}\npruned int8 on ONNX Runtime: "
+                 f"{d['pruned_int8_vs_dense_eager']:.2f}x faster than the baseline in eager PyTorch (float32)")
     return t

@@ -52,6 +52,10 @@ ROWS: dict[str, dict] = {
     "kv50 fluctuation+lstsq": dict(head_ratio=0.5, criterion="fluctuation", compensate="lstsq"),
     "kv50 obs+lstsq": dict(head_ratio=0.5, criterion="obs", compensate="lstsq"),
     "kv50 merge": dict(kv_ratio=0.5),
+    # block reconstruction (200 relative-Adam steps per layer on the calibration windows, no labels)
+    "mlp50 obs+lstsq+rec": dict(mlp_ratio=0.5, criterion="obs", compensate="lstsq", reconstruct_steps=200),
+    "kv50 variance+lstsq+rec": dict(head_ratio=0.5, criterion="variance", compensate="lstsq", reconstruct_steps=200),
+    "kv50 merge+rec": dict(kv_ratio=0.5, reconstruct_steps=200),
 }
 
 
@@ -129,6 +133,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(corp.MODELS))
     ap.add_argument("--domains", nargs="+", default=list(corp.DOMAINS))
     ap.add_argument("--rows", nargs="+", default=["mlp50", "kv50"], help="row names or prefixes")
+    ap.add_argument("--skip", nargs="*", default=[], help="row names or prefixes left out")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--calib", type=int, default=64, help="calibration windows per cell")
     ap.add_argument("--eval-windows", type=int, default=160)
@@ -137,7 +142,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("prunekit").setLevel(logging.WARNING)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    rows = [r for r in ROWS if any(r == p or r.startswith(p) for p in args.rows)]
+    rows = [r for r in ROWS if any(r == p or r.startswith(p) for p in args.rows)
+            and not any(r == p or r.startswith(p) for p in args.skip)]
     results = []
     for name in args.models:
         for domain in args.domains:

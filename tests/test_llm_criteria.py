@@ -176,3 +176,37 @@ def test_kv_ratio_errors():
         prune_width(_qwen(), x, kv_ratio=0.5, head_ratio=0.5)
     with pytest.raises(ConfigError, match="none can be merged away"):
         prune_width(_qwen(8, 1), x, kv_ratio=0.5)
+
+
+def test_block_reconstruction_lowers_each_layers_error_and_the_kl():
+    from prunekit.pruning.llm import prune_width
+
+    x = torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(3))
+    dense = _qwen()
+    with torch.no_grad():
+        ref = torch.log_softmax(dense(input_ids=x).logits, -1)
+
+    def kl(model) -> float:
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=x).logits, -1)
+        return float((ref.exp() * (ref - lp)).sum(-1).mean())
+
+    plain, fitted = _qwen(), _qwen()
+    prune_width(plain, x, head_ratio=0.5, mlp_ratio=0.5, criterion="variance")
+    rep = prune_width(fitted, x, head_ratio=0.5, mlp_ratio=0.5, criterion="variance", reconstruct_steps=30)
+    recs = [r for r in rep["layers"] if r["part"] == "reconstruct"]
+    assert len(recs) == 2 and all(r["reconstruct_error_after"] < r["reconstruct_error_before"] for r in recs)
+    assert kl(fitted) < kl(plain)
+    for a, b in zip(plain.model.layers, fitted.model.layers):  # only weight matrices move; norms stay
+        torch.testing.assert_close(a.input_layernorm.weight, b.input_layernorm.weight)
+
+
+def test_reconstruction_is_refused_when_streaming(tmp_path):
+    from prunekit.errors import ConfigError
+    from prunekit.pruning.llm.stream import prune_width_streaming
+
+    m = _qwen()
+    m.save_pretrained(tmp_path / "src")
+    with pytest.raises(ConfigError, match="reconstruct_steps=5"):
+        prune_width_streaming(tmp_path / "src", tmp_path / "out", torch.randint(0, 64, (4, 16)), mlp_ratio=0.5,
+                              reconstruct_steps=5)

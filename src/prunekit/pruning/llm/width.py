@@ -86,6 +86,11 @@ class WidthSettings(Config):
     add_bias: bool = Field(False, description="switch on mlp_bias / attention_bias in a Llama config so that "
                            "compensation fits an intercept (needed by compensate=mean); off: no new bias, the folder "
                            "keeps the architecture runtimes expect")
+    reconstruct_steps: int = Field(0, ge=0, description="Adam steps fitting each pruned decoder layer to the dense "
+                                   "model's output of that layer on the calibration text (0: off; "
+                                   "prunekit.pruning.llm.reconstruct)")
+    reconstruct_lr: float = Field(0.07, gt=0, description="learning rate of the reconstruction steps, relative to "
+                                  "each weight matrix's RMS")
     round_to: int = Field(1, ge=1, description="keep a multiple of this many MLP channels")
     sequential: bool = Field(True, description="measure each layer on the model already pruned before it")
     seed: int = Field(0, description="seed of the random criterion (and of prune-llm's calibration sampling)")
@@ -206,6 +211,12 @@ class _Pruner:
             dense = self._stats(names, [n for v in plan.values() for n in v[1]], None)
         config = self.lm.config
         nq, nkv, hd = head_layout(config) if self.cfg.head_ratio > 0 else (0, 0, 0)
+        layers = self.lm.get_submodule(self.fam.layers_path)
+        targets = None
+        if self.cfg.reconstruct_steps > 0:
+            from .reconstruct import dense_outputs
+
+            targets = dense_outputs(self.lm, layers, self.batches)
         for b in blocks:
             t0 = time.perf_counter()
             if self.cfg.head_ratio > 0:
@@ -219,6 +230,8 @@ class _Pruner:
                 names, cov = plan[f"{b.prefix}:mlp"]
                 st = dense if not self.cfg.sequential else self._stats(names, cov, b.consumer)
                 self._prune_mlp(b, st, keep_mlp)
+            if targets is not None:
+                self.reconstruct(layers[b.index], targets[b.index], b)
             log.info("layer %d/%d pruned (%.1f s)", b.index + 1, len(blocks), time.perf_counter() - t0)
         self.set_config(keep_mlp, keep_groups, keep_kv)
 
@@ -235,6 +248,13 @@ class _Pruner:
         if self.cfg.kv_ratio > 0:
             config.head_dim = head_layout(config)[2]
             config.num_key_value_heads = keep_kv
+
+    def reconstruct(self, layer: nn.Module, targets: list[torch.Tensor], b: Block) -> None:
+        from .reconstruct import fit_layer, layer_inputs
+
+        runs = layer_inputs(self.lm, layer, self.batches)
+        rec = fit_layer(layer, runs, targets, self.cfg.reconstruct_steps, self.cfg.reconstruct_lr, b.prefix)
+        self.records.append({"layer": b.index, "part": "reconstruct", **rec})
 
     def merge_kv(self, b: Block, st: dict, keep_kv: int) -> None:
         """Merge this layer's key-value heads into ``keep_kv`` (:mod:`prunekit.pruning.llm.kv_merge`)."""

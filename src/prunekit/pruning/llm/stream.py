@@ -16,8 +16,9 @@
 
 Resident at any time: one layer (twice while its pruned copy is sliced), the kept activations, the statistics of one
 projection's inputs (``D^2`` float64 with ``lstsq``), and the embedding during step 2 only. Not bounded here: hidden
-size pruning (it needs every RMSNorm at once) and ``add_bias`` are refused; depth, Wanda and SparseGPT still load the
-whole model (see the report of issue 29).
+size pruning (it needs every RMSNorm at once) and ``add_bias`` are refused. Depth pruning and Wanda / SparseGPT
+stream too: :mod:`~prunekit.pruning.llm.stream_depth`, :mod:`~prunekit.pruning.llm.stream_sparse` (the shared
+machinery is :mod:`~prunekit.pruning.llm.stream_io`).
 
 Example:
     >>> rep = prune_width_streaming("llama_dir", "pruned_dir", calib_ids, WidthSettings(mlp_ratio=0.5))
@@ -26,108 +27,34 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from prunekit.errors import ConfigError, PruningError
+from prunekit.errors import ConfigError
 
 from .arch import _get, get_family, head_layout, in_features
 from .layout import WIDTH_KEYS, check_expressible, config_changes, config_snapshot
-from .stats import _Stop, calibration_batches
+from .stats import calibration_batches
+
+# the shared streaming machinery; its names stay importable from here
+from .stream_io import (  # noqa: F401
+    ShardReader,
+    _copy_rest,
+    _finish,
+    _layer_inputs,
+    _materialize,
+    _resident_layers,
+    _write_layer,
+    meta_model,
+)
 from .width import WidthSettings, _check_settings, _kept_groups, _kept_kv, _Pruner, kept_count
 
 log = logging.getLogger(__name__)
-
-
-class ShardReader:
-    """Tensors of a ``save_pretrained`` folder by name, read from their shard with ``safe_open`` on demand."""
-
-    def __init__(self, folder: str | Path):
-        from safetensors import safe_open
-
-        self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        elif (self.folder / "model.safetensors").is_file():
-            with safe_open(self.folder / "model.safetensors", framework="pt") as f:
-                self.weight_map = {k: "model.safetensors" for k in f.keys()}
-        else:
-            raise PruningError(f"{str(folder)!r}: no model.safetensors nor model.safetensors.index.json")
-        self.loaded: list[str] = []  # every name read, in order (tests check that one layer is read at a time)
-
-    def names(self, prefix: str = "", exclude: str | None = None) -> list[str]:
-        return [k for k in self.weight_map if k.startswith(prefix) and not (exclude and k.startswith(exclude))]
-
-    def load(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """``{name: tensor}`` read shard by shard (each shard opened once, memory-mapped, closed after)."""
-        from safetensors import safe_open
-
-        by_file: dict[str, list[str]] = defaultdict(list)
-        for n in names:
-            by_file[self.weight_map[n]].append(n)
-        out = {}
-        for file, ns in by_file.items():
-            with safe_open(self.folder / file, framework="pt") as f:
-                for n in ns:
-                    t = f.get_tensor(n)
-                    out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        self.loaded += names
-        return out
-
-
-def _materialize(lm: nn.Module, prefix: str, reader: ShardReader, dtype: torch.dtype, device: str) -> nn.Module:
-    """Module ``prefix`` of ``lm`` moved off ``meta`` and filled with its tensors from the shards."""
-    m = lm.get_submodule(prefix)
-    tensors = reader.load(reader.names(prefix + "."), dtype)
-    # assign: the read tensors become the parameters (no second, empty copy of the layer is allocated)
-    m.load_state_dict({k[len(prefix) + 1:]: v.to(device) for k, v in tensors.items()}, strict=True, assign=True)
-    left = [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.device.type == "meta"]
-    if left:
-        raise PruningError(f"streaming: {prefix}.{left[0]} is not stored in the checkpoint (a computed buffer); "
-                           "this model type is not supported by prune_width_streaming (llama, mistral, qwen2 are)")
-    return m
-
-
-def _layer_inputs(lm: nn.Module, layers_path: str, batches: list[torch.Tensor], device: str,
-                  reader: ShardReader, dtype: torch.dtype) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """Layer 0's input hidden states and keyword arguments per calibration batch (only the embedding is read)."""
-    emb = lm.get_input_embeddings()
-    emb_name = next(n for n, m in lm.named_modules() if m is emb)
-    _materialize(lm, emb_name, reader, dtype, device)
-    for name, m in list(lm.named_modules()):  # rotary tables are computed, not stored: rebuild them off meta
-        if type(m).__name__.endswith("RotaryEmbedding"):
-            parent, _, attr = name.rpartition(".")
-            with torch.device(device):
-                setattr(lm.get_submodule(parent) if parent else lm, attr, type(m)(config=lm.config))
-    runs: list[tuple[torch.Tensor, dict[str, Any]]] = []
-
-    def grab(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        kw = dict(kwargs)
-        h = args[0] if args else kw.pop("hidden_states")
-        runs.append((h.detach(), {k: v for k, v in kw.items() if k not in ("cache", "past_key_values")}))
-        raise _Stop
-
-    handle = _get(lm, layers_path)[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for b in batches:
-                try:
-                    lm(input_ids=b.to(device), use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-        emb.to("meta")
-    return runs
 
 
 def _layer_stats(lm: nn.Module, layer: nn.Module, runs: list, names: list[str], cov: list[str]) -> dict:
@@ -147,10 +74,6 @@ def _layer_stats(lm: nn.Module, layer: nn.Module, runs: list, names: list[str], 
     return {n: a.result() for n, a in accs.items()}
 
 
-def _resident_layers(layers: nn.ModuleList) -> int:
-    return sum(any(p.device.type != "meta" for p in layer.parameters()) for layer in layers)
-
-
 @torch.no_grad()
 def prune_width_streaming(src: str | Path, out: str | Path, calib: torch.Tensor | list[torch.Tensor],
                           settings: WidthSettings | None = None, *, dtype: torch.dtype = torch.float32,
@@ -167,8 +90,6 @@ def prune_width_streaming(src: str | Path, out: str | Path, calib: torch.Tensor 
     Returns:
         The width report plus ``max_resident_layers`` and ``layers_read`` (the layers' read order).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     settings = WidthSettings.build({**(settings.to_dict() if settings else {}), **overrides}, "prune_width_streaming")
     if settings.reconstruct_steps:
         raise ConfigError(f"reconstruct_steps={settings.reconstruct_steps}: block reconstruction needs the dense "
@@ -177,12 +98,7 @@ def prune_width_streaming(src: str | Path, out: str | Path, calib: torch.Tensor 
     if settings.hidden_ratio > 0 or settings.add_bias:
         raise ConfigError("prune_width_streaming: hidden_ratio and add_bias change every layer at once; use "
                           "prune_width on the loaded model for them (hidden_ratio=0, add_bias=False here)")
-    src, out = Path(src), Path(out)
-    if out.resolve() == src.resolve():
-        raise ConfigError(f"prune_width_streaming: out {str(out)!r} is the source folder")
-    reader = ShardReader(src)
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src)).eval()
+    reader, lm, src, out = meta_model(src, out, "prune_width_streaming")
     fam = get_family(lm)
     _check_settings(settings, fam, lm.config)
     layers = _get(lm, fam.layers_path)
@@ -234,41 +150,3 @@ def _prune_layer(lm: nn.Module, layer: nn.Module, b: Any, pruner: _Pruner, runs:
         o = layer(h, **kw)
         nxt.append(((o[0] if isinstance(o, tuple) else o).detach(), kw))
     return nxt
-
-
-def _finish(lm: nn.Module, reader: ShardReader, layers_path: str, out: Path, weight_map: dict[str, str]) -> None:
-    """The tensors outside the layers, config.json, generation_config.json and the index."""
-    weight_map.update(_copy_rest(reader, layers_path, out))
-    lm.config.save_pretrained(out)
-    if (reader.folder / "generation_config.json").is_file():
-        shutil.copy2(reader.folder / "generation_config.json", out / "generation_config.json")
-    index = {"metadata": {}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-
-
-def _write_layer(layer: nn.Module, prefix: str, path: Path) -> dict[str, str]:
-    from safetensors.torch import save_file
-
-    tensors = {f"{prefix}.{k}": v.detach().contiguous().cpu() for k, v in layer.state_dict().items()}
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    return dict.fromkeys(tensors, path.name)
-
-
-def _copy_rest(reader: ShardReader, layers_path: str, out: Path) -> dict[str, str]:
-    """The tensors outside the decoder layers (embeddings, final norm, LM head), unchanged: a shard that holds only
-    those is copied as a file (no memory), the others one tensor at a time."""
-    from safetensors.torch import save_file
-
-    rest = reader.names(exclude=layers_path + ".")
-    layer_files = {reader.weight_map[n] for n in reader.names(layers_path + ".")}
-    whole = {reader.weight_map[n] for n in rest} - layer_files
-    weight_map = {}
-    for i, f in enumerate(sorted(whole)):
-        name = f"rest-{i:05d}.safetensors"
-        shutil.copy2(reader.folder / f, out / name)
-        weight_map.update({n: name for n in rest if reader.weight_map[n] == f})
-    for i, n in enumerate(n for n in rest if reader.weight_map[n] not in whole):
-        name = f"rest-t{i:05d}.safetensors"
-        save_file({n: reader.load([n])[n].contiguous()}, str(out / name), metadata={"format": "pt"})
-        weight_map[n] = name
-    return weight_map

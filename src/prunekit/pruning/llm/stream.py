@@ -49,6 +49,7 @@ from .stream_io import (  # noqa: F401
     _layer_inputs,
     _materialize,
     _resident_layers,
+    _with_kwargs,
     _write_layer,
     meta_model,
 )
@@ -109,14 +110,14 @@ def prune_width_streaming(src: str | Path, out: str | Path, calib: torch.Tensor 
     keep_kv = _kept_kv(settings, lm.config)
     nkv = head_layout(lm.config)[1]
     before, t0 = config_snapshot(lm.config), time.perf_counter()
-    runs = _layer_inputs(lm, fam.layers_path, calibration_batches(calib, batch_size), device, reader, dtype)
+    runs, kws = _layer_inputs(lm, fam.layers_path, calibration_batches(calib, batch_size), device, reader, dtype)
     pruner = _Pruner(lm, fam, settings, [])
     out.mkdir(parents=True, exist_ok=True)
     weight_map, peak = {}, 0
     for b in blocks:
         layer = _materialize(lm, b.prefix, reader, dtype, device)
         peak = max(peak, _resident_layers(layers))
-        runs = _prune_layer(lm, layer, b, pruner, runs, keep_mlp, keep_groups, keep_kv)
+        runs = _prune_layer(lm, layer, b, pruner, _with_kwargs(runs, kws[b.index]), keep_mlp, keep_groups, keep_kv)
         weight_map.update(_write_layer(layer, b.prefix, out / f"layers-{b.index:05d}.safetensors"))
         layer.to("meta")
         log.info("layer %d/%d pruned and written (%.1f s)", b.index + 1, len(blocks), time.perf_counter() - t0)

@@ -1,14 +1,15 @@
 """Block reconstruction for decoder width pruning: each pruned decoder layer fitted to the dense layer's output.
 
-With ``reconstruct_steps > 0`` (:class:`~prunekit.pruning.llm.width.WidthSettings`), the dense model's output of
-every decoder layer is recorded once on the calibration batches; after layer ``l`` is pruned and compensated, its
-parameters (attention, MLP, norms) take ``reconstruct_steps`` Adam steps on the relative squared error between its
-output, given the inputs the *pruned* model produces at that layer, and the dense model's output there. The target
-being the dense model's own hidden state, the fit also corrects what the layers before it lost (error-correcting,
-as in block-wise post-training methods). No labels, only the calibration text; the other layers are not touched.
+With ``reconstruct_steps > 0`` (:class:`~prunekit.pruning.llm.width.WidthSettings`), the dense model's hidden
+states are carried along beside the pruned model's: before layer ``l`` is pruned, its dense weights map the dense
+hidden state to the target; after it is pruned and compensated, its weight matrices take ``reconstruct_steps`` Adam
+steps on the relative squared error between its output, given the inputs the *pruned* model produces at that layer,
+and that target. The target being the dense model's own hidden state, the fit also corrects what the layers before
+it lost (error-correcting, as in block-wise post-training methods). No labels, only the calibration text; the other
+layers are not touched.
 
-Memory: the dense outputs of every layer on the calibration batches (``layers x tokens x hidden`` floats, 25 MB for
-4 layers x 8 k tokens x 192) plus one layer's activations for backward.
+Memory: three sets of hidden states on the calibration tokens (the dense one, the pruned layer's inputs and the
+targets: ``3 x tokens x hidden`` floats) plus one layer's activations for backward.
 
 Example:
     >>> prune_width(model, calib_ids, mlp_ratio=0.5, head_ratio=0.5, reconstruct_steps=200)
@@ -35,19 +36,15 @@ def _out(o: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dense_outputs(lm: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """``out[l][i]``: decoder layer ``l``'s output on calibration batch ``i`` (the dense model's)."""
-    out: list[list[torch.Tensor]] = [[] for _ in layers]
-    handles = [layer.register_forward_hook(lambda _m, _a, o, i=i: out[i].append(_out(o).detach()))
-               for i, layer in enumerate(layers)]
-    device = next(lm.parameters()).device
+def dense_targets(layer: nn.Module, dense_in: list[torch.Tensor], runs: list[tuple[torch.Tensor, dict]]
+                  ) -> list[torch.Tensor]:
+    """``layer`` (still dense) applied to the dense model's hidden states, with each batch's keyword arguments."""
+    was_training = layer.training
+    layer.eval()
     try:
-        for b in batches:
-            lm(input_ids=b.to(device), use_cache=False)
+        return [_out(layer(h, **kw)).detach() for h, (_, kw) in zip(dense_in, runs)]
     finally:
-        for h in handles:
-            h.remove()
-    return out
+        layer.train(was_training)
 
 
 @torch.no_grad()

@@ -212,13 +212,14 @@ class _Pruner:
         config = self.lm.config
         nq, nkv, hd = head_layout(config) if self.cfg.head_ratio > 0 else (0, 0, 0)
         layers = self.lm.get_submodule(self.fam.layers_path)
-        targets = None
-        if self.cfg.reconstruct_steps > 0:
-            from .reconstruct import dense_outputs
-
-            targets = dense_outputs(self.lm, layers, self.batches)
+        dense_h: list[torch.Tensor] | None = None  # the dense model's hidden states (reconstruction only)
         for b in blocks:
             t0 = time.perf_counter()
+            if self.cfg.reconstruct_steps > 0:
+                from .reconstruct import dense_targets, layer_inputs
+
+                runs = layer_inputs(self.lm, layers[b.index], self.batches)
+                dense_h = dense_targets(layers[b.index], dense_h or [h for h, _ in runs], runs)
             if self.cfg.head_ratio > 0:
                 names, cov = plan[f"{b.prefix}:heads"]
                 st = dense if not self.cfg.sequential else self._stats(names, cov, b.attn["o"])
@@ -230,8 +231,8 @@ class _Pruner:
                 names, cov = plan[f"{b.prefix}:mlp"]
                 st = dense if not self.cfg.sequential else self._stats(names, cov, b.consumer)
                 self._prune_mlp(b, st, keep_mlp)
-            if targets is not None:
-                self.reconstruct(layers[b.index], targets[b.index], b)
+            if dense_h is not None:
+                self.reconstruct(layers[b.index], runs, dense_h, b)
             log.info("layer %d/%d pruned (%.1f s)", b.index + 1, len(blocks), time.perf_counter() - t0)
         self.set_config(keep_mlp, keep_groups, keep_kv)
 
@@ -249,10 +250,9 @@ class _Pruner:
             config.head_dim = head_layout(config)[2]
             config.num_key_value_heads = keep_kv
 
-    def reconstruct(self, layer: nn.Module, targets: list[torch.Tensor], b: Block) -> None:
-        from .reconstruct import fit_layer, layer_inputs
+    def reconstruct(self, layer: nn.Module, runs: list, targets: list[torch.Tensor], b: Block) -> None:
+        from .reconstruct import fit_layer
 
-        runs = layer_inputs(self.lm, layer, self.batches)
         rec = fit_layer(layer, runs, targets, self.cfg.reconstruct_steps, self.cfg.reconstruct_lr, b.prefix)
         self.records.append({"layer": b.index, "part": "reconstruct", **rec})
 

@@ -39,6 +39,7 @@ from prunekit.pipeline.commands import register
 from prunekit.pipeline.skeleton import prepare_out, refuse_same_folder
 from prunekit.pruning.llm.depth import DepthConfig, prune_depth
 from prunekit.pruning.llm.search import TargetConfig, prune_to_params
+from prunekit.pruning.llm.stream_io import StreamConfig
 from prunekit.pruning.llm.width import WidthSettings, prune_width, save_pruned
 from prunekit.train.lm_kd import LMKDConfig
 
@@ -153,6 +154,7 @@ class PruneLLMConfig(Config):
     depth: DepthConfig = section(DepthConfig, "depth pruning")
     target: TargetConfig = section(TargetConfig, "one size target solved across the widths and depth")
     kd: LMKDConfig = section(LMKDConfig, "KD recovery from the dense model after pruning")
+    stream: StreamConfig = section(StreamConfig, "one decoder layer at a time from the shards (llm_stream.py)")
 
     @model_validator(mode="after")
     def _target_alone(self) -> PruneLLMConfig:
@@ -207,6 +209,10 @@ def prune_llm_run(cfg: PruneLLMConfig) -> dict[str, Any]:
         raise ConfigError("prune-llm: nothing would be pruned; set --mlp-ratio (e.g. 0.5), --head-ratio, "
                           "--kv-ratio, --hidden-ratio, --drop-layers (e.g. 2) / --layers-ratio, or --target-params")
     refuse_same_folder(cfg.out, cfg.from_dir, what="the --from folder")
+    if cfg.stream.stream:
+        from prunekit.pipeline.llm_stream import prune_llm_stream
+
+        return prune_llm_stream(cfg)
     if llm_kd.resuming(cfg):
         return llm_kd.resume(cfg)
     out = prepare_out(cfg)  # before hours of pruning

@@ -16,15 +16,30 @@ import json
 import shutil
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from prunekit.config import Config
 from prunekit.errors import ConfigError, PruningError
 
 from .arch import _get
 from .stats import _Stop
+
+
+class StreamConfig(Config):
+    """Streaming (``--stream``): prune a model folder one decoder layer at a time, read from its safetensors shards,
+    in ``dtype``; memory is bounded by one layer instead of the whole model."""
+
+    stream: bool = Field(False, description="prune one decoder layer at a time from the safetensors shards (memory "
+                         "bounded by one layer, not the model); width, depth, wanda, sparsegpt")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "float32", description="with --stream: the dtype layers are read, run and written in")
+
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
 
 class ShardReader:

@@ -67,6 +67,10 @@ def sparsify_llm_run(cfg: Any) -> dict[str, Any]:
 
     check_llm_config(cfg)
     refuse_same_folder(cfg.out, cfg.from_dir)
+    if cfg.stream.stream:  # one decoder layer at a time from the shards
+        from prunekit.pipeline.llm_stream import sparsify_llm_stream
+
+        return sparsify_llm_stream(cfg)
     out = prepare_out(cfg)  # before the pruning, not after (no --resume: one-shot)
     torch.manual_seed(cfg.seed)
     device, batch_size = cfg.train.device, cfg.data.batch_size

@@ -31,6 +31,7 @@ from prunekit.errors import ConfigError
 from prunekit.pipeline.commands import register
 from prunekit.pipeline.skeleton import stage_run
 from prunekit.pipeline.stages import loaders, test_metrics
+from prunekit.pruning.llm.stream_io import StreamConfig
 from prunekit.pruning.structured import recalibrate_bn
 from prunekit.pruning.structured.bn import batchnorms
 from prunekit.pruning.unstructured import (
@@ -83,6 +84,7 @@ class SparsifyConfig(Config):
     train: TrainSettings = section(TrainSettings, "the fine-tuning (--epochs: iterative per step, gradual in all)",
                                    epochs=0, lr=0.01)
     data: DataArgs = section(DataArgs, "the data")
+    stream: StreamConfig = section(StreamConfig, "causal LM folder: one decoder layer at a time (llm_stream.py)")
 
     @model_validator(mode="after")
     def _consistent(self) -> SparsifyConfig:
@@ -128,6 +130,9 @@ def sparsify_run(cfg: SparsifyConfig) -> dict[str, Any]:
         from prunekit.pipeline.llm_sparse import sparsify_llm_run
 
         return sparsify_llm_run(cfg)
+    if cfg.stream.stream:
+        raise ConfigError(f"--stream: --from {str(cfg.from_dir)!r} is a run directory; streaming reads a "
+                          "Hugging Face causal LM folder (config.json + safetensors) one layer at a time; drop it")
     s, d = cfg.sparsify, cfg.data
     with stage_run(cfg, "sparsify", resumable=True) as run:
         out, data, device, before = run.out, run.data, run.device, run.before

@@ -120,6 +120,17 @@ def _params(folder: Path) -> int:
     return total
 
 
+def _nonzero(folder: Path) -> int:
+    """Non-zero parameters of a model folder, read one tensor at a time."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            total += sum(int(torch.count_nonzero(h.get_tensor(k))) for k in h.keys())
+    return total
+
+
 def _numel(shape: list[int]) -> int:
     n = 1
     for s in shape:
@@ -150,6 +161,8 @@ def sparsify_llm_stream(cfg: Any) -> dict[str, Any]:
     metrics = {"stage": "sparsify", "from": str(cfg.from_dir), "calib_tokens": calib.numel(), "tokenizer": tokenizer,
                "stream": True, "dtype": cfg.stream.dtype, "sparsify_seconds": round(rep["seconds"], 2),
                "sparsity": rep["sparsity"], "method": s.method, "target_sparsity": rep["target"],
-               "layers": rep["layers"], "max_resident_layers": rep["max_resident_layers"]}
+               "layers": rep["layers"], "max_resident_layers": rep["max_resident_layers"],
+               "params": _params(out), "nonzero_params": _nonzero(out)}
+    metrics["model_sparsity"] = 1 - metrics["nonzero_params"] / max(metrics["params"], 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics

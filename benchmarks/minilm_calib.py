@@ -17,6 +17,9 @@ model is scored on every domain's held-out set (the cross-domain table: calibrat
 reconstruction (``reconstruct_steps``: each pruned transformer layer fitted to the dense layer's output on the
 calibration sentences, error-correcting, no labels; ``prunekit.pruning.structured.reconstruct``); method 5 fits
 longer on the calibration sentences plus four ``token_noise`` copies of each batch (``reconstruct_augment``).
+Method 7 is the quick path: method 2 plus the closed-form, error-correcting refit of each FFN's ``output.dense``
+(``prunekit.pruning.structured.reconstruct_closed``, seconds); method 8 adds 200 reconstruction steps after it.
+``--tune N`` scores a validation part of the pool too (choose settings on it, never on the evaluation set).
 
     python benchmarks/minilm_calib.py --threads 1            # default grid, about an hour on one core
     python benchmarks/minilm_calib.py --threads 1 --sizes 100,300 --draws 1   # quick version (~15 minutes)
@@ -24,6 +27,7 @@ longer on the calibration sentences plus four ``token_noise`` copies of each bat
         --draws 3 --methods 0,1,2,3                          # the bigger grid (hours)
     python benchmarks/minilm_calib.py --threads 1 --sizes 150,600 --methods 2,4   # reconstruction (about an hour)
     python benchmarks/minilm_calib.py --threads 1 --sizes 600 --methods 5 --calib-domains fortunes  # ~45 minutes
+    python benchmarks/minilm_calib.py --threads 1 --domains man --sizes 300 --draws 1 --methods 2,7 --tune 200
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ from torch import nn
 from vbp_bert import FORTUNES, SENTENCES, Embedder, batches, docstring_texts, embed, minilm_path
 
 from prunekit.pruning import prune
-from prunekit.pruning.structured.reconstruct_closed import consumers_of, refit_consumers
+from prunekit.pruning.structured.reconstruct import blocks_of, reconstruct
+from prunekit.pruning.structured.reconstruct_closed import RIDGE, WEIGHTS, consumers_of, refit_consumers
 
 DPKG_STATUS = Path("/var/lib/dpkg/status")
 MAN1 = Path("/usr/share/man/man1")
@@ -122,6 +127,7 @@ DOMAINS: dict[str, Callable[[], Iterable[str]]] = {
 RECONSTRUCT_STEPS = 800  # --reconstruct-steps; its step size is the default reconstruct_lr
 AUGMENTED_STEPS = 1600  # with augmentation (more distinct batches to fit)
 AUGMENT = 4  # --reconstruct-augment: token_noise copies of every calibration batch
+REFIT_RECONSTRUCT = 200  # method 8: reconstruction steps per block after the closed-form refit
 BLOCK_AUGMENT, INPUT_MIX = 16, 0.5  # method 6: every parameter of each block, 16 copies, dense inputs mixed in
 METHODS = [  # (label, criterion, compensate, scope, reconstruct_steps, reconstruct_augment[, extra prune() kwargs])
     ("variance + mean", "variance", "mean", "local", 0, 0),
@@ -134,7 +140,9 @@ METHODS = [  # (label, criterion, compensate, scope, reconstruct_steps, reconstr
     (f"... + reconstruct {AUGMENTED_STEPS} whole blocks, augment {BLOCK_AUGMENT}, input mix {INPUT_MIX}",
      "variance_conditional", "lstsq", "local", AUGMENTED_STEPS, BLOCK_AUGMENT,
      {"reconstruct_train": "block", "reconstruct_input_mix": INPUT_MIX}),
-    ("variance_conditional + lstsq + refit", "variance_conditional", "lstsq", "local", 0, 0, {"refit": "auto"}),
+    ("variance_conditional + lstsq + refit", "variance_conditional", "lstsq", "local", 0, 0, {"refit": True}),
+    (f"... + refit + reconstruct {REFIT_RECONSTRUCT}", "variance_conditional", "lstsq", "local", 0, 0,
+     {"refit": True, "then_reconstruct": REFIT_RECONSTRUCT}),
 ]
 
 
@@ -171,6 +179,8 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=200, help="held-out sentences per domain")
     ap.add_argument("--tune", type=int, default=0, help="also score on this many pool sentences kept out of every "
                     "calibration draw (the last of the pool; a validation set to choose settings on, never --eval)")
+    ap.add_argument("--refit-ridge", type=float, default=RIDGE, help="methods 7-8: ridge of the closed-form refit")
+    ap.add_argument("--refit-weight", default="norm", choices=WEIGHTS, help="methods 7-8: token weights of the refit")
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     a = ap.parse_args()
@@ -231,13 +241,16 @@ def main() -> None:
                         t0, c0 = time.perf_counter(), time.process_time()
                         model = copy.deepcopy(dense)
                         kw = dict(extra[0]) if extra else {}
-                        refit = kw.pop("refit", None)
+                        refit, rec_steps = kw.pop("refit", None), kw.pop("then_reconstruct", 0)
                         report = prune(model, example, crit, ratio=1 - k, preset="mlp-only", scope=scope,
                                        calib_data=calib, compensate=comp, calib_batches=len(calib),
                                        reconstruct_steps=steps, reconstruct_augment=augment, **kw)
                         if refit is not None:
                             refit_consumers(model, dense, calib, consumers_of(model, report.groups),
-                                            max_batches=len(calib), ridge=refit)
+                                            max_batches=len(calib), ridge=a.refit_ridge, weight=a.refit_weight)
+                        if rec_steps:
+                            reconstruct(model, dense, calib, blocks_of(model, report.groups), steps=rec_steps,
+                                        max_batches=len(calib))
                         # pruning (and refit) only, not the scoring; CPU seconds of this process (the wall time
                         # depends on what else shares the cores)
                         secs, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -6,7 +6,8 @@ shapes), the KD windows come from the same train split, and the test perplexity 
 windows spread over the domain's test split (sources never used for training, calibration, the search or KD).
 
 Rows per cell, both at ``--target`` of the parameters (``prune_to_params``, width settings at their defaults):
-the shape the search chose among its default candidates, and MLP-only (``shapes=["mlp"]``); each before and after
+the shape the search chose among its default candidates, and MLP-only (``shapes=["mlp"]``; another shape with
+``--compare``); each before and after
 ``--kd-steps`` of logit distillation from the dense model (``lm_distill``). Figures: test perplexity over the dense
 model's, minus one (+10% = 1.10x the dense perplexity).
 
@@ -64,11 +65,12 @@ def cell(name: str, domain: str, args: argparse.Namespace) -> dict:
     calib = lc.random_windows(toks["train"], args.calib, spec.seq_len, torch.Generator().manual_seed(args.seed))
     test = lc.spaced_windows(toks["test"], args.eval_windows, spec.seq_len)
     best = run(dense, calib, toks["train"], test, spec.seq_len, args, None)
-    mlp = best if best["shape"] == "mlp" else run(dense, calib, toks["train"], test, spec.seq_len, args, ["mlp"])
-    for what, r in (("chosen", best), ("mlp", mlp)):
+    other = args.compare
+    mlp = best if best["shape"] == other else run(dense, calib, toks["train"], test, spec.seq_len, args, [other])
+    for what, r in (("chosen", best), (other, mlp)):
         log.info("%s / %s: %s %s params %d: %+.1f%% -> %+.1f%% after KD (%.0f s)", name, domain, what, r["shape"],
                  r["params"], 100 * r["before_kd"], 100 * r["after_kd"], r["seconds"])
-    return {"model": name, "domain": domain, "chosen": best, "mlp": mlp}
+    return {"model": name, "domain": domain, "chosen": best, "mlp": mlp, "compare": other}
 
 
 def _pct(v: float) -> str:
@@ -76,8 +78,9 @@ def _pct(v: float) -> str:
 
 
 def table(results: list[dict], args: argparse.Namespace) -> str:
+    o = results[0].get("compare", "mlp") if len({r.get("compare", "mlp") for r in results}) == 1 else "other"
     head = (f"| model | domain | chosen shape (widths) | params kept | chosen | chosen + KD {args.kd_steps} | "
-            f"MLP-only params | MLP-only | MLP-only + KD {args.kd_steps} |")
+            f"{o} params | {o} | {o} + KD {args.kd_steps} |")
     lines = [head, "|" + "---|" * 9]
     for r in results:
         b, m = r["chosen"], r["mlp"]
@@ -102,6 +105,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=64, help="calibration windows per cell")
     ap.add_argument("--eval-windows", type=int, default=160)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare", default="mlp", help="the shape shown beside the chosen one (default: MLP-only)")
     ap.add_argument("--out", default="")
     ap.add_argument("--merge", nargs="+", default=[], help="print one table of these --out files and stop")
     args = ap.parse_args()

@@ -199,3 +199,17 @@ def test_cli_target_and_kd(byte_folder, capsys):
     assert [c["name"] for c in rep["candidates"]] == ["mlp", "mlp+hidden"] and m["kd_steps_done"] == 4
     assert main([*args[:-2], "--mlp-ratio", "0.5", "--out", str(d / "cli2")]) != 0
     assert "--target-params 0.7 and --mlp-ratio 0.5" in capsys.readouterr().err
+
+
+def test_kd_trains_a_student_copied_from_a_frozen_model_and_leaves_the_teacher_as_it_was():
+    teacher = tiny(init=0.2)
+    teacher.requires_grad_(False)
+    student = copy.deepcopy(teacher)  # every parameter requires_grad=False, as a copy of a frozen model has
+    prune_to_params(student, ids(), 0.7)
+    w = {k: v.clone() for k, v in student.state_dict().items()}
+    tokens = torch.randint(0, V, (2000,), generator=torch.Generator().manual_seed(3))
+    lm_distill(student, teacher, tokens, LMKDConfig(kd_steps=3, kd_lr=1e-3, kd_batch=2), seq_len=T)
+    assert not torch.equal(w["lm_head.weight"], student.state_dict()["lm_head.weight"])
+    other = tiny(init=0.2)
+    lm_distill(copy.deepcopy(other), other, tokens, LMKDConfig(kd_steps=1, kd_batch=2), seq_len=T)
+    assert all(p.requires_grad for p in other.parameters())

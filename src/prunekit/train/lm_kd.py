@@ -178,10 +178,11 @@ def lm_distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, set
         raise ConfigError(f"kd_steps={steps}: nothing to distil; set --kd-steps (e.g. 100)")
     fingerprint = fingerprint or {**settings.to_dict(), "seq_len": seq_len, "seed": seed}
     fingerprint = json.loads(json.dumps(fingerprint, default=str))
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in student.parameters()], lr=settings.kd_lr, weight_decay=0.01)
+    teacher.eval()  # run under no_grad; its requires_grad flags are left as the caller set them
+    params = list(student.parameters())
+    for p in params:  # every weight of the student trains, also when it was copied from a frozen model
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=settings.kd_lr, weight_decay=0.01)
     d = Path(ckpt_dir) if ckpt_dir is not None else None
     state = read_state(d) if d is not None else None
     start = load_checkpoint(d, state, student, opt, fingerprint) if state is not None else 0

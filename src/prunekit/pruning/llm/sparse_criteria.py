@@ -46,13 +46,16 @@ def wanda_mask(w: torch.Tensor, sq_norm: torch.Tensor, sparsity: float,
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + lambda I)^-1`` with ``lambda = damp * mean(diag H)``; the damping grows
     tenfold (with a warning) until the factorisation succeeds."""
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     scale = float(torch.diag(h).mean()) or 1.0
     for attempt in range(6):
         lam = damp * 10**attempt * scale
-        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        damped = h.clone()  # H + lambda I, without an (in, in) identity: at most four (in, in) matrices at once
+        damped.diagonal().add_(lam)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             inv = torch.cholesky_inverse(chol)
+            del chol
             u, info = torch.linalg.cholesky_ex(inv, upper=True)
             if int(info) == 0:
                 if attempt:
@@ -81,6 +84,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float, nm: tuple
     dead = torch.diag(h) == 0  # inputs that were always zero: any weight there is free to prune
     h[dead, dead] = 1.0
     u = _inverse_cholesky(h, damp)
+    del h  # (in, in): not needed past the factor
     keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
     total, pruned = w.numel(), 0
     for i1 in range(0, cols, blocksize):

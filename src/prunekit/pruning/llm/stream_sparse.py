@@ -117,8 +117,9 @@ def _sparsify_layer(layer: nn.Module, here: dict[str, nn.Module], runs: list, re
     for group in groups:  # sequential: pruned groups feed the next ones of the same layer
         stats = _block_stats(result.method, layer, group, hidden, captured) if result.method in NEEDS_DATA else {}
         for n, m in group.items():
-            keep = _prune_layer(result.method, m, stats.get(n), result.target, result.nm, blocksize, damp)
+            keep = _prune_layer(result.method, m, stats.pop(n, None), result.target, result.nm, blocksize, damp)
             m.weight.mul_(keep.to(m.weight.dtype))  # dense storage with zeros: no mask buffer is written
+            # (stats.pop above: a Hessian, (in, in), is freed once its layer is pruned)
             zeros = int((m.weight == 0).sum())
             result.layers[n] = zeros / m.weight.numel()
             result._zeros += zeros

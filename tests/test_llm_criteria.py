@@ -121,7 +121,7 @@ def test_kv_merge_of_identical_groups_is_exact_and_reloads(tmp_path):
     x = torch.randint(0, 64, (24, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = m(input_ids=x[:3]).logits
-    rep = prune_width(m, x, kv_ratio=0.5)
+    rep = prune_width(m, x, kv_ratio=0.5, reconstruct_steps=0)
     assert m.config.num_key_value_heads == 2 and m.config.num_attention_heads == 8
     assert m.model.layers[0].self_attn.k_proj.weight.shape == (8, 32)
     assert m.model.layers[0].self_attn.q_proj.weight.shape == (32, 32)
@@ -149,7 +149,7 @@ def test_kv_merge_beats_plain_averaging():
         return float((ref.exp() * (ref - lp)).sum(-1).mean())
 
     merged = _qwen()
-    rep = prune_width(merged, x, kv_ratio=0.5)
+    rep = prune_width(merged, x, kv_ratio=0.5, reconstruct_steps=0)
     averaged = _qwen()  # the same clusters, plain mean of the key-value weights (the GQA paper's conversion)
     from prunekit.pruning.llm.kv_merge import _augmented, _set
 
@@ -192,7 +192,7 @@ def test_block_reconstruction_lowers_each_layers_error_and_the_kl():
         return float((ref.exp() * (ref - lp)).sum(-1).mean())
 
     plain, fitted = _qwen(), _qwen()
-    prune_width(plain, x, head_ratio=0.5, mlp_ratio=0.5, criterion="variance")
+    prune_width(plain, x, head_ratio=0.5, mlp_ratio=0.5, criterion="variance", reconstruct_steps=0)
     rep = prune_width(fitted, x, head_ratio=0.5, mlp_ratio=0.5, criterion="variance", reconstruct_steps=30)
     recs = [r for r in rep["layers"] if r["part"] == "reconstruct"]
     assert len(recs) == 2 and all(r["reconstruct_error_after"] < r["reconstruct_error_before"] for r in recs)
@@ -210,3 +210,11 @@ def test_reconstruction_is_refused_when_streaming(tmp_path):
     with pytest.raises(ConfigError, match="reconstruct_steps=5"):
         prune_width_streaming(tmp_path / "src", tmp_path / "out", torch.randint(0, 64, (4, 16)), mlp_ratio=0.5,
                               reconstruct_steps=5)
+
+
+def test_reconstruction_auto_is_on_for_attention_only():
+    from prunekit.pruning.llm.width import AUTO_RECONSTRUCT, WidthSettings
+
+    assert WidthSettings(mlp_ratio=0.5).reconstruct() == 0
+    assert WidthSettings(head_ratio=0.5).reconstruct() == AUTO_RECONSTRUCT
+    assert WidthSettings(kv_ratio=0.5, reconstruct_steps=7).reconstruct() == 7

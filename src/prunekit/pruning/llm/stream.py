@@ -92,10 +92,12 @@ def prune_width_streaming(src: str | Path, out: str | Path, calib: torch.Tensor 
         The width report plus ``max_resident_layers`` and ``layers_read`` (the layers' read order).
     """
     settings = WidthSettings.build({**(settings.to_dict() if settings else {}), **overrides}, "prune_width_streaming")
-    if settings.reconstruct_steps:
-        raise ConfigError(f"reconstruct_steps={settings.reconstruct_steps}: block reconstruction needs the dense "
-                          "model's layer outputs beside the pruned layers, which streaming does not hold; use "
-                          "prune_width (in memory) or reconstruct_steps=0")
+    if settings.reconstruct_steps not in (0, "auto"):
+        raise ConfigError(f"reconstruct_steps={settings.reconstruct_steps}: block reconstruction is not done when "
+                          "streaming; use prune_width (in memory) or reconstruct_steps=0")
+    if settings.reconstruct():
+        log.warning("streaming: no block reconstruction after pruning attention (reconstruct_steps=auto would "
+                    "run %d steps per layer in memory); expect a larger perplexity increase", settings.reconstruct())
     if settings.hidden_ratio > 0 or settings.add_bias:
         raise ConfigError("prune_width_streaming: hidden_ratio and add_bias change every layer at once; use "
                           "prune_width on the loaded model for them (hidden_ratio=0, add_bias=False here)")

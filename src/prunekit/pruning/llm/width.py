@@ -62,6 +62,10 @@ from .width_plan import _check_settings, _kept_groups, _kept_kv, kept_count  # n
 
 log = logging.getLogger(__name__)
 
+# reconstruction steps of reconstruct_steps="auto" when attention is pruned: without them half the key-value heads
+# cost +80% to +150% perplexity on the grid's models (benchmarks/llm_grid.py), with them +2% to +25%
+AUTO_RECONSTRUCT = 200
+
 
 class WidthSettings(Config):
     """Settings of LLM width pruning (YAML keys = field names; CLI flags ``--mlp-ratio`` ...). ``*_ratio`` is the
@@ -86,17 +90,26 @@ class WidthSettings(Config):
     add_bias: bool = Field(False, description="switch on mlp_bias / attention_bias in a Llama config so that "
                            "compensation fits an intercept (needed by compensate=mean); off: no new bias, the folder "
                            "keeps the architecture runtimes expect")
-    reconstruct_steps: int = Field(0, ge=0, description="Adam steps fitting each pruned decoder layer to the dense "
-                                   "model's output of that layer on the calibration text (0: off; "
-                                   "prunekit.pruning.llm.reconstruct)")
+    reconstruct_steps: int | Literal["auto"] = Field(
+        "auto", description="Adam steps fitting each pruned decoder layer to the dense model's output of that layer "
+        f"on the calibration text (0: off; auto: {AUTO_RECONSTRUCT} when attention heads are pruned or merged, "
+        "else 0; prunekit.pruning.llm.reconstruct)")
     reconstruct_lr: float = Field(0.07, gt=0, description="learning rate of the reconstruction steps, relative to "
                                   "each weight matrix's RMS")
     round_to: int = Field(1, ge=1, description="keep a multiple of this many MLP channels")
     sequential: bool = Field(True, description="measure each layer on the model already pruned before it")
     seed: int = Field(0, description="seed of the random criterion (and of prune-llm's calibration sampling)")
 
+    def reconstruct(self) -> int:
+        """The reconstruction steps ``reconstruct_steps`` stands for (``auto`` resolved)."""
+        if self.reconstruct_steps == "auto":
+            return AUTO_RECONSTRUCT if self.head_ratio > 0 or self.kv_ratio > 0 else 0
+        return self.reconstruct_steps
+
     @model_validator(mode="after")
     def _something(self) -> WidthSettings:
+        if self.reconstruct_steps != "auto" and self.reconstruct_steps < 0:
+            raise ValueError(f"reconstruct_steps must be >= 0 or 'auto'; got {self.reconstruct_steps}")
         if self.ridge != "auto" and self.ridge < 0:
             raise ValueError(f"ridge must be >= 0 or 'auto'; got {self.ridge}")
         return self
@@ -215,7 +228,7 @@ class _Pruner:
         dense_h: list[torch.Tensor] | None = None  # the dense model's hidden states (reconstruction only)
         for b in blocks:
             t0 = time.perf_counter()
-            if self.cfg.reconstruct_steps > 0:
+            if self.cfg.reconstruct() > 0:
                 from .reconstruct import dense_targets, layer_inputs
 
                 runs = layer_inputs(self.lm, layers[b.index], self.batches)
@@ -253,7 +266,7 @@ class _Pruner:
     def reconstruct(self, layer: nn.Module, runs: list, targets: list[torch.Tensor], b: Block) -> None:
         from .reconstruct import fit_layer
 
-        rec = fit_layer(layer, runs, targets, self.cfg.reconstruct_steps, self.cfg.reconstruct_lr, b.prefix)
+        rec = fit_layer(layer, runs, targets, self.cfg.reconstruct(), self.cfg.reconstruct_lr, b.prefix)
         self.records.append({"layer": b.index, "part": "reconstruct", **rec})
 
     def merge_kv(self, b: Block, st: dict, keep_kv: int) -> None:

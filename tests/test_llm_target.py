@@ -213,3 +213,10 @@ def test_kd_trains_a_student_copied_from_a_frozen_model_and_leaves_the_teacher_a
     other = tiny(init=0.2)
     lm_distill(copy.deepcopy(other), other, tokens, LMKDConfig(kd_steps=1, kd_batch=2), seq_len=T)
     assert all(p.requires_grad for p in other.parameters())
+
+
+def test_candidates_list_the_widths_they_change():
+    rep = prune_to_params(tiny("qwen2"), ids(), 0.7, shapes=["mlp+kv", "depth+mlp"], tolerance=0.02)
+    by = {c["name"]: c["widths"] for c in rep["candidates"]}
+    assert by["mlp+kv"]["num_key_value_heads"] == [4, 2] and by["mlp+kv"]["intermediate_size"][0] == 64
+    assert by["depth+mlp"]["num_hidden_layers"] == [4, 3] and "num_key_value_heads" not in by["depth+mlp"]

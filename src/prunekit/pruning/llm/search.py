@@ -275,23 +275,26 @@ def _candidate(model: nn.Module, name: str, shape: Shape, n: int, fit: list[torc
                width: WidthSettings, depth: DepthConfig) -> dict[str, Any]:
     """Prune a deepcopy of ``model`` to ``shape``, score it on ``held``, let the copy go."""
     trial = copy.deepcopy(unwrap(model))
-    rep = apply_shape(trial, shape, fit, width, depth)
+    apply_shape(trial, shape, fit, width, depth)
     loss = calib_loss(trial, held)
     real = sum(p.numel() for p in trial.parameters())
     if real != n:
         raise PruningError(f"target_params: candidate {name!r} has {real} parameters, the count from its config "
                            f"said {n}; this model's layout is not what the size search assumes")
+    widths = _widths(unwrap(model).config, trial.config)
     del trial
-    log.info("candidate %-10s params %d  calibration loss %.4f", name, n, loss)
+    log.info("candidate %-10s params %d  calibration loss %.4f  %s", name, n, loss, widths)
     return {"name": name, "shape": dataclasses.asdict(shape), "params": n, "calib_loss": loss,
-            "widths": _widths(rep)}
+            "widths": widths}
 
 
-def _widths(rep: dict[str, Any]) -> dict[str, Any]:
-    w, d = rep.get("width", {}), rep.get("depth", {})
-    kv = w.get("kv_groups")
-    return {k: v for k, v in (("layers", d.get("layers")), ("intermediate_size", w.get("intermediate_size")),
-                              ("kv_heads", kv if kv and kv[1] else None), ("hidden_size", w.get("hidden_size"))) if v}
+WIDTH_FIELDS = ("num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                "hidden_size")
+
+
+def _widths(before: Any, after: Any) -> dict[str, list[int]]:
+    """The config widths a candidate changed, ``key -> [before, after]``."""
+    return {k: [getattr(before, k), getattr(after, k)] for k in WIDTH_FIELDS if getattr(before, k) != getattr(after, k)}
 
 
 @transactional("prune_to_params()")

@@ -43,13 +43,11 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from prunekit.config import Config
 from prunekit.errors import ConfigError, PruningError
 from prunekit.pruning.transaction import transactional
 
@@ -58,62 +56,17 @@ from .compensate import compensate
 from .criteria import Unit, get_criterion, needs_stats
 from .layout import WIDTH_KEYS, check_expressible, config_changes, config_snapshot
 from .stats import calibration_batches, collect_inputs
-from .width_plan import _check_settings, _kept_groups, _kept_kv, kept_count  # noqa: F401
+from .width_plan import (  # noqa: F401
+    AUTO_CRITERION,
+    AUTO_RECONSTRUCT,
+    WidthSettings,
+    _check_settings,
+    _kept_groups,
+    _kept_kv,
+    kept_count,
+)
 
 log = logging.getLogger(__name__)
-
-# reconstruction steps of reconstruct_steps="auto" when attention is pruned: without them half the key-value heads
-# cost +80% to +150% perplexity on the grid's models (benchmarks/llm_grid.py), with them +2% to +25%
-AUTO_RECONSTRUCT = 200
-
-
-class WidthSettings(Config):
-    """Settings of LLM width pruning (YAML keys = field names; CLI flags ``--mlp-ratio`` ...). ``*_ratio`` is the
-    fraction of units removed, as ``ratio`` is everywhere in prunekit (``mlp_sparsity`` ... are the old names)."""
-
-    renamed = {"mlp_sparsity": "mlp_ratio", "head_sparsity": "head_ratio", "hidden_sparsity": "hidden_ratio"}
-
-    mlp_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of MLP channels removed in every layer")
-    head_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of GQA groups (a key-value head with its "
-                                 "query heads) removed in every layer")
-    criterion: Literal["variance", "fluctuation", "obs", "magnitude", "wanda", "random"] = Field(
-        "variance", description="unit score: variance (VBP), fluctuation (variance x consumer weight norm, FLAP), "
-        "obs (least-squares-aware greedy removal), magnitude, wanda (structured), random")
-    compensate: Literal["none", "mean", "lstsq"] = Field("lstsq", description="compensation of down_proj/o_proj")
-    ridge: float | Literal["auto"] = Field("auto", description="lstsq ridge relative to mean(diag S_KK), or auto "
-                                           "(2-fold cross-validation on the calibration batches)")
-    kv_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of key-value heads merged away, every query "
-                            "head kept (GQA merge by weighted least squares; prunekit.pruning.llm.kv_merge)")
-    hidden_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of hidden (residual-stream) channels "
-                                   "removed across every RMSNorm, the embeddings and the LM head, after the MLP / head "
-                                   "pruning (llama, mistral, qwen2; see prunekit.pruning.llm.hidden)")
-    add_bias: bool = Field(False, description="switch on mlp_bias / attention_bias in a Llama config so that "
-                           "compensation fits an intercept (needed by compensate=mean); off: no new bias, the folder "
-                           "keeps the architecture runtimes expect")
-    reconstruct_steps: int | Literal["auto"] = Field(
-        "auto", description="Adam steps fitting each pruned decoder layer to the dense model's output of that layer "
-        f"on the calibration text (0: off; auto: {AUTO_RECONSTRUCT} when attention heads are pruned or merged, "
-        "else 0; prunekit.pruning.llm.reconstruct)")
-    reconstruct_lr: float = Field(0.07, gt=0, description="learning rate of the reconstruction steps, relative to "
-                                  "each weight matrix's RMS")
-    round_to: int = Field(1, ge=1, description="keep a multiple of this many MLP channels")
-    sequential: bool = Field(True, description="measure each layer on the model already pruned before it")
-    seed: int = Field(0, description="seed of the random criterion (and of prune-llm's calibration sampling)")
-
-    def reconstruct(self) -> int:
-        """The reconstruction steps ``reconstruct_steps`` stands for (``auto`` resolved)."""
-        if self.reconstruct_steps == "auto":
-            return AUTO_RECONSTRUCT if self.head_ratio > 0 or self.kv_ratio > 0 else 0
-        return self.reconstruct_steps
-
-    @model_validator(mode="after")
-    def _something(self) -> WidthSettings:
-        if self.reconstruct_steps != "auto" and self.reconstruct_steps < 0:
-            raise ValueError(f"reconstruct_steps must be >= 0 or 'auto'; got {self.reconstruct_steps}")
-        if self.ridge != "auto" and self.ridge < 0:
-            raise ValueError(f"ridge must be >= 0 or 'auto'; got {self.ridge}")
-        return self
-
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside prunekit's ``HFModel`` wrapper (or the model itself)."""
@@ -156,7 +109,7 @@ def _keep(scores: torch.Tensor, k: int) -> torch.Tensor:
 class _Pruner:
     def __init__(self, lm: nn.Module, fam: Family, cfg: WidthSettings, batches: list[torch.Tensor]):
         self.lm, self.fam, self.cfg, self.batches = lm, fam, cfg, batches
-        self.crit = get_criterion(cfg.criterion)
+        self.crit = {part: get_criterion(cfg.criterion_for(part)) for part in ("mlp", "heads")}
         self.records: list[dict[str, Any]] = []
         blocks = fam.blocks(lm)
         self.mlp_bias = cfg.mlp_ratio > 0 and self._bias_mode(fam.mlp_bias, [b.consumer for b in blocks], "down_proj")
@@ -197,7 +150,8 @@ class _Pruner:
         return collect_inputs(self.lm, self.batches, names, covariance=cov, stop_after=stop) if names else {}
 
     def _needed(self, producer: str, consumer: str) -> tuple[list[str], list[str]]:
-        need_x, need_h, need_cov = needs_stats(self.cfg.criterion)
+        part = "heads" if any(b.attn and b.attn["o"] == consumer for b in self.fam.blocks(self.lm)) else "mlp"
+        need_x, need_h, need_cov = needs_stats(self.cfg.criterion_for(part))
         comp = self.cfg.compensate != "none"
         names = ([producer] if need_x else []) + ([consumer] if need_h or comp else [])
         return names, [consumer] if self.cfg.compensate == "lstsq" or need_cov else []
@@ -284,7 +238,7 @@ class _Pruner:
 
     def _prune_mlp(self, b: Block, st: dict, keep_n: int) -> None:
         mods = _modules(self.lm)
-        scores = self.crit(_mlp_unit(mods, b, st, self.cfg.seed + b.index, self.mlp_bias, keep_n))
+        scores = self.crit["mlp"](_mlp_unit(mods, b, st, self.cfg.seed + b.index, self.mlp_bias, keep_n))
         keep = _keep(scores, keep_n)
         rec = compensate(mods[b.consumer], st.get(b.consumer), keep, self.cfg.compensate, bias=self.mlp_bias,
                          ridge=self.cfg.ridge, name=b.consumer)
@@ -299,7 +253,7 @@ class _Pruner:
     def _prune_heads(self, b: Block, st: dict, keep_g: int, nq: int, nkv: int, hd: int) -> None:
         mods = _modules(self.lm)
         unit = _head_unit(mods, b, st, self.lm.config, self.cfg.seed + 1000 + b.index, self.attn_bias, keep_g)
-        groups = _keep(self.crit(unit), keep_g)
+        groups = _keep(self.crit["heads"](unit), keep_g)
         q_keep = unit.members[0][groups].flatten()
         kv_keep = unit.members[1][groups].flatten()
         rec = compensate(mods[b.attn["o"]], st.get(b.attn["o"]), q_keep, self.cfg.compensate, bias=self.attn_bias,

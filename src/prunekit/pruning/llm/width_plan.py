@@ -1,19 +1,81 @@
-"""How many units a width setting keeps, and the settings a model's config cannot carry out (refused up front)."""
+"""Settings of LLM width pruning, how many units they keep, and what a model's config cannot carry out (refused up
+front)."""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
+from pydantic import Field, model_validator
+
+from prunekit.config import Config
 from prunekit.errors import ConfigError
 
 from .arch import head_layout
 from .criteria import list_criteria
 
-if TYPE_CHECKING:
-    from .width import WidthSettings
-
 log = logging.getLogger("prunekit.pruning.llm.width")
+
+# reconstruction steps of reconstruct_steps="auto" when attention is pruned: without them half the key-value heads
+# cost +80% to +150% perplexity on the grid's models (benchmarks/llm_grid.py), with them +2% to +25%
+AUTO_RECONSTRUCT = 200
+# criterion="auto": the best mean over the grid's 9 cells (3 models x 3 domains) with lstsq compensation
+AUTO_CRITERION = {"mlp": "obs", "heads": "variance"}
+
+
+class WidthSettings(Config):
+    """Settings of LLM width pruning (YAML keys = field names; CLI flags ``--mlp-ratio`` ...). ``*_ratio`` is the
+    fraction of units removed, as ``ratio`` is everywhere in prunekit (``mlp_sparsity`` ... are the old names)."""
+
+    renamed = {"mlp_sparsity": "mlp_ratio", "head_sparsity": "head_ratio", "hidden_sparsity": "hidden_ratio"}
+
+    mlp_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of MLP channels removed in every layer")
+    head_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of GQA groups (a key-value head with its "
+                                 "query heads) removed in every layer")
+    criterion: Literal["auto", "variance", "fluctuation", "obs", "magnitude", "wanda", "random"] = Field(
+        "auto", description="unit score: auto (obs for MLP channels, variance for GQA groups: the best mean over "
+        "benchmarks/llm_grid.py's models and domains), variance (VBP), fluctuation (variance x consumer weight norm, "
+        "FLAP), obs (least-squares-aware greedy removal), magnitude, wanda (structured), random")
+    compensate: Literal["none", "mean", "lstsq"] = Field("lstsq", description="compensation of down_proj/o_proj")
+    ridge: float | Literal["auto"] = Field("auto", description="lstsq ridge relative to mean(diag S_KK), or auto "
+                                           "(2-fold cross-validation on the calibration batches)")
+    kv_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of key-value heads merged away, every query "
+                            "head kept (GQA merge by weighted least squares; prunekit.pruning.llm.kv_merge)")
+    hidden_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of hidden (residual-stream) channels "
+                                   "removed across every RMSNorm, the embeddings and the LM head, after the MLP / head "
+                                   "pruning (llama, mistral, qwen2; see prunekit.pruning.llm.hidden)")
+    add_bias: bool = Field(False, description="switch on mlp_bias / attention_bias in a Llama config so that "
+                           "compensation fits an intercept (needed by compensate=mean); off: no new bias, the folder "
+                           "keeps the architecture runtimes expect")
+    reconstruct_steps: int | Literal["auto"] = Field(
+        "auto", description="Adam steps fitting each pruned decoder layer to the dense model's output of that layer "
+        f"on the calibration text (0: off; auto: {AUTO_RECONSTRUCT} when attention heads are pruned or merged, "
+        "else 0; prunekit.pruning.llm.reconstruct)")
+    reconstruct_lr: float = Field(0.07, gt=0, description="learning rate of the reconstruction steps, relative to "
+                                  "each weight matrix's RMS")
+    round_to: int = Field(1, ge=1, description="keep a multiple of this many MLP channels")
+    sequential: bool = Field(True, description="measure each layer on the model already pruned before it")
+    seed: int = Field(0, description="seed of the random criterion (and of prune-llm's calibration sampling)")
+
+    def criterion_for(self, part: str) -> str:
+        """The criterion of ``part`` (``"mlp"`` or ``"heads"``), ``auto`` resolved."""
+        if self.criterion != "auto":
+            return self.criterion
+        return AUTO_CRITERION[part]
+
+    def reconstruct(self) -> int:
+        """The reconstruction steps ``reconstruct_steps`` stands for (``auto`` resolved)."""
+        if self.reconstruct_steps == "auto":
+            return AUTO_RECONSTRUCT if self.head_ratio > 0 or self.kv_ratio > 0 else 0
+        return self.reconstruct_steps
+
+    @model_validator(mode="after")
+    def _something(self) -> WidthSettings:
+        if self.reconstruct_steps != "auto" and self.reconstruct_steps < 0:
+            raise ValueError(f"reconstruct_steps must be >= 0 or 'auto'; got {self.reconstruct_steps}")
+        if self.ridge != "auto" and self.ridge < 0:
+            raise ValueError(f"ridge must be >= 0 or 'auto'; got {self.ridge}")
+        return self
 
 
 def kept_count(total: int, sparsity: float, round_to: int = 1) -> int:
@@ -43,8 +105,8 @@ def _check_settings(settings: WidthSettings, fam: Any, config: Any) -> None:
     if settings.hidden_ratio > 0 and kept_count(config.hidden_size, settings.hidden_ratio) >= config.hidden_size:
         raise ConfigError(f"hidden_ratio={settings.hidden_ratio} keeps all {config.hidden_size} hidden "
                           f"channels; the smallest step is {1 / config.hidden_size:.4f}")
-    if settings.criterion not in list_criteria():
-        raise ConfigError(f"criterion {settings.criterion!r}: valid: {', '.join(list_criteria())}")
+    if settings.criterion != "auto" and settings.criterion not in list_criteria():
+        raise ConfigError(f"criterion {settings.criterion!r}: valid: auto, {', '.join(list_criteria())}")
 
 
 def _kept_groups(settings: WidthSettings, fam: Any, config: Any) -> tuple[int, int, int]:

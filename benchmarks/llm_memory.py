@@ -1,16 +1,31 @@
-"""Peak memory of LLM width pruning one decoder layer at a time (``prunekit.pruning.llm.stream``).
+"""Peak memory of LLM pruning one decoder layer at a time: width, SparseGPT, depth (``prunekit.pruning.llm.stream*``).
 
 A Llama-3.2-1B-shaped model (hidden 2048, MLP 8192, 16 layers, 32 heads / 8 key-value heads, vocabulary 128256,
 tied embeddings) with random bf16 weights is written shard by shard from its config (never whole in memory), then
-width-pruned by ``prune_width_streaming`` in a child process whose peak RSS (``ru_maxrss``) is reported next to the
-model's bf16 bytes, one layer's bytes and the kept activations. A second child that only imports torch, transformers
-and prunekit gives the runtime's own floor. The same figure is computed on paper for a Llama-3.1-8B shape.
+pruned in a child process per run (``--runs``): width by ``prune_width_streaming``, ``sparsegpt`` (50%, or ``--nm``)
+by ``sparsify_streaming``, ``depth`` (``--drop-layers``, angular) by ``prune_depth_streaming``, each child's peak RSS
+(VmHWM) reported next to the model's bf16 bytes, one layer's bytes and the kept activations. A child that only
+imports torch, transformers and prunekit gives the runtime's own floor. The width figure is also computed on paper
+for a Llama-3.1-8B shape.
 
     python benchmarks/llm_memory.py                          # MLP 50%, wanda, no compensation, 2 x 64 tokens
     python benchmarks/llm_memory.py --compensate lstsq --ridge 0.01 --mlp-ratio 0.5
     python benchmarks/llm_memory.py --full                   # also the in-memory path (loads the whole model)
+    python benchmarks/llm_memory.py --runs sparsegpt,depth   # only those streaming runs
 
 Everything runs on CPU threads=1 (``--threads``); the folder is cached in ``--dir``.
+
+Measured on a shared 2-core machine (load ~7), bf16, 2 x 64 calibration tokens, peak RSS (GiB, x the model's bf16):
+
+    python benchmarks/llm_memory.py --runs width,depth            # Llama-3.2-1B shape, 16 layers (2.30 GiB)
+      width (MLP 50%, wanda)  1.76 GiB (0.76 x)   36 s
+      depth (4 layers, angular) 0.92 GiB (0.40 x)  12 s       runtime floor 0.60 GiB
+    python benchmarks/llm_memory.py --runs sparsegpt --layers 4   # the same layers, 4 of them (16 take ~30 min here)
+      sparsegpt 50%           2.19 GiB (0.95 x the 16-layer model) 427 s
+
+SparseGPT's peak is one layer's workspace, not the model's: down_proj's Hessian (8192 x 8192 float32, 0.25 GiB) in
+about four copies while its inverse Cholesky factor is formed, plus the layer's other Hessians; on an 8B shape
+(14336-wide MLP) that is ~3.1 GiB of a 15 GiB model.
 """
 
 from __future__ import annotations
@@ -24,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 
+RUNS = ("width", "sparsegpt", "depth")
 SHAPES = {  # name: (hidden, intermediate, layers, heads, kv heads, vocab, tied)
     "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256, True),
     "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256, False),
@@ -87,19 +103,29 @@ def child(args: argparse.Namespace) -> None:
     if args.child != "idle":
         from prunekit.pruning.llm import prune_width
         from prunekit.pruning.llm.stream import prune_width_streaming
+        from prunekit.pruning.llm.stream_depth import prune_depth_streaming
+        from prunekit.pruning.llm.stream_sparse import sparsify_streaming
 
         ids = torch.randint(0, 128256, (args.calib, args.seq_len), generator=torch.Generator().manual_seed(1))
         opts = {"mlp_ratio": args.mlp_ratio, "criterion": args.criterion, "compensate": args.compensate,
                 "ridge": args.ridge}
         t0 = time.perf_counter()
-        if args.child == "stream":
-            rep = prune_width_streaming(args.dir, args.out, ids, dtype=torch.bfloat16, **opts)
-            out["max_resident_layers"] = rep["max_resident_layers"]
-        else:
+        out_dir, bf16 = f"{args.out}-{args.child}", {"dtype": torch.bfloat16}
+        if args.child == "full":
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=torch.bfloat16).eval()
             prune_width(model, ids, **opts)
+        else:
+            if args.child == "width":
+                rep = prune_width_streaming(args.dir, out_dir, ids, **bf16, **opts)
+            elif args.child == "sparsegpt":
+                nm = tuple(map(int, args.nm.split(":"))) if args.nm else None
+                rep = sparsify_streaming(args.dir, out_dir, ids, "sparsegpt", sparsity=None if nm else 0.5, nm=nm,
+                                         **bf16)
+            else:
+                rep = prune_depth_streaming(args.dir, out_dir, ids, drop_layers=args.drop_layers, **bf16)
+            out["max_resident_layers"] = rep["max_resident_layers"]
         out["seconds"] = round(time.perf_counter() - t0, 1)
     import transformers  # noqa: F401
 
@@ -122,6 +148,7 @@ def peak_rss() -> int:
 
 def run_child(kind: str, args: argparse.Namespace) -> dict:
     argv = [sys.executable, __file__, "--child", kind, "--dir", str(args.dir), "--out", str(args.out),
+            "--nm", args.nm, "--drop-layers", str(args.drop_layers),
             "--threads", str(args.threads), "--calib", str(args.calib), "--seq-len", str(args.seq_len),
             "--mlp-ratio", str(args.mlp_ratio), "--criterion", args.criterion, "--compensate", args.compensate,
             "--ridge", str(args.ridge)]
@@ -145,7 +172,7 @@ def on_paper(shape: str, tokens: int, compensate: str, floor: float) -> dict[str
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dir", type=Path, default=Path("/tmp/prunekit_llm_memory/llama-3.2-1b"))
+    p.add_argument("--dir", type=Path, default=None, help="model folder (default /tmp/prunekit_llm_memory/SHAPE)")
     p.add_argument("--out", type=Path, default=Path("/tmp/prunekit_llm_memory/pruned"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--calib", type=int, default=2)
@@ -154,42 +181,67 @@ def main() -> None:
     p.add_argument("--criterion", default="wanda")
     p.add_argument("--compensate", default="none")
     p.add_argument("--ridge", default="auto")
-    p.add_argument("--full", action="store_true", help="also measure the in-memory path (whole model loaded)")
-    p.add_argument("--child", choices=["idle", "stream", "full"], help=argparse.SUPPRESS)
+    p.add_argument("--full", action="store_true", help="also measure the in-memory width path (whole model loaded)")
+    p.add_argument("--runs", default="width,sparsegpt,depth", help="streaming runs measured: width, sparsegpt, depth")
+    p.add_argument("--nm", default="", help="sparsegpt: an N:M pattern (e.g. 2:4) instead of 50%% unstructured")
+    p.add_argument("--drop-layers", type=int, default=4, help="depth: decoder layers removed")
+    p.add_argument("--layers", type=int, default=16, help="decoder layers of the Llama-3.2-1B shape (fewer: the same "
+                   "layers, a shorter run; the peak is one layer's, not the model's)")
+    p.add_argument("--child", choices=["idle", *RUNS, "full"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.ridge != "auto":
         args.ridge = float(args.ridge)
     if args.child:
         return child(args)
+    shape = "llama-3.2-1b" if args.layers == 16 else f"llama-3.2-1b-{args.layers}l"
+    h, i, _, q, kv, v, tied = SHAPES["llama-3.2-1b"]
+    SHAPES[shape] = (h, i, args.layers, q, kv, v, tied)
+    args.dir = args.dir or Path(f"/tmp/prunekit_llm_memory/{shape}")
     t0 = time.perf_counter()
-    make_folder(args.dir, "llama-3.2-1b")
+    make_folder(args.dir, shape)
     print(f"model folder ready in {time.perf_counter() - t0:.0f} s: {args.dir}")
+    runs = [r for r in args.runs.split(",") if r]
+    bad = [r for r in runs if r not in RUNS]
+    if bad:
+        raise SystemExit(f"--runs {bad[0]!r}: valid runs are {', '.join(RUNS)}")
     idle = run_child("idle", args)["peak_rss"]
-    stream = run_child("stream", args)
+    streams = {r: run_child(r, args) for r in runs}
     full = run_child("full", args) if args.full else None
-    tokens = args.calib * args.seq_len
-    gib = 2 ** 30
-    c = counts("llama-3.2-1b")
+    report(args, shape, idle, streams, full)
+
+
+def report(args: argparse.Namespace, shape: str, idle: int, streams: dict[str, dict], full: dict | None) -> None:
+    """The table: model and layer bytes, the runtime floor, each run's peak RSS; the bound; the on-paper figures."""
+    tokens, gib = args.calib * args.seq_len, 2 ** 30
+    c = counts(shape)
     model = c["total"] * 2
-    acts = 2 * tokens * SHAPES["llama-3.2-1b"][0] * 2
-    print(f"\nwidth pruning, MLP {args.mlp_ratio:.0%}, {args.criterion}, compensate {args.compensate}, "
-          f"{tokens} calibration tokens, {args.threads} thread(s)\n")
+    acts = 2 * tokens * SHAPES[shape][0] * 2
+    what = {"width": f"width: MLP {args.mlp_ratio:.0%}, {args.criterion}, compensate {args.compensate}",
+            "sparsegpt": f"sparsegpt {args.nm or '50%'}", "depth": f"depth: {args.drop_layers} layers dropped"}
+    print(f"\n{shape}, {tokens} calibration tokens, bf16, {args.threads} thread(s); "
+          f"{'; '.join(what[r] for r in streams)}\n")
     print("| | GiB | x model bf16 |\n|---|---|---|")
-    rows = [("model bytes, bf16 (1.24 B params)", model), ("one decoder layer, bf16", c["layer"] * 2),
-            ("runtime floor (python + torch + transformers + prunekit)", idle),
-            (f"streaming peak RSS ({stream['seconds']} s, {stream['max_resident_layers']} layer resident)",
-             stream["peak_rss"])]
+    rows = [(f"model bytes, bf16 ({c['total'] / 1e9:.2f} B params)", model),
+            ("one decoder layer, bf16", c["layer"] * 2),
+            ("runtime floor (python + torch + transformers + prunekit)", idle)]
+    rows += [(f"{r} streaming peak RSS ({s['seconds']} s, {s['max_resident_layers']} layer resident)", s["peak_rss"])
+             for r, s in streams.items()]
     if full:
         rows.append((f"in-memory peak RSS (from_pretrained + prune_width, {full['seconds']} s)", full["peak_rss"]))
     for name, b in rows:
         print(f"| {name} | {b / gib:.2f} | {b / model:.2f} |")
+    whole = counts("llama-3.2-1b")["total"] * 2
+    if shape != "llama-3.2-1b":  # the peak is one layer's: compare it with the whole 16-layer model too
+        print("\n" + "; ".join(f"{r}: {s['peak_rss'] / whole:.2f} x the 16-layer Llama-3.2-1B's bf16 bytes "
+                                f"({whole / gib:.2f} GiB)" for r, s in streams.items()))
     bound = 1.3 * model + acts
-    print(f"\nbound 1.3 x model bf16 + activations = {bound / gib:.2f} GiB: "
-          f"{'met' if stream['peak_rss'] <= bound else 'NOT met'}")
-    for shape in SHAPES:
-        e = on_paper(shape, tokens, args.compensate, idle)
-        print(f"on paper, {shape}: model {e['model_bf16'] / gib:.2f} GiB bf16, streaming peak ~{e['peak'] / gib:.2f} "
-              f"GiB ({e['peak'] / e['model_bf16']:.2f} x), one layer {e['layer'] / gib:.2f} GiB")
+    for r, s in streams.items():
+        print(f"{r}: bound 1.3 x model bf16 + activations = {bound / gib:.2f} GiB: "
+              f"{'met' if s['peak_rss'] <= bound else 'NOT met'}")
+    for name in ("llama-3.2-1b", "llama-3.1-8b"):
+        e = on_paper(name, tokens, args.compensate, idle)
+        print(f"on paper (width), {name}: model {e['model_bf16'] / gib:.2f} GiB bf16, streaming peak "
+              f"~{e['peak'] / gib:.2f} GiB ({e['peak'] / e['model_bf16']:.2f} x), one layer {e['layer'] / gib:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -219,8 +219,9 @@ def _block_stats(method: str, block: nn.Module, layers: dict[str, nn.Module], hi
 def _input_groups(block: nn.Module, layers: dict[str, nn.Module], hidden: torch.Tensor,
                   call: tuple[tuple, dict]) -> list[dict[str, nn.Module]]:
     """``layers`` in execution order, grouped by shared input (q/k/v; o; gate/up; down for a Llama block)."""
-    seen: list[tuple[str, int]] = []
-    handles = [m.register_forward_hook(lambda mod, a, o, n=n: seen.append((n, id(a[0])))) for n, m in layers.items()]
+    # the inputs themselves are kept (one batch): an id() of a freed tensor can be reused by the next group's input
+    seen: list[tuple[str, torch.Tensor]] = []
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: seen.append((n, a[0]))) for n, m in layers.items()]
     try:
         _run_block(block, hidden, *call)
     finally:
@@ -231,7 +232,7 @@ def _input_groups(block: nn.Module, layers: dict[str, nn.Module], hidden: torch.
     for n, key in seen:
         if any(n in g for g in groups):
             continue
-        if key != last or not groups:
+        if key is not last or not groups:
             groups.append({})
         groups[-1][n] = layers[n]
         last = key

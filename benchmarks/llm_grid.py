@@ -46,15 +46,17 @@ ROWS: dict[str, dict] = {
     "mlp50 variance+lstsq": dict(mlp_ratio=0.5, criterion="variance", compensate="lstsq"),
     "mlp50 fluctuation+lstsq": dict(mlp_ratio=0.5, criterion="fluctuation", compensate="lstsq"),
     "mlp50 obs+lstsq": dict(mlp_ratio=0.5, criterion="obs", compensate="lstsq"),
-    "kv50 magnitude": dict(head_ratio=0.5, criterion="magnitude", compensate="none"),
-    "kv50 wanda+lstsq": dict(head_ratio=0.5, criterion="wanda", compensate="lstsq"),
-    "kv50 variance+lstsq": dict(head_ratio=0.5, criterion="variance", compensate="lstsq"),
-    "kv50 fluctuation+lstsq": dict(head_ratio=0.5, criterion="fluctuation", compensate="lstsq"),
-    "kv50 obs+lstsq": dict(head_ratio=0.5, criterion="obs", compensate="lstsq"),
-    "kv50 merge": dict(kv_ratio=0.5),
+    # reconstruct_steps=0: without block reconstruction (prune_width's auto turns it on when heads are pruned)
+    "kv50 magnitude": dict(head_ratio=0.5, criterion="magnitude", compensate="none", reconstruct_steps=0),
+    "kv50 wanda+lstsq": dict(head_ratio=0.5, criterion="wanda", compensate="lstsq", reconstruct_steps=0),
+    "kv50 variance+lstsq": dict(head_ratio=0.5, criterion="variance", compensate="lstsq", reconstruct_steps=0),
+    "kv50 fluctuation+lstsq": dict(head_ratio=0.5, criterion="fluctuation", compensate="lstsq", reconstruct_steps=0),
+    "kv50 obs+lstsq": dict(head_ratio=0.5, criterion="obs", compensate="lstsq", reconstruct_steps=0),
+    "kv50 merge": dict(kv_ratio=0.5, reconstruct_steps=0),
     # block reconstruction (200 relative-Adam steps per layer on the calibration windows, no labels)
     "mlp50 obs+lstsq+rec": dict(mlp_ratio=0.5, criterion="obs", compensate="lstsq", reconstruct_steps=200),
     "kv50 variance+lstsq+rec": dict(head_ratio=0.5, criterion="variance", compensate="lstsq", reconstruct_steps=200),
+    "kv50 magnitude+rec": dict(head_ratio=0.5, criterion="magnitude", compensate="none", reconstruct_steps=200),
     "kv50 merge+rec": dict(kv_ratio=0.5, reconstruct_steps=200),
 }
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # pages other people write; the site links them, so a missing one gets a placeholder instead of a broken link
-LINKED = {"defaults.md": "Default settings", "quantize.md": "Quantization"}
+LINKED = {"defaults.md": "Default settings", "quantize.md": "Quantization",
+          "benchmarks/llm-grid.md": "Decoder LMs across models and domains",
+          "benchmarks/yolo.md": "YOLO pruned to half its MACs"}
 
 
 def _type(field) -> str:

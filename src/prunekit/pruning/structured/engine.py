@@ -83,7 +83,7 @@ class StructuredPruner:
 
     def run(self) -> PruneReport:
         for step in (self.prepare, self.calibrate, self.score, self.select, self.apply, self.recalibrate,
-                     self.reconstruct):
+                     self.refit, self.reconstruct):
             step()
         self.report.seconds = time.perf_counter() - self.t0
         log.info(self.report.summary())
@@ -227,7 +227,7 @@ class StructuredPruner:
         before = out_channels(self.graph)
         self.dense = copy.deepcopy(self.model) if report.latency and s.latency.verify_runs else None
         self.reference = None  # reconstruction's targets: the model before pruning (shared with the latency check)
-        if s.reconstruction.steps:
+        if s.reconstruction.steps or s.compensation.refit:
             self.reference = self.dense if self.dense is not None else copy.deepcopy(self.model)
         report.groups, report.compensation = apply_selection(self.graph, self.units, self.sel, self.compensator)
         report.layers = {n: [b, a] for n, a in out_channels(self.graph).items() if (b := before[n]) != a}
@@ -251,8 +251,21 @@ class StructuredPruner:
         self.report.bn_recalibration = recalibrate_after_pruning(self.model, self.s.calibration.recalibrate_bn,
                                                                  self.calib, self.s.calibration.batches, self.device)
 
+    def refit(self) -> None:
+        """Closed-form error-correcting refit of the pruned blocks' consumers (``compensation.refit``)."""
+        if not self.s.compensation.refit:
+            return
+        from prunekit.pruning.structured.reconstruct_closed import consumers_of, refit_consumers
+
+        layers = consumers_of(self.model, self.report.groups)
+        if not layers:
+            log.warning("refit=True: no pruned group's consumer is a Linear inside a block; nothing was refitted")
+            return
+        self.report.refit = refit_consumers(self.model, self.reference, self.calib, layers,
+                                            max_batches=self.s.calibration.batches, device=self.device)
+
     def reconstruct(self) -> None:
-        if self.reference is None:
+        if self.reference is None or not self.s.reconstruction.steps:
             return
         from prunekit.pruning.structured.reconstruct import blocks_of, reconstruct, token_noise
 

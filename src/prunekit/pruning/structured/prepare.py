@@ -65,6 +65,9 @@ def resolve_compensation(s: StructuredConfig, calib_data: Iterable | None) -> st
 
 def check_data(crit: Criterion, s: StructuredConfig, calib_data: Iterable | None) -> None:
     """Options that need calibration data, without any: one ``ConfigError`` naming the option."""
+    if s.compensation.refit and calib_data is None:
+        raise ConfigError("refit=True needs calibration data (calib_data=...): it fits the pruned blocks' outputs to "
+                          "the dense model's on them; pass calib_data or refit=False")
     if s.reconstruction.steps and calib_data is None:
         raise ConfigError(f"reconstruct_steps={s.reconstruction.steps} needs calibration data (calib_data=...): "
                           "reconstruction fits each block to the dense model's output on it; pass batches or "

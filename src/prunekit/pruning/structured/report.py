@@ -62,6 +62,7 @@ class PruneReport:
     latency: dict[str, Any] = field(default_factory=dict)
     bn_recalibration: dict[str, Any] = field(default_factory=dict)
     reconstruction: list[dict[str, Any]] = field(default_factory=list)
+    refit: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -105,6 +106,10 @@ class PruneReport:
                          f"{self.bn_recalibration['batches']} batches")
         elif "skipped" in self.bn_recalibration:
             lines.append(f"BatchNorm NOT recalibrated ({self.bn_recalibration['skipped']})")
+        if self.refit:
+            before, after = (sum(r[k] for r in self.refit) for k in ("error_before", "error_after"))
+            lines.append(f"refitted {len(self.refit)} consumer layers in closed form (calibration error "
+                         f"x{after / max(before, 1e-30):.2f})")
         if self.reconstruction:
             gained = [r for r in self.reconstruction if r["kept"] == "reconstructed"]
             ratios = [r["loss_after"] / r["loss_before"] for r in gained if r["loss_before"]]

@@ -14,6 +14,8 @@ each criterion with least-squares compensation (``lstsq``); half the key-value g
 
     OMP_NUM_THREADS=2 python benchmarks/llm_grid.py                 # all rows, seeds 0 1 (models cached)
     OMP_NUM_THREADS=2 python benchmarks/llm_grid.py --rows mlp50 --seeds 0
+    OMP_NUM_THREADS=1 python benchmarks/llm_grid.py --split val --skip "mlp50 obs+lstsq+rec" "kv50 magnitude+rec"
+        # the val split, where the defaults (criterion auto, reconstruction) were chosen
 """
 
 from __future__ import annotations
@@ -90,13 +92,14 @@ def run_row(model: torch.nn.Module, row: dict, calib: torch.Tensor) -> tuple[tor
     return m, {"params_after": rep["params_after"]}
 
 
-def cell(name: str, domain: str, rows: list[str], seed: int, n_calib: int, n_eval: int) -> dict[str, float]:
+def cell(name: str, domain: str, rows: list[str], seed: int, n_calib: int, n_eval: int,
+         split: str = "test") -> dict[str, float]:
     spec = corp.MODELS[name]
     model = corp.get_model(name)
     toks = corp.domain_tokens(domain, spec.tokenizer)
     gen = torch.Generator().manual_seed(seed)
     calib = lc.random_windows(toks["train"], n_calib, spec.seq_len, gen)
-    test = lc.spaced_windows(toks["test"], n_eval, spec.seq_len)
+    test = lc.spaced_windows(toks[split], n_eval, spec.seq_len)
     dense = lc.perplexity(model, test, seq_len=spec.seq_len)
     out = {"dense": dense}
     for r in rows:
@@ -139,6 +142,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--calib", type=int, default=64, help="calibration windows per cell")
     ap.add_argument("--eval-windows", type=int, default=160)
+    ap.add_argument("--split", default="test", choices=["val", "test"],
+                    help="the text scored: val (where defaults are chosen) or test (what is reported)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -151,7 +156,7 @@ def main() -> None:
         for domain in args.domains:
             for seed in args.seeds:
                 results.append({"model": name, "domain": domain, "seed": seed,
-                                **cell(name, domain, rows, seed, args.calib, args.eval_windows)})
+                                **cell(name, domain, rows, seed, args.calib, args.eval_windows, args.split)})
     print(table(results, rows))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

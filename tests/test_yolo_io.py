@@ -168,3 +168,10 @@ def test_finetune_with_teacher_distills(data_yaml, tmp_path) -> None:
     for k, v in teacher.state_dict().items():
         torch.testing.assert_close(v, teacher_state[k], atol=0, rtol=0)
     assert not list(tmp_path.rglob("*.pt"))
+    # the student exports as it is (no distillation hook left on it) and trains again (no stale loss object)
+    assert not any(type(h).__name__ == "FeatureHook" for m in yolo.model.modules() for h in m._forward_hooks.values())
+    to_yolo(yolo.model).export(format="onnx", imgsz=SIZE, file=tmp_path / "student.onnx")
+    assert (tmp_path / "student.onnx").is_file()
+    again, _ = finetune_yolo(yolo.model, data_yaml, epochs=1, imgsz=SIZE, batch=4, workers=0, plots=False,
+                             val=False, amp=False, warmup_epochs=0, seed=0, project=str(tmp_path / "again"))
+    assert _widths(again) == widths

@@ -103,6 +103,12 @@ class PrunedTrainer:
         """The trained module (the best EMA weights, as Ultralytics' ``best.pt`` holds), in train-ready state."""
         model = self.ema.ema
         model = getattr(model, "student_model", model)  # distillation: the teacher and projector are dropped
+        for m in model.modules():  # the distillation's feature hooks would follow the module into export / copies
+            for key, hook in list(m._forward_hooks.items()):
+                if type(hook).__name__ == "FeatureHook":
+                    del m._forward_hooks[key]
+        if hasattr(model, "criterion"):
+            model.criterion = None  # a loss built during validation holds inference tensors: rebuilt when needed
         for name, p in model.named_parameters():
             p.requires_grad_(".dfl" not in name)  # the DFL conv has fixed weights
         return model

@@ -107,6 +107,19 @@ def _qwen(nq: int = 8, nkv: int = 4):
     return transformers.AutoModelForCausalLM.from_config(c).eval()
 
 
+def _kl_to(dense, x: torch.Tensor):
+    """``kl(model)``: mean KL(dense || model) of the next-token distributions on ``x``."""
+    with torch.no_grad():
+        ref = torch.log_softmax(dense(input_ids=x).logits, -1)
+
+    def kl(model) -> float:
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=x).logits, -1)
+        return float((ref.exp() * (ref - lp)).sum(-1).mean())
+
+    return kl
+
+
 def test_kv_merge_of_identical_groups_is_exact_and_reloads(tmp_path):
     from prunekit.pruning.llm import prune_width, save_pruned
 
@@ -139,14 +152,7 @@ def test_kv_merge_beats_plain_averaging():
     from prunekit.pruning.llm import prune_width
 
     x = torch.randint(0, 64, (48, 16), generator=torch.Generator().manual_seed(1))
-    dense = _qwen()
-    with torch.no_grad():
-        ref = torch.log_softmax(dense(input_ids=x).logits, -1)
-
-    def kl(model) -> float:
-        with torch.no_grad():
-            lp = torch.log_softmax(model(input_ids=x).logits, -1)
-        return float((ref.exp() * (ref - lp)).sum(-1).mean())
+    kl = _kl_to(_qwen(), x)
 
     merged = _qwen()
     rep = prune_width(merged, x, kv_ratio=0.5, reconstruct_steps=0)
@@ -182,14 +188,7 @@ def test_block_reconstruction_lowers_each_layers_error_and_the_kl():
     from prunekit.pruning.llm import prune_width
 
     x = torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(3))
-    dense = _qwen()
-    with torch.no_grad():
-        ref = torch.log_softmax(dense(input_ids=x).logits, -1)
-
-    def kl(model) -> float:
-        with torch.no_grad():
-            lp = torch.log_softmax(model(input_ids=x).logits, -1)
-        return float((ref.exp() * (ref - lp)).sum(-1).mean())
+    kl = _kl_to(_qwen(), x)
 
     plain, fitted = _qwen(), _qwen()
     prune_width(plain, x, head_ratio=0.5, mlp_ratio=0.5, criterion="variance", reconstruct_steps=0)

@@ -24,11 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .stats import _Stop  # the package's one "stop the forward pass here" signal
+
 log = logging.getLogger(__name__)
-
-
-class _Stop(Exception):
-    pass
 
 
 def _out(o: Any) -> torch.Tensor:

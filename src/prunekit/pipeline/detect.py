@@ -39,7 +39,7 @@ from prunekit.data import dataset_info, get_dataset
 from prunekit.data.detection_io import DetectionDataset
 from prunekit.errors import ConfigError
 from prunekit.measure import count_macs, count_params
-from prunekit.pipeline.skeleton import stage_run
+from prunekit.pipeline.skeleton import stage_run, write_eval_run
 
 log = logging.getLogger(__name__)
 NMS = {"conf_thres": 0.001, "iou_thres": 0.7, "max_det": 300}  # Ultralytics' validation settings
@@ -341,7 +341,6 @@ def prune_detect(cfg: Any) -> dict[str, Any]:
 
 def eval_detect(cfg: Any) -> dict[str, Any]:
     """``prunekit eval`` of a detector: mAP on the test split, MACs, params."""
-    import shutil
 
     with stage_run(cfg, "eval") as run:
         metrics = {**test_detection(run.model, split_dataset(run.data, "test"), run.device, cfg.data.batch_size,
@@ -350,10 +349,7 @@ def eval_detect(cfg: Any) -> dict[str, Any]:
                    "from": str(cfg.from_dir), **run.data}
         if run.out is not None:
             log.info("eval: %s: %s", cfg.from_dir, fmt(metrics))
-            for f in (runs.WEIGHTS, runs.SPEC):
-                shutil.copy2(Path(cfg.from_dir) / f, run.out / f)
-            runs.write_config(run.out, {**cfg.to_dict(), **run.data})
-            runs.write_metrics(run.out, metrics)
+        write_eval_run(run, cfg, metrics)
     return metrics
 
 

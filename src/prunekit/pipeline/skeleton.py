@@ -121,3 +121,15 @@ def stage_run(cfg: Any, name: str, *, reads_run: bool = True, writes_run: bool =
         yield run
     if out is not None and resumable:
         finish_run(out)
+
+
+def write_eval_run(run: StageRun, cfg: Config, metrics: dict[str, Any]) -> None:
+    """``eval --out``: the evaluated model's files copied beside its config and metrics (nothing without --out)."""
+    import shutil
+
+    if run.out is None:
+        return
+    for f in (runs.WEIGHTS, runs.SPEC):
+        shutil.copy2(Path(cfg.from_dir) / f, run.out / f)
+    runs.write_config(run.out, {**cfg.to_dict(), **run.data})
+    runs.write_metrics(run.out, metrics)

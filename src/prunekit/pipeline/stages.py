@@ -6,7 +6,6 @@ Each stage is a plain function of its config, so the CLI, the demo and recipes c
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from prunekit.errors import ConfigError
 from prunekit.measure import count_macs, count_params
 from prunekit.models import create_model
 from prunekit.pipeline.commands import register
-from prunekit.pipeline.skeleton import stage_run
+from prunekit.pipeline.skeleton import stage_run, write_eval_run
 from prunekit.train import TrainSettings, evaluate, fit, is_main_process
 from prunekit.train.distributed import is_distributed
 from prunekit.train.kd import make_kd_loss
@@ -317,8 +316,5 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, Any]:
                    **run.data}
         if run.out is not None:
             log.info("eval: %s: %s", cfg.from_dir, _fmt(metrics))
-            for f in (runs.WEIGHTS, runs.SPEC):
-                shutil.copy2(Path(cfg.from_dir) / f, run.out / f)
-            runs.write_config(run.out, {**cfg.to_dict(), **run.data})
-            runs.write_metrics(run.out, metrics)
+        write_eval_run(run, cfg, metrics)
     return metrics

@@ -10,9 +10,10 @@ CPU model and flags, and library versions; inside it one entry per layer signatu
 stride, padding, dilation, groups, input shape, batch). A table is built once per model and backend and reused by
 every later run (and by other models sharing layer shapes).
 
-Each entry is the *minimum* over ``runs`` timed calls after ``warmup`` calls: on a shared machine the minimum is the
-estimate least moved by other jobs (they only ever add time), which is what a table of a layer's intrinsic cost
-needs; whole-model comparisons use paired medians instead (``prunekit.measure.latency.compare_latency``).
+Each entry is the *minimum* over ``runs`` timed calls after ``warmup`` calls in ``repeats`` repeats (``spreads``:
+lowest and highest repeat): on a shared machine the minimum is the estimate least moved by other jobs, which is what
+a table of a layer's intrinsic cost needs; whole-model comparisons use paired medians instead
+(``prunekit.measure.latency.compare_latency``). ``onnxruntime-int8``: ``prunekit.measure.latency_int8``.
 
 Eager inference choices (:func:`inference_copy`): the eager figures are of the model as it is run for inference:
 BatchNorm folded into the preceding conv (exact in eval mode), channels_last memory format, ``threads`` torch
@@ -265,7 +266,11 @@ def environment(backend: str, threads: int) -> dict[str, Any]:
                            "simd": sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_bf16",
                                                                            "amx_tile", "asimd", "sve")),
                            "torch": torch.__version__, "table_version": 2}
-    if backend == "onnxruntime":
+    if backend == "onnxruntime-int8":  # how each layer is quantized is part of what its figure means
+        from prunekit.measure.latency_int8 import CALIB_BATCHES, ORT_INT8
+
+        env["int8"] = {**ORT_INT8, "calib_batches": CALIB_BATCHES}
+    if backend.startswith("onnxruntime"):
         try:
             import onnxruntime
 
@@ -281,31 +286,45 @@ def default_cache_dir() -> Path:
     return Path(root) / "latency" if root else Path.home() / ".cache" / "prunekit" / "latency"
 
 
+def make_timer(backend: str, threads: int, runs: int, warmup: int) -> Timer:
+    """The real single-layer timer of ``backend`` (one of ``LUT_BACKENDS``)."""
+    from prunekit.measure import latency_int8 as i8
+
+    timers = {"eager": eager_timer, "onnxruntime": onnxruntime_timer, "onnxruntime-int8": i8.onnxruntime_int8_timer}
+    return timers[backend](threads, runs, warmup)
+
+
 class LatencyTable:
     """Measured single-layer latencies (ms) for one backend and thread count, cached on disk.
 
     Args:
-        backend: ``eager`` or ``onnxruntime``.
+        backend: ``eager``, ``onnxruntime`` or ``onnxruntime-int8`` (``LUT_BACKENDS``).
         threads: intra-op threads the layers are timed with (time the model with the same number).
         cache_dir: folder of the JSON cache (default :func:`default_cache_dir`); None with ``cache=False``.
         cache: read and write the cache file.
         timer: ``spec -> ms``, replaces the real timer (tests; the cache key then gets ``"timer": "custom"``).
-        runs, warmup: timed / untimed calls per entry.
+        runs, warmup: timed / untimed calls per entry (``runs`` split over the repeats).
+        repeats: separate timings of each entry; the entry is their minimum, ``spreads`` their (lowest, highest).
     """
 
     def __init__(self, backend: str = "eager", threads: int = 2, cache_dir: str | Path | None = None,
-                 cache: bool = True, timer: Timer | None = None, runs: int = 7, warmup: int = 2) -> None:
+                 cache: bool = True, timer: Timer | None = None, runs: int = 7, warmup: int = 2,
+                 repeats: int = 2) -> None:
         if backend not in LUT_BACKENDS:
             raise ConfigError(f"--latency-backend {backend!r}: a latency table can be built for "
-                              f"{', '.join(LUT_BACKENDS)}")
+                              f"{', '.join(LUT_BACKENDS)} (valid choices)")
+        if repeats < 1:
+            raise ConfigError(f"latency table repeats {repeats}: need at least 1")
         if threads < 1:
             raise ConfigError(f"--latency-threads {threads}: need at least 1 thread")
         self.backend, self.threads = backend, int(threads)
         self.env = environment(backend, threads)
         if timer is not None:
             self.env["timer"] = "custom"
-        self._timer = timer or (eager_timer if backend == "eager" else onnxruntime_timer)(self.threads, runs, warmup)
+        self.repeats = int(repeats)
+        self._timer = timer or make_timer(backend, self.threads, max(2, -(-runs // self.repeats)), warmup)
         self.entries: dict[str, float] = {}
+        self.spreads: dict[str, tuple[float, float]] = {}  # key -> (lowest, highest) repeat, ms
         self.hits = self.measured = 0
         self.build_seconds = 0.0
         digest = hashlib.sha1(json.dumps(self.env, sort_keys=True).encode()).hexdigest()[:12]
@@ -316,6 +335,7 @@ class LatencyTable:
                 data = json.loads(self.path.read_text())
                 if data.get("env") == self.env:
                     self.entries = {k: float(v) for k, v in data.get("entries", {}).items()}
+                    self.spreads = {k: (float(a), float(b)) for k, (a, b) in data.get("spread", {}).items()}
             except (OSError, ValueError) as e:
                 log.warning("latency table %s unreadable (%s): rebuilding it", self.path, e)
 
@@ -348,7 +368,8 @@ class LatencyTable:
                  self.threads, len(todo), what, len(self.entries))
         try:
             for i, s in enumerate(todo):
-                self.entries[s.key()] = float(self._timer(s))
+                ts = [float(self._timer(s)) for _ in range(self.repeats)]
+                self.entries[s.key()], self.spreads[s.key()] = min(ts), (min(ts), max(ts))
                 self.measured += 1
                 if time.perf_counter() - last > 15:
                     last = time.perf_counter()
@@ -364,5 +385,13 @@ class LatencyTable:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"env": self.env, "entries": self.entries}))
+        tmp.write_text(json.dumps({"env": self.env, "entries": self.entries,
+                                   "spread": {k: list(v) for k, v in self.spreads.items()}}))
         os.replace(tmp, self.path)
+
+    def spread(self) -> dict[str, float]:
+        """Spread across repeats, (highest - lowest) / lowest repeat: median and largest over the entries."""
+        rel = sorted((hi - lo) / lo for lo, hi in self.spreads.values() if lo > 0)
+        if not rel:
+            return {"entries": 0, "median": 0.0, "max": 0.0}
+        return {"entries": len(rel), "median": rel[len(rel) // 2], "max": rel[-1]}

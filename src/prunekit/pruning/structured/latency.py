@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from prunekit.errors import PruningError
-from prunekit.measure.latency_table import LatencyTable, OpSpec, collect_op_specs, rest_latency_ms
+from prunekit.measure.latency_int8 import INT8_ROUND_TO, rest_latency_ms
+from prunekit.measure.latency_table import LatencyTable, OpSpec, collect_op_specs
 from prunekit.pruning.structured.graph import PruningGraph, Unit
 from prunekit.pruning.structured.selection import Selection, max_removable, select
 
@@ -115,7 +116,7 @@ class LatencyModel:
         round_to: grid counts are multiples of it (default: ``recommended_round_to(backend)``, the SIMD block of
             the backend's kernels: ONNX Runtime keeps activations in blocked NCHWc layout only between convs whose
             channels fill whole blocks, and inserts layout reorders around the others, which a layer timed alone
-            does not show; within those multiples the table decides).
+            does not show; within those multiples the table decides; int8 tables: 4, VNNI's input block).
         rest_ms: latency of the ops the table does not time (activations, adds, pooling, layout reorders; see
             ``prunekit.measure.latency_table.rest_latency_ms``), held fixed; 0: the prediction covers the layers.
     """
@@ -125,7 +126,8 @@ class LatencyModel:
         from prunekit.measure.hardware import recommended_round_to
 
         self.table = table
-        round_to = round_to or recommended_round_to(table.backend)
+        int8 = table.backend.endswith("int8")
+        round_to = round_to or (INT8_ROUND_TO if int8 else recommended_round_to(table.backend))
         self.units = {u.name: u for u in units if u.attention is None}
         specs = collect_op_specs(graph.model, example_inputs)
         self.grids: dict[str, list[int]] = {}
@@ -334,10 +336,12 @@ def latency_selection(model: nn.Module, graph: PruningGraph, example_inputs: Any
     info: dict[str, Any] = {"backend": backend, "threads": s.latency.threads, "target_latency": s.target.latency,
                             "table": str(table.path),
                             "table_entries_timed": table.measured, "table_entries_cached": table.hits,
-                            "table_seconds": round(table.build_seconds, 1),
+                            "table_seconds": round(table.build_seconds, 1), "table_spread": table.spread(),
                             "layers_ms": lm.layer_ms, "rest_ms": lm.rest_ms}
     if backend == "eager":
         info["eager"] = "LUT and timings on the inference copy: BatchNorm folded into convs, channels_last"
+    if backend == "onnxruntime-int8":
+        info["int8"] = table.env["int8"]
     if s.target.latency is not None:
         ratio, sel, _, probes = search_latency(units, scores, scope, overrides, s.layers.max_ratio, lm,
                                                s.target.latency)
@@ -363,17 +367,24 @@ def latency_selection(model: nn.Module, graph: PruningGraph, example_inputs: Any
 
 def verify_latency(dense: nn.Module, pruned: nn.Module, example_inputs: Any, backend: str, threads: int,
                    runs: int) -> dict[str, Any]:
-    """Dense vs pruned timed alternately on the backend (eager: both as inference copies): medians and kept."""
+    """Dense vs pruned timed alternately on the backend (eager: both as inference copies; onnxruntime-int8: both
+    quantized): medians, kept, and the kept fraction's range over the rounds (the spread across repeats)."""
     from prunekit.measure.latency import compare_latency
+    from prunekit.measure.latency_int8 import compare_int8_latency
     from prunekit.measure.latency_table import channels_last_inputs, inference_copy
 
-    x = example_inputs
+    x, rounds = example_inputs, min(runs, 10)
     if backend == "eager":
         dense, _ = inference_copy(dense)
         pruned, _ = inference_copy(pruned)
         x = channels_last_inputs(example_inputs)
-    st = compare_latency({"dense": dense, "pruned": pruned}, x, backend, runs=runs, warmup=3, threads=threads,
-                         rounds=min(runs, 10))
-    return {"dense_ms": st["dense"].median_ms, "pruned_ms": st["pruned"].median_ms,
-            "measured_kept": st["pruned"].median_ms / st["dense"].median_ms, "runs": runs}
+    models = {"dense": dense, "pruned": pruned}
+    if backend == "onnxruntime-int8":
+        st = compare_int8_latency(models, x, threads, runs=runs, rounds=rounds)
+    else:
+        st = compare_latency(models, x, backend, runs=runs, warmup=3, threads=threads, rounds=rounds)
+    d, p = st["dense"], st["pruned"]
+    per_round = [b / a for a, b in zip(d.round_medians_ms, p.round_medians_ms, strict=True) if a > 0]
+    return {"dense_ms": d.median_ms, "pruned_ms": p.median_ms, "measured_kept": p.median_ms / d.median_ms,
+            "measured_kept_range": [min(per_round), max(per_round)] if per_round else None, "runs": runs}
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .carry import split_call
 from .stats import _Stop  # the package's one "stop the forward pass here" signal
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,7 @@ def layer_inputs(lm: nn.Module, layer: nn.Module, batches: list[torch.Tensor]) -
     runs: list[tuple[torch.Tensor, dict]] = []
 
     def grab(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        kw = dict(kwargs)
-        h = args[0] if args else kw.pop("hidden_states")
-        runs.append((h.detach(), {k: v for k, v in kw.items() if k not in ("cache", "past_key_values")}))
+        runs.append(split_call(layer.forward, args, kwargs))
         raise _Stop
 
     handle = layer.register_forward_pre_hook(grab, with_kwargs=True)

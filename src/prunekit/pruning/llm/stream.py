@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from prunekit.errors import ConfigError
 
-from .arch import _get, get_family, head_layout, in_features
+from .arch import _get, get_family, head_layout
 from .layout import WIDTH_KEYS, check_expressible, config_changes, config_snapshot
 from .stats import calibration_batches
 
@@ -56,23 +55,6 @@ from .stream_io import (  # noqa: F401
 from .width import WidthSettings, _check_settings, _kept_groups, _kept_kv, _Pruner, kept_count
 
 log = logging.getLogger(__name__)
-
-
-def _layer_stats(lm: nn.Module, layer: nn.Module, runs: list, names: list[str], cov: list[str]) -> dict:
-    """Input moments of the modules ``names`` (covariance for ``cov``) over this layer's calibration inputs."""
-    from prunekit.pruning.structured.stats import _Accumulator
-
-    mods = dict(lm.named_modules())
-    accs = {n: _Accumulator(in_features(mods[n]), n in cov, f"input of {n}") for n in dict.fromkeys(names)}
-    handles = [mods[n].register_forward_pre_hook(lambda _m, a, n=n: accs[n].update(a[0], -1, None)) for n in accs]
-    try:
-        with torch.no_grad():
-            for h, kw in runs:
-                layer(h, **kw)
-    finally:
-        for hd in handles:
-            hd.remove()
-    return {n: a.result() for n, a in accs.items()}
 
 
 @torch.no_grad()
@@ -119,7 +101,7 @@ def prune_width_streaming(src: str | Path, out: str | Path, calib: torch.Tensor 
     for b in blocks:
         layer = _materialize(lm, b.prefix, reader, dtype, device)
         peak = max(peak, _resident_layers(layers))
-        runs = _prune_layer(lm, layer, b, pruner, _with_kwargs(runs, kws[b.index]), keep_mlp, keep_groups, keep_kv)
+        runs = pruner.prune_layer(layer, b, _with_kwargs(runs, kws[b.index]), keep_mlp, keep_groups, keep_kv)
         weight_map.update(_write_layer(layer, b.prefix, out / f"layers-{b.index:05d}.safetensors"))
         layer.to("meta")
         log.info("layer %d/%d pruned and written (%.1f s)", b.index + 1, len(blocks), time.perf_counter() - t0)
@@ -133,23 +115,3 @@ def prune_width_streaming(src: str | Path, out: str | Path, calib: torch.Tensor 
             "layers_read": sorted({int(n.split(".")[len(fam.layers_path.split("."))]) for n in reader.loaded
                                    if n.startswith(fam.layers_path + ".")})}
 
-
-def _prune_layer(lm: nn.Module, layer: nn.Module, b: Any, pruner: _Pruner, runs: list, keep_mlp: int,
-                 keep_groups: int, keep_kv: int = 0) -> list:
-    """Heads then MLP of one layer, each on statistics of this layer's inputs; returns the next layer's inputs."""
-    cfg = pruner.cfg
-    if cfg.head_ratio > 0:
-        nq, nkv, hd = head_layout(lm.config)
-        names, cov = pruner._needed(b.attn["q"], b.attn["o"])
-        pruner._prune_heads(b, _layer_stats(lm, layer, runs, names, cov), keep_groups, nq, nkv, hd)
-    if cfg.kv_ratio > 0:
-        q = [b.attn["q"]]
-        pruner.merge_kv(b, _layer_stats(lm, layer, runs, q, q), keep_kv)
-    if cfg.mlp_ratio > 0:
-        names, cov = pruner._needed(b.producers[0], b.consumer)
-        pruner._prune_mlp(b, _layer_stats(lm, layer, runs, names, cov), keep_mlp)
-    nxt = []
-    for h, kw in runs:
-        o = layer(h, **kw)
-        nxt.append(((o[0] if isinstance(o, tuple) else o).detach(), kw))
-    return nxt

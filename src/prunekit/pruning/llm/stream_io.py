@@ -26,7 +26,8 @@ from prunekit.config import Config
 from prunekit.errors import ConfigError, PruningError
 
 from .arch import _get
-from .stats import _Stop
+from .carry import Runs, capture
+from .carry import with_kwargs as _with_kwargs  # noqa: F401  (the streaming modules import it from here)
 
 
 class StreamConfig(Config):
@@ -92,16 +93,12 @@ def _materialize(lm: nn.Module, prefix: str, reader: ShardReader, dtype: torch.d
     return m
 
 
-Runs = list[tuple[torch.Tensor, dict[str, Any]]]  # per calibration batch: (hidden states (B, T, D), layer kwargs)
 
 
 def _layer_inputs(lm: nn.Module, layers_path: str, batches: list[torch.Tensor], device: str,
                   reader: ShardReader, dtype: torch.dtype) -> tuple[Runs, list[list[dict[str, Any]]]]:
     """Layer 0's inputs per calibration batch, and every layer's keyword arguments per batch (only the embedding is
-    read).
-
-    The layers' keyword arguments differ where layers differ (Qwen2 / Mistral sliding-window layers get their own
-    attention mask): one forward pass through the layers made identities records each layer's."""
+    read; :func:`~prunekit.pruning.llm.carry.capture` with the meta layers made identities)."""
     emb = lm.get_input_embeddings()
     emb_name = next(n for n, m in lm.named_modules() if m is emb)
     _materialize(lm, emb_name, reader, dtype, device)
@@ -110,49 +107,12 @@ def _layer_inputs(lm: nn.Module, layers_path: str, batches: list[torch.Tensor], 
             parent, _, attr = name.rpartition(".")
             with torch.device(device):
                 setattr(lm.get_submodule(parent) if parent else lm, attr, type(m)(config=lm.config))
-    layers = _get(lm, layers_path)
-    hidden: list[torch.Tensor] = []
-    kws: list[list[dict[str, Any]]] = [[] for _ in layers]
-
-    def grab(i: int):
-        def fn(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            kw = dict(kwargs)
-            h = args[0] if args else kw.pop("hidden_states")
-            if i == 0:
-                hidden.append(h.detach())
-            elif h.shape != hidden[-1].shape:  # the model unpacked the identity's output as a tuple
-                raise PruningError(f"streaming: {type(lm).__name__} does not pass a layer's output on as it is; this "
-                                   "model type is not supported by the streaming functions (llama, mistral, qwen2 are)")
-            kws[i].append({k: v for k, v in kw.items() if k not in ("cache", "past_key_values")})
-            if i == len(layers) - 1:
-                raise _Stop  # the final norm and the LM head stay on meta
-        return fn
-
-    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    for layer in layers:  # meta layers cannot run: each passes its input on (the hooks above still see it)
-        layer.forward = _identity
     try:
-        with torch.no_grad():
-            for b in batches:
-                try:
-                    lm(input_ids=b.to(device), use_cache=False)
-                except _Stop:
-                    pass
+        return capture(lm, _get(lm, layers_path), batches, device)
+    except PruningError as e:
+        raise PruningError(f"streaming: {e}") from None
     finally:
-        for handle, layer in zip(handles, layers):
-            handle.remove()
-            del layer.forward
         emb.to("meta")
-    return [(h, kws[0][j]) for j, h in enumerate(hidden)], kws
-
-
-def _identity(*args: Any, **kwargs: Any) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_kwargs(runs: Runs, kws: list[dict[str, Any]]) -> Runs:
-    """``runs`` with the keyword arguments of another layer (``kws``: one per batch)."""
-    return [(h, kw) for (h, _), kw in zip(runs, kws, strict=True)]
 
 
 def _resident_layers(layers: nn.ModuleList) -> int:

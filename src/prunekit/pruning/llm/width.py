@@ -52,10 +52,13 @@ from prunekit.errors import ConfigError, PruningError
 from prunekit.pruning.transaction import transactional
 
 from .arch import Block, Family, ensure_bias, get_family, head_layout, keep_in, keep_out, out_features, weight_oi
+from .carry import affordable, capture, forward_runs, layer_stats, with_kwargs
 from .compensate import compensate
 from .criteria import Unit, get_criterion, needs_stats
 from .layout import WIDTH_KEYS, check_expressible, config_changes, config_snapshot
+from .reconstruct import dense_targets
 from .stats import calibration_batches, collect_inputs
+from .width_passes import run_passes
 from .width_plan import (  # noqa: F401
     AUTO_CRITERION,
     AUTO_RECONSTRUCT,
@@ -115,6 +118,8 @@ class _Pruner:
         self.mlp_bias = cfg.mlp_ratio > 0 and self._bias_mode(fam.mlp_bias, [b.consumer for b in blocks], "down_proj")
         self.attn_bias = cfg.head_ratio > 0 and self._bias_mode(fam.attn_bias, [b.attn["o"] for b in blocks], "o_proj")
         self.biases_added: list[str] = []
+        self.calibration_pass = "carried"
+        self._dense: list | None = None  # the dense model's hidden states at the current layer (reconstruction)
 
     def _bias_mode(self, key: str | None, consumers: list[str], layer: str) -> bool:
         """Whether compensation may set a bias on the consumers: one they have, or one ``add_bias`` switches on."""
@@ -171,37 +176,54 @@ class _Pruner:
     def run(self, keep_mlp: int, keep_groups: int, keep_kv: int = 0) -> None:
         self.add_biases()
         blocks = self.fam.blocks(self.lm)
-        plan = self.plan(blocks)
-        dense: dict = {}
-        if not self.cfg.sequential:  # everything from one pass over the dense model
-            names = [n for v in plan.values() for n in v[0]]
-            dense = self._stats(names, [n for v in plan.values() for n in v[1]], None)
-        config = self.lm.config
-        nq, nkv, hd = head_layout(config) if self.cfg.head_ratio > 0 else (0, 0, 0)
         layers = self.lm.get_submodule(self.fam.layers_path)
-        dense_h: list[torch.Tensor] | None = None  # the dense model's hidden states (reconstruction only)
-        for b in blocks:
-            t0 = time.perf_counter()
-            if self.cfg.reconstruct() > 0:
-                from .reconstruct import dense_targets, layer_inputs
-
-                runs = layer_inputs(self.lm, layers[b.index], self.batches)
-                dense_h = dense_targets(layers[b.index], dense_h or [h for h, _ in runs], runs)
-            if self.cfg.head_ratio > 0:
-                names, cov = plan[f"{b.prefix}:heads"]
-                st = dense if not self.cfg.sequential else self._stats(names, cov, b.attn["o"])
-                self._prune_heads(b, st, keep_groups, nq, nkv, hd)
-            if self.cfg.kv_ratio > 0:
-                names, cov = plan[f"{b.prefix}:kv"]
-                self.merge_kv(b, dense if not self.cfg.sequential else self._stats(names, cov, b.attn["q"]), keep_kv)
-            if self.cfg.mlp_ratio > 0:
-                names, cov = plan[f"{b.prefix}:mlp"]
-                st = dense if not self.cfg.sequential else self._stats(names, cov, b.consumer)
-                self._prune_mlp(b, st, keep_mlp)
-            if dense_h is not None:
-                self.reconstruct(layers[b.index], runs, dense_h, b)
-            log.info("layer %d/%d pruned (%.1f s)", b.index + 1, len(blocks), time.perf_counter() - t0)
+        carried = self._carried(layers)
+        if carried is None:
+            run_passes(self, blocks, layers, keep_mlp, keep_groups, keep_kv)
+        else:
+            runs, kws = carried
+            for b in blocks:
+                t0 = time.perf_counter()
+                runs = self.prune_layer(layers[b.index], b, with_kwargs(runs, kws[b.index]), keep_mlp, keep_groups,
+                                        keep_kv, reconstruct=self.cfg.reconstruct() > 0)
+                log.info("layer %d/%d pruned (%.1f s)", b.index + 1, len(blocks), time.perf_counter() - t0)
         self.set_config(keep_mlp, keep_groups, keep_kv)
+
+    def _carried(self, layers: nn.Module) -> tuple[list, list] | None:
+        """Layer 0's inputs and every layer's arguments, for the layer-by-layer pass (:mod:`.carry`); ``None``
+        where partial forward passes are used instead (``sequential=False``, too many tokens, an unusual model)."""
+        copies = 3 if self.cfg.reconstruct() > 0 else 1  # with reconstruction: + targets, + previous
+        if not self.cfg.sequential or not affordable(self.lm, self.batches, copies):
+            self.calibration_pass = "dense" if not self.cfg.sequential else "partial forwards (memory)"
+            return None
+        try:
+            carried = capture(self.lm, layers, self.batches)
+        except PruningError as e:
+            log.info("%s: statistics from a partial forward pass per layer instead", e)
+            self.calibration_pass = "partial forwards"
+            return None
+        self.calibration_pass = "carried"
+        return carried
+
+    def prune_layer(self, layer: nn.Module, b: Block, runs: list, keep_mlp: int, keep_groups: int, keep_kv: int = 0,
+                    reconstruct: bool = False) -> list:
+        """Heads, key-value heads, then MLP of one layer, each on statistics of this layer's inputs ``runs``; with
+        ``reconstruct`` the layer is then fitted to its dense output. Returns the next layer's inputs."""
+        targets = dense_targets(layer, [h for h, _ in self._dense or runs], runs) if reconstruct else None
+        if self.cfg.head_ratio > 0:
+            nq, nkv, hd = head_layout(self.lm.config)
+            names, cov = self._needed(b.attn["q"], b.attn["o"])
+            self._prune_heads(b, layer_stats(self.lm, layer, runs, names, cov), keep_groups, nq, nkv, hd)
+        if self.cfg.kv_ratio > 0:
+            q = [b.attn["q"]]
+            self.merge_kv(b, layer_stats(self.lm, layer, runs, q, q), keep_kv)
+        if self.cfg.mlp_ratio > 0:
+            names, cov = self._needed(b.producers[0], b.consumer)
+            self._prune_mlp(b, layer_stats(self.lm, layer, runs, names, cov), keep_mlp)
+        if targets is not None:
+            self.reconstruct(layer, runs, targets, b)
+            self._dense = [(t, kw) for t, (_, kw) in zip(targets, runs)]
+        return forward_runs(layer, runs)
 
     def set_config(self, keep_mlp: int, keep_groups: int, keep_kv: int = 0) -> None:
         """Write the pruned widths into the config (once every layer is pruned)."""
@@ -324,6 +346,7 @@ def prune_width(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], sett
     kv_groups = [nkv or (head_layout(config)[1] if fam.attn else None), keep_groups or keep_kv or None]
     rep = _report(settings, lm, [inter, keep_mlp], kv_groups, params_before, batches, t0, pruner.records, hidden)
     return rep | {"config_changes": changes, "biases_added": pruner.biases_added,
+                  "calibration_pass": pruner.calibration_pass,
                   "intercept_lost_max": max((r.get("intercept_lost", 0.0) for r in pruner.records), default=0.0)}
 
 

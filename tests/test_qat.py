@@ -14,6 +14,9 @@ from torch import nn
 
 from prunekit.errors import ConfigError
 from prunekit.train.qat import (
+    QAT_LAYERS as QAT,
+)
+from prunekit.train.qat import (
     ActFakeQuant,
     activation_ranges,
     calibrate_qat,
@@ -60,10 +63,45 @@ def test_input_range_is_calibrated_then_averaged_and_fixed_in_eval():
     assert (float(aq.lo), float(aq.hi)) == (-1.0, 4.0)  # training: running average (momentum 0.5)
     aq.eval()(torch.tensor([-100.0, 100.0]))
     assert (float(aq.lo), float(aq.hi)) == (-1.0, 4.0)  # eval: fixed
-    scale, zero = aq.qparams()
-    assert scale == pytest.approx(5 / 255) and zero == 51  # uint8, asymmetric, as ONNX Runtime's min-max
+    scale, zero, qmin, qmax = aq.qparams()
+    assert scale == pytest.approx(5 / 255) and (zero, qmin, qmax) == (51, 0, 255)  # uint8, asymmetric (ORT)
     y = aq(torch.tensor([0.37, 9.0]))
     assert y[1] == pytest.approx(4.0, abs=1e-5) and abs(float(y[0]) - 0.37) <= scale / 2 + 1e-6
+
+
+def test_openvino_scheme_is_symmetric_with_mean_per_sample_ranges():
+    """NNCF's performance preset: symmetric inputs, lo / hi the mean over samples of per-sample min and max |x|,
+    uint8 for a non-negative range, int8 [-128, 127] otherwise; values above the range are clipped."""
+    aq = ActFakeQuant(momentum=0.5, scheme="openvino")
+    aq.observing = True
+    aq(torch.tensor([[0.0, 2.0], [1.0, 4.0]]))  # per-sample max |x|: 2, 4
+    aq(torch.tensor([[0.5, 6.0]]))  # 6: the mean over the three samples is 4, not the max 6
+    assert (float(aq.lo), float(aq.hi)) == pytest.approx((0.5, 4.0))  # per-sample min: 0, 1, 0.5
+    assert aq.qparams() == pytest.approx((4.0 / 255, 0, 0, 255))  # non-negative: unsigned, zero point 0
+    aq.observing = False
+    y = aq.eval()(torch.tensor([1.0, 6.0]))
+    assert y[1] == pytest.approx(4.0)  # clipped at the mean range
+    signed = ActFakeQuant(scheme="openvino")
+    signed.observing = True
+    signed(torch.tensor([[-3.0, 1.0], [-1.0, 0.0]]))  # per-sample min -3, -1 (mean -2); max |x| 3, 1 (mean 2)
+    assert signed.qparams() == pytest.approx((2.0 / 127, 0, -128, 127))  # symmetric int8
+    with pytest.raises(ConfigError, match="onnxruntime, openvino"):
+        ActFakeQuant(scheme="tensorrt")
+
+
+def test_openvino_scheme_keeps_the_first_convolution_on_half_the_range():
+    model = prepare_qat(tiny(), scheme="openvino")
+    levels = {n: m.parametrizations.weight[0].levels for n, m in model.named_modules() if isinstance(m, QAT)}
+    assert levels == {"0": 63, "2": 127, "6": 127}  # NNCF's overflow fix: the first conv's weights on 7 bits
+    assert set(activation_ranges(model)) == {"0", "2", "4", "6"}  # NNCF quantizes the global pool's input too
+    w = model[0].parametrizations.weight.original
+    scale = w.detach().abs().flatten(1).amax(1) / 63
+    torch.testing.assert_close(model[0].weight, (w / scale[:, None, None, None]).round() * scale[:, None, None, None])
+    assert {m.scheme for m in model.modules() if isinstance(m, ActFakeQuant)} == {"openvino"}
+    ort = prepare_qat(tiny())
+    assert all(m.parametrizations.weight[0].levels == 127 for m in ort.modules() if isinstance(m, QAT))  # no half
+    convert_qat(model)
+    assert not any(isinstance(m, ActFakeQuant) for m in model.modules()) and not model[4]._forward_pre_hooks
 
 
 def test_prepare_train_convert_changes_weights_and_gives_a_plain_model():
@@ -154,3 +192,28 @@ def test_qat_flags_are_a_section_of_finetune():
     assert {"qat", "qat_backend", "qat_calib_batches", "qat_momentum"} <= set(keys)
     with pytest.raises(ConfigError, match="qat_backend"):
         FinetuneConfig.build({"from": "x", "qat": True, "qat_backend": "tensorrt"})
+
+
+def test_openvino_scheme_simulates_what_nncf_writes(tmp_path):
+    """The fake-quantized torch model (openvino scheme) computes what NNCF's int8 IR computes, far closer than the
+    onnxruntime scheme does: calibration samples of very different scales, so NNCF's mean per-sample range clips."""
+    pytest.importorskip("nncf")
+    import prunekit
+    from prunekit.quantize import load_runner
+
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(4, 3, 10, 10, generator=g) * torch.tensor([1.0, 1.0, 1.0, 6.0])[:, None, None, None]
+             for _ in range(4)]
+    model = tiny().eval()
+    r = prunekit.quantize(model, calib[0][:1], "openvino", calib_data=calib, calib_batches=4, out=tmp_path)
+    x = torch.cat(calib)
+    int8 = torch.as_tensor(load_runner(r.int8_path, 1)({"input": x.numpy()})[0])
+    gaps = {}
+    for scheme in ("onnxruntime", "openvino"):
+        fq = prepare_qat(copy.deepcopy(model), scheme=scheme)
+        calibrate_qat(fq, calib, 4)
+        with torch.no_grad():
+            gaps[scheme] = float((fq.eval()(x) - int8).abs().mean())
+    with torch.no_grad():
+        float_gap = float((model(x) - int8).abs().mean())
+    assert gaps["openvino"] < 0.5 * gaps["onnxruntime"] and gaps["openvino"] < 0.5 * float_gap, (gaps, float_gap)

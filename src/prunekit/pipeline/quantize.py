@@ -150,7 +150,7 @@ def qat_finetune(cfg: Any) -> dict[str, Any]:
                  "layers, %d epochs, lr %g, KD from %s", spec.name, cfg.from_dir, q.backend,
                  ptq.accuracy_int8["top1"], ptq.accuracy_float["top1"], len(qat_layers(model)), t.epochs, t.lr,
                  teacher_dir or "the float model")
-        prepare_qat(model, qa.momentum)
+        prepare_qat(model, qa.momentum, scheme=q.backend)
         calibrate_qat(model, ld["calib"], qa.calib_batches, t.device)
         start = test_metrics(model, ld["test"], t.device)
         best = fit(model, ld["train"], ld["val"], t, run_dir=out, resume=cfg.resume, phase="qat", loss_fn=loss_fn,

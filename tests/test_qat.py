@@ -155,19 +155,25 @@ def test_onnxruntime_quantizes_the_trained_grid_exactly(tmp_path):
             np.testing.assert_allclose(deq[tuple(w.shape)], w.detach().double().numpy(), rtol=0, atol=1e-6)
 
 
-def test_finetune_qat_writes_an_int8_run_with_its_accuracy(trained_run, tmp_path):
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_finetune_qat_writes_an_int8_run_with_its_accuracy(trained_run, tmp_path, backend):
     from prunekit import runs
     from prunekit.pipeline.stages import FinetuneConfig, finetune
     from prunekit.quantize import accuracy, load_runner
     from prunekit.quantize.graph import int8_nodes, load_onnx
+    from prunekit.quantize.ov import fake_quantize_ops
 
+    if backend == "openvino":
+        pytest.importorskip("nncf")
     out = tmp_path / "qat"
     cfg = FinetuneConfig.build({"from": str(trained_run), "out": str(out), "qat": True, "epochs": 1, "lr": 0.01,
-                                "qat_calib_batches": 2})
+                                "qat_calib_batches": 2, "qat_backend": backend})
     m = finetune(cfg)
-    assert {"model.safetensors", "model.json", "model.onnx", "model_int8.onnx", "quantize.json", "metrics.json",
-            "config.yaml", "log.txt"} <= {p.name for p in out.iterdir()}
-    assert runs.read_metrics(out) == m and m["qat"] is True and m["backend"] == "onnxruntime"
+    files = {"model_int8.onnx"} if backend == "onnxruntime" else {"model_int8.xml", "model_int8.bin"}
+    assert {"model.safetensors", "model.json", "quantize.json", "metrics.json", "config.yaml", "log.txt",
+            *files} <= {p.name for p in out.iterdir()}
+    assert runs.read_metrics(out) == m and m["qat"] is True and m["backend"] == backend
+    assert f"({backend} scheme)" in (out / "log.txt").read_text()  # the fake quantization simulated this runtime
     for key in ("top1", "top1_float", "top1_start_float", "top1_ptq", "top1_fake_quant"):
         assert 0 <= m[key] <= 100, key
     assert m["top1_qat_gain"] == pytest.approx(m["top1"] - m["top1_ptq"])
@@ -176,9 +182,9 @@ def test_finetune_qat_writes_an_int8_run_with_its_accuracy(trained_run, tmp_path
                and not torch.equal(v, src.state_dict()[k])]
     assert any(k.endswith("weight") for k in changed)  # the fine-tuning changed weights
     int8 = out / m["model_file"]
-    assert int8_nodes(load_onnx(int8)) > 0
+    assert (int8_nodes(load_onnx(int8)) if backend == "onnxruntime" else fake_quantize_ops(int8)) > 0
     test = runs.read_config(out)
-    assert test["qat"] is True and test["qat_backend"] == "onnxruntime"
+    assert test["qat"] is True and test["qat_backend"] == backend
     ld = __import__("prunekit.pipeline.stages", fromlist=["loaders"]).loaders(
         {k: test[k] for k in ("dataset", "data_dir", "image_size")}, 64, splits=("test",))
     acc = accuracy(load_runner(int8, 1), ld["test"])

@@ -147,9 +147,9 @@ def qat_finetune(cfg: Any) -> dict[str, Any]:
             loss_fn = make_kd_loss(copy.deepcopy(float_model).to(t.device), cfg.kd.alpha, cfg.kd.temperature,
                                    t.label_smoothing)
         log.info("finetune --qat: %s from %s: post-training %s int8 top1 %.2f%% (float %.2f%%); fake int8 in %d "
-                 "layers, %d epochs, lr %g, KD from %s", spec.name, cfg.from_dir, q.backend,
-                 ptq.accuracy_int8["top1"], ptq.accuracy_float["top1"], len(qat_layers(model)), t.epochs, t.lr,
-                 teacher_dir or "the float model")
+                 "layers (%s scheme), %d epochs, lr %g, KD from %s", spec.name, cfg.from_dir, q.backend,
+                 ptq.accuracy_int8["top1"], ptq.accuracy_float["top1"], len(qat_layers(model)), q.backend, t.epochs,
+                 t.lr, teacher_dir or "the float model")
         prepare_qat(model, qa.momentum, scheme=q.backend)
         calibrate_qat(model, ld["calib"], qa.calib_batches, t.device)
         start = test_metrics(model, ld["test"], t.device)

@@ -11,6 +11,12 @@ scores, per-layer ratio, to keep ~50% of the MACs:
   under ``~/.cache/prunekit/latency``; ``prunekit.pruning.structured.latency``);
 - ``prunekit target_latency T`` (``--target-latency T``): prunekit asked for a latency fraction instead of MACs.
 
+Backend ``onnxruntime-int8`` (``--backends onnxruntime-int8``): every variant, dense included, is quantized to int8
+the way ``prunekit quantize`` does (QDQ, per-channel weights, uint8 activations; calibrated on the example input
+and noisy copies of it: latency does not depend on the ranges) and timed on ONNX Runtime, so the latency cut is
+pruned int8 against dense int8; ``R = recommended_round_to("onnxruntime", "int8")`` (16) and the LUT variant uses
+the int8 table (each layer quantized alone, its int8 kernels timed: ``prunekit.measure.latency_int8``).
+
 All variants of a model are timed *alternately* in one ``compare_latency`` call per backend (A B C D, D C B A, ...),
 batch 1, ``--threads`` threads; the whole comparison is repeated ``--repeats`` times and the table gives the median
 over repeats with the range. ``eager`` times every variant (dense included) as an inference copy: BatchNorm folded
@@ -23,6 +29,8 @@ Usage::
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/latency_aware.py                     # all models
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/latency_aware.py --models resnet56 --repeats 3
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/latency_aware.py --models tv:resnet50 \
+        --backends onnxruntime-int8,onnxruntime --repeats 3                                         # int8 and float
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import json
 import logging
 import os
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -89,6 +98,39 @@ def timed_models(models: dict[str, nn.Module], x: torch.Tensor, backend: str) ->
     return models, x, "eager" if backend == "eager-plain" else backend
 
 
+def block_size(backend: str) -> int:
+    """The channel multiple of the rounded variants: the SIMD block (fp32), 16 for int8 kernels."""
+    if backend == "onnxruntime-int8":
+        return recommended_round_to("onnxruntime", "int8")
+    return recommended_round_to("eager" if backend.startswith("eager") else backend)
+
+
+def time_variants(variants: dict[str, nn.Module], x: torch.Tensor, backend: str, threads: int, repeats: int,
+                  runs: int) -> tuple[dict[str, list[float]], list[float]]:
+    """Every variant timed alternately with ``dense`` in each of ``repeats`` paired runs: (name -> latency cut per
+    repeat, dense ms per repeat). ``onnxruntime-int8``: every variant quantized once, then timed on ONNX Runtime."""
+    per: dict[str, list[float]] = {k: [] for k in variants}
+    dense_ms: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="latency-aware-") as tmp:
+        if backend == "onnxruntime-int8":
+            from prunekit.measure.latency_int8 import int8_calls, paired
+
+            fns = int8_calls(variants, x, threads, tmp)
+        else:
+            models, xt, tb = timed_models(variants, x, backend)
+        for rep in range(repeats):
+            if backend == "onnxruntime-int8":
+                st = paired(fns, 1, runs, 10, threads)
+            else:
+                st = compare_latency(models, xt, tb, runs=runs, warmup=5, threads=threads, rounds=10)
+            dense_ms.append(st["dense"].median_ms)
+            for k, s in st.items():
+                per[k].append(1 - s.median_ms / st["dense"].median_ms)
+            print(f"#   repeat {rep + 1}: " + ", ".join(f"{k} {s.median_ms:.2f} ms" for k, s in st.items())
+                  + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+    return per, dense_ms
+
+
 def run_model(name: str, backends: list[str], threads: int, repeats: int, target_latency: float | None,
               wide: bool = False) -> list[dict[str, Any]]:
     ref, kwargs, shape = MODELS[name]
@@ -99,7 +141,7 @@ def run_model(name: str, backends: list[str], threads: int, repeats: int, target
     rounded: dict[int, tuple] = {}  # round_to -> the two rounded variants (the same for every backend)
     for backend in backends:
         lut = "eager" if backend.startswith("eager") else backend
-        r = recommended_round_to(lut)
+        r = block_size(backend)
         t0 = time.perf_counter()
         variants: dict[str, nn.Module] = {"dense": dense}
         keeps: dict[str, float] = {"dense": 1.0}
@@ -133,21 +175,14 @@ def run_model(name: str, backends: list[str], threads: int, repeats: int, target
         print(f"# {name} {backend}: variants built in {time.perf_counter() - t0:.0f} s "
               f"(MACs kept: {', '.join(f'{k} {v:.3f}' for k, v in keeps.items() if k != 'dense')})", flush=True)
         for label, info in infos.items():
+            sp = info["table_spread"]
             print(f"#   {label}: table {info['table_entries_timed']} timed / {info['table_entries_cached']} cached "
-                  f"({info['table_seconds']} s); LUT layers {info['layers_ms']:.2f} -> {info['layers_pruned_ms']:.2f} "
+                  f"({info['table_seconds']} s; spread across repeats of an entry: median {sp['median']:.1%}, max "
+                  f"{sp['max']:.1%}); LUT layers {info['layers_ms']:.2f} -> {info['layers_pruned_ms']:.2f} "
                   f"ms, rest (untimed ops) {info['rest_ms']:.2f} ms; predicted "
                   f"latency kept {info['predicted_kept']:.3f}", flush=True)
-        models, xt, tb = timed_models(variants, x, backend)
         runs = RUNS.get(name, 40)
-        per: dict[str, list[float]] = {k: [] for k in variants}
-        dense_ms: list[float] = []
-        for rep in range(repeats):
-            st = compare_latency(models, xt, tb, runs=runs, warmup=5, threads=threads, rounds=10)
-            dense_ms.append(st["dense"].median_ms)
-            for k, s in st.items():
-                per[k].append(1 - s.median_ms / st["dense"].median_ms)
-            print(f"#   repeat {rep + 1}: " + ", ".join(f"{k} {s.median_ms:.2f} ms" for k, s in st.items())
-                  + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+        per, dense_ms = time_variants(variants, x, backend, threads, repeats, runs)
         for k in variants:
             if k == "dense":
                 continue
@@ -156,19 +191,21 @@ def run_model(name: str, backends: list[str], threads: int, repeats: int, target
                          "lat_cut": statistics.median(cuts), "lat_cut_min": min(cuts), "lat_cut_max": max(cuts),
                          "efficiency": statistics.median(cuts) / macs_cut, "eff_min": min(cuts) / macs_cut,
                          "eff_max": max(cuts) / macs_cut, "dense_ms": statistics.median(dense_ms),
+                         "dense_ms_min": min(dense_ms), "dense_ms_max": max(dense_ms),
                          "repeats": repeats, "runs": runs, **({"lut": infos[k]} if k in infos else {})})
             print_row(rows[-1])
     return rows
 
 
-HEADER = (f"{'model':14} {'backend':12} {'variant':26} {'MACs cut':>8} {'lat. cut':>8} {'(range)':>15} "
-          f"{'effic.':>6} {'(range)':>11} {'dense ms':>9}")
+HEADER = (f"{'model':14} {'backend':16} {'variant':30} {'MACs cut':>8} {'lat. cut':>8} {'(range)':>15} "
+          f"{'effic.':>6} {'(range)':>11} {'dense ms (range)':>22}")
 
 
 def print_row(r: dict[str, Any]) -> None:
-    print(f"{r['model']:14} {r['backend']:12} {r['variant']:26} {r['macs_cut']:>8.1%} {r['lat_cut']:>8.1%} "
+    print(f"{r['model']:14} {r['backend']:16} {r['variant']:30} {r['macs_cut']:>8.1%} {r['lat_cut']:>8.1%} "
           f"{r['lat_cut_min']:>7.1%}-{r['lat_cut_max']:<7.1%} {r['efficiency']:>6.2f} "
-          f"{r['eff_min']:>5.2f}-{r['eff_max']:<5.2f} {r['dense_ms']:>9.2f}", flush=True)
+          f"{r['eff_min']:>5.2f}-{r['eff_max']:<5.2f} {r['dense_ms']:>9.2f} "
+          f"({r['dense_ms_min']:.2f}-{r['dense_ms_max']:.2f})", flush=True)
 
 
 def block_of(module: str) -> str:
@@ -241,9 +278,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
     ap.add_argument("--backends", default="onnxruntime,eager", help="onnxruntime, eager (BN folded, channels_last), "
-                    "eager-plain (the model as is)")
+                    "eager-plain (the model as is), onnxruntime-int8 (every variant quantized, timed on ORT)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3, help="repeats of the whole paired comparison")
+    ap.add_argument("--repeats", type=int, default=3, help="repeats of the whole paired comparison (at least 2: "
+                    "every figure comes with its range over the repeats)")
     ap.add_argument("--target-latency", type=float, default=None, help="also prune with target_latency")
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--wide", action="store_true", help="also round to 4 SIMD blocks (R = 4 x block: torch-pruning "
@@ -251,6 +289,8 @@ def main() -> None:
     ap.add_argument("--explain", action="store_true", help="only the per-block ONNX Runtime profile of dense vs "
                     "prunekit round_to R (where the latency falls short of the MACs cut), no timing table")
     args = ap.parse_args()
+    if args.repeats < 2:
+        ap.error(f"--repeats {args.repeats}: need at least 2 (the table gives the range over repeats)")
     logging.basicConfig(level=logging.WARNING)
     print(f"# torch {torch.__version__}, {args.threads} threads, batch 1, load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}, "

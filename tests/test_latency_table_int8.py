@@ -153,14 +153,18 @@ def test_missing_onnxruntime_is_one_error_naming_the_pip_install(monkeypatch):
 
 def test_prune_with_the_int8_table_checks_the_quantized_models(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
-    from prunekit.pruning.structured import prune_with_settings
+    from prunekit.pruning.structured import latency_context, prune_with_settings
 
     monkeypatch.setattr(lat, "LatencyTable", lambda b, t: LatencyTable(b, t, cache_dir=tmp_path, timer=vnni_ms))
+    monkeypatch.setattr(latency_context, "CONTEXT_TOL", 0.2)  # a tiny model: one grid step moves its MACs a lot
+    monkeypatch.setattr(latency_context, "model_timer", lambda x, backend, threads, runs: (
+        lambda models: {k: _conv_ms(m, x) for k, m in models.items()}))
     model, x = tiny().eval(), torch.randn(1, 3, 8, 8)
     s = PruneSettings.build({"criterion": "l2", "target_macs": 0.5, "latency_backend": "onnxruntime-int8",
-                             "latency_threads": 1, "latency_verify_runs": 4})
+                             "latency_threads": 1, "latency_verify_runs": 4, "latency_context_groups": 1})
     rep = prune_with_settings(model, x, s)
     la = rep.latency
+    assert len(la["context"]) == 1 and la["context"][0]["chosen"] in la["context"][0]["timed"]
     assert la["backend"] == "onnxruntime-int8" and la["int8"]["activation_type"] == "uint8"
     assert la["rest_ms"] > 0  # the quantized model's non-kernel nodes (quantize, pooling) were profiled
     assert la["measured_kept"] > 0 and la["dense_ms"] > 0
@@ -186,3 +190,50 @@ def test_int8_rest_leaves_out_the_int8_kernels(tmp_path):
     assert 0 < rest < sum(ms for ms, _op in nodes.values()) * 5  # at least the input's QuantizeLinear
     with pytest.raises(ConfigError, match="valid"):
         i8.rest_latency_ms(model, x, "tensorrt", threads=1, runs=2)
+
+
+def _conv_ms(model: nn.Module, x: torch.Tensor) -> float:
+    """The fake int8 backend summed over the model's layers (what a whole-model timing would give)."""
+    from prunekit.measure.latency_table import collect_op_specs
+
+    return sum(vnni_ms(s) for s in collect_op_specs(model, x).values())
+
+
+def test_in_context_check_moves_a_width_that_is_slow_inside_the_network(tmp_path):
+    from prunekit.pruning.structured.latency_context import refine_in_context
+    from prunekit.pruning.structured.search import count_macs_meta, macs_kept
+    from prunekit.pruning.structured.selection import select
+
+    model, x = tiny().eval(), torch.randn(1, 3, 8, 8)
+    graph = PruningGraph(model, x)
+    units = plan_units(graph, PruneSettings.build({}))
+    lm = lat.LatencyModel(graph, units, x, LatencyTable("onnxruntime-int8", 2, cache_dir=tmp_path, timer=vnni_ms),
+                          max_ratio=0.9)
+    scores = {u.name: torch.arange(u.size, dtype=torch.float).flip(0) for u in units}
+    sel = lat.latency_widths(units, scores, select(units, scores, 0.45, "local", {}, 0.9, None), lm, 0.9)
+    table_widths = lat.kept_channels(units, sel)
+    before = count_macs_meta(graph, x)
+
+    def macs_of(s):
+        return macs_kept(graph, x, units, s, before)
+
+    slow = table_widths["3"]  # in context, this width of conv "3" pays double (a layout change the table misses)
+    timed = []
+
+    def time_models(models):
+        timed.append(sorted(models))
+        return {k: _conv_ms(m, x) * (2.0 if m[3].out_channels == slow and k != "dense" else 1.0)
+                for k, m in models.items()}
+
+    out, trials = refine_in_context(graph, units, scores, sel, lm, 2, 0.9, macs_of, time_models, tol=0.2)
+    assert [t["group"] for t in trials] == ["0", "3"]  # the two costliest groups (conv "3" counts for both)
+    t3 = trials[1]
+    assert t3["table"] == slow and t3["chosen"] != slow and set(t3["timed"]) > {slow}
+    assert lat.kept_channels(units, out)["3"] == t3["chosen"]
+    assert all(abs(v[1] - macs_of(sel)) <= 0.2 for t in trials for v in t["timed"].values())
+    assert all("dense" in names for names in timed)  # every timing is paired with the dense model
+    assert [m.out_channels for m in model if isinstance(m, nn.Conv2d)] == [48, 64, 40]  # the model is untouched
+    same, trials2 = refine_in_context(graph, units, scores, sel, lm, 2, 0.9, macs_of,
+                                      lambda ms: {k: _conv_ms(m, x) for k, m in ms.items()}, tol=0.2)
+    for t in trials2:  # no surprise in context: each group keeps the width with the best latency cut per MACs cut
+        assert t["timed"][t["chosen"]][2] == max(v[2] for v in t["timed"].values())

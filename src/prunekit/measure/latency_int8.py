@@ -189,22 +189,30 @@ def rest_latency_ms(model: nn.Module, example_inputs: Any, backend: str, threads
     return float_rest(model, example_inputs, backend, threads, runs)
 
 
-def compare_int8_latency(models: dict[str, nn.Module], example_inputs: Any, threads: int, runs: int = 20,
-                         rounds: int = 10) -> dict[str, Any]:
-    """Every model quantized (:func:`export_int8`) and timed alternately on ONNX Runtime: ``{name: LatencyStats}``
-    (``prunekit.quantize.latency.paired_times``: per-round medians give the spread across repeats)."""
-    from prunekit.batch import batch_size_of
+def int8_calls(models: dict[str, nn.Module], example_inputs: Any, threads: int, folder: str | Path
+               ) -> dict[str, Callable[[], Any]]:
+    """Every model quantized (:func:`export_int8`) into ``folder`` and loaded in ONNX Runtime: name -> ``fn()``
+    running one batch (feeds made once, outside the call)."""
     from prunekit.export.core import positional
     from prunekit.export.onnx import OnnxRunner
 
+    fns = {}
+    for i, (name, m) in enumerate(models.items()):
+        runner = OnnxRunner(export_int8(m, example_inputs, Path(folder) / f"model{i}_int8.onnx"), threads)
+        _, _, args, _ = positional(copy.deepcopy(m).cpu().eval(), example_inputs)
+        sess, feeds = runner.session, runner.feeds(*args)
+        fns[name] = lambda sess=sess, feeds=feeds: sess.run(None, feeds)
+    return fns
+
+
+def compare_int8_latency(models: dict[str, nn.Module], example_inputs: Any, threads: int, runs: int = 20,
+                         rounds: int = 10) -> dict[str, Any]:
+    """Every model quantized (:func:`int8_calls`) and timed alternately on ONNX Runtime: ``{name: LatencyStats}``
+    (per-round medians give the spread across repeats)."""
+    from prunekit.batch import batch_size_of
+
     with tempfile.TemporaryDirectory(prefix="prunekit-int8-") as tmp:
-        fns = {}
-        for i, (name, m) in enumerate(models.items()):
-            path = export_int8(m, example_inputs, Path(tmp) / f"m{i}.onnx")
-            runner = OnnxRunner(path, threads)
-            _, _, args, _ = positional(copy.deepcopy(m).cpu().eval(), example_inputs)
-            sess, feeds = runner.session, runner.feeds(*args)
-            fns[name] = lambda sess=sess, feeds=feeds: sess.run(None, feeds)
+        fns = int8_calls(models, example_inputs, threads, tmp)
         return paired(fns, batch_size_of(example_inputs), runs, rounds, threads)
 
 

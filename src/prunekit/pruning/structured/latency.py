@@ -353,6 +353,14 @@ def latency_selection(model: nn.Module, graph: PruningGraph, example_inputs: Any
     else:
         ratio, probes = s.global_ratio, []
         sel = latency_select(units, scores, ratio, scope, overrides, s.layers.max_ratio, lm)
+    if s.latency.context_groups > 0:  # the costliest groups' widths timed inside the whole network
+        from prunekit.pruning.structured.latency_context import model_timer, refine_in_context
+        from prunekit.pruning.structured.search import macs_kept
+
+        sel, info["context"] = refine_in_context(
+            graph, units, scores, sel, lm, s.latency.context_groups, s.layers.max_ratio,
+            lambda sl: macs_kept(graph, example_inputs, units, sl, macs_before),
+            model_timer(example_inputs, backend, s.latency.threads, max(s.latency.verify_runs, 10)))
     kept = kept_channels(units, sel)
     info["predicted_kept"] = lm.predict(kept) / lm.dense_ms
     pruned = lm.per_layer(kept)

@@ -226,6 +226,8 @@ class Latency(Config):
     threads: int = Field(2, ge=1, description="threads the latency table and the paired check are timed with")
     verify_runs: int = Field(20, ge=0, description="with --latency-backend: time dense vs pruned alternately this "
                              "many runs each and report predicted vs measured (0: skip)")
+    context_groups: int = Field(0, ge=0, description="with --latency-backend: time the whole model at the table's "
+                                "width and one grid step below/above for the N costliest groups, keep the best")
 
 
 class StructuredConfig(Config):

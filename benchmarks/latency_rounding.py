@@ -5,7 +5,8 @@ For each model: the dense network, and copies pruned (L2, per-layer ratio; prune
 torch-pruning's MetaPruner) to keep 50% of the MACs (+- 1.5%, or as close as rounding allows) with kept channels
 not rounded, rounded to ``recommended_round_to("onnxruntime")`` (8 on an AVX2 CPU, 16 with AVX-512) and rounded to
 16. All variants of a model are timed *alternately* in one ``compare_latency`` call per backend and batch size
-(rounds of A B C D, then D C B A, ...), so machine noise hits them alike.
+(rounds of A B C D, then D C B A, ...), so machine noise hits them alike; the whole comparison is repeated
+``--repeats`` times (at least 2) and every figure is the median over repeats with its range (lowest-highest).
 ``efficiency = latency reduction / MACs reduction``.
 
 Usage::
@@ -27,6 +28,7 @@ import copy
 import json
 import logging
 import os
+import statistics
 import time
 from typing import Any
 
@@ -94,7 +96,23 @@ def pick_pruner(requested: str) -> str:
         return "tp"
 
 
-def run_model(name: str, batches: list[int], backends: list[str], threads: int, pruner: str
+def row(name: str, batch: int, backend: str, label: str, keep: float, reps: list[dict[str, Any]], runs: int
+        ) -> dict[str, Any]:
+    """One variant's figures over the repeats: medians and (lowest, highest) of the latency cut and efficiency."""
+    cuts = [1 - st[label].median_ms / st["dense"].median_ms for st in reps]
+    dense = [st["dense"].median_ms for st in reps]
+    pruned = [st[label].median_ms for st in reps]
+    macs_red = 1 - keep
+    return {"model": name, "batch": batch, "backend": backend, "variant": label, "macs_reduction": macs_red,
+            "latency_reduction": statistics.median(cuts), "latency_reduction_range": [min(cuts), max(cuts)],
+            "latency_efficiency": statistics.median(cuts) / macs_red,
+            "latency_efficiency_range": [min(cuts) / macs_red, max(cuts) / macs_red],
+            "dense_ms": statistics.median(dense), "dense_ms_range": [min(dense), max(dense)],
+            "pruned_ms": statistics.median(pruned), "pruned_ms_range": [min(pruned), max(pruned)],
+            "repeats": len(reps), "runs": runs}
+
+
+def run_model(name: str, batches: list[int], backends: list[str], threads: int, pruner: str, repeats: int = 2
               ) -> list[dict[str, Any]]:
     ref, kwargs, shape = MODELS[name]
     torch.manual_seed(0)
@@ -118,31 +136,30 @@ def run_model(name: str, batches: list[int], backends: list[str], threads: int, 
         x = torch.randn(batch, *shape)
         for backend in backends:
             t0 = time.perf_counter()
-            st = compare_latency(variants, x, backend, runs=runs, warmup=warmup, threads=threads, rounds=rounds,
-                                 rewarm=batch < 8)
-            for label, s in st.items():
-                if label == "dense":
-                    continue
-                lat_red = 1 - s.median_ms / st["dense"].median_ms
-                macs_red = 1 - keeps[label]
-                rows.append({"model": name, "batch": batch, "backend": backend, "variant": label,
-                             "macs_reduction": macs_red, "latency_reduction": lat_red,
-                             "latency_efficiency": lat_red / macs_red, "dense_ms": st["dense"].median_ms,
-                             "pruned_ms": s.median_ms, "dense_p90_ms": st["dense"].p90_ms, "pruned_p90_ms": s.p90_ms,
-                             "runs": runs})
-                print_row(rows[-1])
+            reps = [compare_latency(variants, x, backend, runs=runs, warmup=warmup, threads=threads, rounds=rounds,
+                                    rewarm=batch < 8) for _ in range(repeats)]
+            for label in variants:
+                if label != "dense":
+                    rows.append(row(name, batch, backend, label, keeps[label], reps, runs))
+                    print_row(rows[-1])
             print(f"# ({name}, batch {batch}, {backend}: {time.perf_counter() - t0:.0f} s)", flush=True)
     return rows
 
 
-HEADER = (f"{'model':12} {'batch':>5} {'backend':12} {'variant':22} {'MACs cut':>8} {'lat. cut':>8} {'effic.':>7} "
-          f"{'dense ms':>10} {'pruned ms':>10}")
+HEADER = (f"{'model':12} {'batch':>5} {'backend':12} {'variant':22} {'MACs cut':>8} {'lat. cut (range)':>22} "
+          f"{'effic. (range)':>18} {'dense ms (range)':>24} {'pruned ms (range)':>24}")
+
+
+def _rng(v: float, r: list[float], f: str) -> str:
+    return f"{v:{f}} ({r[0]:{f}}-{r[1]:{f}})"
 
 
 def print_row(r: dict[str, Any]) -> None:
     print(f"{r['model']:12} {r['batch']:>5} {r['backend']:12} {r['variant']:22} {r['macs_reduction']:>8.1%} "
-          f"{r['latency_reduction']:>8.1%} {r['latency_efficiency']:>7.2f} {r['dense_ms']:>10.2f} "
-          f"{r['pruned_ms']:>10.2f}", flush=True)
+          f"{_rng(r['latency_reduction'], r['latency_reduction_range'], '.1%'):>22} "
+          f"{_rng(r['latency_efficiency'], r['latency_efficiency_range'], '.2f'):>18} "
+          f"{_rng(r['dense_ms'], r['dense_ms_range'], '.2f'):>24} "
+          f"{_rng(r['pruned_ms'], r['pruned_ms_range'], '.2f'):>24}", flush=True)
 
 
 def main() -> None:
@@ -151,10 +168,14 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--backends", default="eager,onnxruntime")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="repeats of each paired comparison (at least 2: every "
+                    "figure comes with its range over the repeats)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--pruner", default="auto", choices=["auto", "prunekit", "tp"],
                     help="prunekit's structured engine, torch-pruning's MetaPruner, or auto (prunekit if it works)")
     args = ap.parse_args()
+    if args.repeats < 2:
+        ap.error(f"--repeats {args.repeats}: need at least 2 (the table gives the range over repeats)")
     logging.basicConfig(level=logging.WARNING)
     batches = [int(b) for b in args.batches.split(",")]
     print(f"# torch {torch.__version__}, {args.threads} threads, recommended_round_to(onnxruntime) = "
@@ -166,7 +187,7 @@ def main() -> None:
     print(f"# pruner: {pruner} (L2, per-layer ratio)", flush=True)
     rows = []
     for name in args.models.split(","):
-        rows += run_model(name, batches, args.backends.split(","), args.threads, pruner)
+        rows += run_model(name, batches, args.backends.split(","), args.threads, pruner, args.repeats)
     print(f"\n# load average at the end: {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[2]:.1f} (15 min)")
     print(HEADER)
     for r in rows:

@@ -19,8 +19,6 @@ from prunekit.errors import ConfigError  # noqa: E402
 from prunekit.pruning.structured.detect import make_yolo_prunable  # noqa: E402
 
 SIZE = 64
-# layers that keep their output channels by design: the PSA attention's q/k/v layout (its stream is pruned)
-KEPT = {"yolov8n.yaml": set(), "yolo11n.yaml": {"model.10.m.0.attn.qkv.conv", "model.10.m.0.attn.pe.conv"}}
 
 
 def _yolo(cfg: str, seed: int = 0) -> nn.Module:
@@ -65,6 +63,86 @@ def test_rewrite_is_exact(cfg: str) -> None:
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
 
 
+def _attention(dim: int = 64, heads: int = 4, seed: int = 0) -> nn.Module:
+    """A stem conv and Ultralytics' PSA ``Attention`` (``heads`` heads), random weights and BatchNorm statistics."""
+    from ultralytics.nn.modules import Conv
+    from ultralytics.nn.modules.block import Attention
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(Conv(3, dim, 3), Attention(dim, num_heads=heads))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_attention_rewrite_is_exact() -> None:
+    """``qkv`` split into one conv per head and role (q, k, v): the same outputs on random weights."""
+    model, x = _attention(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    assert make_yolo_prunable(model) == 1
+    attn = model[1]
+    assert "qkv" not in attn._modules and len(attn.q) == len(attn.k) == len(attn.v) == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+def _zero_bn(conv: nn.Module, idxs: list[int]) -> None:
+    """An Ultralytics ``Conv`` whose output channels ``idxs`` are exactly 0 (BatchNorm scale and shift 0)."""
+    with torch.no_grad():
+        conv.bn.weight[idxs] = 0
+        conv.bn.bias[idxs] = 0
+
+
+def test_attention_pruned_per_head_equals_masked() -> None:
+    """Each head loses key dims of its own (its q and k rows together, one group per head) and value dims (one
+    group: the heads' v rows in ``pe``'s order, their ``pe`` channels and ``proj`` inputs, each head losing its own
+    count): the pruned attention equals the dense one with those dims zeroed."""
+    model, x = _attention(), torch.randn(2, 3, 8, 8)
+    masked = _attention()
+    make_yolo_prunable(masked)
+    report = prunekit.prune(model, x, criterion="l1", ratio=0.4, scope="local", ignore=[r"0\.conv"],
+                            compensate="none")
+    attn, ref = model[1], masked[1]
+    roots = {g.name: g.removed for g in report.groups}
+    assert sorted(roots) == ["1.k.0.conv", "1.k.1.conv", "1.k.2.conv", "1.k.3.conv", "1.pe.conv"]
+    assert not report.left_whole
+    hd = ref.v[0].conv.out_channels
+    values = roots["1.pe.conv"]  # indices into the heads' values, head after head (as pe and proj see them)
+    for h in range(4):
+        keys = roots[f"1.k.{h}.conv"]
+        assert attn.q[h].conv.out_channels == attn.k[h].conv.out_channels == 8 - len(keys)
+        _zero_bn(ref.q[h], keys)  # a key dim no longer counts in q . k
+        v = [i - h * hd for i in values if h * hd <= i < (h + 1) * hd]
+        assert attn.v[h].conv.out_channels == hd - len(v)
+        _zero_bn(ref.v[h], v)
+    _zero_bn(ref.pe, values)
+    assert len({v.conv.out_channels for v in attn.v}) > 1  # the heads keep different value widths
+    assert attn.pe.conv.out_channels == attn.proj.conv.in_channels == sum(v.conv.out_channels for v in attn.v)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked(x), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_key_dims_pruned_with_lstsq_compensation() -> None:
+    """With calibration data (compensate='lstsq'), the key dims, which only enter dot products, are pruned too
+    (nothing to compensate) instead of being left whole."""
+    model, x = _attention(), torch.randn(2, 3, 8, 8)
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    report = prunekit.prune(model, x, criterion="variance", ratio=0.4, ignore=[r"0\.conv"], calib_data=calib,
+                            compensate="lstsq")
+    assert not report.left_whole
+    assert sorted(g.name for g in report.groups) == ["1.k.0.conv", "1.k.1.conv", "1.k.2.conv", "1.k.3.conv",
+                                                      "1.pe.conv"]
+    assert {c["name"] for c in report.compensation} == {"1.proj.conv"}  # the values' consumer
+    with torch.no_grad():
+        assert model(x).shape == (2, 64, 8, 8)
+
+
 def _head_convs(model: nn.Module) -> tuple[list[int], list[int]]:
     """(output channels of the head's inner convs, of its output layers: box/DFL and class channels)."""
     branches = [*model.model[-1].cv2, *model.model[-1].cv3]
@@ -72,8 +150,9 @@ def _head_convs(model: nn.Module) -> tuple[list[int], list[int]]:
     return inner, [b[-1].out_channels for b in branches]
 
 
-def test_pruned_whole_raw_model(caplog) -> None:
-    """The issue's call on a plain Ultralytics model: no conv outside the head left whole but the attention's."""
+def test_pruned_whole_raw_model() -> None:
+    """The issue's call on a plain Ultralytics model: no conv outside the head left whole, the PSA attention's
+    per-head q/k (together) and v convs included."""
     cfg = "yolo11n.yaml"
     model, x = _yolo(cfg), torch.randn(1, 3, SIZE, SIZE)
     shapes, (inner, outputs) = _head_shapes(model, x), _head_convs(model)
@@ -83,17 +162,22 @@ def test_pruned_whole_raw_model(caplog) -> None:
     report = prunekit.prune(model, x, criterion="l1", target_macs=0.5)
     assert 0.4 <= report.macs_kept <= 0.6
     convs = _convs(model)
-    assert {n for n in dense if convs[n] == dense[n]} == KEPT[cfg]
-    assert "model.10.m.0.attn.qkv, model.10.m.0.attn.pe" in caplog.text  # the layers kept whole are named
+    assert [n for n in dense if convs[n] == dense[n]] == []
+    attn = "model.10.m.0.attn"
+    for h in range(2):  # YOLO11n's C2PSA attention has 2 heads: each head's q and k keep the same key dims
+        assert convs[f"{attn}.q.{h}.conv"] == convs[f"{attn}.k.{h}.conv"] < dense[f"{attn}.q.{h}.conv"]
+    assert convs[f"{attn}.pe.conv"] == convs[f"{attn}.v.0.conv"] + convs[f"{attn}.v.1.conv"]
     assert _head_shapes(model, x) == shapes
     pruned_inner, pruned_outputs = _head_convs(model)
     assert pruned_outputs == outputs
     assert sum(pruned_inner) < sum(inner)  # the head's inner convs are pruned too
 
 
-def test_source_prune_save_load(tmp_path) -> None:
-    """``ultralytics:yolov8n.yaml``: pruned throughout, saved as safetensors + model.json, rebuilt exactly."""
-    model = prunekit.create_model("ultralytics:yolov8n.yaml", num_classes=3, image_size=SIZE).eval()
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml"])
+def test_source_prune_save_load(tmp_path, cfg: str) -> None:
+    """``ultralytics:yolov8n.yaml`` (YOLO11n: with its per-head attention): pruned throughout, saved as safetensors +
+    model.json, rebuilt exactly."""
+    model = prunekit.create_model(f"ultralytics:{cfg}", num_classes=3, image_size=SIZE).eval()
     assert model.prunekit_spec.input["shape"] == [1, 3, SIZE, SIZE]
     x = torch.randn(1, 3, SIZE, SIZE)
     shapes, dense = _head_shapes(model, x), _convs(model)

@@ -483,3 +483,19 @@ def test_ridge_selection_survives_an_eigh_that_does_not_converge(monkeypatch, ca
     with caplog.at_level(logging.WARNING):
         model, _ = _pruned(MLP(d=6, h=12).eval(), batches[0], batches, "lstsq", calib_batches=4)
     assert "too degenerate to cross-validate" in caplog.text and model(batches[0]).isfinite().all()
+
+
+def test_lstsq_says_too_little_data_once_per_call_worst_first(caplog):
+    """Two consumers fitted on too little data (30 samples; 12 and 16 input features want 48 and 64) make ONE warning
+    of the call: how many layers, each with its figures, the worst (the widest) first, and what the worst needs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 4)).eval()
+    batches = [torch.randn(10, 6) for _ in range(3)]
+    with caplog.at_level(logging.WARNING, logger=COMP_LOG):
+        _pruned(model, batches[0], batches, "lstsq", calib_batches=3)
+    msgs = [r.getMessage() for r in caplog.records if r.name == COMP_LOG and "stable refit" in r.getMessage()]
+    assert len(msgs) == 1, msgs
+    assert msgs[0].startswith("lstsq compensation of 2 layers is fitted on fewer calibration samples"), msgs[0]
+    assert msgs[0].index("'4': 30 for 16 input features, needs about 64 (2.1x)") \
+        < msgs[0].index("'2': 30 for 12 input features, needs about 48 (1.6x)"), msgs[0]
+    assert "give 2.1x as much calibration data" in msgs[0] and "compensate='mean'" in msgs[0]

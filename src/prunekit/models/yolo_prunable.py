@@ -2,7 +2,8 @@
 
 ``rewrite_yolo(model)`` swaps them in place: blocks whose ``cv1`` output is cut in two (C2f, C3k2, C2fCIB, C2fPSA,
 C2PSA, PSA) get two convs ``cv1a`` / ``cv1b`` with ``cv1``'s weights split between them (``TwoHalves``); the PSA
-``Attention`` reads its widths from its layers instead of its input. The classes subclass Ultralytics' own, so
+``Attention`` gets one conv per head and role (q, k, v) instead of ``qkv`` (``SplitHeads``), so its value and key
+dims are plain channels, pruned per head. The classes subclass Ultralytics' own, so
 ``isinstance`` checks, ``fuse`` and ``export`` keep working. ``create_model("ultralytics:...")`` applies it, so a model
 rebuilt by ``load_model`` has the same layers; the pruning engine applies it too (``pruning.structured.detect``).
 """
@@ -82,17 +83,59 @@ def _psa_forward(self: Any, x: Tensor) -> Tensor:
     return self.cv2(torch.cat((a, b), 1))
 
 
-def attention_forward(self: Any, x: Tensor) -> Tensor:
-    """Ultralytics ``Attention.forward`` with the widths taken from ``qkv`` (the input's may be pruned)."""
-    B, _, H, W = x.shape
-    N, nh, kd = H * W, self.num_heads, self.key_dim
-    qkv = self.qkv(x)  # (B, nh * (2 kd + hd), H, W): per head q, k, v
-    per = qkv.shape[1] // nh
-    q, k, v = qkv.view(B, nh, per, N).split([kd, kd, per - 2 * kd], dim=2)
-    attn = ((q * self.scale).transpose(-2, -1) @ k).softmax(dim=-1)  # (B, nh, N, N)
-    width = nh * (per - 2 * kd)  # the heads' value width (not the stream's)
-    out = (v @ attn.transpose(-2, -1)).view(B, width, H, W) + self.pe(v.reshape(B, width, H, W))
-    return self.proj(out)
+class KeyDot(nn.Module):
+    """One head's attention weights ``softmax((scale q)^T k)`` over the keys: queries and keys (B, kd, H, W) ->
+    (B, N, N). No weights: to the pruning graph it is the layer that reads the head's key dims, so q's and k's output
+    channels are pruned together (``channel_trace``: ``dot(q * k)``) and nothing else depends on them. Removing a key
+    dim drops one term of every dot product; there is no output mean to compensate (``no_compensation``)."""
+
+    no_compensation = True
+
+    def __init__(self, scale: float, keys: int, width: int) -> None:
+        super().__init__()
+        self.scale = scale  # the dense model's key_dim ** -0.5, kept when key dims are pruned
+        self.keys, self.width = keys, width  # key dims (input) and the attention's output width (trace only)
+
+    def forward(self, q: Tensor, k: Tensor | None = None) -> Tensor:
+        if k is None:  # the trace, q is q * k: one reduction of the key dims, as wide as the attention's output
+            return q.sum(1, keepdim=True).expand(-1, self.width, -1, -1)
+        return ((q.flatten(2) * self.scale).transpose(-2, -1) @ k.flatten(2)).softmax(dim=-1)
+
+
+class SplitHeads:
+    """Mixin for Ultralytics' PSA ``Attention``: ``qkv`` (per head q, k, v rows) split into one conv per head and
+    role (``q.h``, ``k.h``, ``v.h``), so every width is a plain channel count: a head's value dims (``v.h``, their
+    ``pe`` channels, ``proj``'s inputs) and its key dims (``q.h`` with ``k.h``) are pruned per head, each head to its
+    own width. Not (or no longer: a rolled-back prune) rewritten, it runs Ultralytics' forward."""
+
+    def rewrite(self) -> None:
+        nh, kd, hd = self.num_heads, self.key_dim, self.head_dim
+        parts = split_conv(self.qkv, [kd, kd, hd] * nh)  # qkv's rows: head 0's q, k, v, then head 1's, ...
+        self.q, self.k, self.v = (nn.ModuleList(parts[i::3]) for i in range(3))
+        self.dot = nn.ModuleList(KeyDot(self.scale, kd, self.proj.conv.out_channels) for _ in range(nh))
+        del self.qkv
+
+    def forward(self, x: Tensor) -> Tensor:
+        if "qkv" in self._modules:
+            return super().forward(x)
+        B, _, H, W = x.shape
+        outs, values = [], []
+        for q, k, v, dot in zip(self.q, self.k, self.v, self.dot):
+            vh = v(x).flatten(2)  # (B, hd_h, N)
+            outs.append(vh @ dot(q(x), k(x)).transpose(-2, -1))  # (B, hd_h, N)
+            values.append(vh)
+        out, v = (torch.cat(t, 1).view(B, -1, H, W) for t in (outs, values))  # heads in order, as Ultralytics
+        return self.proj(out + self.pe(v))
+
+    def channel_trace(self, x: Tensor) -> Tensor:
+        """The channel dependencies without the (B, N, N) products: values -> ``pe`` -> ``proj``; per head q * k ->
+        its ``KeyDot``, whose output joins the attention's output (it carries no channels of its own)."""
+        v = torch.cat([v(x) for v in self.v], 1)
+        out = self.proj(v + self.pe(v))
+        for q, k, dot in zip(self.q, self.k, self.dot):
+            dot.keys, dot.width = q.conv.out_channels, out.shape[1]
+            out = out + dot(q(x) * k(x))
+        return out
 
 
 @cache
@@ -107,7 +150,7 @@ def _classes() -> tuple[dict[type, type], type, type]:
         if base is not None:
             swaps[base] = type(f"Prunable{name}", (TwoHalves, base), {"forward": fwd, "forward_split": fwd,
                                                                       "__module__": __name__})
-    attn = type("PrunableAttention", (block.Attention,), {"forward": attention_forward, "__module__": __name__})
+    attn = type("PrunableAttention", (SplitHeads, block.Attention), {"__module__": __name__})
     for cls in swaps.values():
         globals()[cls.__name__] = cls  # importable by name (a pickled Ultralytics checkpoint refers to it)
     globals()[attn.__name__] = attn
@@ -125,8 +168,9 @@ def rewrite_yolo(model: nn.Module) -> int:
             m.__class__ = new
             m.rewrite()
             n += 1
-        elif type(m) is attention:
+        elif type(m) is attention or (type(m) is prunable_attention and "qkv" in m._modules):
             m.__class__ = prunable_attention
+            m.rewrite()
             n += 1
     return n
 

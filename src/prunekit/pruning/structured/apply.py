@@ -31,6 +31,8 @@ def apply_selection(graph: PruningGraph, units: list[Unit], sel: Selection,
             rec.heads_before, rec.heads_after = att.num_heads, att.num_heads - len(elements)
             att.set_heads(rec.heads_after, removed=sorted(elements))
         records.append(rec)
+    if compensator is not None:
+        compensator.finish()  # one warning for the layers fitted on too little calibration data
     sync_attributes(graph.model)
     return records, compensation
 

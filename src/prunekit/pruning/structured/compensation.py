@@ -19,7 +19,8 @@ layer by 2-fold cross-validation on the two halves of the calibration batches (`
 calibration tokens per input feature a fixed small ridge overfits (on MiniLM-L6, 100 sentences for 1536 features,
 ridge 1e-3 reproduces the calibration data well and generalises worse than ``mean``); "no refit" (``mean``) is a
 candidate too, so the refit cannot fall below ``mean`` on the held-out half. Fewer than ``TOKENS_PER_FEATURE``
-calibration tokens per input feature log a warning naming the layer, the tokens seen and the tokens needed.
+calibration tokens per input feature log one warning per pruning call (``Compensator.finish``): how many layers, the
+worst few with the tokens seen and needed, and how much more data the worst needs.
 
 Statistics are read by consumer name (``StatsDict.inputs``, or producer statistics measured at that consumer's input).
 
@@ -57,6 +58,7 @@ MODES = ("none", "mean", "lstsq")
 RIDGES = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)  # candidates of ridge="auto" (relative to mean diag S_KK)
 FALLBACK_RIDGE = 0.1  # ridge="auto" without halves (a single calibration batch)
 TOKENS_PER_FEATURE = 4  # lstsq wants >= this many calibration samples (tokens, positions) per input feature
+SMALL_SHOWN = 3  # layers named in the one warning about too little calibration data for lstsq
 
 
 def input_stats(stats: Mapping[str, ChannelStats], layer: str) -> ChannelStats | None:
@@ -102,7 +104,7 @@ class Compensator:
         self.names = {m: n for n, m in model.named_modules()}
         self._alive: dict[str, list[int]] = {}  # consumer -> original input indices still present
         self._warned_bn = False
-        self._warned_small: set[str] = set()
+        self._small: dict[str, tuple[int, int, int, str, str]] = {}  # too little data for lstsq (finish)
 
     def apply(self, group: Any, idxs: list[int]) -> list[dict[str, Any]]:
         """Compensate every conv/linear consumer of the channels ``group`` removes (root indices ``idxs``).
@@ -144,6 +146,8 @@ class Compensator:
                 skipped.append(f"{c.name} (no statistics of its input)")
             else:
                 found.append((c, st))
+        if not found and any(getattr(dep.target.module, "no_compensation", False) for dep, _ in group):
+            return found, skipped  # channels that only enter products (a PSA head's key dims): no output to keep
         if not found:
             raise PruningError(f"compensate={self.mode!r}: no layer consuming the channels removed from "
                                f"{root_name(group)!r} can be compensated"
@@ -229,20 +233,39 @@ class Compensator:
         return ps, expand(cur), expand(P), expand(K)
 
     def _check_size(self, name: str, fs: ChannelStats, module: nn.Module) -> None:
-        """Warn (once per layer) when ``lstsq`` is fitted on fewer samples than ``TOKENS_PER_FEATURE`` per input
+        """Note (once per layer) when ``lstsq`` is fitted on fewer samples than ``TOKENS_PER_FEATURE`` per input
         feature (MiniLM-L6, keep 0.5, a 1536-wide FFN: the figure rises steeply up to about 4 tokens per feature and
         by a few thousandths beyond; ``benchmarks/minilm_calib.py``): the refit then fits the calibration data more
-        than new data, and its gain over ``mean`` shrinks (the cross-validated ridge keeps it at or above ``mean``)."""
+        than new data, and its gain over ``mean`` shrinks (the cross-validated ridge keeps it at or above ``mean``).
+        ``finish`` says it, in one warning for all such layers."""
         need = TOKENS_PER_FEATURE * fs.channels
-        if fs.count >= need or name in self._warned_small:
+        if fs.count < need and name not in self._small:
+            self._small[name] = (fs.count, fs.channels, need, *self._data_words(module))
+
+    def finish(self) -> None:
+        """One warning for every layer ``lstsq`` fitted on too little calibration data (``_check_size``): how many,
+        the worst few with their figures, and how much more data the worst needs. Called once the groups are
+        applied (``apply_selection``); the record is cleared."""
+        if not self._small:
             return
-        self._warned_small.add(name)
-        unit, data = self._data_words(module)
-        log.warning("lstsq compensation of %r is fitted on %d %s for its %d input features; a stable refit needs "
-                    "about %d (%d per feature): give %.1fx as much %s from the deployment domain for the full gain "
-                    "(with less, the cross-validated refit stays at or above compensate='mean', which needs far less "
-                    "data, but below what it reaches)", name, fs.count, unit, fs.channels, need, TOKENS_PER_FEATURE,
-                    need / max(fs.count, 1), data)
+        small, self._small = self._small, {}
+        ranked = sorted(small.items(), key=lambda kv: kv[1][2] / max(kv[1][0], 1), reverse=True)
+        count, features, need, unit, data = ranked[0][1]
+        factor = need / max(count, 1)
+        tail = (f"give {factor:.1f}x as much {data} from the deployment domain for the full gain (with less, the "
+                "cross-validated refit stays at or above compensate='mean', which needs far less data, but below what "
+                "it reaches)")
+        if len(ranked) == 1:
+            log.warning("lstsq compensation of %r is fitted on %d %s for its %d input features; a stable refit needs "
+                        "about %d (%d per feature): %s", ranked[0][0], count, unit, features, need, TOKENS_PER_FEATURE,
+                        tail)
+            return
+        worst = "; ".join(f"{n!r}: {c} for {f} input features, needs about {nd} ({nd / max(c, 1):.1f}x)"
+                          for n, (c, f, nd, _, _) in ranked[:SMALL_SHOWN])
+        more = f" and {len(ranked) - SMALL_SHOWN} more" if len(ranked) > SMALL_SHOWN else ""
+        log.warning("lstsq compensation of %d layers is fitted on fewer %s than a stable refit needs (%d per input "
+                    "feature); the worst: %s%s. For the worst, %s", len(ranked), unit, TOKENS_PER_FEATURE, worst, more,
+                    tail)
 
     def _data_words(self, module: nn.Module) -> tuple[str, str]:
         """(what one statistics sample is, what to give more of): tokens for a model fed token ids (it has an

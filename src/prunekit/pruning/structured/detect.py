@@ -6,10 +6,11 @@ sizes are fixed numbers) the pruned model failed its forward. ``make_yolo_prunab
 model built with Ultralytics:
 
 - rewrites the blocks into equal forms without the split (``prunekit.models.yolo_prunable``: ``cv1`` -> ``cv1a`` +
-  ``cv1b``; the PSA ``Attention`` reading its widths from its layers);
-- registers ``AttentionPruner``: torch-pruning sees an ``Attention`` as one layer, so the residual stream through it
-  is pruned (``qkv``'s input, ``proj``'s output) and the heads' inner layout (``qkv``'s output, ``pe``) stays whole,
-  with a warning naming those layers;
+  ``cv1b``; the PSA ``Attention``'s ``qkv`` -> one conv per head and role, ``q.h`` / ``k.h`` / ``v.h``);
+- registers ``KeyDotPruner`` for the attention's per-head ``KeyDot`` (softmax of the query-key products, no
+  weights): traced through the attention's ``channel_trace``, a head's key dims (``q.h`` with ``k.h``) are one group
+  and its value dims (``v.h``, their ``pe`` channels, ``proj``'s inputs) another, so the attention is pruned per head
+  like every other block (the stream through it too);
 - traces Detect-family heads (Detect, Segment, Pose, OBB) through ``head_trace``: every level's branch output (box,
   DFL, class, mask-coefficient, keypoint channels) and a Segment head's prototypes are model outputs, so those layers
   keep their size and everything before them is pruned; ``dfl`` (fixed weights) is not traced;
@@ -31,25 +32,23 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 
-class AttentionPruner(tp.pruner.function.BasePruningFunc):
-    """A YOLO ``Attention`` as one layer: its input channels are ``qkv``'s, its output channels ``proj``'s (with
-    BatchNorm); the inside (heads' q, k, v layout, ``pe``) is not touched."""
+class KeyDotPruner(tp.pruner.function.BasePruningFunc):
+    """A PSA head's ``KeyDot`` (``prunekit.models.yolo_prunable``): no weights; its input channels are the head's key
+    dims (its q and k convs lose them), its output channels the attention's output width (trace only)."""
 
     def prune_out_channels(self, layer: nn.Module, idxs: list[int]) -> nn.Module:
-        tp.prune_conv_out_channels(layer.proj.conv, idxs)
-        if isinstance(getattr(layer.proj, "bn", None), nn.modules.batchnorm._BatchNorm):
-            tp.prune_batchnorm_out_channels(layer.proj.bn, idxs)
+        layer.width -= len(idxs)
         return layer
 
     def prune_in_channels(self, layer: nn.Module, idxs: list[int]) -> nn.Module:
-        tp.prune_conv_in_channels(layer.qkv.conv, idxs)
+        layer.keys -= len(idxs)
         return layer
 
     def get_out_channels(self, layer: nn.Module) -> int:
-        return layer.proj.conv.out_channels
+        return layer.width
 
     def get_in_channels(self, layer: nn.Module) -> int:
-        return layer.qkv.conv.in_channels
+        return layer.keys
 
 
 _BRANCHES = ("cv2", "cv3", "cv4", "cv5", "one2one_cv2", "one2one_cv3", "one2one_cv4")
@@ -86,29 +85,23 @@ def _head_types() -> tuple[type, ...]:
 
 def make_yolo_prunable(model: nn.Module) -> int:
     """Rewrite the Ultralytics blocks of ``model`` in place into their prunable forms and register the head trace,
-    the attention pruner and the output view (see the module docstring); returns how many modules were rewritten.
+    the key-dim pruner and the output view (see the module docstring); returns how many modules were rewritten.
     A model built without Ultralytics (it is not imported) is left alone and 0 is returned."""
     if "ultralytics.nn.modules" not in sys.modules:
         return 0
     from ultralytics.nn.tasks import BaseModel
 
-    from prunekit.models.yolo_prunable import prunable_attention_class, rewrite_yolo
+    from prunekit.models.yolo_prunable import KeyDot, rewrite_yolo
     from prunekit.pruning.structured.trace import CUSTOMIZED_PRUNERS, TRACE_FORMS
     from prunekit.pruning.structured.verify import OUTPUT_VIEWS
 
     OUTPUT_VIEWS.setdefault(BaseModel, without_features)
-    attention = prunable_attention_class()
-    CUSTOMIZED_PRUNERS.setdefault(attention, AttentionPruner())
+    CUSTOMIZED_PRUNERS.setdefault(KeyDot, KeyDotPruner())
     heads = _head_types()
     for m in model.modules():
         if isinstance(m, heads):
             TRACE_FORMS.setdefault(type(m), head_trace)  # exact types: Segment, Pose, OBB each get it
     n = rewrite_yolo(model)
-    whole = [f"{name}.{part}" for name, m in model.named_modules() if isinstance(m, attention)
-             for part in ("qkv", "pe")]
-    if whole:
-        log.warning("%s: %d attention layer(s) keep their output channels (the heads' q/k/v layout; the stream "
-                    "through the attention is pruned): %s", type(model).__name__, len(whole), ", ".join(whole))
     if n:
         log.info("%s: %d Ultralytics block(s) rewritten into prunable forms (same outputs)", type(model).__name__, n)
     return n

@@ -296,3 +296,27 @@ def test_cli_exports_a_folder_written_by_save_model(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["export", "--from", str(tmp_path / "empty"), "--format", "onnx"]) == 2
     assert "holds no model: missing model.json, model.safetensors" in capsys.readouterr().err
+
+
+class _TakesExtraArgs(nn.Module):
+    """Ultralytics' signature: ``forward(x, *args, **kwargs)`` (a YOLO model), called with one input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.conv(x).flatten(1)
+
+
+def test_forward_with_star_args_exports_with_torch_export_silently(tmp_path, caplog):
+    """The dynamic-shape spec follows the signature (``x`` then ``*args``): torch.export takes it, so the export needs
+    no fallback to the TorchScript-based exporter and logs no failure."""
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING):
+        manifest = export_model(_TakesExtraArgs().eval(), torch.randn(1, 3, 8, 8), tmp_path, ["onnx"],
+                                verify_inputs=torch.randn(3, 3, 8, 8))
+    info = manifest["formats"]["onnx"]
+    assert info["exporter"] == "dynamo" and info["verify"]["ok"] and info["verify"]["batch_size"] == 3
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert onnx.load(str(tmp_path / "model.onnx")).graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"

@@ -114,7 +114,9 @@ def _sequence_max(module: nn.Module) -> int | None:
 def export_dims(axes: list[dict[int, str]], module: nn.Module) -> Any:
     """``torch.export`` dynamic shapes for ``dynamic_axes(...)`` (one shared ``Dim`` per axis name), or None.
 
-    A ``forward(*args)`` (the adapter) takes them nested: ``((dims of arg 0, dims of arg 1, ...),)``.
+    They follow ``forward``'s signature: one entry per named positional parameter, then the rest nested for a
+    ``*args`` (the adapter's ``forward(*args)``: ``((dims of arg 0, dims of arg 1, ...),)``; Ultralytics'
+    ``forward(x, *args, **kwargs)`` called with one input: ``(dims of x,)``).
     """
     from torch.export import Dim
 
@@ -127,8 +129,11 @@ def export_dims(axes: list[dict[int, str]], module: nn.Module) -> Any:
             if name not in dims:
                 dims[name] = Dim(name, min=1, max=seq_max) if name == "sequence" and seq_max else Dim(name, min=1)
     shapes = tuple({i: dims[n] for i, n in a.items()} for a in axes)
-    params = inspect.signature(module.forward).parameters.values()
-    return (shapes,) if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params) else shapes
+    params = list(inspect.signature(module.forward).parameters.values())
+    if not any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return shapes
+    named = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    return shapes if len(shapes) <= named else (*shapes[:named], shapes[named:])
 
 
 # one torch.export per (module, input shapes, axes) inside `shared_exports`: ONNX and .pt2 share it

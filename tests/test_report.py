@@ -362,3 +362,30 @@ def test_method_names_the_compensation_and_sweeps_plot_by_method(tree):
             cfg.write_text(saved)
     assert method_family("variance+lstsq global macs=0.35") == "variance+lstsq global"
     assert method_family("l1 local r=0.50") == "l1 local"
+
+
+def test_detection_report_speaks_of_map_not_top1(tmp_path):
+    """Detection runs (``map50`` / ``map50_95``, no ``top1``): the summary, targets, goals and figure speak of
+    mAP50-95 / mAP50 everywhere; a report that mixes in a classifier names both."""
+    torch.manual_seed(0)
+    model = prunekit.create_model("smallcnn", in_channels=1, num_classes=10, width=8)
+    base = make_run(tmp_path / "base", model, {"map50": 0.40, "map50_95": 0.25, "stage": "train", "task": "detect",
+                                                    "test_samples": 200})  # as prunekit.pipeline.detect writes
+    pruned_model = copy.deepcopy(model)
+    prune(pruned_model, X, "l1", ratio=0.5)
+    pruned = make_run(tmp_path / "pruned", pruned_model, {"map50": 0.30, "map50_95": 0.20, "stage": "prune",
+                                                           "task": "detect", "from": str(base)})
+    res = make_report([base, pruned], tmp_path / "report", targets={"macs": 0.4, "drop": 1.5})
+    md, html = res.markdown.read_text(), res.html.read_text()
+    for text in (md, html):
+        assert "top-1" not in text.lower() and "top1" not in text.lower() and "top-5" not in text.lower()
+    assert "Targets: MACs cut >= 40%, mAP50-95 drop <= 1.5 pts." in md
+    assert "`mAP50` / `mAP50-95` are on each dataset's test split" in md
+    assert "no other run beats on both mAP50-95 and MACs" in md
+    assert "pruned: mAP50-95 drop 5.00 pts > 1.5 pts" in md  # the goal missed, in mAP words (25.0 -> 20.0)
+    old = make_run(tmp_path / "old", model, {"map50": 0.4, "map50_95": 0.25, "stage": "train"})  # no test_samples
+    assert "The mAP50-95 of old is not marked as a test-split figure" in make_report(
+        [old], tmp_path / "old_report").markdown.read_text()
+    classifier = make_run(tmp_path / "cls", model, {"top1": 90.0, "stage": "train"})
+    mixed = make_report([pruned, classifier], tmp_path / "mixed").markdown.read_text()
+    assert "`top1` / `top5` and `mAP50` / `mAP50-95` are on each" in mixed and "top-1 / mAP50-95 drop" in mixed

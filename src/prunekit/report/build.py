@@ -86,12 +86,13 @@ def make_report(run_dirs: Sequence[str | Path], out: str | Path, targets: Mappin
     out.mkdir(parents=True, exist_ok=True)
     res = ReportResult(out=out, records=records, targets=targets, html=out / "report.html",
                        markdown=out / "report.md", sensitivity=sens)
-    sections, md = [], [f"# {title}", "", f"Targets: {describe_targets(targets)}.", ""]
+    goals = describe_targets(targets, D.score_name([r.row for r in records]))
+    sections, md = [], [f"# {title}", "", f"Targets: {goals}.", ""]
     for sid, heading in SECTIONS:
         body_html, body_md = _SECTION_BUILDERS[sid](records, res)
         sections.append(H.section(sid, heading, body_html))
         md += [f"## {heading}", "", body_md, ""]
-    subtitle = (f"{len(records)} runs; targets: {describe_targets(targets)}; generated "
+    subtitle = (f"{len(records)} runs; targets: {goals}; generated "
                 f"{datetime.now().strftime('%Y-%m-%d %H:%M')}")
     atomic_write_text(res.html, H.page(title, sections, subtitle, nav=SECTIONS))
     atomic_write_text(res.markdown, "\n".join(md).rstrip() + "\n")
@@ -108,12 +109,14 @@ def _summary(records: list[RunRecord], res: ReportResult) -> tuple[str, str]:
     lat = (f"`latency cut` is the {' / '.join(backends)} figure of the run's `profile.json` (timed alternately with "
            "its baseline; every backend in the latency section)" if backends else
            "`latency cut` compares the latency each run measured on its own")
-    lines = ["`top1` / `top5` are on each dataset's test split (the validation split, carved from the training data, "
-             "only picked epochs). Reductions and the top-1 drop are against the baseline each run descends from (its "
-             "`stage: train` "
-             "ancestor, found through `from`); `Pareto` marks the runs no other run beats on both top-1 and MACs; "
+    rows = [r.row for r in records]
+    score = D.score_name(rows)
+    lines = [f"{D.metric_columns(rows)} are on each dataset's test split (the validation split, carved from the "
+             f"training data, only picked epochs). Reductions and the {score} drop are against the baseline each run "
+             "descends from (its `stage: train` "
+             f"ancestor, found through `from`); `Pareto` marks the runs no other run beats on both {score} and MACs; "
              "`sparsity` is the fraction of exact zeros among the weights of the conv and linear layers (biases and "
-             f"norms not counted); {lat}.", *filter(None, [D.summary_note([r.row for r in records])]),
+             f"norms not counted); {lat}.", *filter(None, [D.summary_note(rows)]),
              *split_notes(records)]
     body = H.table(headers, cells, text_cols, classes) + "".join(H.para(line) for line in lines)
     dirs = [[r.label, str(r.dir), str(r.baseline_dir) if r.baseline_dir else "-"] for r in records]
@@ -128,8 +131,9 @@ def _accuracy(records: list[RunRecord], res: ReportResult) -> tuple[str, str]:
     res.figures["accuracy"] = path
     front = [r.label for r in sorted(records, key=lambda r: r.row["macs"]) if r.row.get("pareto")]
     text = f"Pareto front (cheapest first): {', '.join(front)}."
-    return H.img(path, "top-1 vs MACs with the Pareto front") + H.para(text), f"![accuracy vs MACs]({path.name})\n\n" \
-        + text
+    score = D.score_name([r.row for r in records])
+    return H.img(path, f"{score} vs MACs with the Pareto front") + H.para(text), \
+        f"![{score} vs MACs]({path.name})\n\n" + text
 
 
 def _channels(records: list[RunRecord], res: ReportResult) -> tuple[str, str]:
@@ -260,11 +264,11 @@ def _failures(records: list[RunRecord], res: ReportResult) -> tuple[str, str]:
     res.failures = [f"{r.label}: {'; '.join(r.missed)}" for r in miss]
     if miss:
         head = f"{len(miss)} of {sum(not r.is_baseline for r in records)} runs miss the targets " \
-               f"({describe_targets(res.targets)}):"
+               f"({describe_targets(res.targets, D.score_name([r.row for r in records]))}):"
         html.append(H.para(head) + H.bullets(res.failures))
         md.append(head + "\n\n" + "\n".join(f"- {f}" for f in res.failures))
     elif any(not r.is_baseline for r in records):
-        msg = f"Every run meets the targets ({describe_targets(res.targets)})."
+        msg = f"Every run meets the targets ({describe_targets(res.targets, D.score_name([r.row for r in records]))})."
         html.append(H.para(msg))
         md.append(msg)
     else:

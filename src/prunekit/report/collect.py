@@ -286,12 +286,13 @@ def split_notes(records: Sequence[RunRecord]) -> list[str]:
     its top-1 as a test figure (no ``test_loss``: an older prunekit picked their epochs on the split it reported), and
     fine-tunes that kept their start model or ended below it on test."""
     notes = []
-    unmarked = [r.label for r in records if "test_loss" not in r.metrics
+    unmarked = [r for r in records if "test_loss" not in r.metrics and not _detection_test(r.metrics)
                 and ("best_epoch" in r.metrics or r.metrics.get("stage") in _TRAINED)]
     if unmarked:
-        notes.append(f"The top-1 of {', '.join(unmarked)} is not marked as a test-split figure (their metrics.json "
-                     "has no `test_loss`: written before prunekit had a validation split, their best epoch was "
-                     "picked on the split they report); it may be optimistic.")
+        notes.append(f"The {D.score_name([r.row for r in unmarked])} of {', '.join(r.label for r in unmarked)} is not "
+                     "marked as a test-split figure (their metrics.json has no `test_loss`: written before prunekit "
+                     "had a validation split, their best epoch was picked on the split they report); it may be "
+                     "optimistic.")
     kept = [r.label for r in records if r.metrics.get("kept_start")]
     if kept:
         notes.append(f"No fine-tuning epoch beat the start model on val for {', '.join(kept)}: the start was kept.")
@@ -300,6 +301,11 @@ def split_notes(records: Sequence[RunRecord]) -> list[str]:
     if below:
         notes.append(f"Fine-tuned below their start on test: {', '.join(below)}.")
     return notes
+
+
+def _detection_test(metrics: Mapping[str, Any]) -> bool:
+    """A detection run's mAP measured on the test split (``prunekit.pipeline.detect`` records ``test_samples``)."""
+    return D.is_detection(metrics) and isinstance(metrics.get("test_samples"), int)
 
 
 def profile_latency_reduction(profile: Mapping[str, Any] | None) -> dict[str, float]:

@@ -65,6 +65,18 @@ def score_label(rows: Sequence[Mapping[str, Any]]) -> str:
     return "mAP50-95 (%)" if all(det) else ("top-1 (%)" if not any(det) else "top-1 / mAP50-95 (%)")
 
 
+def score_name(rows: Sequence[Mapping[str, Any]]) -> str:
+    """What the runs are scored by, in words: ``top-1``, ``mAP50-95``, or ``top-1 / mAP50-95`` when they mix."""
+    return score_label(rows).removesuffix(" (%)")
+
+
+def metric_columns(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The summary's score columns, as the table names them (markdown)."""
+    det = [r.get("top1") is None and r.get("map50_95") is not None for r in rows]
+    cols = ([] if rows and all(det) else ["`top1` / `top5`"]) + (["`mAP50` / `mAP50-95`"] if any(det) else [])
+    return " and ".join(cols)
+
+
 def summary_note(rows: Sequence[Mapping[str, Any]]) -> str | None:
     """The summary's sentence about the mAP columns, when a row has them."""
     if not any(r.get("map50_95") is not None for r in rows):

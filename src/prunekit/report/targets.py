@@ -73,10 +73,11 @@ def check_targets(targets: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def describe_targets(targets: Mapping[str, float]) -> str:
-    """``{"macs": 0.4, "drop": 1.5}`` -> ``"MACs cut >= 40%, top-1 drop <= 1.5 pts"``."""
+def describe_targets(targets: Mapping[str, float], score: str = "top-1") -> str:
+    """``{"macs": 0.4, "drop": 1.5}`` -> ``"MACs cut >= 40%, top-1 drop <= 1.5 pts"``; ``score`` names what the
+    ``drop`` / ``top1`` targets read (``"mAP50-95"`` for detection runs)."""
     words = {"macs": "MACs cut >= {:.0%}", "params": "params cut >= {:.0%}", "latency": "latency cut >= {:.0%}",
-             "drop": "top-1 drop <= {:g} pts", "top1": "top-1 >= {:g}%"}
+             "drop": score + " drop <= {:g} pts", "top1": score + " >= {:g}%"}
     return ", ".join(words[k].format(v) for k, v in targets.items()) or "none"
 
 

@@ -9,7 +9,9 @@ scores, per-layer ratio, to keep ~50% of the MACs:
 - ``prunekit LUT``: prunekit, ``target_macs=0.5, latency_backend=<backend>``: each group's width chosen at the top of
   the latency step of the backend's measured per-layer latency table (built once per model and backend, cached
   under ``~/.cache/prunekit/latency``; ``prunekit.pruning.structured.latency``);
-- ``prunekit target_latency T`` (``--target-latency T``): prunekit asked for a latency fraction instead of MACs.
+- ``prunekit target_latency T`` (``--target-latency T``): prunekit asked for a latency fraction instead of MACs;
+- ``prunekit LUT+context K`` (``--context K``): the LUT widths, then the K costliest groups re-timed inside the whole
+  model one grid step below / above (``latency_context_groups``, ``prunekit.pruning.structured.latency_context``).
 
 Backend ``onnxruntime-int8`` (``--backends onnxruntime-int8``): every variant, dense included, is quantized to int8
 the way ``prunekit quantize`` does (QDQ, per-channel weights, uint8 activations; calibrated on the example input
@@ -132,7 +134,7 @@ def time_variants(variants: dict[str, nn.Module], x: torch.Tensor, backend: str,
 
 
 def run_model(name: str, backends: list[str], threads: int, repeats: int, target_latency: float | None,
-              wide: bool = False) -> list[dict[str, Any]]:
+              wide: bool = False, context: int = 0) -> list[dict[str, Any]]:
     ref, kwargs, shape = MODELS[name]
     torch.manual_seed(0)
     dense = create_model(ref, **kwargs).eval()
@@ -165,6 +167,13 @@ def run_model(name: str, backends: list[str], threads: int, repeats: int, target
                 variants[f"prunekit round_to {r}/{w}"], keeps[f"prunekit round_to {r}/{w}"] = rounded[w][2]
         label = f"prunekit LUT {lut}"
         variants[label], keeps[label], infos[label] = pk_prune(dense, x, target_macs=TARGET_KEEP, latency_backend=lut)
+        if context:
+            label = f"prunekit LUT+context {context}"
+            variants[label], keeps[label], infos[label] = pk_prune(
+                dense, x, target_macs=TARGET_KEEP, latency_backend=lut, latency_context_groups=context)
+            for t in infos[label]["context"]:
+                print(f"#   in context: {t['group']}: table {t['table']} -> {t['chosen']} (width: [ms, MACs kept, "
+                      f"efficiency] {t['timed']}, dense {t['dense_ms']} ms)", flush=True)
         if target_latency is not None:
             label = f"prunekit target_lat {target_latency}"
             try:
@@ -284,6 +293,8 @@ def main() -> None:
                     "every figure comes with its range over the repeats)")
     ap.add_argument("--target-latency", type=float, default=None, help="also prune with target_latency")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--context", type=int, default=0, help="also the LUT widths checked in context for the K "
+                    "costliest groups (latency_context_groups=K)")
     ap.add_argument("--wide", action="store_true", help="also round to 4 SIMD blocks (R = 4 x block: torch-pruning "
                     "and prunekit), and prunekit round_to block with round_to_wide 4 x block")
     ap.add_argument("--explain", action="store_true", help="only the per-block ONNX Runtime profile of dense vs "
@@ -307,7 +318,8 @@ def main() -> None:
         return
     rows = []
     for name in args.models.split(","):
-        rows += run_model(name, args.backends.split(","), args.threads, args.repeats, args.target_latency, args.wide)
+        rows += run_model(name, args.backends.split(","), args.threads, args.repeats, args.target_latency, args.wide,
+                          args.context)
     print(f"\n# load average at the end: {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[2]:.1f} (15 min); "
           "latency cut and efficiency: median over repeats (range)")
     print(HEADER)

@@ -267,9 +267,9 @@ def environment(backend: str, threads: int) -> dict[str, Any]:
                                                                            "amx_tile", "asimd", "sve")),
                            "torch": torch.__version__, "table_version": 2}
     if backend == "onnxruntime-int8":  # how each layer is quantized is part of what its figure means
-        from prunekit.measure.latency_int8 import CALIB_BATCHES, ORT_INT8
+        from prunekit.measure.latency_int8 import CALIB_BATCHES, ORT_INT8, STAT
 
-        env["int8"] = {**ORT_INT8, "calib_batches": CALIB_BATCHES}
+        env["int8"] = {**ORT_INT8, "calib_batches": CALIB_BATCHES, "stat": STAT}
     if backend.startswith("onnxruntime"):
         try:
             import onnxruntime

@@ -237,3 +237,22 @@ def test_in_context_check_moves_a_width_that_is_slow_inside_the_network(tmp_path
                                       lambda ms: {k: _conv_ms(m, x) for k, m in ms.items()}, tol=0.2)
     for t in trials2:  # no surprise in context: each group keeps the width with the best latency cut per MACs cut
         assert t["timed"][t["chosen"]][2] == max(v[2] for v in t["timed"].values())
+
+
+def test_prune_cli_with_the_int8_latency_backend(trained_run, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import json
+
+    from prunekit.cli.main import main
+
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "pruned"
+    rc = main(["prune", "--from", str(trained_run), "--criterion", "l1", "--target-macs", "0.6", "--latency-backend",
+               "onnxruntime-int8", "--latency-threads", "1", "--latency-verify-runs", "3", "--calib-batches", "2",
+               "--out", str(out)])
+    assert rc == 0
+    la = json.loads((out / "metrics.json").read_text())["latency"]
+    assert la["backend"] == "onnxruntime-int8" and la["table_entries_timed"] > 0 and la["measured_kept"] > 0
+    assert la["table_spread"]["entries"] == la["table_entries_timed"]
+    (table,) = (tmp_path / "cache" / "latency").glob("onnxruntime-int8-t1-*.json")
+    assert json.loads(table.read_text())["env"]["int8"]["per_channel"] is True

@@ -149,6 +149,8 @@ def test_user_errors(pruned, data_yaml, tmp_path) -> None:
         finetune_yolo(three, data_yaml, epochs=1)
     with pytest.raises(ConfigError, match="task 'nope'"):
         trainer_class("nope")
+    with pytest.raises(ConfigError, match="kd='logits': valid: head, features"):
+        finetune_yolo(pruned, data_yaml, epochs=1, teacher=pruned, kd="logits")
 
 
 def test_finetune_with_teacher_distills(data_yaml, tmp_path) -> None:
@@ -163,6 +165,8 @@ def test_finetune_with_teacher_distills(data_yaml, tmp_path) -> None:
     yolo.train(teacher=teacher, data=str(data_yaml), epochs=1, imgsz=SIZE, project=str(tmp_path), batch=4, workers=0,
                plots=False, val=False, amp=False, warmup_epochs=0, seed=0)
     assert any("dis" in n for n in yolo.trainer.loss_names)
+    assert type(yolo.trainer.model).__name__ == "HeadDistillationModel"  # the default kd="head"
+    assert yolo.trainer.args.dis == 1.0
     assert type(yolo.model) is type(teacher) and _widths(yolo.model) == widths
     assert all(p.requires_grad for n, p in teacher.named_parameters() if ".dfl" not in n)
     for k, v in teacher.state_dict().items():
@@ -175,3 +179,56 @@ def test_finetune_with_teacher_distills(data_yaml, tmp_path) -> None:
     again, _ = finetune_yolo(yolo.model, data_yaml, epochs=1, imgsz=SIZE, batch=4, workers=0, plots=False,
                              val=False, amp=False, warmup_epochs=0, seed=0, project=str(tmp_path / "again"))
     assert _widths(again) == widths
+
+
+def _batch(n: int = 2) -> dict[str, torch.Tensor]:
+    """A training batch as Ultralytics' trainer hands it to the model: images and one box per image."""
+    g = torch.Generator().manual_seed(0)
+    return {"img": torch.rand(n, 3, SIZE, SIZE, generator=g), "batch_idx": torch.arange(n).float(),
+            "cls": torch.zeros(n, 1), "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.3]]).repeat(n, 1)}
+
+
+def test_head_kd_loss_is_zero_at_the_teacher_and_pulls_towards_it() -> None:
+    from prunekit.models.ultralytics_io import head_kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    teacher = {"scores": torch.randn(2, 3, 40, generator=g), "boxes": torch.randn(2, 4 * 16, 40, generator=g)}
+    same = {k: v.clone() for k, v in teacher.items()}
+    torch.testing.assert_close(head_kd_loss(same, teacher, 16), torch.tensor(0.0), atol=1e-5, rtol=0)
+    student = {k: (v + 0.5 * torch.randn(v.shape, generator=g)).requires_grad_() for k, v in teacher.items()}
+    loss = head_kd_loss(student, teacher, 16)
+    assert loss > 0.01
+    loss.backward()
+    stepped = {k: v.detach() - 0.5 * v.grad for k, v in student.items()}  # one gradient step towards the teacher
+    assert head_kd_loss(stepped, teacher, 16) < loss
+    # only the box distributions differ: the loss counts them where the teacher sees an object
+    boxes_only = {"scores": teacher["scores"], "boxes": student["boxes"].detach()}
+    assert 0 < head_kd_loss(boxes_only, teacher, 16) < loss
+
+
+def test_head_distillation_adds_a_head_loss_that_is_zero_for_the_teacher_itself() -> None:
+    """HeadDistillationModel: the student's detection loss as it is, plus ``dis`` x the head KD, which is 0 for a
+    student equal to the teacher (BatchNorm in eval for both) and > 0 once the student's class layer moves."""
+    from ultralytics.cfg import get_cfg
+
+    from prunekit.models.ultralytics_io import head_distillation_class
+
+    torch.manual_seed(3)
+    teacher = prunekit.create_model("ultralytics:yolov8n.yaml", num_classes=len(NAMES), image_size=SIZE).eval()
+    student = copy.deepcopy(teacher)
+    student.args = get_cfg(overrides={"imgsz": SIZE, "dis": 2.0})
+    model = head_distillation_class()(teacher_model=copy.deepcopy(teacher), student_model=student).train()
+    for m in student.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()  # the teacher runs in eval: the same statistics, so the same outputs
+    batch = _batch()
+    loss, items = model.loss(batch)
+    regular, _ = student.loss(batch)
+    assert loss.shape == (4,) and float(items["dis_loss"]) == pytest.approx(0.0, abs=1e-5)
+    torch.testing.assert_close(loss[:3], regular)
+    with torch.no_grad():
+        student.model[-1].cv3[0][-1].bias.add_(1.0)  # the class logits of the first level move
+    loss, items = model.loss(batch)
+    n = batch["img"].shape[0]  # Ultralytics' trainer takes each loss times the batch size
+    assert float(items["dis_loss"]) > 0.01
+    assert float(loss[3].detach()) == pytest.approx(n * float(items["dis_loss"]), rel=1e-5)

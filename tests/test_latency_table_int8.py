@@ -135,8 +135,8 @@ def test_width_choice_lands_at_a_step_top_for_int8_as_for_float(tmp_path):
 
 
 def test_unknown_backend_names_the_valid_ones():
-    with pytest.raises(ConfigError, match="'openvino-int8'.*eager, onnxruntime, onnxruntime-int8"):
-        LatencyTable("openvino-int8", 2, cache=False)
+    with pytest.raises(ConfigError, match="'tensorrt-int8'.*eager, onnxruntime, onnxruntime-int8, openvino-int8"):
+        LatencyTable("tensorrt-int8", 2, cache=False)
     with pytest.raises(ConfigError, match="latency_backend.*'onnxruntime-int8'"):
         PruneSettings.build({"latency_backend": "int8"}, source="prune()")
     assert PruneSettings.build({"latency_backend": "onnxruntime-int8"}).latency.backend == "onnxruntime-int8"
@@ -256,3 +256,58 @@ def test_prune_cli_with_the_int8_latency_backend(trained_run, tmp_path, monkeypa
     assert la["table_spread"]["entries"] == la["table_entries_timed"]
     (table,) = (tmp_path / "cache" / "latency").glob("onnxruntime-int8-t1-*.json")
     assert json.loads(table.read_text())["env"]["int8"]["per_channel"] is True
+
+
+# ----------------------------------------------------------------------------------------------- openvino-int8
+def test_openvino_int8_layer_runs_the_int8_kernel_nncf_gives_it():
+    pytest.importorskip("openvino")
+    nncf = pytest.importorskip("nncf")
+    import openvino as ov
+
+    from prunekit.measure import latency_ov
+    from prunekit.measure.latency_table import _input_of, onnx_op_model
+
+    x = np.abs(_input_of(CONV).numpy())
+    ours = latency_ov.profile_ov(latency_ov.ov_op_model(CONV), [x], threads=1, runs=2)
+    (kernel,) = [(kind, impl) for _ms, kind, impl in ours.values() if kind not in latency_ov.BOUNDARY_OPS]
+    assert kernel[0] == "Convolution" and "I8" in kernel[1].upper()  # an int8 kernel, not a float one
+    fmodel = ov.Core().read_model(onnx_op_model(CONV), b"")
+    q = nncf.quantize(fmodel, nncf.Dataset([{0: x}] * 2), preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=2)
+    theirs = latency_ov.profile_ov(q, [x], threads=1, runs=2)
+    assert kernel in {(kind, impl) for _ms, kind, impl in theirs.values()}  # the very kernel NNCF's model runs
+
+
+def test_openvino_int8_table_is_timed_and_cached_under_its_own_key(tmp_path):
+    pytest.importorskip("openvino")
+    specs = [CONV, CONV.with_channels(cout=16), DEPTHWISE, LINEAR]
+    t1 = LatencyTable("openvino-int8", 1, cache_dir=tmp_path, runs=2, warmup=1)
+    t1.measure(specs)
+    assert t1.measured == 4 and all(t1[s] > 0 for s in specs) and t1.env["openvino"]
+    t2 = LatencyTable("openvino-int8", 1, cache_dir=tmp_path)
+    assert t2.entries == t1.entries
+    assert t1.path != LatencyTable("onnxruntime-int8", 1, cache_dir=tmp_path).path
+
+
+def test_missing_openvino_is_one_error_naming_the_pip_install(monkeypatch):
+    from prunekit.measure import latency_ov
+
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(ConfigError, match=r"--latency-backend openvino-int8.*pip install 'prunekit\[quantize\]'"):
+        LatencyTable("openvino-int8", 2, cache=False)
+    monkeypatch.setitem(sys.modules, "nncf", None)
+    with pytest.raises(ConfigError, match="openvino and nncf.*pip install"):
+        latency_ov.nncf_int8(tiny(), torch.randn(1, 3, 8, 8))
+
+
+def test_prune_with_the_openvino_int8_table_checks_nncf_models(tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from prunekit.pruning.structured import prune_with_settings
+
+    monkeypatch.setattr(lat, "LatencyTable", lambda b, t: LatencyTable(b, t, cache_dir=tmp_path, timer=vnni_ms))
+    model, x = tiny().eval(), torch.randn(1, 3, 8, 8)
+    s = PruneSettings.build({"criterion": "l2", "target_macs": 0.5, "latency_backend": "openvino-int8",
+                             "latency_threads": 1, "latency_verify_runs": 4})
+    la = prune_with_settings(model, x, s).latency
+    assert la["backend"] == "openvino-int8" and la["rest_ms"] > 0 and la["measured_kept"] > 0
+    assert la["int8"]["graph"].startswith("FakeQuantize")

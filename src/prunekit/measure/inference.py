@@ -22,8 +22,8 @@ from torch import nn
 from prunekit.batch import call_model
 from prunekit.errors import ConfigError
 
-# the runtimes timed layer by layer (prunekit.measure.latency_table; int8: prunekit.measure.latency_int8)
-LUT_BACKENDS = ("eager", "onnxruntime", "onnxruntime-int8")
+# the runtimes timed layer by layer (prunekit.measure.latency_table; int8: measure.latency_int8, latency_ov)
+LUT_BACKENDS = ("eager", "onnxruntime", "onnxruntime-int8", "openvino-int8")
 
 
 def min_ms(fn: Callable[[], Any], runs: int, warmup: int) -> float:

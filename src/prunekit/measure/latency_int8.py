@@ -51,6 +51,16 @@ INT8_TIMED_OPS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInte
 INSTALL = "pip install 'prunekit[quantize]' (or: pip install onnxruntime onnx)"
 
 
+def int8_environment(backend: str) -> dict[str, Any]:
+    """What an int8 table's figures depend on besides the CPU: how each layer is quantized and timed (and the
+    OpenVINO version for ``openvino-int8``)."""
+    if backend == "openvino-int8":
+        from prunekit.measure.latency_ov import ov_environment
+
+        return ov_environment()
+    return {"int8": {**ORT_INT8, "calib_batches": CALIB_BATCHES, "stat": STAT}}
+
+
 def require_quantizer(backend: str = "onnxruntime-int8") -> Any:
     """``onnxruntime.quantization``, or a ``ConfigError`` naming the flag and the pip install."""
     try:
@@ -194,11 +204,15 @@ def int8_rest_latency_ms(model: nn.Module, example_inputs: Any, threads: int, ru
 
 def rest_latency_ms(model: nn.Module, example_inputs: Any, backend: str, threads: int, runs: int = 15) -> float:
     """What a table of ``backend`` does not time in ``model``: :func:`int8_rest_latency_ms` for
-    ``onnxruntime-int8``, ``prunekit.measure.inference.rest_latency_ms`` for the float backends."""
+    ``onnxruntime-int8``, ``latency_ov.ov_rest_latency_ms`` for ``openvino-int8``,
+    ``prunekit.measure.inference.rest_latency_ms`` for the float backends."""
     from prunekit.measure.inference import rest_latency_ms as float_rest
+    from prunekit.measure.latency_ov import ov_rest_latency_ms
 
     if backend == "onnxruntime-int8":
         return int8_rest_latency_ms(model, example_inputs, threads, runs)
+    if backend == "openvino-int8":
+        return ov_rest_latency_ms(model, example_inputs, threads, runs)
     return float_rest(model, example_inputs, backend, threads, runs)
 
 
@@ -219,17 +233,20 @@ def int8_calls(models: dict[str, nn.Module], example_inputs: Any, threads: int, 
 
 
 def compare_int8_latency(models: dict[str, nn.Module], example_inputs: Any, threads: int, runs: int = 20,
-                         rounds: int = 10) -> dict[str, Any]:
-    """Every model quantized (:func:`int8_calls`) and timed alternately on ONNX Runtime: ``{name: LatencyStats}``
-    (per-round medians give the spread across repeats)."""
+                         rounds: int = 10, backend: str = "onnxruntime-int8") -> dict[str, Any]:
+    """Every model quantized and timed alternately: ``{name: LatencyStats}`` (per-round medians give the spread
+    across repeats). ``onnxruntime-int8``: :func:`int8_calls`; ``openvino-int8``: ``latency_ov.ov_int8_calls``."""
     from prunekit.batch import batch_size_of
+    from prunekit.measure.latency_ov import ov_int8_calls
 
     with tempfile.TemporaryDirectory(prefix="prunekit-int8-") as tmp:
-        fns = int8_calls(models, example_inputs, threads, tmp)
-        return paired(fns, batch_size_of(example_inputs), runs, rounds, threads)
+        fns = ov_int8_calls(models, example_inputs, threads) if backend == "openvino-int8" else \
+            int8_calls(models, example_inputs, threads, tmp)
+        return paired(fns, batch_size_of(example_inputs), runs, rounds, threads, backend)
 
 
-def paired(fns: dict[str, Callable[[], Any]], batch: int, runs: int, rounds: int, threads: int) -> dict[str, Any]:
+def paired(fns: dict[str, Callable[[], Any]], batch: int, runs: int, rounds: int, threads: int,
+           backend: str = "onnxruntime-int8") -> dict[str, Any]:
     """Alternate timing of ready calls, A B B A ... (``measure.latency.summarize`` statistics per name)."""
     import statistics
     import time
@@ -254,4 +271,4 @@ def paired(fns: dict[str, Callable[[], Any]], batch: int, runs: int, rounds: int
                 ts.append(time.perf_counter() - t0)
             times[n] += ts
             per_round[n].append(statistics.median(ts))
-    return {n: summarize(times[n], batch, "onnxruntime-int8", threads, 3, per_round[n]) for n in names}
+    return {n: summarize(times[n], batch, backend, threads, 3, per_round[n]) for n in names}

@@ -266,10 +266,10 @@ def environment(backend: str, threads: int) -> dict[str, Any]:
                            "simd": sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_bf16",
                                                                            "amx_tile", "asimd", "sve")),
                            "torch": torch.__version__, "table_version": 2}
-    if backend == "onnxruntime-int8":  # how each layer is quantized is part of what its figure means
-        from prunekit.measure.latency_int8 import CALIB_BATCHES, ORT_INT8, STAT
+    if backend.endswith("-int8"):  # how each layer is quantized is part of what its figure means
+        from prunekit.measure.latency_int8 import int8_environment
 
-        env["int8"] = {**ORT_INT8, "calib_batches": CALIB_BATCHES, "stat": STAT}
+        env.update(int8_environment(backend))
     if backend.startswith("onnxruntime"):
         try:
             import onnxruntime
@@ -289,8 +289,10 @@ def default_cache_dir() -> Path:
 def make_timer(backend: str, threads: int, runs: int, warmup: int) -> Timer:
     """The real single-layer timer of ``backend`` (one of ``LUT_BACKENDS``)."""
     from prunekit.measure import latency_int8 as i8
+    from prunekit.measure import latency_ov as ov
 
-    timers = {"eager": eager_timer, "onnxruntime": onnxruntime_timer, "onnxruntime-int8": i8.onnxruntime_int8_timer}
+    timers = {"eager": eager_timer, "onnxruntime": onnxruntime_timer, "onnxruntime-int8": i8.onnxruntime_int8_timer,
+              "openvino-int8": ov.openvino_int8_timer}
     return timers[backend](threads, runs, warmup)
 
 
@@ -298,7 +300,7 @@ class LatencyTable:
     """Measured single-layer latencies (ms) for one backend and thread count, cached on disk.
 
     Args:
-        backend: ``eager``, ``onnxruntime`` or ``onnxruntime-int8`` (``LUT_BACKENDS``).
+        backend: ``eager``, ``onnxruntime``, ``onnxruntime-int8`` or ``openvino-int8`` (``LUT_BACKENDS``).
         threads: intra-op threads the layers are timed with (time the model with the same number).
         cache_dir: folder of the JSON cache (default :func:`default_cache_dir`); None with ``cache=False``.
         cache: read and write the cache file.

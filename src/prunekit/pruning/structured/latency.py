@@ -340,7 +340,7 @@ def latency_selection(model: nn.Module, graph: PruningGraph, example_inputs: Any
                             "layers_ms": lm.layer_ms, "rest_ms": lm.rest_ms}
     if backend == "eager":
         info["eager"] = "LUT and timings on the inference copy: BatchNorm folded into convs, channels_last"
-    if backend == "onnxruntime-int8":
+    if backend.endswith("-int8"):
         info["int8"] = table.env["int8"]
     if s.target.latency is not None:
         ratio, sel, _, probes = search_latency(units, scores, scope, overrides, s.layers.max_ratio, lm,
@@ -387,8 +387,8 @@ def verify_latency(dense: nn.Module, pruned: nn.Module, example_inputs: Any, bac
         pruned, _ = inference_copy(pruned)
         x = channels_last_inputs(example_inputs)
     models = {"dense": dense, "pruned": pruned}
-    if backend == "onnxruntime-int8":
-        st = compare_int8_latency(models, x, threads, runs=runs, rounds=rounds)
+    if backend.endswith("-int8"):
+        st = compare_int8_latency(models, x, threads, runs=runs, rounds=rounds, backend=backend)
     else:
         st = compare_latency(models, x, backend, runs=runs, warmup=3, threads=threads, rounds=rounds)
     d, p = st["dense"], st["pruned"]

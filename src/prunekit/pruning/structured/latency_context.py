@@ -41,8 +41,9 @@ def model_timer(example_inputs: Any, backend: str, threads: int, runs: int = 20)
     from prunekit.measure.latency_table import channels_last_inputs, inference_copy
 
     def time_models(models: dict[str, nn.Module]) -> dict[str, float]:
-        if backend == "onnxruntime-int8":
-            st = compare_int8_latency(models, example_inputs, threads, runs=runs, rounds=min(runs, 10))
+        if backend.endswith("-int8"):
+            st = compare_int8_latency(models, example_inputs, threads, runs=runs, rounds=min(runs, 10),
+                                      backend=backend)
         elif backend == "eager":
             st = compare_latency({k: inference_copy(m)[0] for k, m in models.items()},
                                  channels_last_inputs(example_inputs), "eager", runs=runs, warmup=3, threads=threads,

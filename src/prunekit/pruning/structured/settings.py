@@ -219,10 +219,10 @@ class Latency(Config):
     """Widths from a measured per-layer latency table of one backend."""
 
     flat_prefix = "latency_"
-    backend: Literal["eager", "onnxruntime", "onnxruntime-int8"] | None = Field(
+    backend: Literal["eager", "onnxruntime", "onnxruntime-int8", "openvino-int8"] | None = Field(
         None, description="choose each group's kept channel count from a per-layer latency table of this backend "
-        "(the top of the latency step, never just past a step edge; onnxruntime-int8: the layers quantized as "
-        "prunekit quantize does); see prunekit.pruning.structured.latency")
+        "(the top of the latency step, never just past a step edge; onnxruntime-int8 / openvino-int8: the layers "
+        "quantized as prunekit quantize does); see prunekit.pruning.structured.latency")
     threads: int = Field(2, ge=1, description="threads the latency table and the paired check are timed with")
     verify_runs: int = Field(20, ge=0, description="with --latency-backend: time dense vs pruned alternately this "
                              "many runs each and report predicted vs measured (0: skip)")

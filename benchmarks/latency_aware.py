@@ -18,6 +18,7 @@ the way ``prunekit quantize`` does (QDQ, per-channel weights, uint8 activations;
 and noisy copies of it: latency does not depend on the ranges) and timed on ONNX Runtime, so the latency cut is
 pruned int8 against dense int8; ``R = recommended_round_to("onnxruntime", "int8")`` (16) and the LUT variant uses
 the int8 table (each layer quantized alone, its int8 kernels timed: ``prunekit.measure.latency_int8``).
+``openvino-int8``: the same on OpenVINO, every variant quantized by NNCF (``prunekit.measure.latency_ov``).
 
 All variants of a model are timed *alternately* in one ``compare_latency`` call per backend (A B C D, D C B A, ...),
 batch 1, ``--threads`` threads; the whole comparison is repeated ``--repeats`` times and the table gives the median
@@ -102,7 +103,7 @@ def timed_models(models: dict[str, nn.Module], x: torch.Tensor, backend: str) ->
 
 def block_size(backend: str) -> int:
     """The channel multiple of the rounded variants: the SIMD block (fp32), 16 for int8 kernels."""
-    if backend == "onnxruntime-int8":
+    if backend.endswith("-int8"):
         return recommended_round_to("onnxruntime", "int8")
     return recommended_round_to("eager" if backend.startswith("eager") else backend)
 
@@ -110,19 +111,22 @@ def block_size(backend: str) -> int:
 def time_variants(variants: dict[str, nn.Module], x: torch.Tensor, backend: str, threads: int, repeats: int,
                   runs: int) -> tuple[dict[str, list[float]], list[float]]:
     """Every variant timed alternately with ``dense`` in each of ``repeats`` paired runs: (name -> latency cut per
-    repeat, dense ms per repeat). ``onnxruntime-int8``: every variant quantized once, then timed on ONNX Runtime."""
+    repeat, dense ms per repeat). ``onnxruntime-int8`` / ``openvino-int8``: every variant quantized once (ORT's
+    quantizer / NNCF), then timed on that runtime."""
     per: dict[str, list[float]] = {k: [] for k in variants}
     dense_ms: list[float] = []
     with tempfile.TemporaryDirectory(prefix="latency-aware-") as tmp:
-        if backend == "onnxruntime-int8":
+        if backend.endswith("-int8"):
             from prunekit.measure.latency_int8 import int8_calls, paired
+            from prunekit.measure.latency_ov import ov_int8_calls
 
-            fns = int8_calls(variants, x, threads, tmp)
+            fns = ov_int8_calls(variants, x, threads) if backend == "openvino-int8" else \
+                int8_calls(variants, x, threads, tmp)
         else:
             models, xt, tb = timed_models(variants, x, backend)
         for rep in range(repeats):
-            if backend == "onnxruntime-int8":
-                st = paired(fns, 1, runs, 10, threads)
+            if backend.endswith("-int8"):
+                st = paired(fns, 1, runs, 10, threads, backend)
             else:
                 st = compare_latency(models, xt, tb, runs=runs, warmup=5, threads=threads, rounds=10)
             dense_ms.append(st["dense"].median_ms)
@@ -287,7 +291,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
     ap.add_argument("--backends", default="onnxruntime,eager", help="onnxruntime, eager (BN folded, channels_last), "
-                    "eager-plain (the model as is), onnxruntime-int8 (every variant quantized, timed on ORT)")
+                    "eager-plain (the model as is), onnxruntime-int8 / openvino-int8 (every variant quantized, timed "
+                    "on ORT / OpenVINO)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="repeats of the whole paired comparison (at least 2: "
                     "every figure comes with its range over the repeats)")

@@ -21,6 +21,10 @@ group keeps, from a latency lookup table of the target backend (``prunekit.measu
    removed; the per-group ratio for local scope) on that prediction, with the width choice inside every probe; the
    engine then times dense and pruned alternately on the backend and reports predicted vs measured.
 
+Backends: ``eager``, ``onnxruntime`` (float32), ``onnxruntime-int8`` and ``openvino-int8`` (each layer quantized as
+``prunekit quantize`` does, its int8 kernels timed; grid every 4 channels: ``prunekit.measure.latency_int8``).
+``latency_context_groups`` then re-times the costliest groups' widths inside the whole model (``latency_context``).
+
 Reference: HALP (Shen et al., "Structural Pruning via Latency-Saliency Knapsack", NeurIPS 2022) uses per-layer
 latency tables of the same kind; this module keeps prunekit's ranking and only moves each group's width to the
 latency steps, which is cheap (no knapsack) and keeps the criterion's choice of channels.
@@ -149,10 +153,7 @@ class LatencyModel:
                 lc.in_unit = None if lc.out_unit is not None else lc.in_unit
                 if lc.out_unit is None and lc.in_unit is not None:
                     lc.out_unit, lc.in_unit = lc.in_unit, None
-        todo: list[OpSpec] = []
-        for lc in self.layers.values():
-            todo.append(lc.spec)
-            todo += [s for s in self._out_specs(lc)] + [s for s in self._in_specs(lc)]
+        todo = [s for lc in self.layers.values() for s in (lc.spec, *self._out_specs(lc), *self._in_specs(lc))]
         table.measure(todo, "layer")
         for lc in self.layers.values():
             lc.full_ms = table[lc.spec]

@@ -169,7 +169,7 @@ def test_prune_with_the_int8_table_checks_the_quantized_models(tmp_path, monkeyp
     assert la["rest_ms"] > 0  # the quantized model's non-kernel nodes (quantize, pooling) were profiled
     assert la["measured_kept"] > 0 and la["dense_ms"] > 0
     lo, hi = la["measured_kept_range"]
-    assert 0 < lo <= hi
+    assert 0 < lo <= hi and f"rounds {lo:.1%}-{hi:.1%})" in rep.summary()  # the spread over rounds is reported
     assert all(c % 4 == 0 for m in model if isinstance(m, nn.Conv2d) for c in [m.out_channels])
 
 

@@ -95,10 +95,12 @@ class PruneReport:
             lines.append(f"{len(self.left_whole)} groups left whole (torch-pruning could not prune them safely): "
                          + ", ".join(list(self.left_whole)[:6]) + (" ..." if len(self.left_whole) > 6 else ""))
         if self.latency:
-            la = self.latency
+            la, spread = self.latency, self.latency.get("measured_kept_range")
             lines.append(f"latency ({la['backend']}, {la['threads']} threads): predicted {la['predicted_kept']:.1%} "
                          "kept" + (f", measured {la['measured_kept']:.1%} ({la['dense_ms']:.2f} -> "
-                                   f"{la['pruned_ms']:.2f} ms, paired medians)" if "measured_kept" in la else ""))
+                                   f"{la['pruned_ms']:.2f} ms, paired medians"
+                                   + (f"; rounds {spread[0]:.1%}-{spread[1]:.1%}" if spread else "") + ")"
+                                   if "measured_kept" in la else ""))
         if self.compensation:
             lines.append(f"{self.compensate} compensation applied to {len(self.compensation)} consumer layers")
         if "layers" in self.bn_recalibration:

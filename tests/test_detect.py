@@ -263,3 +263,28 @@ def test_rolled_back_prune_then_prune_again(monkeypatch) -> None:
     convs = _convs(model)
     assert sum(convs.values()) < sum(c for n, c in dense.items() if n in convs)
     assert not [n for n, c in convs.items() if n in dense and c == dense[n]]
+
+
+def test_onnx_export_goes_straight_to_torch_export_and_falls_back_cleanly(tmp_path, monkeypatch, caplog) -> None:
+    """A YOLO model exports through the torch.export-based exporter, no failure logged; when that exporter fails after
+    its trace (injected here), the TorchScript-based one still works: the head's anchors cached during the trace
+    (symbolic sizes) are recomputed on real inputs first."""
+    from prunekit.export.onnx import export_onnx
+    from prunekit.export.stage import ExportOptions, export_model
+    from prunekit.pipeline.detect import export_form
+
+    model, x = export_form(_yolo("yolov8n.yaml")), torch.rand(1, 3, SIZE, SIZE)
+    with caplog.at_level("WARNING"):
+        manifest = export_model(model, x, tmp_path, ["onnx"], verify_inputs=torch.rand(2, 3, SIZE, SIZE), atol=1e-3)
+    assert manifest["formats"]["onnx"]["exporter"] == "dynamo" and manifest["formats"]["onnx"]["verify"]["ok"]
+    assert "failed" not in caplog.text
+    real = torch.onnx.export
+
+    def conversion_fails(*args, **kwargs):
+        if kwargs.get("dynamo"):
+            raise RuntimeError("injected conversion failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", conversion_fails)
+    info = export_onnx(model, (x,), ["input"], ["output"], tmp_path / "fallback.onnx", ExportOptions())
+    assert info["exporter"] == "torchscript" and "injected conversion failure" in caplog.text

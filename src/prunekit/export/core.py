@@ -151,6 +151,15 @@ def shared_exports() -> Iterator[None]:
         _EP_CACHE = old
 
 
+def settle(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    """One eager call on real inputs, for modules that cache shape-dependent values in ``forward`` (Ultralytics'
+    ``Detect``: its anchors and the input shape it made them for). Before a trace, a cached batch equal to the traced
+    one would be read as a constant (torch.export then fixes the batch axis); after a torch.export trace, the cache
+    holds symbolic sizes, on which the TorchScript-based exporter fails (``Unsupported value kind: SymInt``)."""
+    with contextlib.suppress(Exception), torch.no_grad():
+        module(*args)
+
+
 def torch_export(module: nn.Module, args: tuple[torch.Tensor, ...], axes: list[dict[int, str]]) -> Any:
     """``torch.export.export(module, args)`` with ``axes`` dynamic. When torch.export suggests tighter ranges
     (``sequence <= 512``) they are applied and the export retried once; a batch axis it would fix is an error."""
@@ -161,6 +170,8 @@ def torch_export(module: nn.Module, args: tuple[torch.Tensor, ...], axes: list[d
     key = (id(module), tuple((tuple(a.shape), a.dtype) for a in args), repr(axes))
     if _EP_CACHE is not None and key in _EP_CACHE:
         return _EP_CACHE[key]
+    if any(ax.get(0) == "batch" for ax in axes):  # cached sizes of an earlier call must not equal the traced batch
+        settle(module, tuple(a[:1] if ax.get(0) == "batch" else a for a, ax in zip(args, axes)))
     shapes = export_dims(axes, module)
     try:
         ep = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)

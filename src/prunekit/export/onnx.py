@@ -33,6 +33,7 @@ from prunekit.export.core import (
     module_of,
     register_format,
     save_atomic,
+    settle,
     torch_export,
 )
 
@@ -96,6 +97,7 @@ def export_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: 
                 raise ExportError(f"onnx: {errors[0]}") from e
             log.warning("onnx: the torch.export-based exporter failed (%s); trying the TorchScript-based one",
                         diagnosis or _first_line(e))
+            settle(module, args)  # the trace's symbolic sizes out of the module's caches
     try:
         _export_legacy(module, args, input_names, output_names, path, options.opset, axes)
     except Exception as e:

@@ -176,8 +176,9 @@ def run_model(name: str, backends: list[str], threads: int, repeats: int, target
             variants[label], keeps[label], infos[label] = pk_prune(
                 dense, x, target_macs=TARGET_KEEP, latency_backend=lut, latency_context_groups=context)
             for t in infos[label]["context"]:
-                print(f"#   in context: {t['group']}: table {t['table']} -> {t['chosen']} (width: [ms, MACs kept, "
-                      f"efficiency] {t['timed']}, dense {t['dense_ms']} ms)", flush=True)
+                print(f"#   in context: {t['group']}: table {t['table']} -> {t['chosen']} " + (
+                      f"({t['skipped']})" if "skipped" in t else f"(width: [ms, MACs kept, efficiency] "
+                      f"{t['timed']}, dense {t['dense_ms']} ms)"), flush=True)
         if target_latency is not None:
             label = f"prunekit target_lat {target_latency}"
             try:

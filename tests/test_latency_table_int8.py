@@ -165,6 +165,7 @@ def test_prune_with_the_int8_table_checks_the_quantized_models(tmp_path, monkeyp
     rep = prune_with_settings(model, x, s)
     la = rep.latency
     assert len(la["context"]) == 1 and la["context"][0]["chosen"] in la["context"][0]["timed"]
+    assert "skipped" not in la["context"][0]
     assert la["backend"] == "onnxruntime-int8" and la["int8"]["activation_type"] == "uint8"
     assert la["rest_ms"] > 0  # the quantized model's non-kernel nodes (quantize, pooling) were profiled
     assert la["measured_kept"] > 0 and la["dense_ms"] > 0
@@ -237,6 +238,8 @@ def test_in_context_check_moves_a_width_that_is_slow_inside_the_network(tmp_path
                                       lambda ms: {k: _conv_ms(m, x) for k, m in ms.items()}, tol=0.2)
     for t in trials2:  # no surprise in context: each group keeps the width with the best latency cut per MACs cut
         assert t["timed"][t["chosen"]][2] == max(v[2] for v in t["timed"].values())
+    kept, skipped = refine_in_context(graph, units, scores, sel, lm, 2, 0.9, macs_of, time_models, tol=0.0)
+    assert kept.removed == sel.removed and all("skipped" in t for t in skipped)  # nothing within tol: nothing timed
 
 
 def test_prune_cli_with_the_int8_latency_backend(trained_run, tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ from prunekit.pruning.structured.graph import PruningGraph, Unit, copy_graph
 from prunekit.pruning.structured.selection import Selection, max_removable
 
 log = logging.getLogger(__name__)
-CONTEXT_TOL = 0.01  # a candidate width may move the fraction of MACs kept by at most this much
+CONTEXT_TOL = 0.02  # a candidate width may move the fraction of MACs kept by at most this much
 TimeModels = Callable[[dict[str, nn.Module]], dict[str, float]]  # name -> model ... -> name -> ms (injectable)
 
 
@@ -79,7 +79,8 @@ def refine_in_context(graph: PruningGraph, units: list[Unit], scores: dict[str, 
                       time_models: TimeModels, tol: float | None = None) -> tuple[Selection, list[dict[str, Any]]]:
     """The greedy in-context check of the module doc (``macs_of``: fraction of the MACs a selection keeps;
     ``time_models``: name -> ms of models timed together). Returns the refined selection and one record per group
-    tried (``group``, ``table`` width, ``timed``: width -> [ms, MACs kept, efficiency], ``dense_ms``, ``chosen``)."""
+    tried (``group``, ``table`` width, ``timed``: width -> [ms, MACs kept, efficiency], ``dense_ms``, ``chosen``;
+    or ``skipped``: why not)."""
     from prunekit.pruning.structured.latency import kept_channels
 
     tol = CONTEXT_TOL if tol is None else tol
@@ -100,7 +101,9 @@ def refine_in_context(graph: PruningGraph, units: list[Unit], scores: dict[str, 
                 s2 = with_width(sel, u, scores, grid[j])
                 if abs((m2 := macs_of(s2)) - base_macs) <= tol:
                     cands[grid[j]], macs[grid[j]] = s2, m2
-        if len(cands) == 1:
+        if len(cands) == 1:  # a small model: one grid step of this group moves the MACs too far
+            trials.append({"group": name, "table": c, "chosen": c, "skipped": f"no neighbour width within {tol} "
+                           "of the MACs kept"})
             continue
         ms = time_models({"dense": graph.model, **{str(w): _pruned(graph, units, s) for w, s in cands.items()}})
         eff = {w: (1 - ms[str(w)] / ms["dense"]) / max(1 - macs[w], 1e-9) for w in cands}

@@ -14,8 +14,9 @@ microsecond; each node's figure is instead the mean of its fastest half of :data
 dropped).
 
 x86 int8 kernels (VNNI) work in other blocks than fp32 ones (4 input channels times 16 output channels per
-instruction with AVX-512 VNNI): the int8 table's grid is finer (:data:`INT8_ROUND_TO`) and the steps it finds are
-the int8 kernels' own.
+instruction with AVX-512 VNNI): the int8 table's grid is a multiple of :data:`INT8_ROUND_TO` instead of the fp32
+SIMD block (every 4 channels up to 64, then ``channel_grid``'s 8 / 16), and the steps it finds are the int8 kernels'
+own.
 
 Example:
     >>> table = LatencyTable("onnxruntime-int8", threads=2)      # cached per CPU model and ONNX Runtime version
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -75,7 +77,7 @@ def require_quantizer(backend: str = "onnxruntime-int8") -> Any:
 def quantize_onnx(float_model: bytes, feeds: list[dict[str, np.ndarray]], preprocess: bool = False) -> bytes:
     """The QDQ int8 model (:data:`ORT_INT8` settings) of the serialised float model, calibrated on ``feeds``."""
     q = require_quantizer()
-    import logging
+    qtype = {"uint8": q.QuantType.QUInt8, "int8": q.QuantType.QInt8}
 
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
@@ -85,7 +87,8 @@ def quantize_onnx(float_model: bytes, feeds: list[dict[str, np.ndarray]], prepro
             return next(self._it, None)
 
     root = logging.getLogger()
-    level, root.level = root.level, logging.ERROR  # the quantizer's advice goes to the root logger
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer's advice goes to the root logger
     try:
         with tempfile.TemporaryDirectory(prefix="prunekit-int8-") as tmp:
             src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
@@ -98,11 +101,11 @@ def quantize_onnx(float_model: bytes, feeds: list[dict[str, np.ndarray]], prepro
                     pass
             q.quantize_static(str(src), str(dst), Reader(), quant_format=q.QuantFormat.QDQ,
                               per_channel=ORT_INT8["per_channel"], reduce_range=ORT_INT8["reduce_range"],
-                              activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                              calibrate_method=q.CalibrationMethod.MinMax)
+                              activation_type=qtype[ORT_INT8["activation_type"]],
+                              weight_type=qtype[ORT_INT8["weight_type"]], calibrate_method=q.CalibrationMethod.MinMax)
             return dst.read_bytes()
     finally:
-        root.level = level
+        root.setLevel(level)
 
 
 def int8_op_model(spec: Any, calib_batches: int = CALIB_BATCHES) -> bytes:

@@ -13,7 +13,7 @@ every later run (and by other models sharing layer shapes).
 Each entry is the *minimum* over ``runs`` timed calls after ``warmup`` calls in ``repeats`` repeats (``spreads``:
 lowest and highest repeat): on a shared machine the minimum is the estimate least moved by other jobs, which is what
 a table of a layer's intrinsic cost needs; whole-model comparisons use paired medians instead
-(``prunekit.measure.latency.compare_latency``). ``onnxruntime-int8``: ``prunekit.measure.latency_int8``.
+(``prunekit.measure.latency.compare_latency``). int8 backends: ``measure.latency_int8``, ``latency_ov``.
 
 Eager inference choices (:func:`inference_copy`): the eager figures are of the model as it is run for inference:
 BatchNorm folded into the preceding conv (exact in eval mode), channels_last memory format, ``threads`` torch

@@ -4,7 +4,8 @@
                                 ``TRACE_FORMS``: timm's Swin blocks and patch merging, which run fine once pruned)
                                 runs that instead of its ``forward``: the same channel dependencies without the
                                 spatial reshapes (Swin's window partition, patch merging's strided slices).
-``CUSTOMIZED_PRUNERS``          torch-pruning pruners for prunekit's own modules (``ChannelShuffle``), passed to
+``CUSTOMIZED_PRUNERS``          torch-pruning pruners for prunekit's own modules (``ChannelShuffle``) and for torch
+                                layers it does not know (``nn.GRU`` / ``nn.RNN`` inputs), passed to
                                 ``build_dependency(customized_pruners=...)``.
 ``link_permutations(DG)``       after tracing: the index mappings through each ``ChannelShuffle``, so a channel is
                                 followed through the shuffle to the position it really lands on.
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
@@ -34,13 +36,26 @@ def _timm_merging(m: nn.Module, x: Tensor) -> Tensor:
     return merging_trace(m, x, norm_first=True)
 
 
-def _library_forms() -> dict[type, Callable[[nn.Module, Tensor], Tensor]]:
+def _recurrent(rnn: nn.RNNBase, x: Any, hx: Any = None) -> Any:
+    """``nn.GRU`` / ``nn.RNN``: one linear map from the input features to the output features, and a zero final
+    state, the shapes the real forward gives. Traced as it runs, a recurrent layer shows torch-pruning its internal
+    matmuls, stacks and views (on the CPU), through which it maps the input channels onto the hidden units."""
+    if not isinstance(x, Tensor):  # a PackedSequence: the real forward (not traceable as channels)
+        return type(rnn).forward(rnn, x, hx)
+    dirs = 2 if rnn.bidirectional else 1
+    y = F.linear(x, x.new_zeros(rnn.hidden_size * dirs, x.shape[-1]))  # (..., T, H*D): input side -> output side
+    batch = () if x.dim() == 2 else (x.shape[0 if rnn.batch_first else 1],)
+    return y, x.new_zeros(rnn.num_layers * dirs, *batch, rnn.hidden_size)
+
+
+def _library_forms() -> dict[type, Callable[..., Any]]:
     """Trace forms for library classes that run fine once pruned and only need tracing help (exact types)."""
+    forms: dict[type, Callable[..., Any]] = {nn.GRU: _recurrent, nn.RNN: _recurrent}
     try:
         from timm.models import swin_transformer as timm_swin
     except ImportError:
-        return {}
-    return {timm_swin.SwinTransformerBlock: _timm_swin_block, timm_swin.PatchMerging: _timm_merging}
+        return forms
+    return {**forms, timm_swin.SwinTransformerBlock: _timm_swin_block, timm_swin.PatchMerging: _timm_merging}
 
 
 TRACE_FORMS = _library_forms()
@@ -81,7 +96,34 @@ class ChannelShufflePruner(tp.pruner.function.BasePruningFunc):
     get_in_channels = get_out_channels
 
 
-CUSTOMIZED_PRUNERS: dict[type, tp.pruner.function.BasePruningFunc] = {ChannelShuffle: ChannelShufflePruner()}
+class RecurrentInputPruner(tp.pruner.function.BasePruningFunc):
+    """Prunes the inputs of an ``nn.GRU`` / ``nn.RNN`` (first layer's ``weight_ih``, both directions). torch-pruning
+    knows only ``nn.LSTM``; it takes any other module with parameters for an element-wise layer and maps the channels
+    of the layer feeding it onto its hidden size (an index error, or a wrong cut). Its hidden size stays whole."""
+
+    TARGET_MODULES = (nn.GRU, nn.RNN)
+
+    def prune_in_channels(self, layer: nn.RNNBase, idxs: Sequence[int]) -> nn.Module:
+        keep = sorted(set(range(layer.input_size)) - set(int(i) for i in idxs))
+        for suffix in ("", "_reverse") if layer.bidirectional else ("",):
+            name = "weight_ih_l0" + suffix
+            setattr(layer, name, self._prune_parameter_and_grad(getattr(layer, name), keep, 1))
+        layer.input_size = len(keep)
+        layer._init_flat_weights()  # the flat weight list cuDNN reads still holds the old tensors
+        return layer
+
+    def prune_out_channels(self, layer: nn.RNNBase, idxs: Sequence[int]) -> nn.Module:
+        raise NotImplementedError(f"{type(layer).__name__}'s hidden size is not pruned")
+
+    def get_in_channels(self, layer: nn.RNNBase) -> int:
+        return layer.input_size
+
+    def get_out_channels(self, layer: nn.RNNBase) -> int:
+        return layer.hidden_size * (2 if layer.bidirectional else 1)
+
+
+CUSTOMIZED_PRUNERS: dict[type, tp.pruner.function.BasePruningFunc] = {
+    ChannelShuffle: ChannelShufflePruner(), nn.GRU: RecurrentInputPruner(), nn.RNN: RecurrentInputPruner()}
 
 
 class _Permutation:

@@ -1,0 +1,113 @@
+"""Users' own models of shapes the other tests lack: a recurrent head after convs (``nn.GRU`` / ``nn.RNN``), a learned
+query token read through ``nn.MultiheadAttention``, and torchvision segmentation models by registry name."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import prunekit
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    warnings.filterwarnings("ignore", message="Unwrapped parameters")
+
+
+# ----------------------------------------------------------------------------------------------- recurrent head
+class AudioNet(nn.Module):
+    """A 1-D conv front end over mel frames, then a recurrent layer and a linear classifier on its last step."""
+
+    def __init__(self, rnn: nn.Module):
+        super().__init__()
+        self.c1, self.c2, self.rnn, self.fc = nn.Conv1d(8, 16, 3, padding=1), nn.Conv1d(16, 24, 3, padding=1), rnn, \
+            nn.Linear(rnn.hidden_size * (2 if rnn.bidirectional else 1), 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, mels, T)
+        h = F.relu(self.c2(F.relu(self.c1(x)))).transpose(1, 2)  # (B, T, C)
+        out, _ = self.rnn(h)  # (B, T, H * directions)
+        return self.fc(out[:, -1])
+
+
+@pytest.mark.parametrize("rnn", [lambda: nn.GRU(24, 12, batch_first=True),
+                                 lambda: nn.GRU(24, 6, num_layers=2, bidirectional=True, batch_first=True),
+                                 lambda: nn.RNN(24, 12, batch_first=True)], ids=["gru", "gru-bi-2", "rnn"])
+def test_the_conv_feeding_a_recurrent_layer_is_pruned_with_its_inputs(rnn):
+    """torch-pruning took the GRU for an element-wise layer and mapped c2's channels onto its hidden units (an
+    IndexError: prune() refused the whole model). Now c2 and the recurrent layer's inputs are pruned together."""
+    torch.manual_seed(0)
+    model, x = AudioNet(rnn()).eval(), torch.randn(2, 8, 10)
+    hidden = model.rnn.hidden_size
+    report = prunekit.prune(model, x, "l1", ratio=0.5, scope="local")
+    assert model.c2.out_channels == model.rnn.input_size == 12  # pruned together
+    assert model.rnn.weight_ih_l0.shape[1] == 12 and model.rnn.hidden_size == hidden  # hidden units stay
+    if model.rnn.bidirectional:
+        assert model.rnn.weight_ih_l0_reverse.shape[1] == 12
+    assert "c2" in report.layers and not report.left_whole
+    assert model(x).shape == (2, 4)
+    model(torch.randn(3, 8, 7)).sum().backward()  # trains after pruning (the flat weights were refreshed)
+
+
+def test_pruned_recurrent_layer_keeps_the_outputs_of_the_kept_channels():
+    """Masked == pruned: zeroing c2's removed channels gives the same outputs as removing them."""
+    torch.manual_seed(0)
+    model, x = AudioNet(nn.GRU(24, 12, batch_first=True)).double().eval(), torch.randn(2, 8, 10).double()
+    masked = AudioNet(nn.GRU(24, 12, batch_first=True)).double().eval()
+    masked.load_state_dict(model.state_dict())
+    prunekit.prune(model, x, "l1", ratio=0.5, scope="local", ignore=["c1"])
+    kept = [i for i in range(24) if any(torch.equal(model.c2.weight[j], masked.c2.weight[i]) for j in range(12))]
+    drop = torch.ones(24, dtype=torch.double)
+    drop[[i for i in range(24) if i not in kept]] = 0
+    with torch.no_grad():
+        masked.c2.weight.mul_(drop.view(-1, 1, 1)), masked.c2.bias.mul_(drop)
+        torch.testing.assert_close(model(x), masked(x), rtol=1e-9, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------- learned query
+class QueryPool(nn.Module):
+    """Conv tokens pooled by attention from one learned query token (``nn.MultiheadAttention``, batch_first)."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 3, stride=2, padding=1)
+        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.stem(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        o, _ = self.attn(self.query.expand(t.shape[0], -1, -1), t, t)  # (B, 1, C)
+        return self.head((o + self.mlp(o))[:, 0])
+
+
+def test_a_learned_query_token_is_counted_and_pruned():
+    """Under no_grad, ``query.expand(...)`` requires grad without a grad function and the MACs counter failed on it
+    ("Expected gradient function to be set"): count_macs, prune(target_macs=...) and sparsity all refused."""
+    torch.manual_seed(0)
+    model, x = QueryPool().eval(), torch.randn(2, 3, 16, 16)
+    macs = prunekit.count_macs(model, x)
+    assert macs > 0 and all(p.requires_grad for p in model.parameters())  # restored after counting
+    report = prunekit.prune(model, x, target_macs=0.7, calib_data=[torch.randn(8, 3, 16, 16) for _ in range(2)])
+    assert report.macs_after < macs and model.mlp[0].out_features < 32
+    assert model(x).shape == (2, 3)
+    prunekit.prune(model, x, prunekit.SparsityConfig(sparsity=0.5))
+    assert model(x).shape == (2, 3)
+
+
+# ----------------------------------------------------------------------------------------------- segmentation
+def test_torchvision_segmentation_by_name_prunes_and_round_trips(tmp_path):
+    """``tv:lraspp_mobilenet_v3_large`` was an unknown name (only classification and detection were listed)."""
+    torch.manual_seed(0)
+    model = prunekit.create_model("tv:lraspp_mobilenet_v3_large", num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    report = prunekit.prune(model, x, "l1", target_macs=0.6)
+    assert report.macs_after < report.macs_before and model(x)["out"].shape == (1, 3, 64, 64)
+    prunekit.save_model(tmp_path, model)
+    loaded = prunekit.load_model(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["out"], model(x)["out"], rtol=1e-5, atol=1e-5)

@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from prunekit.batch import call_model
 from prunekit.measure.latency import torch_threads
+from prunekit.measure.macs import frozen
 
 _PREFIX = "prunekit.module:"
 ROOT = "<root>"
@@ -48,7 +49,7 @@ def _exclusive(inclusive: dict[str, float], children: dict[str, list[str]]) -> d
 def module_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     """Exclusive MACs of each module for one forward of ``example_inputs`` (the whole batch)."""
     names = list(_timed_modules(model))
-    with FlopCounterMode(display=False) as fc:
+    with frozen(model), FlopCounterMode(display=False) as fc:
         call_model(model, example_inputs)
     root, known = type(model).__name__, set(names)
     inclusive: dict[str, float] = {}

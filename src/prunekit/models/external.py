@@ -108,10 +108,12 @@ def adapt_first_conv(model: nn.Module, in_channels: int, rgb: int = 3) -> str:
 
 # ----------------------------------------------------------------------------------------------- torchvision
 def torchvision_names() -> list[str]:
-    """Classification and detection model names (``tv:fasterrcnn_mobilenet_v3_large_fpn``, ...)."""
+    """Classification, detection and segmentation model names (``tv:fasterrcnn_mobilenet_v3_large_fpn``,
+    ``tv:lraspp_mobilenet_v3_large``, ...)."""
     import torchvision
 
-    return sorted({*torchvision.models.list_models(module=torchvision.models), *_detection_names()})
+    return sorted({*torchvision.models.list_models(module=torchvision.models), *_detection_names(),
+                   *_segmentation_names()})
 
 
 def _detection_names() -> list[str]:
@@ -119,6 +121,13 @@ def _detection_names() -> list[str]:
     import torchvision.models.detection as detection
 
     return torchvision.models.list_models(module=detection)
+
+
+def _segmentation_names() -> list[str]:
+    import torchvision
+    import torchvision.models.segmentation as segmentation
+
+    return torchvision.models.list_models(module=segmentation)
 
 
 def _unfreeze_batchnorm(model: nn.Module) -> None:
@@ -145,12 +154,12 @@ def create_torchvision(ref: str, *, pretrained: bool | str = False, in_channels:
         near = closest(ref, names)
         hint = f"; did you mean {', '.join(repr('tv:' + n) for n in near)}?" if near else ""
         raise ConfigError(f"unknown torchvision model 'tv:{ref}'{hint} Valid: tv:<name> for a name in "
-                          f"list_models(module=torchvision.models or torchvision.models.detection): {', '.join(names)}")
+                          f"list_models(module=torchvision.models, .detection or .segmentation): {', '.join(names)}")
     get_model = torchvision.models.get_model
     detection = ref in _detection_names()
     if detection and in_channels != 3:
         raise ConfigError(f"--in-channels {in_channels}: detector 'tv:{ref}' normalises 3-channel images; use 3")
-    if detection:  # no backbone download: the weights come from the run directory (or weights="DEFAULT")
+    if detection or ref in _segmentation_names():  # no backbone download: the weights come from the run directory
         kwargs.setdefault("weights_backbone", None)
     if ref in _AUX_HEAD_MODELS:  # a tensor from forward in train mode too, not a namedtuple with aux logits
         kwargs.setdefault("aux_logits", False)

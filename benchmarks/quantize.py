@@ -7,14 +7,17 @@ variants of a model and batch size (eager float32 dense / pruned, and dense fp32
 int8 on each runtime) are timed *alternately* in one run (``prunekit.quantize.latency.paired_times``): rounds of
 A B C ... then ... C B A, so a drifting machine slows all alike. Medians and the spread of per-round medians.
 
-Accuracy: a ResNet-20 trained on digits (``prunekit train``), pruned to 50% MACs and fine-tuned, then ``prunekit
-quantize`` for each runtime: test top-1 of float32 and int8 on the same runtime.
+Accuracy: a ResNet-20 trained on Fashion-MNIST (``prunekit train``, cached under ~/.cache/prunekit/bench/quantize),
+pruned to 50% MACs by prunekit (l2, round_to 16) and, as the anchor, by torch-pruning's MetaPruner +
+GroupMagnitudeImportance at the same MACs, both fine-tuned alike; then ``prunekit quantize`` of the dense and both
+pruned models for each runtime (test top-1 of float32 and int8 on the same runtime), and ``prunekit finetune --qat``
+where post-training int8 loses more than 0.5 point. Epochs are picked on the val split, figures are on the test split.
 
 Usage::
 
     .venv/bin/python benchmarks/quantize.py                                   # everything (~10 min on 2 cores)
     .venv/bin/python benchmarks/quantize.py --models resnet50 --batches 1 --runs 20 --no-accuracy
-    .venv/bin/python benchmarks/quantize.py --accuracy-run runs/r20 --json out.json   # reuse a trained ResNet-20
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quantize.py --models "" --json out.json   # the accuracy part only
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,11 +39,15 @@ from typing import Any
 import torch
 
 import prunekit
-from prunekit import count_macs, create_model
+from prunekit import count_macs, create_model, runs
 from prunekit.quantize.graph import export_float
 from prunekit.quantize.latency import eager_call, file_call, paired_times, round_spread
 
 MODELS = {"resnet50": "tv:resnet50", "mobilenetv3": "tv:mobilenet_v3_large"}
+CACHE = Path.home() / ".cache" / "prunekit" / "bench" / "quantize"
+# the accuracy model: ResNet-20 on Fashion-MNIST (28 px), 15 000 training images, 8 epochs (about 10 min on one core)
+BASE_TRAIN = ("--model", "resnet20", "--dataset", "fashion-mnist", "--epochs", "8", "--lr", "0.1", "--batch-size",
+              "128", "--train-samples", "15000")
 RUNTIMES = ("onnxruntime", "openvino")
 PRUNEKIT = [sys.executable, "-m", "prunekit"]
 
@@ -105,31 +113,79 @@ def cli(*args: str) -> None:
     subprocess.run([*PRUNEKIT, *args], check=True, stdout=subprocess.DEVNULL)
 
 
-def accuracy(work: Path, trained: Path | None, finetune_epochs: int) -> list[dict[str, Any]]:
-    """ResNet-20 on digits: dense and pruned (50% MACs, fine-tuned), float32 vs int8 test top-1 per runtime."""
-    base = trained or work / "base"
-    if trained is None:
-        cli("train", "--model", "resnet20", "--dataset", "digits", "--out", str(base))
-    cli("prune", "--from", str(base), "--criterion", "l2", "--target-macs", "0.5", "--round-to", "16",
-        "--out", str(work / "pruned"))
-    cli("finetune", "--from", str(work / "pruned"), "--epochs", str(finetune_epochs), "--out", str(work / "ft"))
+def stage(out: Path, *args: str) -> dict[str, Any]:
+    """Run ``prunekit ARGS --out OUT`` unless ``out`` already holds a finished run; its metrics."""
+    if not (out / runs.METRICS).is_file():
+        cli(*args, "--out", str(out), "--overwrite")
+    return runs.read_metrics(out)
+
+
+def tp_prune(base: Path, macs: int, out: Path) -> None:
+    """The anchor: torch-pruning's MetaPruner + GroupMagnitudeImportance (L2, its defaults: local, uniform ratio),
+    the ratio bisected to ``macs``; written as a run directory that ``prunekit finetune`` reads."""
+    import torch_pruning as tp
+
+    if (out / runs.METRICS).is_file():
+        return
+    dense = runs.load_model(base).eval()
+    x = runs.example_inputs(dense.prunekit_spec, 1, "cpu")
+    lo, hi, best = 0.0, 0.9, None
+    for _ in range(14):
+        r = (lo + hi) / 2
+        m = copy.deepcopy(dense)
+        head = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)][-1:]
+        tp.pruner.MetaPruner(m, x, tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=r,
+                             ignored_layers=head).step()
+        kept = count_macs(m, x)
+        if best is None or abs(kept - macs) < abs(best[1] - macs):
+            best = (m, kept)
+        lo, hi = (r, hi) if kept > macs else (lo, r)
+    out.mkdir(parents=True, exist_ok=True)
+    prunekit.save_model(out, best[0])
+    shutil.copy(base / runs.CONFIG, out / runs.CONFIG)
+    (out / runs.LOG).write_text(f"torch-pruning {tp.__version__} MetaPruner GroupMagnitudeImportance(p=2) to "
+                                f"{best[1]} MACs\n")
+    runs.write_metrics(out, {"macs": best[1], "stage": "prune", "from": str(base), "pruner": "torch-pruning"})
+
+
+def quantize_rows(name: str, run: Path, work: Path, qat_epochs: int, qat_lr: float) -> list[dict[str, Any]]:
+    """Post-training int8 of ``run`` for each runtime, and ``finetune --qat`` where it loses > 0.5 point."""
     rows = []
-    for variant, run in (("dense", base), ("pruned", work / "ft")):
-        for rt in RUNTIMES:
-            out = work / f"{variant}_{rt}"
-            cli("quantize", "--from", str(run), "--backend", rt, "--out", str(out), "--latency-runs", "0")
-            m = json.loads((out / "metrics.json").read_text())
-            rows.append({"variant": variant, "runtime": rt, "top1_fp32": m["top1_float"], "top1_int8": m["top1"],
-                         "drop": m["top1_int8_drop"], "samples": m["test_samples"], "macs": m["macs"]})
+    for rt in RUNTIMES:
+        m = stage(work / f"{name}_{rt}", "quantize", "--from", str(run), "--backend", rt, "--latency-runs", "0")
+        rows.append({"variant": name, "runtime": rt, "method": "PTQ", "top1_fp32": m["top1_float"],
+                     "top1_int8": m["top1"], "samples": m["test_samples"], "macs": m["macs"]})
+        if name != "dense" and m["top1_int8_drop"] > 0.5 and qat_epochs > 0:
+            q = stage(work / f"{name}_qat_{rt}", "finetune", "--from", str(run), "--qat", "--qat-backend", rt,
+                      "--epochs", str(qat_epochs), "--lr", str(qat_lr))
+            rows.append({"variant": name, "runtime": rt, "method": f"QAT {qat_epochs} ep", "top1_fp32": m["top1_float"],
+                         "top1_int8": q["top1"], "samples": q["test_samples"], "macs": m["macs"]})
+    return rows
+
+
+def accuracy(work: Path, trained: Path | None, finetune_epochs: int, qat_epochs: int) -> list[dict[str, Any]]:
+    """ResNet-20 on Fashion-MNIST: dense, prunekit-pruned (50% MACs, fine-tuned) and torch-pruning's pruned model at
+    the same MACs (same fine-tune): float32 vs int8 test top-1 per runtime (post-training, and QAT where it loses)."""
+    base = trained or CACHE / "r20-fmnist"
+    stage(base, "train", *BASE_TRAIN)
+    p = stage(work / "pruned", "prune", "--from", str(base), "--criterion", "l2", "--target-macs", "0.5",
+              "--round-to", "16")
+    tune = ("--epochs", str(finetune_epochs), "--lr", "0.01")
+    stage(work / "ft", "finetune", "--from", str(work / "pruned"), *tune)
+    tp_prune(base, p["macs"], work / "tp")
+    stage(work / "tp-ft", "finetune", "--from", str(work / "tp"), *tune)
+    rows = []
+    for name, run in (("dense", base), ("prunekit", work / "ft"), ("torch-pruning", work / "tp-ft")):
+        rows += quantize_rows(name, run, work, qat_epochs, 0.002)
     return rows
 
 
 def print_accuracy(rows: list[dict[str, Any]]) -> None:
-    print("\n| ResNet-20 digits | runtime | MACs (M) | test top-1 fp32 | test top-1 int8 | int8 - fp32 |")
-    print("|---|---|---|---|---|---|")
+    print("\n| ResNet-20 FMNIST | runtime | MACs (M) | int8 by | test top-1 fp32 | test top-1 int8 | int8 - fp32 |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['runtime']} | {r['macs'] / 1e6:.1f} | {r['top1_fp32']:.2f} | "
-              f"{r['top1_int8']:.2f} | {-r['drop']:+.2f} |")
+        print(f"| {r['variant']} | {r['runtime']} | {r['macs'] / 1e6:.1f} | {r['method']} | {r['top1_fp32']:.2f} | "
+              f"{r['top1_int8']:.2f} | {r['top1_int8'] - r['top1_fp32']:+.2f} |")
 
 
 def main() -> None:
@@ -139,8 +195,12 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=20, help="timed calls per variant (split over 5 rounds)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-accuracy", action="store_true")
-    p.add_argument("--accuracy-run", type=Path, help="a trained ResNet-20 digits run directory to start from")
+    p.add_argument("--accuracy-run", type=Path, help="a trained ResNet-20 run directory to start from (default: "
+                   "train one on Fashion-MNIST, cached)")
+    p.add_argument("--work", type=Path, default=CACHE / "work", help="accuracy runs (reused when finished)")
     p.add_argument("--finetune-epochs", type=int, default=3)
+    p.add_argument("--qat-epochs", type=int, default=2, help="finetune --qat epochs where post-training int8 loses "
+                   "more than 0.5 point (0: none)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -153,8 +213,7 @@ def main() -> None:
     print_latency(lat)
     acc = []
     if not a.no_accuracy:
-        with tempfile.TemporaryDirectory(prefix="bench-quantize-acc-") as work:
-            acc = accuracy(Path(work), a.accuracy_run, a.finetune_epochs)
+        acc = accuracy(a.work, a.accuracy_run, a.finetune_epochs, a.qat_epochs)
         print_accuracy(acc)
     print(f"\n{time.time() - t0:.0f} s")
     if a.json:

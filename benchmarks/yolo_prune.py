@@ -1,10 +1,12 @@
 """YOLO pruned to half its MACs on the generated detection set: prunekit's criteria against torch-pruning's procedure.
 
 A YOLOv8n (``--models yolov8n,yolo11n`` for both) is trained once with Ultralytics' trainer on ``fashion-detect`` (the
-generated Fashion-MNIST detection set, ``--image-size`` px) and cached under ``~/.cache/prunekit/bench/yolo``. Each
-method then prunes a copy to ``--target-macs`` of the MACs with calibration on the train images (BatchNorm
-re-estimated on the same batches for every method), and every pruned model gets the same short fine-tune
-(``--ft-epochs``, default 10% of the baseline's epochs, Ultralytics' trainer keeping the pruned widths, no KD):
+generated Fashion-MNIST detection set, ``--image-size`` px) and cached under ``~/.cache/prunekit/bench/yolo`` with
+its val curve. Each method then prunes a copy to ``--target-macs`` of the MACs with calibration on the train images
+(BatchNorm re-estimated on the same batches for every method), and every pruned model gets the same short fine-tune
+(``--ft-epochs``, default 10% of the baseline's epochs, Ultralytics' trainer keeping the pruned widths) with one
+recipe of ``RECIPES`` (``--ft-recipe``; ``--choose-recipe`` fine-tunes ``variance`` with each and keeps the best on
+the **val** split, Ultralytics' per-epoch validation, for all methods; test only reports):
 
 - ``variance``: ``prunekit.prune(criterion="variance", compensate="lstsq")`` (the library's default with data);
 - ``l1``: ``criterion="l1"``, no compensation;
@@ -16,17 +18,25 @@ re-estimated on the same batches for every method), and every pruned model gets 
 
 Printed per method: MACs kept; convolutions outside the head's output layers (box / DFL / class convs) that kept all
 their channels; test mAP50-95 (COCO AP, ``prunekit.pipeline.detect.test_detection``) right after pruning as a
-fraction of the dense model's and after the fine-tune (points against dense); ONNX Runtime latency at batch 1 timed
-alternately with the dense model (one thread) and the latency cut as a fraction of the MACs cut.
+fraction of the dense model's and after the fine-tune (points against dense, with the fine-tune's val figure); ONNX
+Runtime latency at batch 1 at each ``--latency-size`` (default the training size; same weights, YOLO is fully
+convolutional), timed alternately with the dense model (one thread): medians, 10th percentiles, and the latency cut
+as a fraction of the MACs cut at that size.
 
-    OMP_NUM_THREADS=1 python benchmarks/yolo_prune.py
-    OMP_NUM_THREADS=1 python benchmarks/yolo_prune.py --models yolov8n,yolo11n --epochs 30 --image-size 96
+Every pruned and every fine-tuned model is cached beside the baseline (``prunekit.save_model``: safetensors +
+``model.json``, rebuilt by ``prunekit.load_model``), with its figures (``info.json``): a second run reuses them, so
+the accuracy part runs once (``--no-latency``) and the timing later on a quiet machine (``--only-latency``).
+
+    OMP_NUM_THREADS=1 python benchmarks/yolo_prune.py --choose-recipe --no-latency --out yolo.json
+    OMP_NUM_THREADS=1 python benchmarks/yolo_prune.py --ft-recipe warmup --only-latency --latency-size 64,320,640 \
+        --out yolo-latency.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import hashlib
 import json
 import logging
@@ -50,6 +60,22 @@ CACHE = Path.home() / ".cache" / "prunekit" / "bench" / "yolo"
 METHODS = ("variance", "l1", "taylor", "anchor")
 PRUNEKIT = {"variance": {"criterion": "variance", "compensate": "lstsq"},
             "l1": {"criterion": "l1", "compensate": "none"}, "taylor": {"criterion": "taylor", "compensate": "none"}}
+# fine-tune recipes (AdamW, no mosaic; the same for every method): Ultralytics train arguments; "kd" the weight
+# (Ultralytics' `dis`) of the distillation from the dense model (0: none), "kd_mode" its kind (prunekit's "head":
+# the head's outputs; Ultralytics' "features": the head's input features through a learned projector).
+# --choose-recipe fine-tunes `variance` with each and keeps the best on the val split (never test).
+RECIPES: dict[str, dict[str, Any]] = {
+    "warmup": {"lr0": 0.001, "warmup_epochs": 1, "kd": 0.0},  # the first recipe of docs/benchmarks/yolo.md
+    "lr5e-4": {"lr0": 0.0005, "warmup_epochs": 0, "kd": 0.0},
+    "lr2e-4": {"lr0": 0.0002, "warmup_epochs": 0, "kd": 0.0},
+    "lr2e-3": {"lr0": 0.002, "warmup_epochs": 1, "kd": 0.0},
+    "warmup-kd-features": {"lr0": 0.001, "warmup_epochs": 1, "kd": 6.0, "kd_mode": "features"},
+    "lr5e-4-kd-features": {"lr0": 0.0005, "warmup_epochs": 0, "kd": 6.0, "kd_mode": "features"},
+    "warmup-kd-head": {"lr0": 0.001, "warmup_epochs": 1, "kd": 1.0, "kd_mode": "head"},
+    "warmup-kd-head3": {"lr0": 0.001, "warmup_epochs": 1, "kd": 3.0, "kd_mode": "head"},
+    "lr5e-4-kd-head3": {"lr0": 0.0005, "warmup_epochs": 0, "kd": 3.0, "kd_mode": "head"},
+}
+DEFAULT_RECIPE = "warmup"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,13 +85,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=30, help="baseline training epochs (cached)")
     p.add_argument("--lr", type=float, default=0.002, help="AdamW learning rate of the baseline's training")
-    p.add_argument("--ft-lr", type=float, default=0.001, help="AdamW learning rate of the fine-tune")
+    p.add_argument("--ft-recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES), help="the fine-tune recipe")
+    p.add_argument("--choose-recipe", action="store_true", help="fine-tune `variance` with every recipe of "
+                   "--recipes, keep the best on val for all methods")
+    p.add_argument("--recipes", default=",".join(RECIPES), help="the candidates of --choose-recipe")
     p.add_argument("--ft-epochs", type=int, default=None, help="fine-tune epochs (default: 10%% of --epochs, >= 1)")
     p.add_argument("--train-samples", type=int, default=1000, help="training images (of fashion-detect's 1000)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--target-macs", type=float, default=0.5)
     p.add_argument("--calib-batches", type=int, default=8)
+    p.add_argument("--latency-size", default=None, help="comma-separated image sizes of the ONNX Runtime timing "
+                   "(default: --image-size), e.g. 64,320,640: same weights, YOLO is fully convolutional")
     p.add_argument("--latency-runs", type=int, default=1000, help="timed runs per model (20 alternating rounds)")
+    p.add_argument("--no-latency", action="store_true", help="accuracy only (no timing)")
+    p.add_argument("--only-latency", action="store_true", help="time the cached fine-tuned models only (no "
+                   "training, pruning or fine-tune: run the accuracy part first)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return p.parse_args(argv)
 
@@ -75,21 +109,32 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
             "train_samples": args.train_samples}
 
 
-def yolo_train(model: nn.Module, data: dict[str, Any], epochs: int, batch: int, lr: float) -> nn.Module:
-    """Ultralytics' trainer (its loss, EMA, schedule; val picks the epoch), pruned widths kept: AdamW at ``lr`` (its
-    ``auto`` choice, AdamW at 7e-4 for 10 classes, is made for fine-tuning pretrained weights), one warm-up epoch, no
-    mosaic (four 64 px images in one shrink the objects to a few pixels)."""
+def yolo_train(model: nn.Module, data: dict[str, Any], epochs: int, batch: int, recipe: dict[str, Any],
+               teacher: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Ultralytics' trainer (its loss, EMA, schedule; val picks the epoch), pruned widths kept, AdamW (its ``auto``
+    choice is made for pretrained weights), no mosaic (four 64 px images in one shrink the objects to a few
+    pixels); ``recipe``: Ultralytics train arguments, ``kd`` the distillation weight from ``teacher``. Returns (the
+    model, its val figures: mAP50-95 of each epoch and of the one kept)."""
     from prunekit.models.ultralytics_io import finetune_yolo
 
+    kd = float(recipe.get("kd", 0.0))
+    extra = {k: v for k, v in recipe.items() if k not in ("kd", "kd_mode")}
+    if kd > 0:
+        extra.update(dis=kd, kd=recipe.get("kd_mode", "head"))
     with tempfile.TemporaryDirectory(prefix="yolo-bench-") as tmp:
-        trained, _ = finetune_yolo(model, data_yaml(data, Path(tmp)), epochs=epochs, imgsz=data["image_size"],
-                                   batch=batch, workers=0, plots=False, amp=False, seed=0, deterministic=True,
-                                   verbose=False, optimizer="AdamW", lr0=lr, warmup_epochs=1, mosaic=0.0)
-    return trained.float().eval()
+        trained, metrics = finetune_yolo(model, data_yaml(data, Path(tmp)), epochs=epochs, imgsz=data["image_size"],
+                                         batch=batch, workers=0, plots=False, amp=False, seed=0, deterministic=True,
+                                         verbose=False, optimizer="AdamW", mosaic=0.0, project=tmp, name="run",
+                                         teacher=teacher if kd > 0 else None, **extra)
+        with open(Path(tmp) / "run" / "results.csv") as f:
+            curve = [float(next(v for k, v in r.items() if "mAP50-95" in k)) for r in csv.DictReader(f)]
+    val = {"val_curve": [round(v, 4) for v in curve], "val_map50_95": metrics.get("metrics/mAP50-95(B)")}
+    return trained.float().eval(), val
 
 
-def dense_model(name: str, data: dict[str, Any], args: argparse.Namespace) -> tuple[nn.Module, float]:
-    """The trained dense model (cached: safetensors of the plain Ultralytics model) and its training seconds."""
+def dense_model(name: str, data: dict[str, Any], args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any], Path]:
+    """The trained dense model (cached: safetensors of the plain Ultralytics model), its training record (seconds,
+    val curve) and its cache folder."""
     from safetensors.torch import load_model, save_model
     from ultralytics.nn.tasks import DetectionModel
 
@@ -99,14 +144,31 @@ def dense_model(name: str, data: dict[str, Any], args: argparse.Namespace) -> tu
     model = DetectionModel(f"{name}.yaml", nc=10, verbose=False)
     if (folder / "model.safetensors").is_file():
         load_model(model, folder / "model.safetensors")
-        return model.eval(), json.loads((folder / "train.json").read_text())["seconds"]
+        return model.eval(), json.loads((folder / "train.json").read_text()), folder
+    if args.only_latency:
+        raise SystemExit(f"--only-latency: no cached {name} baseline in {folder}; run without it first")
     t0 = time.perf_counter()
-    model = yolo_train(model, data, args.epochs, args.batch_size, args.lr)
-    seconds = time.perf_counter() - t0
+    model, val = yolo_train(model, data, args.epochs, args.batch_size, {"lr0": args.lr, "warmup_epochs": 1})
+    record = {"seconds": time.perf_counter() - t0, "epochs": args.epochs, **val, **data}
     folder.mkdir(parents=True, exist_ok=True)
     save_model(model, str(folder / "model.safetensors"))
-    (folder / "train.json").write_text(json.dumps({"seconds": seconds, "epochs": args.epochs, **data}))
-    return model, seconds
+    (folder / "train.json").write_text(json.dumps(record))
+    return model, record, folder
+
+
+def cached(folder: Path, name: str, make: Any, args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
+    """``make() -> (model, info)`` once: the model kept in ``folder`` as safetensors + prunekit's ``model.json``
+    (``prunekit.load_model`` rebuilds it), ``info`` as ``info.json``."""
+    if (folder / "info.json").is_file():
+        return prunekit.load_model(folder).eval(), json.loads((folder / "info.json").read_text())
+    if args.only_latency:
+        raise SystemExit(f"--only-latency: {folder} is not cached; run the same command without it first")
+    model, info = make()
+    ref = prunekit.create_model(f"ultralytics:{name}.yaml", num_classes=10, image_size=args.image_size)
+    model.prunekit_spec = ref.prunekit_spec  # rebuilt as Ultralytics' yaml with prunekit's block rewrite
+    prunekit.save_model(folder, model)
+    (folder / "info.json").write_text(json.dumps(info))
+    return model, info
 
 
 def head_outputs(model: nn.Module) -> set[str]:
@@ -167,72 +229,133 @@ def anchor(model: nn.Module, calib: Any, x: torch.Tensor, args: argparse.Namespa
     return model.eval()
 
 
-def latency(dense: nn.Module, pruned: nn.Module, x: torch.Tensor, runs: int) -> dict[str, float]:
-    """ONNX Runtime, batch 1, one thread, the two models timed alternately: medians and 10th percentiles (ms) and
-    the cut of each (on a shared machine the 10th percentile is the less disturbed figure)."""
+def latency(dense: nn.Module, pruned: nn.Module, size: int, runs: int) -> dict[str, float]:
+    """ONNX Runtime, batch 1 at ``size`` px, one thread, the two models timed alternately: medians and 10th
+    percentiles (ms), the cut of each (on a shared machine the 10th percentile is the less disturbed figure) and
+    the MACs cut at that size."""
     from prunekit.measure.latency import compare_latency, percentile
 
+    x = torch.rand(1, 3, size, size)
     models = {"dense": export_form(copy.deepcopy(dense)), "pruned": export_form(copy.deepcopy(pruned))}
     stats = compare_latency(models, x, backend="onnxruntime", runs=runs, warmup=50, threads=1, rounds=20)
     d, p = stats["dense"].median_ms, stats["pruned"].median_ms
     d10, p10 = (percentile(sorted(stats[k].times_ms), 10) for k in ("dense", "pruned"))
-    return {"dense_ms": d, "pruned_ms": p, "latency_cut": 1 - p / d, "dense_p10_ms": d10, "pruned_p10_ms": p10,
-            "latency_cut_p10": 1 - p10 / d10}
+    macs_cut = 1 - count_macs(pruned, x) / count_macs(dense, x)
+    return {"size": size, "macs_cut": macs_cut, "dense_ms": d, "pruned_ms": p, "latency_cut": 1 - p / d,
+            "dense_p10_ms": d10, "pruned_p10_ms": p10, "latency_cut_p10": 1 - p10 / d10,
+            "latency_over_macs_cut": (1 - p / d) / macs_cut, "p10_over_macs_cut": (1 - p10 / d10) / macs_cut}
+
+
+class Bench:
+    """One model's benchmark: the dense model, its data, and the cached pruned / fine-tuned copies."""
+
+    def __init__(self, name: str, args: argparse.Namespace) -> None:
+        self.name, self.args, self.data = name, args, settings(args)
+        self.dense, self.record, self.folder = dense_model(name, self.data, args)
+        self.x = torch.rand(1, 3, args.image_size, args.image_size)
+        self.ft_epochs = args.ft_epochs or max(1, args.epochs // 10)
+        self._test = self._calib = None
+
+    def test(self, model: nn.Module) -> dict[str, Any]:
+        if self._test is None:
+            self._test = split_dataset(self.data, "test")
+        return test_detection(model, self._test)
+
+    def pruned(self, method: str) -> tuple[nn.Module, dict[str, Any]]:
+        """``method``'s pruned copy right after pruning (BatchNorm re-estimated), cached; info: convs left whole,
+        test mAP right after, seconds."""
+        a = self.args
+
+        def make() -> tuple[nn.Module, dict[str, Any]]:
+            if self._calib is None:
+                self._calib = loader(split_dataset(self.data, "calib"), a.batch_size, shuffle=True, seed=0)
+            t0 = time.perf_counter()
+            model = prune_method(method, self.dense, self._calib, self.x, a)
+            seconds = time.perf_counter() - t0
+            from prunekit.pruning.structured.detect import make_yolo_prunable
+
+            ref = copy.deepcopy(self.dense)
+            make_yolo_prunable(ref)  # the names of the rewritten blocks (cv1a / cv1b), as in every pruned copy
+            whole, total = convs_left_whole(ref, model)
+            return model, {"whole": whole, "convs": total, "prune_seconds": round(seconds, 1),
+                           "pruned_map50_95": self.test(model)["map50_95"]}
+
+        return cached(self.folder / f"{method}-macs{a.target_macs}-calib{a.calib_batches}", self.name, make, a)
+
+    def tuned(self, method: str, recipe: str) -> tuple[nn.Module, dict[str, Any]]:
+        """``method``'s pruned copy after the fine-tune ``recipe``, cached; info: val curve and the kept epoch's
+        val mAP50-95, test mAP50 / mAP50-95, seconds."""
+        a, spec = self.args, RECIPES[recipe]
+        key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:6]
+        folder = self.folder / f"{method}-macs{a.target_macs}-calib{a.calib_batches}-{recipe}-{key}-{self.ft_epochs}ep"
+
+        def make() -> tuple[nn.Module, dict[str, Any]]:
+            pruned, _ = self.pruned(method)
+            t0 = time.perf_counter()
+            model, val = yolo_train(pruned, self.data, self.ft_epochs, a.batch_size, spec, teacher=self.dense)
+            final = self.test(model)
+            return model, {**val, "ft_seconds": round(time.perf_counter() - t0, 1), "map50": final["map50"],
+                           "map50_95": final["map50_95"]}
+
+        return cached(folder, self.name, make, a)
+
+    def choose_recipe(self) -> tuple[str, dict[str, float]]:
+        """The recipe whose `variance` fine-tune reaches the best val mAP50-95 (the kept epoch's), and each one's."""
+        vals = {}
+        for recipe in self.args.recipes.split(","):
+            info = self.tuned("variance", recipe)[1]
+            vals[recipe] = info["val_map50_95"]
+            print(f"{self.name} recipe {recipe:14s} {json.dumps(RECIPES[recipe])}: variance val mAP50-95 "
+                  f"{info['val_map50_95']:.4f} (per epoch {info['val_curve']})", flush=True)
+        best = max(vals, key=vals.get)
+        print(f"{self.name}: chosen on val: {best}", flush=True)
+        return best, vals
 
 
 def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    data = settings(args)
-    dense, train_s = dense_model(name, data, args)
-    test = split_dataset(data, "test")
-    calib = loader(split_dataset(data, "calib"), args.batch_size, shuffle=True, seed=0)
-    x = torch.rand(1, 3, args.image_size, args.image_size)
-    base = {"model": name, "method": "dense", **test_detection(dense, test), "macs": count_macs(dense, x),
-            "train_seconds": round(train_s, 1)}
-    print(f"{name}: dense test mAP50-95 {base['map50_95']:.4f} mAP50 {base['map50']:.4f}, "
-          f"{base['macs'] / 1e6:.1f} M MACs ({args.epochs} epochs, {train_s / 60:.1f} min)", flush=True)
+    b = Bench(name, args)
+    base = {"model": name, "method": "dense", "macs": count_macs(b.dense, b.x), "train_seconds": b.record["seconds"],
+            "val_curve": b.record.get("val_curve")}
+    if not args.only_latency:
+        base.update(b.test(b.dense))
+        print(f"{name}: dense test mAP50-95 {base['map50_95']:.4f} mAP50 {base['map50']:.4f}, {base['macs'] / 1e6:.1f}"
+              f" M MACs ({args.epochs} epochs, {base['train_seconds'] / 60:.1f} min)", flush=True)
+    recipe = args.ft_recipe
+    if args.choose_recipe:
+        recipe, base["recipe_val"] = b.choose_recipe()
+    base["recipe"] = {"name": recipe, **RECIPES[recipe], "epochs": b.ft_epochs}
     rows = [base]
-    ft_epochs = args.ft_epochs or max(1, args.epochs // 10)
     for method in args.methods.split(","):
         try:
-            rows.append(run_method(name, method, dense, calib, test, x, base, ft_epochs, data, args))
+            rows.append(run_method(b, method, recipe, base))
         except Exception as e:  # a method that cannot prune this model is a result too
             print(f"{name} {method:8s} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
             rows.append({"model": name, "method": method, "error": f"{type(e).__name__}: {e}"})
     return rows
 
 
-def run_method(name: str, method: str, dense: nn.Module, calib: Any, test: Any, x: torch.Tensor,
-               base: dict[str, Any], ft_epochs: int, data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    pruned = prune_method(method, dense, calib, x, args)
-    prune_s = time.perf_counter() - t0
-    ref = copy.deepcopy(dense)
-    from prunekit.pruning.structured.detect import make_yolo_prunable
-
-    make_yolo_prunable(ref)  # the names of the rewritten blocks (cv1a / cv1b), as in every pruned copy
-    whole, total = convs_left_whole(ref, pruned)
-    after = test_detection(pruned, test)
-    t0 = time.perf_counter()
-    tuned = yolo_train(pruned, data, ft_epochs, args.batch_size, args.ft_lr)
-    ft_s = time.perf_counter() - t0
-    final = test_detection(tuned, test)
-    macs = count_macs(tuned, x)
-    lat = latency(dense, tuned, x, args.latency_runs)
-    macs_cut = 1 - macs / base["macs"]
-    row = {"model": name, "method": method, "macs_kept": macs / base["macs"], "convs_whole": len(whole),
-           "convs": total, "whole": whole, "pruned_map50_95": after["map50_95"],
-           "pruned_fraction": after["map50_95"] / base["map50_95"] if base["map50_95"] else None,
-           "map50": final["map50"], "map50_95": final["map50_95"],
-           "ft_drop_points": 100 * (base["map50_95"] - final["map50_95"]), "ft_epochs": ft_epochs, **lat,
-           "latency_over_macs_cut": lat["latency_cut"] / macs_cut if macs_cut > 0 else None,
-           "p10_over_macs_cut": lat["latency_cut_p10"] / macs_cut if macs_cut > 0 else None,
-           "prune_seconds": round(prune_s, 1), "ft_seconds": round(ft_s, 1)}
-    print(f"{name} {method:8s} MACs kept {row['macs_kept']:.3f}  convs whole {len(whole)}/{total}  "
-          f"right after {after['map50_95']:.4f} ({_f(row['pruned_fraction'])} of dense)  after ft "
-          f"{final['map50_95']:.4f} ({-row['ft_drop_points']:+.2f} pts)  ORT {lat['dense_ms']:.2f} -> "
-          f"{lat['pruned_ms']:.2f} ms (cut {lat['latency_cut']:.2f} = {_f(row['latency_over_macs_cut'])} of the "
-          f"MACs cut; p10 {lat['dense_p10_ms']:.2f} -> {lat['pruned_p10_ms']:.2f} ms = "
-          f"{_f(row['p10_over_macs_cut'])})  prune {prune_s:.0f} s, ft {ft_s:.0f} s", flush=True)
+def run_method(b: Bench, method: str, recipe: str, base: dict[str, Any]) -> dict[str, Any]:
+    _, pinfo = b.pruned(method)
+    tuned, tinfo = b.tuned(method, recipe)
+    macs = count_macs(tuned, b.x)
+    row = {"model": b.name, "method": method, "recipe": recipe, "ft_epochs": b.ft_epochs,
+           "macs_kept": macs / base["macs"], "convs_whole": len(pinfo["whole"]), **pinfo, **tinfo}
+    if "map50_95" in base:
+        row["pruned_fraction"] = pinfo["pruned_map50_95"] / base["map50_95"] if base["map50_95"] else None
+        row["ft_drop_points"] = 100 * (base["map50_95"] - tinfo["map50_95"])
+        print(f"{b.name} {method:8s} MACs kept {row['macs_kept']:.3f}  convs whole {len(pinfo['whole'])}/"
+              f"{pinfo['convs']}  right after {pinfo['pruned_map50_95']:.4f} ({_f(row['pruned_fraction'])} of dense)"
+              f"  after ft ({recipe}, {b.ft_epochs} epochs) val {tinfo['val_map50_95']:.4f} test "
+              f"{tinfo['map50_95']:.4f} ({-row['ft_drop_points']:+.2f} pts)  prune {pinfo['prune_seconds']:.0f} s, "
+              f"ft {tinfo['ft_seconds']:.0f} s", flush=True)
+    if not b.args.no_latency:
+        sizes = [int(v) for v in (b.args.latency_size or str(b.args.image_size)).split(",")]
+        row["latency"] = [latency(b.dense, tuned, size, b.args.latency_runs) for size in sizes]
+        for lat in row["latency"]:
+            print(f"{b.name} {method:8s} ORT at {lat['size']} px: MACs cut {lat['macs_cut']:.3f}  median "
+                  f"{lat['dense_ms']:.2f} -> {lat['pruned_ms']:.2f} ms (cut {lat['latency_cut']:.2f} = "
+                  f"{_f(lat['latency_over_macs_cut'])} of the MACs cut)  p10 {lat['dense_p10_ms']:.2f} -> "
+                  f"{lat['pruned_p10_ms']:.2f} ms (= {_f(lat['p10_over_macs_cut'])})", flush=True)
     return row
 
 
@@ -242,6 +365,11 @@ def _f(v: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.only_latency and args.no_latency:
+        raise SystemExit("--only-latency and --no-latency: choose one")
+    unknown = [r for r in args.recipes.split(",") if r not in RECIPES]
+    if unknown:
+        raise SystemExit(f"--recipes {','.join(unknown)}: no such recipe; valid: {', '.join(RECIPES)}")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     rows = [r for name in args.models.split(",") for r in run_model(name, args)]

@@ -111,3 +111,32 @@ def test_torchvision_segmentation_by_name_prunes_and_round_trips(tmp_path):
     loaded = prunekit.load_model(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x)["out"], model(x)["out"], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- Hugging Face config
+def test_pruning_a_transformers_model_leaves_the_callers_config_alone(tmp_path):
+    """The model's config follows the pruned widths, on the model's own copy: the config object the user built the
+    model from was changed in place (hidden_size 21 with 4 heads), so a second model built from it (a teacher, the
+    dense reference of a builder for save_model) failed."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=16)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    x = {"input_ids": torch.randint(0, 50, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    prunekit.prune(model, x, "l1", ratio=0.3)
+    hidden = model.bert.embeddings.word_embeddings.embedding_dim
+    assert hidden < 32 and model.config.hidden_size == hidden and model.bert.config is model.config
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads) == (32, 64, 4)
+    prunekit.save_model(tmp_path, model, builder=lambda: transformers.BertForSequenceClassification(cfg))
+    loaded = prunekit.load_model(tmp_path, builder=lambda: transformers.BertForSequenceClassification(cfg)).eval()
+    torch.testing.assert_close(loaded(**x).logits, model(**x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failing_builder_says_why(tmp_path):
+    def builder() -> nn.Module:
+        raise ValueError("The hidden size (21) is not a multiple of the number of attention heads (4)")
+
+    with pytest.raises(prunekit.ConfigError, match=r"failed to build the dense model .*ValueError: The hidden size"):
+        prunekit.save_model(tmp_path, nn.Linear(3, 2), builder=builder)
+    assert not (tmp_path / "model.json").exists()

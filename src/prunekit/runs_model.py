@@ -121,7 +121,13 @@ def save_model(path: str | Path, model: nn.Module, spec: ModelSpec | None = None
         base.input = input_spec_of(example_inputs) or base.input
     ref = build_reference(base, builder)
     if ref is None and builder is not None:
-        raise ConfigError(f"builder={builder!r} failed to build the dense model (called with kwargs={base.kwargs})")
+        try:  # again, for the reason
+            builder(**base.kwargs)
+            why = "it returned no model"
+        except Exception as e:
+            why = f"{type(e).__name__}: {e}"
+        raise ConfigError(f"builder={builder!r} failed to build the dense model (called with kwargs={base.kwargs}): "
+                          f"{why}")
     out = ModelSpec(name=base.name, kwargs=dict(base.kwargs), input=dict(base.input), extra=dict(base.extra),
                     constructor=base.constructor, modified=module_diff(model, ref))
     run_dir = Path(path)

@@ -8,7 +8,8 @@ a saved config read later. Each syncer below reads the real width from a layer a
                  the pruned width.
 ``torchvision``  ``VisionTransformer.hidden_dim`` (read by its forward) and ``mlp_dim`` (when every block agrees).
 ``huggingface``  ``model.config``: ``hidden_size`` (input embeddings), ``intermediate_size`` and
-                 ``num_attention_heads`` where every layer agrees (a config holds one value).
+                 ``num_attention_heads`` where every layer agrees (a config holds one value); on the model's own
+                 copy of the config, never on the object the caller built the model from.
 
 Example:
     >>> @register_family_sync("mylib")
@@ -17,7 +18,9 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import re
+import weakref
 from collections.abc import Callable
 
 from torch import nn
@@ -91,6 +94,23 @@ def _sync_torchvision(model: nn.Module) -> None:
             m.mlp_dim = mlp.pop()
 
 
+_OWN_CONFIGS: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()  # the models' copies
+
+
+def _own_config(model: nn.Module, cfg: object) -> object:
+    """The model's own copy of ``cfg``, put on every module of ``model`` that holds ``cfg``. The caller built the
+    model from that config object and may build more from it (a teacher, the dense reference a saved model is
+    rebuilt over); pruning changes only the model."""
+    if _OWN_CONFIGS.get(id(cfg)) is cfg:
+        return cfg  # already the model's copy
+    own = copy.deepcopy(cfg)
+    _OWN_CONFIGS[id(own)] = own  # not an attribute: a config writes all its attributes to config.json
+    for m in model.modules():
+        if m.__dict__.get("config") is cfg:
+            m.config = own
+    return own
+
+
 @register_family_sync("huggingface")
 def _sync_huggingface(model: nn.Module) -> None:
     for m in model.modules():
@@ -98,6 +118,7 @@ def _sync_huggingface(model: nn.Module) -> None:
         if not _is_from(m, "transformers") or not callable(getattr(m, "get_input_embeddings", None)) \
                 or not callable(getattr(cfg, "to_dict", None)):
             continue
+        cfg = _own_config(model, cfg)
         try:
             emb = m.get_input_embeddings()
         except (NotImplementedError, AttributeError):

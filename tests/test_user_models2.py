@@ -140,3 +140,34 @@ def test_a_failing_builder_says_why(tmp_path):
     with pytest.raises(prunekit.ConfigError, match=r"failed to build the dense model .*ValueError: The hidden size"):
         prunekit.save_model(tmp_path, nn.Linear(3, 2), builder=builder)
     assert not (tmp_path / "model.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------- --model module:Class
+class UserNet(nn.Module):
+    """A user's CNN taking the dataset's channels and classes, and one option of its own."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 5, width: int = 8):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(in_channels, width, 3, padding=1), nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).mean(dim=(2, 3)))
+
+
+def test_create_model_takes_a_users_module_path(tmp_path):
+    """``--model mypkg.nets:Net`` (the CLI's create_model): was "unknown prefix"; now imported and called with
+    in_channels / num_classes (where its signature names them) and --model-kwargs, and rebuilt by name."""
+    model = prunekit.create_model(f"{__name__}:UserNet", in_channels=1, num_classes=10, width="6")
+    assert type(model).__name__ == "UserNet" and (model.c1.in_channels, model.c1.out_channels) == (1, 6)
+    assert model.fc.out_features == 10
+    x = torch.randn(2, 1, 8, 8)
+    prunekit.prune(model.eval(), x, "l1", ratio=0.5, scope="local")
+    prunekit.save_model(tmp_path, model)
+    loaded = prunekit.load_model(tmp_path).eval()
+    assert loaded.c1.out_channels == model.c1.out_channels == 3
+    torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(prunekit.ConfigError, match=r"'nosuchpkg:' and not an importable model.*module.path:Class"):
+        prunekit.create_model("nosuchpkg:Net")
+    with pytest.raises(prunekit.ConfigError, match=r"bad constructor argument.*--model-kwargs"):
+        prunekit.create_model(f"{__name__}:UserNet", depth=3)

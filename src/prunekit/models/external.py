@@ -29,7 +29,8 @@ _NETWORK_MODULES = ("urllib", "http", "requests", "urllib3", "httpx", "httpcore"
 
 def create_external(name: str, *, pretrained: bool | str = False, in_channels: int = 3, num_classes: int = 10,
                     **kwargs: Any) -> nn.Module:
-    """Build a ``tv:``, ``timm:`` or ``hf:`` model (called by ``prunekit.create_model``)."""
+    """Build a ``tv:``, ``timm:``, ``hf:`` or a user's ``module.path:Class`` model (called by
+    ``prunekit.create_model``)."""
     from prunekit.models.builtin import check_io
 
     check_io(name, in_channels, num_classes)
@@ -47,7 +48,43 @@ def create_external(name: str, *, pretrained: bool | str = False, in_channels: i
         from prunekit.models.hf import create_hf
 
         return create_hf(ref, pretrained=bool(pretrained), in_channels=in_channels, num_classes=num_classes, **kwargs)
-    raise ConfigError(f"model {name!r}: unknown prefix {prefix!r}; valid prefixes: tv:, timm:, hf:")
+    return create_user(name, in_channels=in_channels, num_classes=num_classes, **kwargs)
+
+
+def create_user(path: str, *, in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> nn.Module:
+    """``module.path:ClassOrFunction``: a user's own model, imported (from ``PYTHONPATH``) and called with ``kwargs``
+    (``--model-kwargs``), plus ``in_channels`` / ``num_classes`` where its signature names them."""
+    import importlib
+    import inspect
+
+    module_name, _, attr = path.partition(":")
+    valid = ("valid: a built-in name, tv:NAME, timm:NAME, hf:NAME_OR_PATH, or module.path:ClassOrFunction "
+             "importable from PYTHONPATH (your own model)")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"model {path!r}: unknown prefix {module_name + ':'!r} and not an importable model "
+                          f"({type(e).__name__}: {e}); {valid}") from None
+    if not callable(obj):
+        raise ConfigError(f"model {path!r}: {type(obj).__name__} is not callable; {valid}")
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    for key, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+        if key in params or takes_any:
+            kwargs.setdefault(key, value)
+    try:
+        model = obj(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model {path!r}: bad constructor argument ({e}); pass them with --model-kwargs "
+                          "KEY=V,...") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {path!r} returned {type(model).__name__}, not an nn.Module")
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- helpers

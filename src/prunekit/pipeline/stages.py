@@ -45,7 +45,8 @@ class TrainConfig(Config):
     ``train`` (``TrainSettings``) and ``data`` (``DataArgs``) sections; flags are their flat keys."""
 
     model: str = Field("resnet20", description="model name: built-in (see `prunekit models`), tv:NAME, timm:NAME, "
-                                                "hf:NAME_OR_PATH")
+                                                "hf:NAME_OR_PATH, or your own module.path:ClassOrFunction (on "
+                                                "PYTHONPATH; --model-kwargs go to it)")
     weights: Path | None = Field(None, description="initialise from a local weights file (safetensors or state dict)")
     pretrained: bool = Field(False, description="start from the source's pretrained weights (tv:, timm:, hf:)")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments")

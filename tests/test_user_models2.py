@@ -171,3 +171,17 @@ def test_create_model_takes_a_users_module_path(tmp_path):
         prunekit.create_model("nosuchpkg:Net")
     with pytest.raises(prunekit.ConfigError, match=r"bad constructor argument.*--model-kwargs"):
         prunekit.create_model(f"{__name__}:UserNet", depth=3)
+
+
+def test_an_unreachable_target_names_the_groups_left_whole():
+    """The GRU cannot be compensated, so with calibration data (compensate='auto': lstsq) c2's group stays whole
+    and a low target is out of reach: the error says which group and why (it only said "raise max_ratio")."""
+    torch.manual_seed(0)
+    model, x = AudioNet(nn.GRU(24, 12, batch_first=True)).eval(), torch.randn(2, 8, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = [torch.randn(8, 8, 10) for _ in range(2)]
+    with pytest.raises(prunekit.PruningError, match=r"out of reach.*left whole, e\.g\. 'c2': .*can be compensated"):
+        prunekit.prune(model, x, target_macs=0.3, calib_data=calib)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    report = prunekit.prune(model, x, target_macs=0.3, calib_data=calib, compensate="none")
+    assert report.macs_after <= 0.31 * report.macs_before and model.rnn.input_size < 24

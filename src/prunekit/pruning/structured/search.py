@@ -143,9 +143,14 @@ def search_ratio(graph: PruningGraph, example_inputs: Any, units: list[Unit], sc
     target = search.target
     floor, _ = search.probe(1.0)  # every group at max_ratio: the fewest MACs this selection can reach
     if floor > target * (1 + tol):
+        whole, reasons = graph.left_whole, []
+        for k, v in list(whole.items())[:3]:
+            v = v.split(";")[0]  # the reason, without the advice
+            reasons.append(f"{k!r}: {v}" + ")" * (v.count("(") - v.count(")")))
+        why = "; ".join(reasons)
         raise PruningError(f"target_macs {target} is out of reach: pruning every selected group to max_ratio "
                            f"{s.layers.max_ratio} still keeps {floor:.1%} of the MACs; raise max_ratio or prune more "
-                           "layers")
+                           "layers" + (f" ({len(whole)} group(s) left whole, e.g. {why})" if whole else ""))
     search.best = (1.0, floor, search.scores)  # the live scores, as the skips below leave them
     total = sum(u.size for u in units if u.name not in overrides and u.attention is None)
     if s.layers.scope == "local" or total == 0:

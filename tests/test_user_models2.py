@@ -185,3 +185,27 @@ def test_an_unreachable_target_names_the_groups_left_whole():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     report = prunekit.prune(model, x, target_macs=0.3, calib_data=calib, compensate="none")
     assert report.macs_after <= 0.31 * report.macs_before and model.rnn.input_size < 24
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+def test_a_bare_transformers_model_saves_without_a_builder(tmp_path, kind):
+    """A transformers model built from a config by the user: save_model said "needs constructor arguments" (its
+    config is no JSON kwarg). Now the class and the dense config are recorded, the pruned config fields restored."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "bert":
+        cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, max_position_embeddings=16)
+        model = transformers.BertForSequenceClassification(cfg).eval()
+    else:
+        cfg = transformers.DistilBertConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                            max_position_embeddings=16)
+        model = transformers.DistilBertForSequenceClassification(cfg).eval()
+    x = {"input_ids": torch.randint(0, 50, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    prunekit.prune(model, x, "l1", ratio=0.4, heads=kind == "bert")  # DistilBERT's attention: no head layout
+    assert model.config.to_dict() != cfg.to_dict()  # the model's config follows the pruned widths
+    prunekit.save_model(tmp_path, model)
+    loaded = prunekit.load_model(tmp_path)
+    assert type(loaded) is type(model) and loaded.config.to_dict() == model.config.to_dict()
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(loaded(**x).logits, model(**x).logits, rtol=1e-5, atol=1e-5)

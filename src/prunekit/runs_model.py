@@ -80,6 +80,11 @@ def _base_spec(model: nn.Module, constructor: str | Callable[..., nn.Module] | N
     if attached is not None and (attached.name or attached.constructor):
         return ModelSpec(name=attached.name, constructor=attached.constructor,
                          kwargs=dict(attached.kwargs) if kw is None else kw, input=inp, extra=extra)
+    from prunekit.models.hf import is_transformers, transformers_spec
+
+    if kw is None and is_transformers(model):  # the class and its dense config; the pruned fields restored at load
+        kw, extra["hf_config"] = transformers_spec(model)
+        return ModelSpec(constructor="prunekit.models.hf:from_config", kwargs=kw, input=inp, extra=extra)
     path = constructor_path(type(model))
     if path is not None and (kw is not None or no_required_args(type(model))):
         return ModelSpec(constructor=path, kwargs=kw or {}, input=inp, extra=extra)
@@ -158,6 +163,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *,
         raise RunDirError(f"{str(path)!r} has no {WEIGHTS}")
     model = rebuild(spec, builder)
     _apply_and_load(model, spec, w, device)
+    for key, value in spec.extra.get("hf_config", {}).items():  # a transformers config's pruned fields
+        setattr(model.config, key, value)
     for key, value in spec.extra.items():
         if key not in LOAD_HOOKS and key in HOOK_PROVIDERS:
             importlib.import_module(HOOK_PROVIDERS[key])

@@ -14,8 +14,10 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,42 @@ def _transformers():
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A JSON-safe dict of every config field (what ``hf_config`` stores)."""
     return json.loads(config.to_json_string(use_diff=False))
+
+
+# id of a pruned model's own config -> the dense config it was copied from (``remember_dense``)
+_DENSE: dict[int, dict[str, Any]] = {}
+
+
+def remember_dense(own: Any, dense: Any) -> None:
+    """Record ``dense`` (the config a model was built from) as the dense architecture behind the copy ``own`` that
+    pruning changes, so ``save_model`` can record how to rebuild the dense model."""
+    _DENSE[id(own)] = config_to_dict(dense)
+    weakref.finalize(own, _DENSE.pop, id(own), None)
+
+
+def is_transformers(model: nn.Module) -> bool:
+    """A bare transformers model (not prunekit's ``HFModel`` wrapper) with a serialisable config."""
+    return type(model).__module__.startswith("transformers.") and \
+        callable(getattr(model.__dict__.get("config"), "to_json_string", None))
+
+
+def transformers_spec(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``from_config`` kwargs rebuilding the dense ``model``, the config fields pruning changed)."""
+    cls, now = type(model), config_to_dict(model.config)
+    dense = _DENSE.get(id(model.config), now)
+    changed = {k: v for k, v in now.items() if dense.get(k) != v and k != "transformers_version"}
+    return {"architecture": f"{cls.__module__}:{cls.__qualname__}", "hf_config": dense}, changed
+
+
+def from_config(architecture: str, hf_config: dict[str, Any]) -> nn.Module:
+    """A transformers model of class ``architecture`` (``"module:Class"``) built from ``hf_config``, random
+    weights: what ``save_model`` records for a bare transformers model."""
+    module, _, name = architecture.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"architecture {architecture!r}: {type(e).__name__}: {e}") from None
+    return cls(config_from_dict(hf_config))
 
 
 def config_from_dict(d: dict[str, Any]) -> Any:

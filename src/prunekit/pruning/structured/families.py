@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from prunekit.models.hf import remember_dense
 from prunekit.registry import Registry
 
 FamilySync = Callable[[nn.Module], None]
@@ -105,6 +106,7 @@ def _own_config(model: nn.Module, cfg: object) -> object:
         return cfg  # already the model's copy
     own = copy.deepcopy(cfg)
     _OWN_CONFIGS[id(own)] = own  # not an attribute: a config writes all its attributes to config.json
+    remember_dense(own, cfg)  # what save_model rebuilds the dense model from
     for m in model.modules():
         if m.__dict__.get("config") is cfg:
             m.config = own

@@ -108,9 +108,12 @@ def run_setting(bench: Bench, setting: dict[str, Any], level: int) -> dict[str, 
         return row
     m = copy.deepcopy(bench.model)
     t0 = time.perf_counter()
+    opts = dict(setting)
+    if opts["compensate"].endswith("+refit"):  # e.g. lstsq+refit: compensation, then the closed-form refit
+        opts["compensate"], opts["refit"] = opts["compensate"].removesuffix("+refit"), True
     try:
         rep = prunekit.prune(m, bench.example, calib_data=bench.calib, calib_batches=len(bench.calib),
-                             **bench.levels[level], **bench.extra, **setting)
+                             **bench.levels[level], **bench.extra, **opts)
         row["macs_kept"] = round(rep.macs_kept, 4)
         row["score"] = round(float(bench.score(m.eval())), 4)
         row["retained"] = round(row["score"] / bench.dense, 4)
@@ -333,7 +336,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     ap.add_argument("--criteria", default=",".join(CRITERIA))
-    ap.add_argument("--compensations", default=",".join(COMPENSATIONS))
+    ap.add_argument("--compensations", default=",".join(COMPENSATIONS),
+                    help="from none, mean, lstsq; 'lstsq+refit' adds the closed-form refit (refit=True)")
     ap.add_argument("--scopes", default=",".join(SCOPES))
     ap.add_argument("--no-bn-off", action="store_true", help="skip the recalibrate_bn=False rows")
     ap.add_argument("--cache", type=Path, default=Path("runs/bench/defaults"), help="trained baselines")

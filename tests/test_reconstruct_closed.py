@@ -155,10 +155,35 @@ def test_prune_refit_flag_runs_the_refit_inside_the_call():
     plain, fitted = copy.deepcopy(dense), copy.deepcopy(dense)
     kw = dict(ratio=0.6, scope="local", only=[r"blocks\.\d+\.fc1"], calib_data=data(1, 1024), compensate="lstsq",
               calib_batches=16)
-    prune(plain, torch.randn(2, 12), "variance", **kw)
+    assert not prune(plain, torch.randn(2, 12), "variance", refit=False, **kw).refit
     report = prune(fitted, torch.randn(2, 12), "variance", refit=True, **kw)
     assert [r["layer"] for r in report.refit] == ["blocks.0.fc2", "blocks.1.fc2", "blocks.2.fc2"]
     assert "refitted 3 consumer layers" in report.summary()
     assert error(dense, fitted) < error(dense, plain)
     with pytest.raises(ConfigError, match="refit=True needs calibration data"):
         prune(copy.deepcopy(dense), torch.randn(2, 12), "variance", ratio=0.5, refit=True)
+
+
+@pytest.mark.parametrize("compensate,refits", [("lstsq", True), ("auto", True), ("mean", False), ("none", False)])
+def test_refit_is_on_by_default_with_lstsq_only(compensate, refits):
+    torch.manual_seed(0)
+    dense = Stack(Block).eval()
+    model = copy.deepcopy(dense)
+    report = prune(model, torch.randn(2, 12), "variance", ratio=0.6, scope="local", only=[r"blocks\.\d+\.fc1"],
+                   calib_data=data(1, 1024), compensate=compensate, calib_batches=16)
+    assert bool(report.refit) is refits
+    assert (len(report.refit) == 3) is refits
+
+
+def test_default_refit_on_a_cnn_does_nothing_and_copies_nothing():
+    """No Linear consumer inside a block (a CNN): the default refit neither runs nor keeps a dense copy."""
+    from prunekit.pruning.structured import StructuredConfig
+    from prunekit.pruning.structured.engine import StructuredPruner
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+                              torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    cfg = StructuredConfig.build({"criterion": "variance", "ratio": 0.5})
+    pruner = StructuredPruner(net, torch.randn(2, 3, 8, 8), cfg, calib_data=[torch.randn(4, 3, 8, 8)] * 4)
+    report = pruner.run()
+    assert report.compensate == "lstsq" and pruner.refit_on and not report.refit
+    assert pruner.reference is None

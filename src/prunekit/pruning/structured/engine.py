@@ -47,6 +47,7 @@ from prunekit.pruning.structured.prepare import (
     device_of,
     resolve_compensation,
     resolve_criterion,
+    resolve_refit,
 )
 from prunekit.pruning.structured.report import PruneReport
 from prunekit.pruning.structured.score import collect, score_units, scored
@@ -76,6 +77,7 @@ class StructuredPruner:
         self.loss_fn, self.units_only = loss_fn, units_only
         self.device = torch.device(device) if device is not None else device_of(model)
         self.compensate = resolve_compensation(config, calib_data)
+        self.refit_on = calib_data is not None and resolve_refit(config, self.compensate)
         self.report = PruneReport(criterion=name, scope=config.layers.scope,
                                   ratio=config.global_ratio, target_macs=config.target.macs,
                                   preset=config.layers.preset, heads=config.layers.heads, compensate=self.compensate)
@@ -227,7 +229,8 @@ class StructuredPruner:
         before = out_channels(self.graph)
         self.dense = copy.deepcopy(self.model) if report.latency and s.latency.verify_runs else None
         self.reference = None  # reconstruction's targets: the model before pruning (shared with the latency check)
-        if s.reconstruction.steps or s.compensation.refit:
+        self.refit_layers = self._refit_layers() if self.refit_on else {}
+        if s.reconstruction.steps or self.refit_layers:
             self.reference = self.dense if self.dense is not None else copy.deepcopy(self.model)
         report.groups, report.compensation = apply_selection(self.graph, self.units, self.sel, self.compensator)
         report.layers = {n: [b, a] for n, a in out_channels(self.graph).items() if (b := before[n]) != a}
@@ -251,17 +254,23 @@ class StructuredPruner:
         self.report.bn_recalibration = recalibrate_after_pruning(self.model, self.s.calibration.recalibrate_bn,
                                                                  self.calib, self.s.calibration.batches, self.device)
 
-    def refit(self) -> None:
-        """Closed-form error-correcting refit of the pruned blocks' consumers (``compensation.refit``)."""
-        if not self.s.compensation.refit:
-            return
-        from prunekit.pruning.structured.reconstruct_closed import consumers_of, refit_consumers
+    def _refit_layers(self) -> dict[str, list[str]]:
+        """Block -> the Linear consumers the refit will fit, from the selected groups (before they are applied)."""
+        from prunekit.pruning.structured.reconstruct_closed import consumers_of
 
-        layers = consumers_of(self.model, self.report.groups)
-        if not layers:
+        layers = consumers_of(self.model, [u for u in self.units if self.sel.removed.get(u.name)])
+        if not layers and self.s.compensation.refit:
             log.warning("refit=True: no pruned group's consumer is a Linear inside a block; nothing was refitted")
+        return layers
+
+    def refit(self) -> None:
+        """Closed-form error-correcting refit of the pruned blocks' consumers (``compensation.refit``; by default
+        on with ``lstsq`` wherever a pruned group's consumer is a Linear inside a block)."""
+        if not self.refit_layers:
             return
-        self.report.refit = refit_consumers(self.model, self.reference, self.calib, layers,
+        from prunekit.pruning.structured.reconstruct_closed import refit_consumers
+
+        self.report.refit = refit_consumers(self.model, self.reference, self.calib, self.refit_layers,
                                             max_batches=self.s.calibration.batches, device=self.device)
 
     def reconstruct(self) -> None:

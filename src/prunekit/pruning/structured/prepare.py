@@ -63,6 +63,11 @@ def resolve_compensation(s: StructuredConfig, calib_data: Iterable | None) -> st
     return "lstsq"
 
 
+def resolve_refit(s: StructuredConfig, compensate: str) -> bool:
+    """Whether this call refits the pruned blocks' consumers: ``refit=None`` (the default) is on with ``lstsq``."""
+    return compensate == "lstsq" if s.compensation.refit is None else bool(s.compensation.refit)
+
+
 def check_data(crit: Criterion, s: StructuredConfig, calib_data: Iterable | None) -> None:
     """Options that need calibration data, without any: one ``ConfigError`` naming the option."""
     if s.compensation.refit and calib_data is None:

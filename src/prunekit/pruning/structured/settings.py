@@ -173,11 +173,13 @@ class Compensation(Config):
         description="auto: lstsq when calibration data is given, else none; mean: VBP's bias compensation of each "
         "consumer; lstsq: least-squares refit of each consumer's kept weights and bias on the calibration "
         "statistics; none")
-    refit: bool = Field(False, json_schema_extra=_flat("refit"),
-                        description="after compensation, refit each pruned block's consumer layers in closed form so "
-                        "that the block's output (the norm after it) matches the dense model's on the calibration "
-                        "data, correcting what earlier layers lost too (needs calibration data; seconds, where "
-                        "reconstruct_steps takes minutes: prunekit.pruning.structured.reconstruct_closed)")
+    refit: bool | None = Field(None, json_schema_extra=_flat("refit"),
+                               description="after compensation, refit each pruned block's consumer layers (Linear "
+                               "layers inside a block: transformer FFNs) in closed form so that the block's output "
+                               "(the norm after it) matches the dense model's on the calibration data, correcting what "
+                               "earlier layers lost too (seconds, where reconstruct_steps takes minutes: "
+                               "prunekit.pruning.structured.reconstruct_closed); default: on when compensation is "
+                               "lstsq (never worse in five model families, +0.004 to +0.025 cosine on MiniLM)")
 
 
 class Reconstruction(Config):

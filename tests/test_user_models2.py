@@ -209,3 +209,31 @@ def test_a_bare_transformers_model_saves_without_a_builder(tmp_path, kind):
     assert type(loaded) is type(model) and loaded.config.to_dict() == model.config.to_dict()
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
     torch.testing.assert_close(loaded(**x).logits, model(**x).logits, rtol=1e-5, atol=1e-5)
+
+
+class ResidualMLP(nn.Module):
+    """Tokens through two pre-norm residual MLP blocks: the stream (``emb``'s outputs) is one prunable group."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.emb = nn.Linear(6, dim)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim))
+                                    for _ in range(2))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, 6)
+        h = self.emb(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.head(h.mean(1))
+
+
+def test_default_refit_skips_blocks_whose_stream_was_pruned():
+    """refit (on by default with lstsq) raised "'blocks.0' sees (8, 5, 12) in the pruned model but (8, 5, 16) in
+    the dense one" wherever the residual stream was pruned (Hugging Face BERT / ViT, a ConvNeXt block, ...); those
+    layers are now kept as compensated, and the call prunes the stream."""
+    torch.manual_seed(0)
+    model, x = ResidualMLP().eval(), torch.randn(2, 5, 6)
+    report = prunekit.prune(model, x, target_macs=0.5, calib_data=[torch.randn(8, 5, 6) for _ in range(2)])
+    assert model.emb.out_features < 16 and model(x).shape == (2, 3)  # the stream was pruned
+    assert report.compensate == "lstsq"

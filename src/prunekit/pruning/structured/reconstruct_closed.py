@@ -201,17 +201,19 @@ def dense_points(dense: nn.Module, data: list[Any], points: dict[str, bool]) -> 
 
 
 def refit_layer(model: nn.Module, block: str, layer: str, at: str, data: list[Any], targets: list[torch.Tensor],
-                ridge: float = 1.0, weight: str = "norm") -> dict[str, Any]:
+                ridge: float = 1.0, weight: str = "norm") -> dict[str, Any] | None:
     """Refit one consumer ``layer`` of ``block`` towards the dense model's values ``targets`` at its merge point
-    ``at`` (one tensor per batch of ``data``; see the module docstring); returns its record."""
+    ``at`` (one tensor per batch of ``data``; see the module docstring); returns its record, or ``None`` (nothing
+    changed) where the merge point's width was pruned: the dense values there have other channels."""
     t0 = time.perf_counter()
     lin = dict(model.named_modules())[layer]
     sums = _Sums(lin.in_features, lin.out_features)
     for x, zd in zip(data, targets):
         xp, yp, zp = _captured(model, x, at, block, layer)
-        if zd.shape != zp.shape:
-            raise PruningError(f"refit of {layer!r}: {at!r} sees {tuple(zp.shape)} in the pruned model but "
-                               f"{tuple(zd.shape)} in the dense one (its channels were pruned)")
+        if zd.shape != zp.shape:  # the residual stream was pruned (checked on the first batch, before any change)
+            log.debug("refit of %s: %s sees %s in the pruned model but %s in the dense one", layer, at,
+                      tuple(zp.shape), tuple(zd.shape))
+            return None
         mask = _mask_of(x, zp)
         w = None
         if weight == "norm" and at != block:  # the norm divides each token by its std: weight its error by 1 / var
@@ -271,4 +273,9 @@ def refit_consumers(model: nn.Module, dense: nn.Module, calib_data: Iterable, la
     finally:
         for m, mode in modes.items():
             m.training = mode
-    return records
+    skipped = [n for (_, n, _), r in zip(plan, records) if r is None]
+    if skipped:
+        log.warning("refit: %d layer(s) kept as compensated, not refitted: the width of their block's output was "
+                    "pruned (the residual stream), so the dense model has no values of that width to match: %s",
+                    len(skipped), ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    return [r for r in records if r is not None]

@@ -3,6 +3,8 @@ query token read through ``nn.MultiheadAttention``, and torchvision segmentation
 
 from __future__ import annotations
 
+import copy
+import logging
 import warnings
 
 import pytest
@@ -228,12 +230,21 @@ class ResidualMLP(nn.Module):
         return self.head(h.mean(1))
 
 
-def test_default_refit_skips_blocks_whose_stream_was_pruned():
+def test_default_refit_skips_blocks_whose_stream_was_pruned(caplog):
     """refit (on by default with lstsq) raised "'blocks.0' sees (8, 5, 12) in the pruned model but (8, 5, 16) in
     the dense one" wherever the residual stream was pruned (Hugging Face BERT / ViT, a ConvNeXt block, ...); those
     layers are now kept as compensated, and the call prunes the stream."""
     torch.manual_seed(0)
     model, x = ResidualMLP().eval(), torch.randn(2, 5, 6)
-    report = prunekit.prune(model, x, target_macs=0.5, calib_data=[torch.randn(8, 5, 6) for _ in range(2)])
+    dense = copy.deepcopy(model)
+    calib = [torch.randn(8, 5, 6) for _ in range(2)]
+    with caplog.at_level(logging.INFO, logger="prunekit"):
+        report = prunekit.prune(model, x, target_macs=0.5, calib_data=calib)
     assert model.emb.out_features < 16 and model(x).shape == (2, 3)  # the stream was pruned
     assert report.compensate == "lstsq"
+    skipped = [r for r in caplog.records if "kept as compensated" in r.getMessage()]
+    assert skipped and all(r.levelno == logging.INFO for r in skipped)  # the default refit: no warning
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="prunekit"):
+        prunekit.prune(dense, x, target_macs=0.5, calib_data=calib, refit=True)
+    assert any(r.levelno == logging.WARNING and "kept as compensated" in r.getMessage() for r in caplog.records)

@@ -271,7 +271,8 @@ class StructuredPruner:
         from prunekit.pruning.structured.reconstruct_closed import refit_consumers
 
         self.report.refit = refit_consumers(self.model, self.reference, self.calib, self.refit_layers,
-                                            max_batches=self.s.calibration.batches, device=self.device)
+                                            max_batches=self.s.calibration.batches, device=self.device,
+                                            asked=bool(self.s.compensation.refit))
 
     def reconstruct(self) -> None:
         if self.reference is None or not self.s.reconstruction.steps:

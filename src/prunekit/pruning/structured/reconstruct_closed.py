@@ -237,7 +237,7 @@ def refit_layer(model: nn.Module, block: str, layer: str, at: str, data: list[An
 
 def refit_consumers(model: nn.Module, dense: nn.Module, calib_data: Iterable, layers: dict[str, list[str]], *,
                     max_batches: int = 50, device: str | torch.device = "cpu", ridge: float = RIDGE,
-                    weight: str = "norm") -> list[dict[str, Any]]:
+                    weight: str = "norm", asked: bool = True) -> list[dict[str, Any]]:
     """Refit every consumer of ``layers`` (``consumers_of``: block -> its ``Linear`` consumers) in forward order,
     towards ``dense`` (the model before pruning, same module names). Returns one record per layer: ``block``,
     ``layer``, ``merge`` (where its output is matched), ``tokens``, ``error_before`` / ``error_after`` (the
@@ -248,6 +248,8 @@ def refit_consumers(model: nn.Module, dense: nn.Module, calib_data: Iterable, la
         ridge: > 0, relative to the mean variance of each layer's inputs, towards the current weights.
         weight: ``"norm"`` (each token's error divided by the variance of the dense merge-point input, when the
             merge point is a norm) or ``"none"``.
+        asked: the caller asked for the refit (``refit=True``): layers that cannot be refitted are a warning; else
+            (the default refit of ``compensate="lstsq"``) an info line.
     """
     if isinstance(ridge, str) or not ridge > 0:
         raise ConfigError(f"refit ridge={ridge!r} must be a number > 0 (relative to the inputs' mean variance)")
@@ -275,7 +277,8 @@ def refit_consumers(model: nn.Module, dense: nn.Module, calib_data: Iterable, la
             m.training = mode
     skipped = [n for (_, n, _), r in zip(plan, records) if r is None]
     if skipped:
-        log.warning("refit: %d layer(s) kept as compensated, not refitted: the width of their block's output was "
-                    "pruned (the residual stream), so the dense model has no values of that width to match: %s",
-                    len(skipped), ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        say = log.warning if asked else log.info
+        say("refit: %d layer(s) kept as compensated, not refitted: the width of their block's output was pruned (the "
+            "residual stream), so the dense model has no values of that width to match: %s", len(skipped),
+            ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
     return [r for r in records if r is not None]

@@ -320,3 +320,18 @@ def test_forward_with_star_args_exports_with_torch_export_silently(tmp_path, cap
     assert info["exporter"] == "dynamo" and info["verify"]["ok"] and info["verify"]["batch_size"] == 3
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert onnx.load(str(tmp_path / "model.onnx")).graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_verify_default_tolerance_is_relative_for_large_outputs():
+    """An export whose outputs are ~100 and differ from torch's by a float32 rounding (relative 4e-5) verifies by
+    default (a timm EfficientNet failed with an absolute tolerance alone); a real discrepancy still fails."""
+    from prunekit.export.core import verify_runner
+
+    model = torch.nn.Linear(4, 3).eval()
+    with torch.no_grad():
+        model.bias.fill_(100.0)
+    x = torch.randn(2, 4)
+    close = verify_runner("onnx", lambda a: [model(a) * (1 + 4e-5)], model, x)
+    assert close.ok and close.max_abs_diff > 1e-3
+    assert not verify_runner("onnx", lambda a: [model(a) * (1 + 4e-5)], model, x, rtol=0.0).ok
+    assert not verify_runner("onnx", lambda a: [model(a) + 0.5], model, x).ok

@@ -295,7 +295,7 @@ def compare_outputs(ref: list[torch.Tensor], got: list[torch.Tensor], atol: floa
 
 @torch.no_grad()
 def verify_runner(fmt: str, runner: Callable[..., list[torch.Tensor]], model: nn.Module, example_inputs: Any,
-                  atol: float = 1e-4, rtol: float = 0.0, inputs_desc: str = "example inputs") -> Verification:
+                  atol: float = 1e-4, rtol: float = 1e-4, inputs_desc: str = "example inputs") -> Verification:
     """Run ``runner`` (a loaded export) and ``model`` on ``example_inputs`` and compare the outputs."""
     from prunekit.batch import batch_size_of, call_model
 
@@ -317,7 +317,7 @@ def verify_runner(fmt: str, runner: Callable[..., list[torch.Tensor]], model: nn
 
 
 def verify_file(fmt: str, path: str | Path, model: nn.Module, example_inputs: Any, atol: float = 1e-4,
-                rtol: float = 0.0, inputs_desc: str = "example inputs") -> Verification:
+                rtol: float = 1e-4, inputs_desc: str = "example inputs") -> Verification:
     """Load an exported file of format ``fmt`` and compare it with ``model`` on ``example_inputs``.
 
     Example:

@@ -45,7 +45,7 @@ EXPORT_DIR = "export"
 # ----------------------------------------------------------------------------------------------- model level
 def export_model(model: nn.Module, example_inputs: Any, out_dir: str | Path, formats: list[str] | tuple[str, ...] = (
         "onnx",), options: ExportOptions | None = None, verify_inputs: Any = None, atol: float = 1e-4,
-        rtol: float = 0.0, inputs_desc: str = "example inputs") -> dict[str, Any]:
+        rtol: float = 1e-4, inputs_desc: str = "example inputs") -> dict[str, Any]:
     """Export ``model`` to ``out_dir`` in each format, verify each on ``verify_inputs`` when given, and write
     ``out_dir/export.json``. Returns the manifest; a failed verification is recorded (``ok: false``), not raised
     (see :func:`check_verified`).

@@ -54,7 +54,7 @@ class ExportConfig(Config):
     verify: bool = Field(False, description="run each export on real inputs and compare with torch; exit non-zero "
                                             "if the max abs diff exceeds --atol")
     atol: float = Field(1e-4, gt=0, description="--verify: absolute tolerance")
-    rtol: float = Field(0.0, ge=0, description="--verify: relative tolerance added to --atol (|diff| <= atol + "
+    rtol: float = Field(1e-4, ge=0, description="--verify: relative tolerance added to --atol (|diff| <= atol + "
                                                "rtol*|torch|)")
     verify_batch_size: int = Field(3, gt=0, description="--verify: batch size (differs from the export batch of "
                                                         f"{EXPORT_BATCH} to test the dynamic batch axis)")

@@ -155,11 +155,15 @@ def quantize_rows(name: str, run: Path, work: Path, qat_epochs: int, qat_lr: flo
         m = stage(work / f"{name}_{rt}", "quantize", "--from", str(run), "--backend", rt, "--latency-runs", "0")
         rows.append({"variant": name, "runtime": rt, "method": "PTQ", "top1_fp32": m["top1_float"],
                      "top1_int8": m["top1"], "samples": m["test_samples"], "macs": m["macs"]})
-        if name != "dense" and m["top1_int8_drop"] > 0.5 and qat_epochs > 0:
-            q = stage(work / f"{name}_qat_{rt}", "finetune", "--from", str(run), "--qat", "--qat-backend", rt,
+        if name == "dense" or m["top1_int8_drop"] <= 0.5 or qat_epochs <= 0:
+            continue
+        for scheme in dict.fromkeys((rt, "onnxruntime")):  # the runtime's own scheme simulated, and ONNX Runtime's
+            out = work / (f"{name}_qat_{rt}" if scheme == rt else f"{name}_qat_{rt}_{scheme}-scheme")
+            q = stage(out, "finetune", "--from", str(run), "--qat", "--qat-backend", rt, "--qat-scheme", scheme,
                       "--epochs", str(qat_epochs), "--lr", str(qat_lr))
-            rows.append({"variant": name, "runtime": rt, "method": f"QAT {qat_epochs} ep", "top1_fp32": m["top1_float"],
-                         "top1_int8": q["top1"], "samples": q["test_samples"], "macs": m["macs"]})
+            rows.append({"variant": name, "runtime": rt, "method": f"QAT {qat_epochs} ep, {scheme} scheme",
+                         "top1_fp32": m["top1_float"], "top1_int8": q["top1"], "samples": q["test_samples"],
+                         "macs": m["macs"]})
     return rows
 
 

@@ -157,6 +157,7 @@ def test_onnxruntime_quantizes_the_trained_grid_exactly(tmp_path):
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_finetune_qat_writes_an_int8_run_with_its_accuracy(trained_run, tmp_path, backend):
+    """The run for each backend; the openvino run trains with NNCF's scheme simulated (``qat_scheme``)."""
     from prunekit import runs
     from prunekit.pipeline.stages import FinetuneConfig, finetune
     from prunekit.quantize import accuracy, load_runner
@@ -167,7 +168,7 @@ def test_finetune_qat_writes_an_int8_run_with_its_accuracy(trained_run, tmp_path
         pytest.importorskip("nncf")
     out = tmp_path / "qat"
     cfg = FinetuneConfig.build({"from": str(trained_run), "out": str(out), "qat": True, "epochs": 1, "lr": 0.01,
-                                "qat_calib_batches": 2, "qat_backend": backend})
+                                "qat_calib_batches": 2, "qat_backend": backend, "qat_scheme": backend})
     m = finetune(cfg)
     files = {"model_int8.onnx"} if backend == "onnxruntime" else {"model_int8.xml", "model_int8.bin"}
     assert {"model.safetensors", "model.json", "quantize.json", "metrics.json", "config.yaml", "log.txt",
@@ -195,7 +196,10 @@ def test_qat_flags_are_a_section_of_finetune():
     from prunekit.pipeline.stages import FinetuneConfig
 
     keys = FinetuneConfig.keys()
-    assert {"qat", "qat_backend", "qat_calib_batches", "qat_momentum"} <= set(keys)
+    assert {"qat", "qat_backend", "qat_scheme", "qat_calib_batches", "qat_momentum"} <= set(keys)
+    assert FinetuneConfig.build({"from": "x", "qat": True, "qat_backend": "openvino"}).qat.scheme == "onnxruntime"
+    with pytest.raises(ConfigError, match="qat_scheme"):
+        FinetuneConfig.build({"from": "x", "qat": True, "qat_scheme": "nncf"})
     with pytest.raises(ConfigError, match="qat_backend"):
         FinetuneConfig.build({"from": "x", "qat": True, "qat_backend": "tensorrt"})
 

@@ -148,9 +148,9 @@ def qat_finetune(cfg: Any) -> dict[str, Any]:
                                    t.label_smoothing)
         log.info("finetune --qat: %s from %s: post-training %s int8 top1 %.2f%% (float %.2f%%); fake int8 in %d "
                  "layers (%s scheme), %d epochs, lr %g, KD from %s", spec.name, cfg.from_dir, q.backend,
-                 ptq.accuracy_int8["top1"], ptq.accuracy_float["top1"], len(qat_layers(model)), q.backend, t.epochs,
+                 ptq.accuracy_int8["top1"], ptq.accuracy_float["top1"], len(qat_layers(model)), qa.scheme, t.epochs,
                  t.lr, teacher_dir or "the float model")
-        prepare_qat(model, qa.momentum, scheme=q.backend)
+        prepare_qat(model, qa.momentum, scheme=qa.scheme)
         calibrate_qat(model, ld["calib"], qa.calib_batches, t.device)
         start = test_metrics(model, ld["test"], t.device)
         best = fit(model, ld["train"], ld["val"], t, run_dir=out, resume=cfg.resume, phase="qat", loss_fn=loss_fn,

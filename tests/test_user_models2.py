@@ -248,3 +248,21 @@ def test_default_refit_skips_blocks_whose_stream_was_pruned(caplog):
     with caplog.at_level(logging.INFO, logger="prunekit"):
         prunekit.prune(dense, x, target_macs=0.5, calib_data=calib, refit=True)
     assert any(r.levelno == logging.WARNING and "kept as compensated" in r.getMessage() for r in caplog.records)
+
+
+def test_hf_vit_heads_are_pruned_whole():
+    """transformers 5's ViT attention has q/k/v/o_proj like a Llama but no rotary embeddings and no GQA:
+    ``heads=True`` removes whole heads (it was refused as 'rotary (LLaMA-style)')."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=128, num_labels=3)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    prunekit.prune(model, x, ratio=0.5, heads=True, scope="local",
+                   calib_data=[torch.randn(4, 3, 32, 32) for _ in range(3)])
+    attn = [m for n, m in model.named_modules() if type(m).__name__ == "ViTAttention"]
+    assert len(attn) == 2
+    for a in attn:
+        assert a.num_attention_heads == 2 and a.q_proj.out_features == 2 * a.head_dim == a.o_proj.in_features
+    assert model(pixel_values=x).logits.shape == (2, 3)

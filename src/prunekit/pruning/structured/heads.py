@@ -3,7 +3,8 @@
 Known layouts (``kind``):
     ``fused``  one ``qkv`` Linear with ``3 * num_heads * head_dim`` outputs (timm ViT/DeiT/Swin, torchvision Swin)
     ``bert``   ``query``/``key``/``value`` Linears, ``num_attention_heads``/``attention_head_size`` (HF BERT, ViT)
-    ``llama``  ``q_proj``/``k_proj``/``v_proj``/``o_proj`` with ``head_dim`` (HF LLaMA-style; rotary, maybe GQA)
+    ``llama``  ``q_proj``/``k_proj``/``v_proj``/``o_proj`` with ``head_dim`` (HF LLaMA-style; rotary, maybe GQA);
+               without rotary embeddings nor GQA (HF ViT in transformers 5) it is handled as ``custom``
     ``torch``  ``nn.MultiheadAttention`` (torchvision ViT): torch-pruning prunes its embedding dim with the
                residual stream; head removal is not supported there.
     ``custom`` a class declared with ``register_attention`` (a user's own attention): its layout names the
@@ -155,6 +156,8 @@ def find_attention(model: nn.Module) -> list[Attention]:
             heads = int(m.num_attention_heads)
             hd = int(getattr(m, "attention_head_size", m.query.out_features // heads))
             found.append(Attention(name, m, "bert", [prefix + a for a in ("query", "key", "value")], heads, hd, heads))
+        elif (plain := _plain_qkv_proj(m)) is not None:  # HF ViT-style q/k/v/o_proj without rotary or GQA
+            found.append(_declared(name, m, plain, "q/k/v/o_proj without rotary embeddings"))
         elif all(_linear(m, a) is not None for a in ("q_proj", "k_proj", "v_proj")) and hasattr(m, "head_dim"):
             hd = int(m.head_dim)
             found.append(Attention(name, m, "llama", [prefix + a for a in ("q_proj", "k_proj", "v_proj")],
@@ -170,9 +173,33 @@ def find_attention(model: nn.Module) -> list[Attention]:
 HEAD_ATTRS = ("num_heads", "n_heads", "num_attention_heads", "n_head", "heads")
 
 
-def _declared(name: str, m: nn.Module, layout: AttentionLayout) -> Attention:
-    """The ``Attention`` of a module whose class was declared with ``register_attention``."""
-    where = f"attention {name!r} ({type(m).__name__}, declared with register_attention)"
+def _plain_qkv_proj(m: nn.Module) -> AttentionLayout | None:
+    """The layout of a ``q_proj``/``k_proj``/``v_proj``/``o_proj`` attention (Hugging Face ViT, BERT-style models in
+    transformers 5) whose forward takes no rotary ``position_embeddings`` and whose key/value heads are the query
+    heads (no GQA): whole heads can go as in a declared layout. ``None`` for anything else."""
+    import inspect
+
+    if not all(_linear(m, a) is not None for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return None
+    heads_attr = next((a for a in ("num_attention_heads", "num_heads") if isinstance(getattr(m, a, None), int)), None)
+    if heads_attr is None or not isinstance(getattr(m, "head_dim", None), int):
+        return None
+    try:
+        rotary = "position_embeddings" in inspect.signature(m.forward).parameters
+    except (TypeError, ValueError):
+        rotary = True
+    widths = {m.q_proj.out_features, m.k_proj.out_features, m.v_proj.out_features}
+    if rotary or len(widths) != 1:
+        return None
+    return AttentionLayout(qkv=("q_proj", "k_proj", "v_proj"), proj="o_proj", num_heads_attr=heads_attr,
+                           head_dim_attr="head_dim")
+
+
+def _declared(name: str, m: nn.Module, layout: AttentionLayout,
+              source: str = "declared with register_attention") -> Attention:
+    """The ``Attention`` of a module whose class was declared with ``register_attention`` (or has a known plain
+    layout, ``source`` says which)."""
+    where = f"attention {name!r} ({type(m).__name__}, {source})"
     linears = {}
     for attr in [*layout.projections, layout.proj]:
         sub = _linear(m, attr)

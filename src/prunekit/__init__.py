@@ -1,6 +1,6 @@
 """prunekit: make trained PyTorch networks smaller and faster by pruning, end to end."""
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 from prunekit.errors import ConfigError, DataNotFoundError, PrunekitError, PruningError, RunDirError  # noqa: E402
 from prunekit.measure import count_macs, count_params  # noqa: E402

@@ -34,7 +34,7 @@ from torch import nn
 from prunekit.errors import PruningError
 
 from .arch import in_features
-from .stats import _Stop
+from .stats import _Stop, run_batches
 
 Runs = list[tuple[torch.Tensor, dict[str, Any]]]  # per calibration batch: (hidden states (B, T, D), layer kwargs)
 _DROPPED = ("cache", "past_key_values", "past_key_value", "layer_past", "use_cache")
@@ -90,11 +90,7 @@ def capture(lm: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], d
     device = device or next(lm.parameters()).device
     try:
         with torch.no_grad():
-            for b in batches:
-                try:
-                    lm(input_ids=b.to(device), use_cache=False)
-                except _Stop:
-                    pass
+            run_batches(lm, batches, device)
     finally:
         for handle, layer in zip(handles, layers):
             handle.remove()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .carry import split_call
-from .stats import _Stop  # the package's one "stop the forward pass here" signal
+from .stats import _Stop, run_batches  # the package's one "stop the forward pass here" signal
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,7 @@ def layer_inputs(lm: nn.Module, layer: nn.Module, batches: list[torch.Tensor]) -
     handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
     device = next(lm.parameters()).device
     try:
-        for b in batches:
-            try:
-                lm(input_ids=b.to(device), use_cache=False)
-            except _Stop:
-                pass
+        run_batches(lm, batches, device)
     finally:
         handle.remove()
     return runs

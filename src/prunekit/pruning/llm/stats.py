@@ -34,6 +34,15 @@ class _Stop(Exception):
     pass
 
 
+def run_batches(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device | str) -> None:
+    """Each batch of token ids through ``model`` (no cache); a hook's ``_Stop`` ends that batch's pass there."""
+    for b in batches:
+        try:
+            model(input_ids=b.to(device), use_cache=False)
+        except _Stop:
+            pass
+
+
 def calibration_batches(calib: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 8) -> list[torch.Tensor]:
     """Calibration token ids as a list of ``(B, T)`` long tensors: a ``(N, T)`` tensor is cut into batches."""
     if isinstance(calib, torch.Tensor):
@@ -89,11 +98,7 @@ def collect_inputs(model: nn.Module, batches: Sequence[torch.Tensor], names: Ite
     was_training = model.training
     model.eval()
     try:
-        for b in batches:
-            try:
-                model(input_ids=b.to(device), use_cache=False)
-            except _Stop:
-                pass
+        run_batches(model, batches, device)
     finally:
         for h in handles:
             h.remove()

@@ -59,3 +59,16 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def import_object(path: str) -> Any:
+    """The object named by ``"module.path:Attr.Sub"`` (a dotted attribute path after the colon), imported from
+    ``PYTHONPATH``. Raises ``ImportError`` / ``AttributeError`` as Python does; callers turn them into their own
+    typed errors."""
+    import importlib
+
+    module_name, _, attr = path.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -26,6 +26,7 @@ from torch import nn
 
 from prunekit.errors import ConfigError, RunDirError
 from prunekit.models.spec import SPEC_FORMAT, ModelSpec, apply_diff, module_diff  # noqa: F401  (re-exported)
+from prunekit.registry import import_object
 
 WEIGHTS, SPEC, PROGRAM = "model.safetensors", "model.json", "model.pt2"
 REBUILD_WAYS = ("save it with save_model(..., constructor='module.path:ClassOrFunction', kwargs={...}) (a class or "
@@ -40,9 +41,7 @@ def import_constructor(path: str) -> Callable[..., nn.Module]:
         raise ConfigError(f"constructor={path!r}: expected 'module.path:ClassOrFunction' (e.g. "
                           "'torchvision.models:resnet18' or 'mypkg.nets:UNet')")
     try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
+        obj: Any = import_object(path)
     except (ImportError, AttributeError) as e:
         raise RunDirError(f"constructor {path!r} cannot be imported ({type(e).__name__}: {e}); make it importable "
                           f"(on PYTHONPATH), or {REBUILD_WAYS}") from None

@@ -54,16 +54,15 @@ def create_external(name: str, *, pretrained: bool | str = False, in_channels: i
 def create_user(path: str, *, in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> nn.Module:
     """``module.path:ClassOrFunction``: a user's own model, imported (from ``PYTHONPATH``) and called with ``kwargs``
     (``--model-kwargs``), plus ``in_channels`` / ``num_classes`` where its signature names them."""
-    import importlib
     import inspect
 
-    module_name, _, attr = path.partition(":")
+    from prunekit.registry import import_object
+
+    module_name = path.partition(":")[0]
     valid = ("valid: a built-in name, tv:NAME, timm:NAME, hf:NAME_OR_PATH, or module.path:ClassOrFunction "
              "importable from PYTHONPATH (your own model)")
     try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
+        obj: Any = import_object(path)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"model {path!r}: unknown prefix {module_name + ':'!r} and not an importable model "
                           f"({type(e).__name__}: {e}); {valid}") from None

@@ -314,3 +314,24 @@ def test_prune_with_the_openvino_int8_table_checks_nncf_models(tmp_path, monkeyp
     la = prune_with_settings(model, x, s).latency
     assert la["backend"] == "openvino-int8" and la["rest_ms"] > 0 and la["measured_kept"] > 0
     assert la["int8"]["graph"].startswith("FakeQuantize")
+
+
+def test_failed_preprocessing_is_said_and_the_graph_still_quantized(monkeypatch, caplog):
+    """ONNX Runtime's pre-processing failing on a graph is a warning (after the quantizer's logging is restored),
+    not a silent skip; the graph is quantized as it is."""
+    import logging
+
+    from onnxruntime import quantization
+
+    from prunekit.measure.latency_int8 import quantize_onnx
+    from prunekit.measure.latency_table import _input_of, onnx_op_model
+
+    def broken(*_a, **_k):
+        raise RuntimeError("shape inference failed")
+
+    monkeypatch.setattr(quantization, "quant_pre_process", broken)
+    feeds = [{"x": torch.randn(tuple(_input_of(CONV).shape)).numpy()} for _ in range(2)]
+    with caplog.at_level(logging.INFO):
+        q = quantize_onnx(onnx_op_model(CONV), feeds, preprocess=True)
+    assert q and any(r.levelno == logging.WARNING and "shape inference failed" in r.getMessage()
+                     for r in caplog.records)

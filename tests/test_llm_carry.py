@@ -8,6 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from prunekit.errors import PruningError  # noqa: E402
 from prunekit.pruning.llm import carry, prune_width  # noqa: E402
 from prunekit.pruning.llm import width as width_mod  # noqa: E402
 
@@ -92,7 +93,7 @@ def test_split_call_names_positional_arguments():
 
 def test_unusual_models_fall_back_to_partial_passes(monkeypatch):
     def refuse(*_a, **_k):
-        raise carry.PruningError("this model does not pass a decoder layer's output on as it is")
+        raise PruningError("this model does not pass a decoder layer's output on as it is")
 
     model = tiny("llama")
     monkeypatch.setattr(width_mod, "capture", refuse)

@@ -40,6 +40,8 @@ from torch import nn
 from prunekit.errors import ConfigError
 from prunekit.measure.inference import ort_session_options
 
+log = logging.getLogger(__name__)
+
 # The defaults of prunekit.quantize.QuantizeConfig for backend onnxruntime (a test keeps the two equal).
 ORT_INT8 = {"format": "QDQ", "per_channel": True, "activation_type": "uint8", "weight_type": "int8",
             "reduce_range": False, "calibrate_method": "minmax"}
@@ -89,6 +91,7 @@ def quantize_onnx(float_model: bytes, feeds: list[dict[str, np.ndarray]], prepro
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer's advice goes to the root logger
+    failed = ""
     try:
         with tempfile.TemporaryDirectory(prefix="prunekit-int8-") as tmp:
             src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
@@ -97,15 +100,18 @@ def quantize_onnx(float_model: bytes, feeds: list[dict[str, np.ndarray]], prepro
                 try:
                     q.quant_pre_process(str(src), str(Path(tmp) / "pre.onnx"), skip_symbolic_shape=True)
                     src = Path(tmp) / "pre.onnx"
-                except Exception:  # an exotic graph: quantize it as exported, like prunekit quantize does
-                    pass
+                except Exception as e:  # an exotic graph: quantize it as exported, like prunekit quantize does
+                    failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             q.quantize_static(str(src), str(dst), Reader(), quant_format=q.QuantFormat.QDQ,
                               per_channel=ORT_INT8["per_channel"], reduce_range=ORT_INT8["reduce_range"],
                               activation_type=qtype[ORT_INT8["activation_type"]],
                               weight_type=qtype[ORT_INT8["weight_type"]], calibrate_method=q.CalibrationMethod.MinMax)
-            return dst.read_bytes()
+            out = dst.read_bytes()
     finally:
         root.setLevel(level)
+    if failed:  # said once the root logger's level is back
+        log.warning("latency table: onnxruntime pre-processing failed (%s); the graph was quantized as it is", failed)
+    return out
 
 
 def int8_op_model(spec: Any, calib_batches: int = CALIB_BATCHES) -> bytes:

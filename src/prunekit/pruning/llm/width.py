@@ -119,7 +119,7 @@ class _Pruner:
         self.attn_bias = cfg.head_ratio > 0 and self._bias_mode(fam.attn_bias, [b.attn["o"] for b in blocks], "o_proj")
         self.biases_added: list[str] = []
         self.calibration_pass = "carried"
-        self._dense: list | None = None  # the dense model's hidden states at the current layer (reconstruction)
+        self._dense: list[torch.Tensor] | None = None  # the dense model's input to the current layer (reconstruction)
 
     def _bias_mode(self, key: str | None, consumers: list[str], layer: str) -> bool:
         """Whether compensation may set a bias on the consumers: one they have, or one ``add_bias`` switches on."""
@@ -209,7 +209,7 @@ class _Pruner:
                     reconstruct: bool = False) -> list:
         """Heads, key-value heads, then MLP of one layer, each on statistics of this layer's inputs ``runs``; with
         ``reconstruct`` the layer is then fitted to its dense output. Returns the next layer's inputs."""
-        targets = dense_targets(layer, [h for h, _ in self._dense or runs], runs) if reconstruct else None
+        targets = dense_targets(layer, self._dense or [h for h, _ in runs], runs) if reconstruct else None
         if self.cfg.head_ratio > 0:
             nq, nkv, hd = head_layout(self.lm.config)
             names, cov = self._needed(b.attn["q"], b.attn["o"])
@@ -222,7 +222,7 @@ class _Pruner:
             self._prune_mlp(b, layer_stats(self.lm, layer, runs, names, cov), keep_mlp)
         if targets is not None:
             self.reconstruct(layer, runs, targets, b)
-            self._dense = [(t, kw) for t, (_, kw) in zip(targets, runs)]
+            self._dense = targets  # the dense model's input to the next layer
         return forward_runs(layer, runs)
 
     def set_config(self, keep_mlp: int, keep_groups: int, keep_kv: int = 0) -> None:

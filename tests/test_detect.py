@@ -21,10 +21,8 @@ from prunekit.pruning.structured.detect import make_yolo_prunable  # noqa: E402
 SIZE = 64
 
 
-def _yolo(cfg: str, seed: int = 0) -> nn.Module:
-    """A YOLO model with random weights and BatchNorm statistics (so a wrong split shows), in eval mode."""
-    torch.manual_seed(seed)
-    model = tasks.DetectionModel(cfg, nc=3, verbose=False)
+def _random_bn(model: nn.Module) -> nn.Module:
+    """``model`` with random BatchNorm weights and statistics (so a wrong channel mapping shows), in eval mode."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -33,6 +31,13 @@ def _yolo(cfg: str, seed: int = 0) -> nn.Module:
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     return model.eval()
+
+
+def _yolo(cfg: str, seed: int = 0) -> nn.Module:
+    """A YOLO model with random weights and BatchNorm statistics (so a wrong split shows), in eval mode."""
+    torch.manual_seed(seed)
+    model = tasks.DetectionModel(cfg, nc=3, verbose=False)
+    return _random_bn(model)
 
 
 def _convs(model: nn.Module) -> dict[str, int]:
@@ -70,14 +75,7 @@ def _attention(dim: int = 64, heads: int = 4, seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     model = nn.Sequential(Conv(3, dim, 3), Attention(dim, num_heads=heads))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return _random_bn(model)
 
 
 def test_attention_rewrite_is_exact() -> None:
